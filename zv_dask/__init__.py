@@ -1,0 +1,65 @@
+"""zv-dask: huge point clouds into multi-resolution Zarr Vectors (ZV 0.9.2) stores, in parallel with Dask."""
+
+from zv_dask.errors import (
+    FormatError,
+    IngestError,
+    InputError,
+    MetadataError,
+    OutOfBoundsError,
+    StoreError,
+    ZVError,
+)
+from zv_dask.format.metadata import ZV_VERSION
+from zv_dask.store.api import (
+    ZVStore,
+    add_resolution_level,
+    commit,
+    create_resolution_level,
+    create_store,
+    discard_changes,
+    get_resolution_level,
+    list_available_ratios,
+    list_resolution_levels,
+    open_store,
+    read_level_metadata,
+    read_parametric_types,
+    read_root_metadata,
+    rebind,
+    remove_resolution_level,
+    session_for,
+    set_bounds,
+    store_info,
+    write_parametric_types,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ZV_VERSION",
+    "ZVStore",
+    "ZVError",
+    "StoreError",
+    "MetadataError",
+    "FormatError",
+    "InputError",
+    "OutOfBoundsError",
+    "IngestError",
+    "create_store",
+    "open_store",
+    "store_info",
+    "read_root_metadata",
+    "read_level_metadata",
+    "create_resolution_level",
+    "get_resolution_level",
+    "list_resolution_levels",
+    "add_resolution_level",
+    "remove_resolution_level",
+    "list_available_ratios",
+    "write_parametric_types",
+    "read_parametric_types",
+    "set_bounds",
+    "session_for",
+    "commit",
+    "discard_changes",
+    "rebind",
+]

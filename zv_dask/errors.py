@@ -1,0 +1,54 @@
+"""Every exception zv-dask raises on purpose.
+
+Messages name the offending value and what would have been accepted, so that
+a user reading one line of a traceback (or of the CLI) knows what to change.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ZVError",
+    "StoreError",
+    "MetadataError",
+    "FormatError",
+    "InputError",
+    "OutOfBoundsError",
+    "IngestError",
+]
+
+
+class ZVError(Exception):
+    """Base class of every zv-dask error."""
+
+
+class StoreError(ZVError):
+    """The store cannot be created, opened or written as asked.
+
+    Examples: creating over an existing store, opening something that is not a
+    ZV store, an unknown URL scheme or backend.
+    """
+
+
+class MetadataError(ZVError):
+    """Store or level metadata is inconsistent or malformed."""
+
+
+class FormatError(ZVError):
+    """A cell's bytes do not follow the ZV 0.9.2 layout."""
+
+
+class InputError(ZVError, ValueError):
+    """The points, attributes or parameters handed to zv-dask are unusable."""
+
+
+class OutOfBoundsError(InputError):
+    """Points lie outside the store bounds under ``out_of_bounds="raise"``."""
+
+
+class IngestError(ZVError):
+    """A stage of a distributed job failed; says which stage and which chunk."""
+
+    def __init__(self, message: str, *, stage: str | None = None, chunk: str | None = None):
+        super().__init__(message)
+        self.stage = stage
+        self.chunk = chunk

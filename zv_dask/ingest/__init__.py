@@ -1,0 +1,1 @@
+"""The level-0 ingestion engine."""

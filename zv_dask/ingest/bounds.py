@@ -1,0 +1,95 @@
+"""Per-partition statistics, their reduction, and the out-of-bounds policies.
+
+Statistics are computed on positions cast to the store dtype, the values that
+will be stored and binned, so the bounds settled here are the bounds every
+later step agrees with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from zv_dask.errors import InputError, OutOfBoundsError
+
+__all__ = ["PartitionStats", "partition_stats", "combine_stats", "settle_bounds", "POLICIES"]
+
+POLICIES = ("raise", "ignore", "expand")
+
+
+@dataclass
+class PartitionStats:
+    """Count, extent, non-finite rows and rows outside the requested bounds."""
+
+    count: int
+    lo: np.ndarray
+    hi: np.ndarray
+    nonfinite: int
+    first_nonfinite: int
+    outside: int
+    attr_rows: dict
+
+    @staticmethod
+    def empty(ndim: int) -> "PartitionStats":
+        return PartitionStats(0, np.full(ndim, np.inf), np.full(ndim, -np.inf), 0, -1, 0, {})
+
+
+def partition_stats(positions: np.ndarray, dtype: str, bounds=None, offset: int = 0) -> PartitionStats:
+    """Statistics of one partition; ``offset`` is its first row in the whole input."""
+    p = np.asarray(positions).astype(dtype, copy=False)
+    if p.ndim != 2:
+        raise InputError(f"points must be a 2-D (N, D) array, got shape {p.shape}")
+    finite = np.isfinite(p).all(axis=1)
+    n_bad = int(len(p) - finite.sum())
+    first = int(np.argmin(finite)) + offset if n_bad else -1
+    good = p[finite] if n_bad else p
+    if len(good):
+        lo = good.min(axis=0).astype(np.float64)
+        hi = good.max(axis=0).astype(np.float64)
+    else:
+        lo, hi = np.full(p.shape[1], np.inf), np.full(p.shape[1], -np.inf)
+    outside = 0
+    if bounds is not None and len(good):
+        blo = np.asarray(bounds[0]).astype(dtype)
+        bhi = np.asarray(bounds[1]).astype(dtype)
+        outside = int((~((good >= blo) & (good <= bhi)).all(axis=1)).sum())
+    return PartitionStats(len(p), lo, hi, n_bad, first, outside, {})
+
+
+def combine_stats(a: PartitionStats, b: PartitionStats) -> PartitionStats:
+    firsts = [f for f in (a.first_nonfinite, b.first_nonfinite) if f >= 0]
+    return PartitionStats(a.count + b.count, np.minimum(a.lo, b.lo), np.maximum(a.hi, b.hi),
+                          a.nonfinite + b.nonfinite, min(firsts) if firsts else -1, a.outside + b.outside, {})
+
+
+def settle_bounds(stats: PartitionStats, bounds, policy: str):
+    """Final bounds for a job, or an error that names the problem.
+
+    ``bounds`` are the store's (or the user's) bounds, ``None`` meaning "fit the
+    data exactly". Returns ``(final_bounds, n_dropped)``.
+    """
+    if policy not in POLICIES:
+        raise InputError(f"out_of_bounds={policy!r} is not one of {POLICIES}")
+    if stats.nonfinite:
+        raise InputError(f"{stats.nonfinite} point(s) have non-finite coordinates (NaN or inf), "
+                         f"the first at row {stats.first_nonfinite}; drop or fix them before ingesting")
+    if stats.count == 0:
+        raise InputError("the input holds no points")
+    data = (stats.lo, stats.hi)
+    if bounds is None:
+        return ([float(v) for v in data[0]], [float(v) for v in data[1]]), 0
+    lo = [float(v) for v in bounds[0]]
+    hi = [float(v) for v in bounds[1]]
+    if stats.outside == 0:
+        return (lo, hi), 0
+    if policy == "raise":
+        raise OutOfBoundsError(
+            f"{stats.outside} of {stats.count} points lie outside the bounds {[lo, hi]} "
+            f"(data extent {[list(map(float, data[0])), list(map(float, data[1]))]}); "
+            "pass out_of_bounds='ignore' to drop them or 'expand' to grow the bounds")
+    if policy == "ignore":
+        if stats.outside == stats.count:
+            raise OutOfBoundsError(f"all {stats.count} points lie outside the bounds {[lo, hi]}; nothing to write")
+        return (lo, hi), stats.outside
+    return ([min(a, float(b)) for a, b in zip(lo, data[0])], [max(a, float(b)) for a, b in zip(hi, data[1])]), 0

@@ -1,0 +1,123 @@
+"""Decide what store a job writes to, before anything is written.
+
+A job either creates a store, or fills an existing *empty* ("warm") store made
+by :func:`zv_dask.create_store`, whose chunk shape, bins, dtype and bounds then
+apply. A store that already holds points is refused unless ``overwrite=True``:
+zv-dask never half-overwrites.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from zv_dask.errors import InputError, StoreError
+from zv_dask.store.api import ZVStore, create_store, open_store, write_root_metadata
+from zv_dask.store.backends import local_path, url_scheme
+
+__all__ = ["TargetPlan", "plan_target", "materialize_target"]
+
+
+@dataclass
+class TargetPlan:
+    target: object
+    existing: ZVStore | None
+    ndim: int
+    chunk_shape: tuple
+    base_bin_shape: tuple | None
+    bounds: tuple | None
+    dtype: str
+    axes: list | None
+    backend: str | None
+    storage_options: dict | None
+    overwrite: bool
+    branch: str = "main"
+
+
+def _probe(store, backend, storage_options, branch) -> ZVStore | None:
+    if isinstance(store, ZVStore):
+        return store
+    if backend != "icechunk" and isinstance(store, str) and url_scheme(store) in ("", "file"):
+        p = local_path(store)
+        if not p.exists() or (p.is_dir() and not any(p.iterdir())):
+            return None
+    try:
+        return open_store(store, "r+", backend=backend, storage_options=storage_options, branch=branch)
+    except StoreError:
+        if backend == "icechunk" or not isinstance(store, str) or url_scheme(store) not in ("", "file"):
+            return None
+        raise StoreError(f"{store!r} exists and is not a ZV store; refusing to write into it") from None
+
+
+def _has_points(zs: ZVStore) -> bool:
+    if "0" not in zs.root or "vertices" not in zs.root["0"]:
+        return False
+    return bool(zs.root["0/vertices"].attrs.get("nonempty_chunks"))
+
+
+def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_shape=None, dtype="float32",
+                axes=None, backend=None, storage_options=None, overwrite=False, branch="main") -> TargetPlan:
+    """Check the target and the geometry without writing anything."""
+    existing = _probe(store, backend, storage_options, branch)
+    if existing is not None and _has_points(existing) and not overwrite:
+        raise StoreError(f"the store at {existing.url or store!r} already holds points; pass overwrite=True to "
+                         "replace it (zv-dask does not append to or partly overwrite a store)")
+    if existing is not None and not overwrite:
+        meta = existing.metadata
+        if meta.ndim != ndim:
+            raise InputError(f"the points have {ndim} coordinates but the store has {meta.ndim} axes")
+        if chunk_shape is not None and not np.allclose(chunk_shape, meta.chunk_shape):
+            raise InputError(f"chunk_shape {list(chunk_shape)} differs from the store's {list(meta.chunk_shape)}")
+        return TargetPlan(store, existing, ndim, meta.chunk_shape, meta.base_bin_shape,
+                          bounds if bounds is not None else meta.bounds, existing.grid(0).dtype,
+                          meta.axes, backend, storage_options, overwrite, branch)
+    if chunk_shape is None:
+        raise InputError("chunk_shape is required when creating a store (world units per chunk, one per axis)")
+    cs = tuple(float(c) for c in np.broadcast_to(np.asarray(chunk_shape, float), (ndim,)))
+    if len(np.atleast_1d(chunk_shape)) not in (1, ndim):
+        raise InputError(f"chunk_shape has {len(chunk_shape)} values but the points have {ndim} coordinates")
+    bb = None
+    if base_bin_shape is not None:
+        bb = tuple(float(c) for c in np.broadcast_to(np.asarray(base_bin_shape, float), (ndim,)))
+    if bounds is not None:
+        if len(bounds) != 2 or len(bounds[0]) != ndim or len(bounds[1]) != ndim:
+            raise InputError(f"bounds must be (min, max) with {ndim} values each, got {bounds!r}")
+        if any(float(a) > float(b) for a, b in zip(bounds[0], bounds[1])):
+            raise InputError(f"bounds are inverted: min {list(bounds[0])} exceeds max {list(bounds[1])} on some axis")
+    if np.dtype(dtype).kind != "f":
+        raise InputError(f"dtype must be float32 or float64 for positions, got {dtype!r}")
+    from zv_dask.format.grid import Grid
+    Grid((0.0,) * ndim, (0.0,) * ndim, cs, bb or cs, np.dtype(dtype).name)  # validate geometry early
+    return TargetPlan(store, existing, ndim, cs, bb, bounds, np.dtype(dtype).name, axes, backend,
+                      storage_options, overwrite, branch)
+
+
+def materialize_target(plan: TargetPlan, final_bounds, attribute_specs: dict | None = None) -> ZVStore:
+    """Create (or reset) the store with the settled bounds. The first write of a job."""
+    if plan.existing is not None and not plan.overwrite:
+        zs = plan.existing
+        meta = zs.metadata
+        meta.bounds = (tuple(map(float, final_bounds[0])), tuple(map(float, final_bounds[1])))
+        if attribute_specs:
+            meta.attribute_specs = attribute_specs
+        write_root_metadata(zs, meta)
+        return zs
+    target = plan.existing if plan.existing is not None else plan.target
+    if isinstance(target, ZVStore):
+        # overwrite an open store in place: same backend, fresh root
+        import zarr
+
+        be = target.backend
+        src = be.session if be.session is not None else (be.url if be.kind == "local" else be.store)
+        zs = create_store(src, bounds=final_bounds, chunk_shape=plan.chunk_shape,
+                          base_bin_shape=plan.base_bin_shape, vertex_dtype=plan.dtype, axes=plan.axes,
+                          attribute_specs=attribute_specs, overwrite=True)
+        if be.session is not None:
+            zs.backend = be
+            zs.root = zarr.open_group(be.store, mode="r+", zarr_format=3)
+        return zs
+    return create_store(target, bounds=final_bounds, chunk_shape=plan.chunk_shape, base_bin_shape=plan.base_bin_shape,
+                        vertex_dtype=plan.dtype, axes=plan.axes, attribute_specs=attribute_specs,
+                        backend=plan.backend, storage_options=plan.storage_options, branch=plan.branch,
+                        overwrite=plan.overwrite)

@@ -1,0 +1,1 @@
+"""Store layer: where bytes go (local disk, object storage, icechunk)."""

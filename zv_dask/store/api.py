@@ -1,0 +1,527 @@
+"""The store API: create and open ZV stores, manage their levels and bounds,
+and commit or discard transactional changes.
+
+A :class:`ZVStore` wraps the root zarr group of a store together with the
+backend it lives on (and the icechunk session when there is one). Every
+function of the seed API takes a ``ZVStore``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import zarr
+
+from zv_dask.errors import MetadataError, StoreError
+from zv_dask.format.grid import Grid
+from zv_dask.format.metadata import (
+    ZV_VERSION,
+    LevelMetadata,
+    RootMetadata,
+    fragments_attrs,
+    level_bins_from_multiscales,
+    multiscales_block,
+    ome_block,
+    store_name,
+    vertices_attrs,
+)
+from zv_dask.store.backends import Backend, local_path, resolve_backend, url_scheme
+
+__all__ = [
+    "ZVStore",
+    "create_store",
+    "open_store",
+    "store_info",
+    "read_root_metadata",
+    "read_level_metadata",
+    "create_resolution_level",
+    "get_resolution_level",
+    "list_resolution_levels",
+    "add_resolution_level",
+    "remove_resolution_level",
+    "list_available_ratios",
+    "write_parametric_types",
+    "read_parametric_types",
+    "set_bounds",
+    "session_for",
+    "commit",
+    "discard_changes",
+    "rebind",
+    "DEFAULT_BOUNDS_SIDE",
+]
+
+DEFAULT_BOUNDS_SIDE = 128.0
+PARAMETRIC = "parametric"
+warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+
+
+class ZVStore:
+    """An open ZV store: root group, backend and (for icechunk) the writable session."""
+
+    def __init__(self, backend: Backend, root: zarr.Group, mode: str):
+        self.backend = backend
+        self.root = root
+        self.mode = mode
+
+    # -- basic facts --------------------------------------------------------------------
+    @property
+    def store(self):
+        return self.backend.store
+
+    @property
+    def session(self):
+        return self.backend.session
+
+    @property
+    def url(self) -> str | None:
+        return self.backend.url
+
+    @property
+    def read_only(self) -> bool:
+        return self.mode == "r"
+
+    @property
+    def metadata(self) -> RootMetadata:
+        return RootMetadata.from_attrs(self.root.attrs.asdict())
+
+    @property
+    def levels(self) -> list[int]:
+        return list_resolution_levels(self)
+
+    def level_bin_shape(self, level: int) -> tuple[float, ...]:
+        meta = self.metadata
+        if level == 0:
+            return meta.effective_bin_shape
+        bins = level_bins_from_multiscales(self.root.attrs.asdict())
+        if level not in bins:
+            raise MetadataError(f"level {level} has no NGFF transform in 'multiscales'")
+        return bins[level]
+
+    def level_chunk_shape(self, level: int) -> tuple[float, ...]:
+        meta = self.metadata
+        if level == 0:
+            return meta.chunk_shape
+        lm = LevelMetadata.from_attrs(get_resolution_level(self, level).attrs.asdict())
+        return tuple(lm.chunk_shape) if lm.chunk_shape else meta.chunk_shape
+
+    def grid(self, level: int = 0) -> Grid:
+        """The chunk grid of a level (root bounds, the level's chunk shape, base bins)."""
+        meta = self.metadata
+        dtype = "float32"
+        if level in self.levels and "vertices" in get_resolution_level(self, level):
+            dtype = self.root[f"{level}/vertices"].attrs.get("dtype", "float32")
+        elif self.levels and "vertices" in get_resolution_level(self, 0):
+            dtype = self.root["0/vertices"].attrs.get("dtype", "float32")
+        return Grid(meta.bounds[0], meta.bounds[1], self.level_chunk_shape(level), meta.effective_bin_shape, dtype)
+
+    def __repr__(self) -> str:
+        try:
+            meta = self.metadata
+            return (f"<ZVStore {self.url or self.backend.kind} mode={self.mode} ndim={meta.ndim} "
+                    f"levels={self.levels} bounds={[list(meta.bounds[0]), list(meta.bounds[1])]}>")
+        except Exception:  # pragma: no cover - repr must never raise
+            return f"<ZVStore {self.url or self.backend.kind} mode={self.mode}>"
+
+    def _require_writable(self):
+        if self.read_only:
+            raise StoreError("the store is open read-only (mode='r'); open it with mode='r+' to change it")
+
+
+# -- create / open --------------------------------------------------------------------
+def _resolve_ndim(ndim, axes, chunk_shape, bounds, base_bin_shape) -> int:
+    seen = {}
+    if ndim is not None:
+        seen["ndim"] = int(ndim)
+    if axes is not None:
+        seen["axes"] = len(axes)
+    if chunk_shape is not None:
+        seen["chunk_shape"] = len(chunk_shape)
+    if bounds is not None:
+        if len(bounds) != 2:
+            raise MetadataError(f"bounds must be (min_corner, max_corner), got {bounds!r}")
+        seen["bounds[0]"] = len(bounds[0])
+        seen["bounds[1]"] = len(bounds[1])
+    if base_bin_shape is not None:
+        seen["base_bin_shape"] = len(base_bin_shape)
+    if len(set(seen.values())) > 1:
+        raise MetadataError("inconsistent number of axes: " + ", ".join(f"{k} has {v}" for k, v in seen.items()))
+    return next(iter(seen.values())) if seen else 3
+
+
+def _normalise_axes(axes, ndim: int) -> list[dict]:
+    if axes is None:
+        return []
+    out = []
+    for a in axes:
+        if isinstance(a, str):
+            out.append({"name": a, "type": "space"})
+        elif isinstance(a, dict) and "name" in a:
+            out.append({"type": "space", **a})
+        else:
+            raise MetadataError(f"an axis must be a name or a dict with 'name', got {a!r}")
+    names = [a["name"] for a in out]
+    if len(set(names)) != len(names):
+        raise MetadataError(f"axis names must be unique, got {names}")
+    return out
+
+
+def _exists(backend: Backend) -> bool:
+    from zarr.core.sync import sync
+
+    if backend.kind == "local" and backend.url is not None:
+        p = local_path(backend.url)
+        return p.exists() and (not p.is_dir() or any(p.iterdir()))
+    try:
+        return bool(sync(backend.store.exists("zarr.json")))
+    except Exception:  # noqa: BLE001 - a store that cannot answer is treated as empty
+        return False
+
+
+def create_store(
+    path,
+    *,
+    bounds=None,
+    chunk_shape=None,
+    axes=None,
+    ndim: int | None = None,
+    base_bin_shape=None,
+    vertex_dtype: str = "float32",
+    geometry_types=None,
+    crs: dict | None = None,
+    attribute_specs: dict | None = None,
+    backend: str | None = None,
+    storage_options: dict | None = None,
+    branch: str = "main",
+    overwrite: bool = False,
+) -> ZVStore:
+    """Create an empty ("warm") ZV store: root metadata, level ``0`` with empty
+    ``vertices`` and ``vertex_fragments``.
+
+    ``bounds`` default to ``[0, 128]`` per axis and ``chunk_shape`` to one chunk
+    over the bounds. Refuses an existing store unless ``overwrite=True``.
+    """
+    d = _resolve_ndim(ndim, axes, chunk_shape, bounds, base_bin_shape)
+    if bounds is None:
+        bounds = ([0.0] * d, [DEFAULT_BOUNDS_SIDE] * d)
+    lo = tuple(float(v) for v in bounds[0])
+    hi = tuple(float(v) for v in bounds[1])
+    if chunk_shape is None:
+        chunk_shape = tuple(max(h - l_, 1e-12) for l_, h in zip(lo, hi))
+    vdt = np.dtype(vertex_dtype)
+    if vdt.kind != "f":
+        raise MetadataError(f"vertex_dtype must be a float type (float32 or float64), got {vertex_dtype!r}")
+    meta = RootMetadata(
+        chunk_shape=tuple(float(c) for c in chunk_shape),
+        bounds=(lo, hi),
+        axes=_normalise_axes(axes, d),
+        base_bin_shape=tuple(float(b) for b in base_bin_shape) if base_bin_shape is not None else None,
+        geometry_types=list(geometry_types) if geometry_types is not None else ["point_cloud"],
+        crs=crs,
+        attribute_specs=attribute_specs,
+    )
+    grid = Grid(lo, hi, meta.chunk_shape, meta.effective_bin_shape, vdt.name)  # validates geometry
+    be = resolve_backend(path, mode="w", backend=backend, storage_options=storage_options, branch=branch, create=True)
+    if _exists(be) and not overwrite:
+        raise StoreError(f"a store already exists at {be.url or path!r}; pass overwrite=True to replace it")
+    root = zarr.open_group(be.store, mode="w", zarr_format=3)
+    zs = ZVStore(be, root, "r+")
+    root.attrs.update({
+        "zarr_vectors": meta.to_dict(),
+        "multiscales": multiscales_block(meta.axes, meta.effective_bin_shape, {0: meta.effective_bin_shape}),
+        "ome": ome_block(store_name(be.url), meta.axes, [0]),
+    })
+    lg = root.create_group("0")
+    lg.attrs.update(LevelMetadata(level=0, arrays_present=["vertices", "vertex_fragments"],
+                                  fragments_tile=True).to_dict())
+    create_vlen_array(lg, "vertices", grid, vertices_attrs(vdt.name, [], grid.origin))
+    create_vlen_array(lg, "vertex_fragments", grid, fragments_attrs([], grid.origin))
+    return zs
+
+
+def create_vlen_array(group: zarr.Group, name: str, grid: Grid, attrs: dict, *, shards=None,
+                      compressors=None, overwrite: bool = True) -> zarr.Array:
+    """A vlen-bytes array over ``grid`` with one cell per chunk (optionally sharded)."""
+    return group.create_array(
+        name, shape=grid.shape, chunks=(1,) * grid.ndim, shards=tuple(shards) if shards else None,
+        dtype="bytes", fill_value=b"", compressors=compressors, attributes=attrs, overwrite=overwrite,
+    )
+
+
+def open_store(path, mode: str = "r", *, backend: str | None = None, storage_options: dict | None = None,
+               branch: str = "main") -> ZVStore:
+    """Open an existing ZV store; ``mode`` is ``"r"`` or ``"r+"``."""
+    if mode not in ("r", "r+"):
+        raise StoreError(f"open_store mode must be 'r' or 'r+', got {mode!r} (use create_store to make one)")
+    if isinstance(path, ZVStore):
+        return path
+    be = resolve_backend(path, mode=mode, backend=backend, storage_options=storage_options, branch=branch)
+    if be.kind == "local" and be.url and not local_path(be.url).exists():
+        raise StoreError(f"no store at {be.url!r}: the path does not exist")
+    try:
+        root = zarr.open_group(be.store, mode="r" if mode == "r" else "r+", zarr_format=3)
+    except (zarr.errors.GroupNotFoundError, FileNotFoundError, KeyError, ValueError) as e:
+        raise StoreError(f"not a ZV store at {be.url or path!r}: no zarr v3 group there ({type(e).__name__})") from None
+    if "zarr_vectors" not in root.attrs:
+        raise StoreError(f"not a ZV store at {be.url or path!r}: the root group has no 'zarr_vectors' attributes")
+    zs = ZVStore(be, root, mode)
+    zs.metadata  # parse strictly; raises MetadataError on malformed roots
+    return zs
+
+
+def as_store(store, mode: str = "r", **kw) -> ZVStore:
+    """Accept a :class:`ZVStore` or anything :func:`open_store` opens."""
+    return store if isinstance(store, ZVStore) else open_store(store, mode, **kw)
+
+
+# -- metadata -------------------------------------------------------------------------
+def read_root_metadata(store: ZVStore) -> RootMetadata:
+    """Parse the root metadata."""
+    return as_store(store).metadata
+
+
+def write_root_metadata(store: ZVStore, meta: RootMetadata, level_bins: dict[int, tuple] | None = None) -> None:
+    """Rewrite the root attributes (``zarr_vectors``, ``multiscales``, ``ome``) from ``meta``."""
+    attrs = store.root.attrs.asdict()
+    if level_bins is None:
+        level_bins = level_bins_from_multiscales(attrs)
+        level_bins[0] = meta.effective_bin_shape
+    levels = sorted(level_bins)
+    ome = ome_block(store_name(store.url), meta.axes, levels)
+    old = attrs.get("ome")
+    if isinstance(old, dict):
+        ome = {**old, **{k: ome[k] for k in ("version", "type", "nodes", "attributes")}, "name": old.get("name", ome["name"])}
+    store.root.attrs.update({
+        "zarr_vectors": meta.to_dict(),
+        "multiscales": multiscales_block(meta.axes, meta.effective_bin_shape, level_bins),
+        "ome": ome,
+    })
+
+
+def read_level_metadata(store: ZVStore, level: int) -> LevelMetadata:
+    """Parse a level's metadata; ``bin_shape``/``bin_ratio`` come from the NGFF block."""
+    store = as_store(store)
+    lm = LevelMetadata.from_attrs(get_resolution_level(store, level).attrs.asdict())
+    base = store.metadata.effective_bin_shape
+    bins = level_bins_from_multiscales(store.root.attrs.asdict())
+    if level in bins:
+        lm.bin_shape = bins[level]
+        lm.bin_ratio = tuple(float(b) / float(a) for b, a in zip(bins[level], base))
+    return lm
+
+
+def get_resolution_level(store: ZVStore, level: int) -> zarr.Group:
+    """The zarr group of a level; :class:`StoreError` if it does not exist."""
+    store = as_store(store)
+    try:
+        g = store.root[str(int(level))]
+    except KeyError:
+        raise StoreError(f"resolution level {level} not found; the store has levels {list_resolution_levels(store)}") from None
+    if not isinstance(g, zarr.Group):
+        raise StoreError(f"{level!r} in the store is not a group")
+    return g
+
+
+def list_resolution_levels(store: ZVStore) -> list[int]:
+    """Sorted integer level groups of the store."""
+    store = as_store(store)
+    out = []
+    for name, node in store.root.members():
+        if isinstance(node, zarr.Group):
+            try:
+                out.append(int(name))
+            except ValueError:
+                continue
+    return sorted(out)
+
+
+def _upsert_level_bins(store: ZVStore, level: int, bin_shape) -> None:
+    meta = store.metadata
+    bins = level_bins_from_multiscales(store.root.attrs.asdict())
+    bins[0] = meta.effective_bin_shape
+    if bin_shape is not None:
+        bins[level] = tuple(float(b) for b in bin_shape)
+    elif level not in bins:
+        bins[level] = meta.effective_bin_shape
+    existing = set(list_resolution_levels(store)) | {level}
+    write_root_metadata(store, meta, {k: v for k, v in bins.items() if k in existing})
+
+
+def create_resolution_level(store: ZVStore, level: int, level_metadata: LevelMetadata) -> zarr.Group:
+    """Create (or replace the metadata of) a level group; its bin geometry goes to NGFF."""
+    store._require_writable()
+    level_metadata.validate()
+    g = store.root.require_group(str(int(level)))
+    g.attrs.update(level_metadata.to_dict())
+    _upsert_level_bins(store, level, level_metadata.bin_shape if level else None)
+    return g
+
+
+def add_resolution_level(store: ZVStore, level_index: int, bin_ratio, *, object_sparsity: float = 1.0,
+                         coarsening_method: str = "manual", parent_level: int | None = None) -> zarr.Group:
+    """Add an empty level whose bins are ``bin_ratio`` times the base bin."""
+    store._require_writable()
+    if str(level_index) in store.root:
+        raise StoreError(f"resolution level {level_index} already exists")
+    meta = store.metadata
+    ratio = tuple(float(r) for r in np.broadcast_to(np.asarray(bin_ratio, float), (meta.ndim,)))
+    if any(r < 1 for r in ratio):
+        raise MetadataError(f"bin_ratio must be >= 1 on every axis, got {list(ratio)}")
+    bin_shape = tuple(b * r for b, r in zip(meta.effective_bin_shape, ratio))
+    lm = LevelMetadata(level=level_index, arrays_present=["vertices", "vertex_fragments"],
+                       object_sparsity=object_sparsity, coarsening_method=coarsening_method,
+                       parent_level=max(0, level_index - 1) if parent_level is None else parent_level,
+                       bin_shape=bin_shape)
+    g = create_resolution_level(store, level_index, lm)
+    grid = store.grid(level_index)
+    create_vlen_array(g, "vertices", grid, vertices_attrs(grid.dtype, [], grid.origin))
+    create_vlen_array(g, "vertex_fragments", grid, fragments_attrs([], grid.origin))
+    return g
+
+
+def remove_resolution_level(store: ZVStore, level_index: int) -> None:
+    """Delete a level (never level 0) and its NGFF / RFC-8 entries."""
+    store._require_writable()
+    if int(level_index) == 0:
+        raise StoreError("level 0 holds the full-resolution data and cannot be removed")
+    get_resolution_level(store, level_index)
+    del store.root[str(int(level_index))]
+    meta = store.metadata
+    bins = level_bins_from_multiscales(store.root.attrs.asdict())
+    bins.pop(int(level_index), None)
+    bins[0] = meta.effective_bin_shape
+    write_root_metadata(store, meta, {k: v for k, v in bins.items() if k in set(list_resolution_levels(store))})
+
+
+def list_available_ratios(store: ZVStore) -> list[tuple[float, ...]]:
+    """Bin ratio (level bin / base bin) of every level, level 0 first."""
+    store = as_store(store)
+    return [tuple(float(b) / float(a) for b, a in zip(store.level_bin_shape(k), store.metadata.effective_bin_shape))
+            for k in list_resolution_levels(store)]
+
+
+def write_parametric_types(store: ZVStore, types: list[dict]) -> None:
+    """Store a registry of parametric types under ``/parametric``."""
+    store._require_writable()
+    g = store.root.require_group(PARAMETRIC)
+    g.attrs.update({"parametric_types": [dict(t) for t in types]})
+
+
+def read_parametric_types(store: ZVStore) -> list[dict]:
+    """The parametric type registry (empty when none was written)."""
+    store = as_store(store)
+    if PARAMETRIC not in store.root:
+        return []
+    return list(store.root[PARAMETRIC].attrs.get("parametric_types", []))
+
+
+def store_info(store) -> dict[str, Any]:
+    """A JSON-ready summary: format, geometry, and per level counts, bins, chunks and attributes."""
+    store = as_store(store)
+    meta = store.metadata
+    levels = []
+    for k in list_resolution_levels(store):
+        lm = read_level_metadata(store, k)
+        g = get_resolution_level(store, k)
+        entry: dict[str, Any] = {
+            "level": k,
+            "vertex_count": lm.vertex_count,
+            "bin_shape": list(store.level_bin_shape(k)),
+            "bin_ratio": list(lm.bin_ratio) if lm.bin_ratio else [1.0] * meta.ndim,
+            "chunk_shape": list(store.level_chunk_shape(k)),
+            "coarsening_method": lm.coarsening_method,
+            "object_sparsity": lm.object_sparsity,
+            "arrays_present": lm.arrays_present,
+            "nonempty_chunks": len(g["vertices"].attrs.get("nonempty_chunks", [])) if "vertices" in g else 0,
+        }
+        if "vertex_attributes" in g:
+            entry["attributes"] = {
+                name: {"dtype": a.attrs.get("dtype"), "channels": (a.attrs.get("row_shape") or [1])[0]}
+                for name, a in g["vertex_attributes"].arrays()
+            }
+        if "object_index" in g:
+            entry["num_objects"] = int(g["object_index"].attrs.get("num_objects", 0))
+        levels.append(entry)
+    return {
+        "zv_version": meta.zv_version,
+        "geometry_types": meta.geometry_types,
+        "ndim": meta.ndim,
+        "axes": meta.axis_names,
+        "chunk_shape": list(meta.chunk_shape),
+        "base_bin_shape": list(meta.base_bin_shape) if meta.base_bin_shape else None,
+        "bins_per_chunk": list(meta.bins_per_chunk),
+        "bounds": [list(meta.bounds[0]), list(meta.bounds[1])],
+        "format_capabilities": meta.format_capabilities,
+        "backend": store.backend.kind,
+        "levels": levels,
+        "parametric_types": read_parametric_types(store),
+    }
+
+
+# -- transactions ---------------------------------------------------------------------
+def session_for(store: ZVStore):
+    """The writable icechunk session behind the store, or ``None``."""
+    return as_store(store).session
+
+
+def commit(store: ZVStore, message: str = "zv-dask write") -> str | None:
+    """Commit pending icechunk changes; returns the snapshot id (``None`` for plain stores)."""
+    s = session_for(store)
+    if s is None:
+        return None
+    if not s.has_uncommitted_changes:
+        return s.snapshot_id
+    snap = s.commit(message)
+    # A committed session is spent in icechunk 2; continue on a fresh one on the same branch.
+    repo = store.backend.repository
+    if repo is not None:
+        fresh = repo.writable_session(store.backend.branch)
+        store.backend.session = fresh
+        store.backend.store = fresh.store
+        store.root = zarr.open_group(fresh.store, mode="r+", zarr_format=3)
+    return snap
+
+
+def discard_changes(store: ZVStore) -> None:
+    """Drop uncommitted icechunk changes (no-op for plain stores)."""
+    s = session_for(store)
+    if s is None:
+        return
+    s.discard_changes()
+    store.root = zarr.open_group(store.backend.store, mode="r+", zarr_format=3)
+
+
+def rebind(store: ZVStore, backend: str | Any, **storage_options) -> ZVStore:
+    """Reopen the same location through another driver (e.g. ``"obstore"``) without moving data."""
+    if isinstance(backend, str):
+        if store.url is None:
+            raise StoreError("this store was opened from an object, not a URL; pass a zarr Store to rebind to")
+        return open_store(store.url, store.mode, backend=backend, storage_options=storage_options)
+    return open_store(backend, store.mode)
+
+
+# -- bounds ---------------------------------------------------------------------------
+def set_bounds(store: ZVStore, bounds, *, force: bool = False) -> ZVStore:
+    """Change the store bounds.
+
+    Growing is always allowed; cells are moved when the grid origin moves.
+    Shrinking needs ``force=True`` and prunes the vertices (with their
+    attributes) that fall outside; object manifests keep their now-empty fragments.
+    """
+    from zv_dask.store.rewrite import regrid_store
+
+    store._require_writable()
+    meta = store.metadata
+    lo = tuple(float(v) for v in bounds[0])
+    hi = tuple(float(v) for v in bounds[1])
+    if len(lo) != meta.ndim or len(hi) != meta.ndim:
+        raise MetadataError(f"bounds need {meta.ndim} values per corner, got {[list(lo), list(hi)]}")
+    if any(a > b for a, b in zip(lo, hi)):
+        raise MetadataError(f"bounds are inverted: min {list(lo)} exceeds max {list(hi)} on some axis")
+    shrinks = any(n > o for n, o in zip(lo, meta.bounds[0])) or any(n < o for n, o in zip(hi, meta.bounds[1]))
+    if shrinks and not force:
+        raise MetadataError(f"new bounds {[list(lo), list(hi)]} do not contain the current "
+                            f"{[list(meta.bounds[0]), list(meta.bounds[1])]}; pass force=True to shrink and prune")
+    regrid_store(store, lo, hi, prune=shrinks)
+    return store

@@ -1,0 +1,328 @@
+"""Reading and writing the cells and metadata of one level.
+
+Three steps, so that a distributed job can run the middle one on workers:
+
+1. :func:`prepare_level` creates the level group and its arrays (empty
+   ``nonempty_chunks``) from the coordinator;
+2. :func:`write_chunk_payloads` writes encoded chunks through any zarr store
+   (a worker's own store, or an icechunk fork's) and returns a
+   :class:`ChunkSummary`;
+3. :func:`finalize_level` writes ``nonempty_chunks``, the level metadata and the
+   object index from the gathered summaries, last, so that a reader never sees a
+   level claim data it does not have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+
+from zv_dask.errors import MetadataError
+from zv_dask.format.cells import (
+    EMPTY_MANIFEST,
+    decode_attribute,
+    decode_fragments,
+    decode_vertices,
+    encode_manifests,
+)
+from zv_dask.format.grid import Grid, chunk_keys, parse_chunk_key
+from zv_dask.format.layout import ChunkPayload
+from zv_dask.format.metadata import LevelMetadata, attribute_attrs, fragments_attrs, vertices_attrs
+
+__all__ = [
+    "AttributeSpec",
+    "ChunkSummary",
+    "prepare_level",
+    "write_chunk_payloads",
+    "finalize_level",
+    "read_chunks",
+    "read_level",
+    "level_chunk_keys",
+]
+
+
+@dataclass(frozen=True)
+class AttributeSpec:
+    """A per-vertex attribute: numpy dtype and channel count (``None`` for ``(N,)``)."""
+
+    name: str
+    dtype: str
+    channels: int | None = None
+    unit: str | None = None
+    description: str | None = None
+
+    @classmethod
+    def of(cls, name: str, values) -> "AttributeSpec":
+        v = np.asarray(values) if not hasattr(values, "dtype") else values
+        if v.dtype.kind not in "biuf":
+            raise MetadataError(f"attribute {name!r} has dtype {v.dtype}; only bool, integer and float attributes "
+                                "are stored (encode categories as integer codes)")
+        if len(v.shape) not in (1, 2):
+            raise MetadataError(f"attribute {name!r} must be (N,) or (N, C), got shape {tuple(v.shape)}")
+        return cls(name, np.dtype(v.dtype).name, int(v.shape[1]) if len(v.shape) == 2 else None)
+
+
+@dataclass
+class ChunkSummary:
+    """What a write task reports back: per chunk its key and row count, plus object manifest entries."""
+
+    chunks: np.ndarray  # (M, D) int64 absolute chunk coordinates
+    rows: np.ndarray  # (M,) int64 vertex rows per chunk
+    object_ids: np.ndarray | None = None  # (K,) object id of every (chunk, fragment) entry
+    object_chunks: np.ndarray | None = None  # (K, D)
+    object_fragments: np.ndarray | None = None  # (K,)
+    bytes_written: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @staticmethod
+    def concat(parts: list["ChunkSummary"], ndim: int) -> "ChunkSummary":
+        parts = [p for p in parts if p is not None]
+        chunks = np.concatenate([p.chunks for p in parts]) if parts else np.zeros((0, ndim), np.int64)
+        rows = np.concatenate([p.rows for p in parts]) if parts else np.zeros(0, np.int64)
+        with_obj = [p for p in parts if p.object_ids is not None]
+        if with_obj:
+            oid = np.concatenate([p.object_ids for p in with_obj])
+            och = np.concatenate([p.object_chunks for p in with_obj]).reshape(-1, ndim)
+            ofr = np.concatenate([p.object_fragments for p in with_obj])
+        else:
+            oid = och = ofr = None
+        return ChunkSummary(chunks.reshape(-1, ndim), rows, oid, och, ofr, sum(p.bytes_written for p in parts))
+
+
+def prepare_level(root: zarr.Group, level: int, grid: Grid, attributes: list[AttributeSpec], *,
+                  shards=None, compressors=None) -> zarr.Group:
+    """(Re)create the arrays of a level with empty presence lists."""
+    from zv_dask.store.api import create_vlen_array
+
+    g = root.require_group(str(level))
+    for name in list(g.keys()):
+        if name in ("vertices", "vertex_fragments", "vertex_attributes", "object_index", "links"):
+            del g[name]
+    kw = dict(shards=shards, compressors=compressors)
+    create_vlen_array(g, "vertices", grid, vertices_attrs(grid.dtype, [], grid.origin), **kw)
+    create_vlen_array(g, "vertex_fragments", grid, fragments_attrs([], grid.origin), **kw)
+    if attributes:
+        va = g.create_group("vertex_attributes")
+        for spec in attributes:
+            create_vlen_array(va, spec.name, grid, attribute_attrs(spec.name, spec.dtype, spec.channels, [],
+                                                                    grid.origin, spec.unit, spec.description), **kw)
+    return g
+
+
+def _object_array(values: list[bytes]) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def write_chunk_payloads(zstore, level: int, grid: Grid, payloads: list[ChunkPayload],
+                         attribute_names: list[str]) -> int:
+    """Write the cells of ``payloads`` into level ``level`` of the store; returns bytes written.
+
+    One zarr call per array writes every chunk of the batch (zarr runs the
+    puts concurrently). Chunks of one shard must all be in one batch.
+    """
+    if not payloads:
+        return 0
+    cells = grid.cells(np.array([p.chunk for p in payloads], np.int64))
+    sel = tuple(cells.T)
+    targets = [("vertices", [p.vertices for p in payloads]),
+               ("vertex_fragments", [p.fragments for p in payloads])]
+    targets += [(f"vertex_attributes/{n}", [p.attributes[n] for p in payloads]) for n in attribute_names]
+    total = 0
+    for path, values in targets:
+        arr = zarr.open_array(zstore, path=f"{level}/{path}", mode="r+", zarr_format=3)
+        arr.set_coordinate_selection(sel, _object_array(values))
+        total += sum(len(v) for v in values)
+    return total
+
+
+def summarize_payloads(payloads: list[ChunkPayload], plan_objects=None) -> ChunkSummary:
+    ndim = len(payloads[0].chunk) if payloads else 0
+    return ChunkSummary(np.array([p.chunk for p in payloads], np.int64).reshape(-1, ndim),
+                        np.array([p.n_rows for p in payloads], np.int64))
+
+
+def _sorted_keys(chunks: np.ndarray) -> list[str]:
+    return sorted(chunk_keys(chunks))
+
+
+def finalize_level(root: zarr.Group, level: int, grid: Grid, summary: ChunkSummary, meta: LevelMetadata,
+                   attributes: list[AttributeSpec]) -> LevelMetadata:
+    """Write presence lists, the object index and the level metadata (in that order)."""
+    g = root[str(level)]
+    keys = _sorted_keys(summary.chunks[summary.rows > 0]) if len(summary.chunks) else []
+    origin = grid.origin
+    g["vertices"].attrs.update(vertices_attrs(grid.dtype, keys, origin))
+    g["vertex_fragments"].attrs.update(fragments_attrs(keys, origin))
+    for spec in attributes:
+        g[f"vertex_attributes/{spec.name}"].attrs.update(
+            attribute_attrs(spec.name, spec.dtype, spec.channels, keys, origin, spec.unit, spec.description))
+    present = ["vertices", "vertex_fragments"] + (["vertex_attributes"] if attributes else [])
+    if summary.object_ids is not None:
+        write_object_index(g, summary, grid.ndim)
+        present.append("object_index")
+    meta.vertex_count = int(summary.rows.sum()) if len(summary.rows) else 0
+    meta.arrays_present = present
+    g.attrs.update(meta.to_dict())
+    return meta
+
+
+def write_object_index(g: zarr.Group, summary: ChunkSummary, ndim: int, all_ids: np.ndarray | None = None) -> None:
+    """``object_index`` (layout ``vlen_manifests_v2``): one manifest per object, ids ascending.
+
+    ``all_ids`` lists every object that should get a row (objects absent from this
+    level get the empty manifest); by default the ids present.
+    """
+    oid = np.asarray(summary.object_ids, np.int64)
+    och = np.asarray(summary.object_chunks, np.int64).reshape(-1, ndim)
+    ofr = np.asarray(summary.object_fragments, np.int64)
+    ids = np.unique(oid) if all_ids is None else np.unique(np.asarray(all_ids, np.int64))
+    if len(ids) > 1 << 26:
+        raise MetadataError(f"{len(ids)} objects exceed the object index limit of 2**26 rows")
+    order = np.lexsort(tuple([ofr] + [och[:, d] for d in range(ndim - 1, -1, -1)] + [oid]))
+    rows = np.searchsorted(ids, oid[order])
+    blobs = encode_manifests(rows, och[order], ofr[order], len(ids))
+    n = max(len(ids), 1)
+    chunk = min(16384, n)
+    if "object_index" in g:
+        del g["object_index"]
+    oi = g.create_group("object_index")
+    m = oi.create_array("manifests", shape=(len(ids),), chunks=(chunk,), dtype="bytes", fill_value=b"")
+    ia = oi.create_array("object_ids", shape=(len(ids),), chunks=(chunk,), dtype="int64", fill_value=0,
+                         compressors=None)
+    if len(ids):
+        m[:] = _object_array(blobs)
+        ia[:] = ids
+    oi.attrs.update({"zv_array": "object_index", "num_objects": int(len(ids)),
+                     "num_present": int(sum(1 for b in blobs if b != EMPTY_MANIFEST)),
+                     "sid_ndim": int(ndim), "layout": "vlen_manifests_v2", "object_ids_sorted": True})
+
+
+# -- reading --------------------------------------------------------------------------
+def level_grid(root: zarr.Group, level: int) -> Grid:
+    """The :class:`Grid` of a level, from the root and level attributes alone."""
+    zv = root.attrs["zarr_vectors"]
+    lvl = root[str(level)].attrs.get("zarr_vectors_level", {})
+    cs = tuple(lvl.get("chunk_shape") or zv["chunk_shape"])
+    base = tuple(zv.get("base_bin_shape") or zv["chunk_shape"])
+    dtype = root[f"{level}/vertices"].attrs.get("dtype", "float32")
+    return Grid(tuple(zv["bounds"][0]), tuple(zv["bounds"][1]), cs, base, dtype)
+
+
+def level_chunk_keys(level_group: zarr.Group) -> list[str]:
+    return list(level_group["vertices"].attrs.get("nonempty_chunks", []))
+
+
+@dataclass
+class ChunkData:
+    """Decoded cells of one chunk."""
+
+    chunk: tuple[int, ...]
+    positions: np.ndarray
+    fragment_starts: np.ndarray
+    fragment_counts: np.ndarray
+    attributes: dict[str, np.ndarray]
+
+
+def _attr_arrays(g: zarr.Group, names) -> dict[str, zarr.Array]:
+    if "vertex_attributes" not in g:
+        if names:
+            raise MetadataError(f"level has no vertex attributes; asked for {list(names)}")
+        return {}
+    arrays = dict(g["vertex_attributes"].arrays())
+    if names is None:
+        return arrays
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise MetadataError(f"attributes {missing} are not in this level; it has {sorted(arrays)}")
+    return {n: arrays[n] for n in names}
+
+
+def read_chunks(zstore, level: int, chunks: np.ndarray, attributes=None, *, ndim: int) -> list[ChunkData]:
+    """Read and decode the cells of the given absolute chunks (all must be non-empty)."""
+    root = zarr.open_group(zstore, mode="r", zarr_format=3)
+    g = root[str(level)]
+    chunks = np.asarray(chunks, np.int64).reshape(-1, ndim)
+    if not len(chunks):
+        return []
+    vert = g["vertices"]
+    origin = np.asarray(vert.attrs.get("chunk_grid_origin", [0] * ndim), np.int64)
+    dtype = vert.attrs.get("dtype", "float32")
+    sel = tuple((chunks - origin).T)
+    vbytes = vert.get_coordinate_selection(sel)
+    fbytes = g["vertex_fragments"].get_coordinate_selection(sel)
+    attr_arrays = _attr_arrays(g, attributes)
+    abytes = {n: a.get_coordinate_selection(sel) for n, a in attr_arrays.items()}
+    out = []
+    for i, c in enumerate(chunks):
+        pos = decode_vertices(bytes(vbytes[i]), ndim, dtype)
+        frag = decode_fragments(bytes(fbytes[i]))
+        attrs = {}
+        for n, a in attr_arrays.items():
+            rs = a.attrs.get("row_shape") or []
+            attrs[n] = decode_attribute(bytes(abytes[n][i]), a.attrs["dtype"], len(pos), rs[0] if rs else None)
+        out.append(ChunkData(tuple(int(x) for x in c), pos, frag.starts, frag.counts, attrs))
+    return out
+
+
+def read_level(zstore, level: int, *, bbox=None, attributes=None, ndim: int | None = None,
+               with_object_ids: bool = False) -> dict:
+    """Read a whole level (or the points inside the closed box ``bbox=(lo, hi)``) into numpy."""
+    root = zarr.open_group(zstore, mode="r", zarr_format=3)
+    if ndim is None:
+        ndim = len(root.attrs["zarr_vectors"]["chunk_shape"])
+    g = root[str(level)]
+    keys = level_chunk_keys(g)
+    chunks = np.array([parse_chunk_key(k) for k in keys], np.int64).reshape(-1, ndim)
+    if bbox is not None:
+        grid = level_grid(root, level)
+        touch = grid.chunks_touching(*bbox)
+        if len(touch) and len(chunks):
+            keep = np.isin(grid.cell_ids(chunks), grid.cell_ids(touch))
+        else:
+            keep = np.zeros(len(chunks), bool)
+        chunks = chunks[keep]
+    if len(chunks):
+        chunks = chunks[np.lexsort(chunks.T[::-1])]
+    data = read_chunks(zstore, level, chunks, attributes, ndim=ndim)
+    dtype = g["vertices"].attrs.get("dtype", "float32")
+    attr_arrays = _attr_arrays(g, attributes)
+    pos = np.concatenate([d.positions for d in data]) if data else np.zeros((0, ndim), dtype)
+    attrs = {}
+    for n, a in attr_arrays.items():
+        parts = [d.attributes[n] for d in data]
+        rs = a.attrs.get("row_shape") or []
+        attrs[n] = np.concatenate(parts) if parts else np.zeros((0,) + tuple(rs), a.attrs["dtype"])
+    out = {"positions": pos, "attributes": attrs, "chunks": [d.chunk for d in data]}
+    if with_object_ids and "object_index" in g:
+        out["object_ids"] = _object_ids_of_rows(g, data, ndim)
+    if bbox is not None:
+        lo, hi = (np.asarray(b, np.float64) for b in bbox)
+        m = ((pos >= lo) & (pos <= hi)).all(axis=1)
+        out["positions"] = pos[m]
+        out["attributes"] = {n: v[m] for n, v in attrs.items()}
+        if "object_ids" in out:
+            out["object_ids"] = out["object_ids"][m]
+    return out
+
+
+def _object_ids_of_rows(g: zarr.Group, data: list[ChunkData], ndim: int) -> np.ndarray:
+    """Per row, the id of the object whose fragment holds it (objects layout)."""
+    from zv_dask.format.cells import decode_manifest
+
+    oi = g["object_index"]
+    ids = np.asarray(oi["object_ids"][:], np.int64)
+    blobs = oi["manifests"][:]
+    lookup: dict[tuple, int] = {}
+    for oid, blob in zip(ids, blobs):
+        ch, fr = decode_manifest(bytes(blob), ndim)
+        for c, f in zip(map(tuple, ch.tolist()), fr.tolist()):
+            lookup[(c, f)] = int(oid)
+    out = []
+    for d in data:
+        per_frag = np.array([lookup.get((d.chunk, f), -1) for f in range(len(d.fragment_counts))], np.int64)
+        out.append(np.repeat(per_frag, np.maximum(d.fragment_counts, 0)))
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
