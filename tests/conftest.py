@@ -1,0 +1,43 @@
+"""Shared fixtures: a real LocalCluster with worker processes, store paths, and reference helpers."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+
+
+def pytest_configure(config):
+    # obstore merges AWS_* variables into explicit credentials; tests never use the host's.
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        del os.environ[k]
+
+
+@pytest.fixture(scope="session")
+def dask_client(tmp_path_factory):
+    """A real distributed cluster: 2 worker processes, 1 thread each, loopback only."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+                      host="127.0.0.1", memory_limit="3GiB",
+                      local_directory=str(tmp_path_factory.mktemp("dask"))) as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def canon(positions, *columns):
+    """Rows of positions (plus attribute columns) in a canonical order, for multiset comparison."""
+    parts = [np.asarray(positions, np.float64).reshape(len(positions), -1)]
+    for c in columns:
+        c = np.asarray(c)
+        parts.append(c.reshape(len(c), -1).astype(np.float64))
+    table = np.concatenate(parts, axis=1)
+    return table[np.lexsort(table.T[::-1])]
