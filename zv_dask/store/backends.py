@@ -12,7 +12,9 @@ so a job can switch between them with one flag.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -62,6 +64,29 @@ def _split_bucket(url: str) -> tuple[str, str]:
     return p.netloc, p.path.strip("/")
 
 
+_DURATION_UNITS = {"ms": 1e-3, "s": 1.0, "sec": 1.0, "secs": 1.0, "m": 60.0, "min": 60.0, "mins": 60.0, "h": 3600.0}
+
+
+def _seconds(value, name: str) -> float:
+    """A duration given as seconds (number), a ``timedelta`` or a string like ``"30s"`` / ``"500ms"``."""
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", value.lower())
+        if m and m.group(2) in ("", *_DURATION_UNITS):
+            return float(m.group(1)) * _DURATION_UNITS.get(m.group(2), 1.0)
+    raise StoreError(f"storage option {name!r} must be a duration (seconds as a number, a timedelta or a "
+                     f"string like '30s' or '500ms'), got {value!r}")
+
+
+def _max_retries(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StoreError(f"storage option 'max_retries' must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def _obstore_kwargs(scheme: str, options: dict) -> dict:
     """Map zv-dask's storage-option names onto obstore's constructor keywords."""
     opts = dict(options)
@@ -69,14 +94,21 @@ def _obstore_kwargs(scheme: str, options: dict) -> dict:
     if "allow_http" in opts:
         client["allow_http"] = bool(opts.pop("allow_http"))
     if "timeout" in opts:
-        client["timeout"] = f"{float(opts.pop('timeout'))}s" if not isinstance(opts.get("timeout"), str) else opts.pop("timeout")
+        client["timeout"] = timedelta(seconds=_seconds(opts.pop("timeout"), "timeout"))
+    if "connect_timeout" in opts:
+        client["connect_timeout"] = timedelta(seconds=_seconds(opts.pop("connect_timeout"), "connect_timeout"))
     retry = dict(opts.pop("retry_config", {}) or {})
     if "max_retries" in opts:
-        retry["max_retries"] = int(opts.pop("max_retries"))
+        retry["max_retries"] = _max_retries(opts.pop("max_retries"))
     if "endpoint_url" in opts:
         opts["endpoint"] = opts.pop("endpoint_url")
+    if "anonymous" in opts:  # obstore's name for unsigned requests
+        if opts.pop("anonymous"):
+            opts["skip_signature"] = True
     opts.pop("concurrency", None)  # used by zv-dask's writer, not by obstore
     if scheme in ("s3", "s3a"):
+        if "force_path_style" in opts:  # icechunk's name for path-style addressing
+            opts.setdefault("virtual_hosted_style_request", not opts.pop("force_path_style"))
         # obstore merges AWS_* variables even when keys are given; make explicit keys win.
         if "access_key_id" in opts and "session_token" not in opts:
             opts["session_token"] = ""
@@ -96,21 +128,57 @@ def _obstore_store(url: str, scheme: str, options: dict, read_only: bool):
     except ImportError as e:  # pragma: no cover - obstore is a hard dependency
         raise StoreError(f"object storage needs obstore and zarr>=3.1: {e}") from e
     kw = _obstore_kwargs(scheme, options)
-    if scheme in ("s3", "s3a"):
-        bucket, prefix = _split_bucket(url)
-        obs = S3Store(bucket, prefix=prefix or None, **kw)
-    elif scheme in ("gs", "gcs"):
-        bucket, prefix = _split_bucket(url)
-        obs = GCSStore(bucket, prefix=prefix or None, **kw)
-    elif scheme in ("az", "azure", "abfs", "abfss"):
-        obs = AzureStore.from_url(url, **kw)
-    elif scheme in ("http", "https"):
-        obs = HTTPStore.from_url(url, **kw)
-    elif scheme == "memory":
-        obs = MemoryStore()
-    else:  # pragma: no cover
-        raise StoreError(f"no obstore backend for scheme {scheme!r}")
+    try:
+        if scheme in ("s3", "s3a"):
+            bucket, prefix = _split_bucket(url)
+            obs = S3Store(bucket, prefix=prefix or None, **kw)
+        elif scheme in ("gs", "gcs"):
+            bucket, prefix = _split_bucket(url)
+            obs = GCSStore(bucket, prefix=prefix or None, **kw)
+        elif scheme in ("az", "azure", "abfs", "abfss"):
+            obs = AzureStore.from_url(url, **kw)
+        elif scheme in ("http", "https"):
+            obs = HTTPStore.from_url(url, **kw)
+        elif scheme == "memory":
+            obs = MemoryStore()
+        else:  # pragma: no cover
+            raise StoreError(f"no obstore backend for scheme {scheme!r}")
+    except StoreError:
+        raise
+    except Exception as e:  # unknown option names, malformed values: say which, never echo the values
+        raise StoreError(f"cannot configure the obstore {scheme}:// store for {url!r} from storage_options "
+                         f"{sorted(options)}: {type(e).__name__}: {_first_line(e)}") from None
     return ObjectStore(obs, read_only=read_only)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+# storage_options that only the obstore backend understands; the icechunk backend ignores them
+_OBSTORE_ONLY = ("client_options", "retry_config", "virtual_hosted_style_request", "skip_signature")
+
+
+def _icechunk_s3_kwargs(options: dict) -> dict:
+    """Map zv-dask's storage-option names onto ``icechunk.s3_storage`` keywords."""
+    opts = dict(options)
+    if "endpoint" in opts:
+        opts["endpoint_url"] = opts.pop("endpoint")
+    if "skip_signature" in opts and "anonymous" not in opts:
+        opts["anonymous"] = bool(opts["skip_signature"])
+    if "virtual_hosted_style_request" in opts and "force_path_style" not in opts:
+        opts["force_path_style"] = not opts["virtual_hosted_style_request"]
+    if opts.get("endpoint_url") and "force_path_style" not in opts:
+        opts["force_path_style"] = True  # S3-compatible servers (SeaweedFS, MinIO...) on an endpoint
+    if "allow_http" in opts:
+        opts["allow_http"] = bool(opts["allow_http"])
+    for k in (*_OBSTORE_ONLY, *_RUNTIME_OPTIONS):
+        opts.pop(k, None)
+    return opts
+
+
+# storage_options applied as icechunk repository settings rather than Storage arguments
+_RUNTIME_OPTIONS = ("timeout", "connect_timeout", "max_retries", "concurrency")
 
 
 def icechunk_storage(target, options: dict):
@@ -123,26 +191,48 @@ def icechunk_storage(target, options: dict):
         return icechunk.local_filesystem_storage(str(local_path(target).absolute()))
     if scheme == "memory":
         return icechunk.in_memory_storage()
-    if scheme in ("s3", "s3a"):
-        bucket, prefix = _split_bucket(target)
-        if not prefix:
-            raise StoreError(f"an icechunk repository on S3 needs a key prefix, got {target!r} (bucket root)")
-        if "endpoint" in opts:
-            opts["endpoint_url"] = opts.pop("endpoint")
-        if opts.get("endpoint_url") and "force_path_style" not in opts:
-            opts["force_path_style"] = True
-        for k in ("timeout", "max_retries", "concurrency", "client_options", "retry_config"):
+    try:
+        if scheme in ("s3", "s3a"):
+            bucket, prefix = _split_bucket(target)
+            if not prefix:
+                raise StoreError(f"an icechunk repository on S3 needs a key prefix, got {target!r} (bucket root)")
+            return icechunk.s3_storage(bucket=bucket, prefix=prefix, **_icechunk_s3_kwargs(opts))
+        for k in (*_OBSTORE_ONLY, *_RUNTIME_OPTIONS):
             opts.pop(k, None)
-        return icechunk.s3_storage(bucket=bucket, prefix=prefix, **opts)
-    if scheme in ("gs", "gcs"):
-        bucket, prefix = _split_bucket(target)
-        return icechunk.gcs_storage(bucket=bucket, prefix=prefix, **opts)
-    if scheme in ("az", "azure", "abfs", "abfss"):
-        container, prefix = _split_bucket(target)
-        account = opts.pop("account", None)
-        return icechunk.azure_storage(account=account, container=container, prefix=prefix, **opts)
+        if scheme in ("gs", "gcs"):
+            bucket, prefix = _split_bucket(target)
+            return icechunk.gcs_storage(bucket=bucket, prefix=prefix, **opts)
+        if scheme in ("az", "azure", "abfs", "abfss"):
+            container, prefix = _split_bucket(target)
+            account = opts.pop("account", None)
+            return icechunk.azure_storage(account=account, container=container, prefix=prefix, **opts)
+    except TypeError as e:  # an option icechunk does not know
+        raise StoreError(f"cannot configure icechunk {scheme}:// storage for {target!r} from storage_options "
+                         f"{sorted(options)}: {_first_line(e)}") from None
     raise StoreError(f"icechunk cannot store a repository at {target!r}: scheme {scheme!r} is not "
                      "one of file, memory, s3, gs, az")
+
+
+def icechunk_storage_settings(options: dict):
+    """``timeout`` / ``connect_timeout`` / ``max_retries`` as icechunk ``StorageSettings`` (or ``None``).
+
+    ``timeout`` bounds one request attempt, as in obstore; ``max_retries`` counts
+    retries after the first attempt, as in obstore.
+    """
+    import icechunk
+
+    timeouts = {}
+    if options.get("timeout") is not None:
+        timeouts["operation_attempt_timeout_ms"] = max(1, int(_seconds(options["timeout"], "timeout") * 1000))
+    if options.get("connect_timeout") is not None:
+        timeouts["connect_timeout_ms"] = max(1, int(_seconds(options["connect_timeout"], "connect_timeout") * 1000))
+    retries = None
+    if options.get("max_retries") is not None:
+        retries = icechunk.StorageRetriesSettings(max_tries=_max_retries(options["max_retries"]) + 1)
+    if not timeouts and retries is None:
+        return None
+    return icechunk.StorageSettings(retries=retries,
+                                    timeouts=icechunk.StorageTimeoutSettings(**timeouts) if timeouts else None)
 
 
 def _icechunk_backend(target, mode: str, options: dict, branch: str, create: bool) -> Backend:
@@ -157,19 +247,22 @@ def _icechunk_backend(target, mode: str, options: dict, branch: str, create: boo
         repo, url = target, None
     else:
         storage = icechunk_storage(target, options)
+        settings = icechunk_storage_settings(options)
+        config = icechunk.RepositoryConfig(storage=settings) if settings is not None else None
         url = str(target)
-        exists = icechunk.Repository.exists(storage)
+        exists = icechunk.Repository.exists(storage, settings)
         if not exists:
             if mode == "r" or not create:
                 raise StoreError(f"no icechunk repository at {target!r}")
-            repo = icechunk.Repository.create(storage)
+            repo = icechunk.Repository.create(storage, config)
         else:
-            repo = icechunk.Repository.open(storage)
+            repo = icechunk.Repository.open(storage, config)
     if mode == "r":
         session = repo.readonly_session(branch=branch)
-        return Backend(session.store, "icechunk", url=url, repository=repo, branch=branch)
+        return Backend(session.store, "icechunk", url=url, repository=repo, branch=branch, options=options)
     session = repo.writable_session(branch)
-    return Backend(session.store, "icechunk", url=url, session=session, repository=repo, branch=branch)
+    return Backend(session.store, "icechunk", url=url, session=session, repository=repo, branch=branch,
+                   options=options)
 
 
 def resolve_backend(target, *, mode: str = "r+", backend: str | None = None,
