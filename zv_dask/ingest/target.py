@@ -56,9 +56,38 @@ def _has_points(zs: ZVStore) -> bool:
     return bool(zs.root["0/vertices"].attrs.get("nonempty_chunks"))
 
 
+def _per_axis(name: str, value, ndim: int) -> tuple[float, ...]:
+    """A scalar or ``ndim`` numbers as a float tuple; :class:`InputError` names anything else."""
+    try:
+        arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number or {ndim} numbers, got {value!r}") from None
+    if len(arr) not in (1, ndim):
+        raise InputError(f"{name} has {len(arr)} values ({value!r}) but the points have {ndim} coordinates; "
+                         f"pass one value or {ndim}")
+    return tuple(float(c) for c in np.broadcast_to(arr, (ndim,)))
+
+
 def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_shape=None, dtype="float32",
                 axes=None, backend=None, storage_options=None, overwrite=False, branch="main") -> TargetPlan:
     """Check the target and the geometry without writing anything."""
+    if bounds is not None:
+        try:
+            lo, hi = (np.asarray(b, dtype=np.float64).reshape(-1) for b in bounds)
+        except (TypeError, ValueError):
+            raise InputError(f"bounds must be (min, max) with {ndim} numbers each, got {bounds!r}") from None
+        if len(lo) != ndim or len(hi) != ndim:
+            raise InputError(f"bounds must be (min, max) with {ndim} values each, got {bounds!r}")
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+            raise InputError(f"bounds must be finite, got {bounds!r}")
+        if (lo > hi).any():
+            raise InputError(f"bounds are inverted: min {lo.tolist()} exceeds max {hi.tolist()} on some axis")
+    try:
+        dtype = np.dtype(dtype).name
+    except TypeError:
+        raise InputError(f"dtype {dtype!r} is not a numpy dtype; use float32 or float64") from None
+    if np.dtype(dtype).kind != "f":
+        raise InputError(f"dtype must be float32 or float64 for positions, got {dtype!r}")
     existing = _probe(store, backend, storage_options, branch)
     if existing is not None and _has_points(existing) and not overwrite:
         raise StoreError(f"the store at {existing.url or store!r} already holds points; pass overwrite=True to "
@@ -67,26 +96,17 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
         meta = existing.metadata
         if meta.ndim != ndim:
             raise InputError(f"the points have {ndim} coordinates but the store has {meta.ndim} axes")
-        if chunk_shape is not None and not np.allclose(chunk_shape, meta.chunk_shape):
+        if chunk_shape is not None and not np.allclose(_per_axis("chunk_shape", chunk_shape, ndim), meta.chunk_shape):
             raise InputError(f"chunk_shape {list(chunk_shape)} differs from the store's {list(meta.chunk_shape)}")
         return TargetPlan(store, existing, ndim, meta.chunk_shape, meta.base_bin_shape,
                           bounds if bounds is not None else meta.bounds, existing.grid(0).dtype,
                           meta.axes, backend, storage_options, overwrite, branch)
     if chunk_shape is None:
         raise InputError("chunk_shape is required when creating a store (world units per chunk, one per axis)")
-    cs = tuple(float(c) for c in np.broadcast_to(np.asarray(chunk_shape, float), (ndim,)))
-    if len(np.atleast_1d(chunk_shape)) not in (1, ndim):
-        raise InputError(f"chunk_shape has {len(chunk_shape)} values but the points have {ndim} coordinates")
-    bb = None
-    if base_bin_shape is not None:
-        bb = tuple(float(c) for c in np.broadcast_to(np.asarray(base_bin_shape, float), (ndim,)))
-    if bounds is not None:
-        if len(bounds) != 2 or len(bounds[0]) != ndim or len(bounds[1]) != ndim:
-            raise InputError(f"bounds must be (min, max) with {ndim} values each, got {bounds!r}")
-        if any(float(a) > float(b) for a, b in zip(bounds[0], bounds[1])):
-            raise InputError(f"bounds are inverted: min {list(bounds[0])} exceeds max {list(bounds[1])} on some axis")
-    if np.dtype(dtype).kind != "f":
-        raise InputError(f"dtype must be float32 or float64 for positions, got {dtype!r}")
+    cs = _per_axis("chunk_shape", chunk_shape, ndim)
+    bb = _per_axis("base_bin_shape", base_bin_shape, ndim) if base_bin_shape is not None else None
+    if axes is not None and len(axes) != ndim:
+        raise InputError(f"axes has {len(axes)} entries ({list(axes)!r}) but the points have {ndim} coordinates")
     from zv_dask.format.grid import Grid
     Grid((0.0,) * ndim, (0.0,) * ndim, cs, bb or cs, np.dtype(dtype).name)  # validate geometry early
     return TargetPlan(store, existing, ndim, cs, bb, bounds, np.dtype(dtype).name, axes, backend,

@@ -223,6 +223,8 @@ def create_store(
     )
     grid = Grid(lo, hi, meta.chunk_shape, meta.effective_bin_shape, vdt.name)  # validates geometry
     be = resolve_backend(path, mode="w", backend=backend, storage_options=storage_options, branch=branch, create=True)
+    if be.kind == "local" and be.url and local_path(be.url).exists() and not local_path(be.url).is_dir():
+        raise StoreError(f"cannot create a store at {be.url!r}: it is a file, a store needs a directory")
     if _exists(be) and not overwrite:
         raise StoreError(f"a store already exists at {be.url or path!r}; pass overwrite=True to replace it")
     root = zarr.open_group(be.store, mode="w", zarr_format=3)
@@ -259,6 +261,8 @@ def open_store(path, mode: str = "r", *, backend: str | None = None, storage_opt
     be = resolve_backend(path, mode=mode, backend=backend, storage_options=storage_options, branch=branch)
     if be.kind == "local" and be.url and not local_path(be.url).exists():
         raise StoreError(f"no store at {be.url!r}: the path does not exist")
+    if be.kind == "local" and be.url and not local_path(be.url).is_dir():
+        raise StoreError(f"not a ZV store at {be.url!r}: it is a file, a store is a directory")
     try:
         root = zarr.open_group(be.store, mode="r" if mode == "r" else "r+", zarr_format=3)
     except (zarr.errors.GroupNotFoundError, FileNotFoundError, KeyError, ValueError) as e:

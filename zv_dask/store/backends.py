@@ -254,7 +254,11 @@ def _icechunk_backend(target, mode: str, options: dict, branch: str, create: boo
         if not exists:
             if mode == "r" or not create:
                 raise StoreError(f"no icechunk repository at {target!r}")
-            repo = icechunk.Repository.create(storage, config)
+            try:
+                repo = icechunk.Repository.create(storage, config)
+            except icechunk.IcechunkError as e:
+                raise StoreError(f"cannot create an icechunk repository at {target!r}: {str(e).splitlines()[0]} "
+                                 "(a new repository needs an empty location)") from None
         else:
             repo = icechunk.Repository.open(storage, config)
     if mode == "r":
