@@ -79,6 +79,9 @@ def encode_attribute(values: np.ndarray) -> bytes:
 def decode_attribute(payload: bytes, dtype, n_rows: int, channels: int | None = None) -> np.ndarray:
     """Inverse of :func:`encode_attribute`. ``channels=None`` means a ``(N,)`` attribute."""
     dt = _le(dtype)
+    if len(payload) % dt.itemsize:
+        raise FormatError(f"attribute payload of {len(payload)} bytes is not a whole number of "
+                          f"{np.dtype(dtype).name} values ({dt.itemsize} bytes each)")
     flat = np.frombuffer(payload, dtype=dt)
     width = 1 if channels is None else channels
     if flat.size != n_rows * width:
@@ -112,9 +115,12 @@ class FragmentIndex:
         return int((self.starts[rng] + self.counts[rng]).max()) if rng.any() else 0
 
     def tiles(self, n_rows: int) -> bool:
-        """True when the fragments are ranges laid end to end over ``[0, n_rows)``."""
+        """True when the fragments are ranges laid end to end over ``[0, n_rows)``.
+
+        An index without fragments never tiles (as the reference decides).
+        """
         if self.explicit or self.num_fragments == 0:
-            return self.num_fragments == 0 and n_rows == 0
+            return False
         ends = self.starts + self.counts
         return bool(self.starts[0] == 0 and (self.starts[1:] == ends[:-1]).all() and ends[-1] == n_rows)
 
@@ -239,21 +245,26 @@ def decode_manifest(blob: bytes, ndim: int) -> tuple[np.ndarray, np.ndarray]:
         c = np.frombuffer(buf[off:off + 8 * ndim], "<i8")
         mode = buf[off + 8 * ndim]
         off += 8 * ndim + 1
-        if mode == 0:
-            f = np.frombuffer(buf[off:off + 8], "<i8")
-            off += 8
-        elif mode == 1:
-            start, count = np.frombuffer(buf[off:off + 16], "<i8")
-            f = np.arange(start, start + count, dtype=np.int64)
-            off += 16
-        elif mode == 2:
-            n = int(np.frombuffer(buf[off:off + 4], "<u4")[0])
-            f = np.frombuffer(buf[off + 4:off + 4 + 8 * n], "<i8")
-            off += 4 + 8 * n
-        else:
+        if mode not in (0, 1, 2):
             raise FormatError(f"object manifest block mode {mode}; only 0, 1, 2 exist")
-        if off > len(buf):
-            raise FormatError("object manifest truncated inside a block")
+        if mode == 2:
+            if len(buf) < off + 4:
+                raise FormatError("object manifest truncated inside a mode-2 fragment count")
+            n = int(np.frombuffer(buf[off:off + 4], "<u4")[0])
+            off += 4
+        size = 8 if mode == 0 else 16 if mode == 1 else 8 * n
+        if len(buf) < off + size:
+            raise FormatError(f"object manifest truncated inside a mode-{mode} block: needs {size} bytes "
+                              f"at offset {off}, has {len(buf) - off}")
+        body = np.frombuffer(buf[off:off + size], "<i8")
+        off += size
+        if mode == 1:
+            start, count = int(body[0]), int(body[1])
+            if count < 0:
+                raise FormatError(f"object manifest range block has a negative count {count}")
+            f = np.arange(start, start + count, dtype=np.int64)
+        else:
+            f = body
         frags.append(np.asarray(f, np.int64).reshape(-1))
         chunks.append(np.repeat(c.astype(np.int64)[None, :], len(frags[-1]), axis=0))
     if off != len(buf):
