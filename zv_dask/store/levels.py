@@ -150,8 +150,12 @@ def _sorted_keys(chunks: np.ndarray) -> list[str]:
 
 
 def finalize_level(root: zarr.Group, level: int, grid: Grid, summary: ChunkSummary, meta: LevelMetadata,
-                   attributes: list[AttributeSpec]) -> LevelMetadata:
-    """Write presence lists, the object index and the level metadata (in that order)."""
+                   attributes: list[AttributeSpec], all_object_ids: np.ndarray | None = None) -> LevelMetadata:
+    """Write presence lists, the object index and the level metadata (in that order).
+
+    ``all_object_ids`` lists every object the index must have a row for (a
+    coarse level keeps its parent's objects; absent ones get empty manifests).
+    """
     g = root[str(level)]
     keys = _sorted_keys(summary.chunks[summary.rows > 0]) if len(summary.chunks) else []
     origin = grid.origin
@@ -162,7 +166,7 @@ def finalize_level(root: zarr.Group, level: int, grid: Grid, summary: ChunkSumma
             attribute_attrs(spec.name, spec.dtype, spec.channels, keys, origin, spec.unit, spec.description))
     present = ["vertices", "vertex_fragments"] + (["vertex_attributes"] if attributes else [])
     if summary.object_ids is not None:
-        write_object_index(g, summary, grid.ndim)
+        write_object_index(g, summary, grid.ndim, all_ids=all_object_ids)
         present.append("object_index")
     meta.vertex_count = int(summary.rows.sum()) if len(summary.rows) else 0
     meta.arrays_present = present
