@@ -10,6 +10,8 @@ from zv_dask.errors import (
     ZVError,
 )
 from zv_dask.format.metadata import ZV_VERSION
+from zv_dask.pyramid import PyramidReport, build_pyramid
+from zv_dask.read import open_level, read_points
 from zv_dask.store.api import (
     ZVStore,
     add_resolution_level,
@@ -36,6 +38,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ZV_VERSION",
+    "build_pyramid",
+    "PyramidReport",
+    "read_points",
+    "open_level",
     "ZVStore",
     "ZVError",
     "StoreError",
