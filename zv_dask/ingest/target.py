@@ -89,6 +89,8 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
     if np.dtype(dtype).kind != "f":
         raise InputError(f"dtype must be float32 or float64 for positions, got {dtype!r}")
     existing = _probe(store, backend, storage_options, branch)
+    if existing is not None:
+        existing._require_writable()
     if existing is not None and _has_points(existing) and not overwrite:
         raise StoreError(f"the store at {existing.url or store!r} already holds points; pass overwrite=True to "
                          "replace it (zv-dask does not append to or partly overwrite a store)")
