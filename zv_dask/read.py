@@ -297,6 +297,10 @@ def _partition_lengths(zs, level, ndim, groups, box, grid, entries) -> list[int]
     return out
 
 
+def _column(df: pd.DataFrame, name: str) -> np.ndarray:
+    return df[name].to_numpy()
+
+
 def open_level(store, level: int = 0, *, bbox=None, attributes=None, chunks_per_partition: int | None = None):
     """A level as a lazy xarray Dataset along dimension ``points``, variables named as in :func:`read_points`.
 
@@ -317,6 +321,15 @@ def open_level(store, level: int = 0, *, bbox=None, attributes=None, chunks_per_
         entries = (oid, och, ofr)
     lengths = _partition_lengths(zs, level, ndim, groups, _box(bbox, ndim), level_grid(zs.root, level),
                                  entries) if groups else [0]
-    data = {c: ("points", ddf[c].to_dask_array(lengths=lengths)) for c in ddf.columns}
+    import dask
+    import dask.array as da
+
+    parts = ddf.to_delayed()  # one key per partition, shared by every variable: each chunk is read once
+    column = dask.delayed(_column, pure=True)
+    data = {}
+    for c in ddf.columns:
+        dt = ddf.dtypes[c]
+        pieces = [da.from_delayed(column(p, c), shape=(n,), dtype=dt) for p, n in zip(parts, lengths)]
+        data[c] = ("points", da.concatenate(pieces) if len(pieces) > 1 else pieces[0])
     return xr.Dataset(data, attrs={"level": int(level), "axes": list(zs.metadata.axis_names),
                                    "chunks": [".".join(map(str, c)) for g in groups for c in g.tolist()]})
