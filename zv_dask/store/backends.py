@@ -5,8 +5,13 @@ when the backend is transactional.
 Object storage goes through obstore wrapped by zarr's ``ObjectStore``; the
 transactional backend is icechunk. Storage options use one vocabulary for both
 (``endpoint``, ``region``, ``access_key_id``, ``secret_access_key``,
-``session_token``, ``allow_http``, ``anonymous``, ``timeout``, ``max_retries``)
-so a job can switch between them with one flag.
+``session_token``, ``allow_http``, ``anonymous``, ``timeout``, ``connect_timeout``,
+``max_retries``) so a job can switch between them with one flag. ``endpoint_url``
+and ``force_path_style`` (icechunk's spellings) are accepted by both; ``timeout``
+bounds one request attempt and ``max_retries`` counts retries after the first
+attempt on both (icechunk gets them as repository ``StorageSettings``). Explicit
+S3 keys always win over ``AWS_*`` environment variables. Credentials are kept in
+:attr:`Backend.options` but never shown in a repr.
 """
 
 from __future__ import annotations
