@@ -213,7 +213,8 @@ def plan_coarse(base_bins: np.ndarray, bins_per_chunk: tuple[int, ...], scale: t
         return ChunkPlan(z, np.zeros((0, ndim), np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64), z,
                          None if object_ids is None else z)
     chunks = np.floor_divide(bb, bpc * sc)
-    chunk_u, chunk_rank = np.unique(chunks, axis=0, return_inverse=True)
+    _, first, chunk_rank = np.unique(bin_keys(chunks), return_index=True, return_inverse=True)
+    chunk_u = chunks[first]
     chunk_rank = chunk_rank.reshape(-1).astype(np.int64)
     n_chunks = len(chunk_u)
     if object_ids is None:

@@ -326,8 +326,9 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
     building = None
     try:
         steps = level_steps(zs.metadata.ndim, levels, bin_ratio, chunk_scale)
-        _drop_coarse_levels(zs)
         src = _source_from_store(zs, 0)
+        _resolve_attributes(src.specs, attribute_reduction, method)  # raises before anything changes
+        _drop_coarse_levels(zs)
         report.vertex_counts[0] = src.vertex_count
         report.chunk_counts[0] = len(src.chunks)
         opts = dict(method=method, attribute_reduction=attribute_reduction, sample_size=sample_size, seed=seed,

@@ -52,35 +52,42 @@ def _as_int_tuple(name: str, value, ndim: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _per_level(name: str, value, ndim: int) -> tuple[Iterator[tuple[int, ...]], int | None]:
-    """An iterator of per-level steps and the number of levels it can supply (None = unbounded)."""
+def _per_level(name: str, value, ndim: int) -> tuple[list[tuple[int, ...]], bool]:
+    """The validated steps and whether the last one repeats for ever (scalar / tuple forms)."""
     if isinstance(value, list):
         if not value:
             raise InputError(f"{name} as a per-level list must not be empty")
-        steps = [_as_int_tuple(name, v, ndim) for v in value]
-        return iter(steps), len(steps)
-    step = _as_int_tuple(name, value, ndim)
-    return itertools.repeat(step), None
+        return [_as_int_tuple(name, v, ndim) for v in value], False
+    return [_as_int_tuple(name, value, ndim)], True
 
 
 def level_steps(ndim: int, levels: int | None, bin_ratio=2, chunk_scale=1) -> Iterator[LevelStep]:
-    """Yield the :class:`LevelStep` of levels 1, 2, ... (``levels`` of them, or unbounded)."""
-    if levels is not None and (isinstance(levels, bool) or int(levels) != levels or levels < 0):
+    """The :class:`LevelStep` of levels 1, 2, ... (``levels`` of them, or unbounded).
+
+    Every parameter is checked here, before anything is written.
+    """
+    if levels is not None and (isinstance(levels, bool) or not isinstance(levels, (int, np.integer)) or levels < 0):
         raise InputError(f"levels must be None or an integer >= 0, got {levels!r}")
-    ratios, n_r = _per_level("bin_ratio", bin_ratio, ndim)
-    scales, n_s = _per_level("chunk_scale", chunk_scale, ndim)
-    caps = [n for n in (n_r, n_s) if n is not None]
+    ratios, r_repeat = _per_level("bin_ratio", bin_ratio, ndim)
+    scales, s_repeat = _per_level("chunk_scale", chunk_scale, ndim)
+    for k, r in enumerate(ratios, 1):
+        if all(v == 1 for v in r):
+            raise InputError(f"bin_ratio of level {k} is 1 on every axis: the level would not be coarser")
+    caps = [len(x) for x, rep in ((ratios, r_repeat), (scales, s_repeat)) if not rep]
     if levels is not None and caps and min(caps) < levels:
         raise InputError(f"levels={levels} but bin_ratio/chunk_scale lists give only {min(caps)} levels")
     n = levels if levels is not None else (min(caps) if caps else None)
+    return _steps(ndim, n, ratios, scales)
+
+
+def _steps(ndim, n, ratios, scales) -> Iterator[LevelStep]:
     total_r = (1,) * ndim
     total_s = (1,) * ndim
     for k in itertools.count(1):
         if n is not None and k > n:
             return
-        r, s = next(ratios), next(scales)
-        if all(v == 1 for v in r):
-            raise InputError(f"bin_ratio of level {k} is 1 on every axis: the level would not be coarser")
+        r = ratios[min(k, len(ratios)) - 1]
+        s = scales[min(k, len(scales)) - 1]
         parent_s = total_s
         total_r = tuple(a * b for a, b in zip(total_r, r))
         total_s = tuple(a * b for a, b in zip(total_s, s))
