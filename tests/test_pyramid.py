@@ -453,3 +453,72 @@ def test_bad_parameters(tmp_path, kw, match):
     with pytest.raises(InputError, match=match):
         zv_dask.build_pyramid(str(path), **kw)
     assert open_store(str(path)).levels == [0, 1]  # checked before anything changed
+
+
+# -- pure functions ----------------------------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from zv_dask.pyramid.coarsen import CoarsenParams, coarsen_points  # noqa: E402
+from zv_dask.pyramid.reduce import group_rows, reduce_rows  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 3), st.sampled_from(["int16", "uint8", "float32", "bool"]),
+       st.integers(0, 2**31))
+def test_reductions_match_naive(n, channels, dtype, seed):
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, 5, n)
+    vals = rng.integers(0, 4, (n, channels)).astype(dtype)
+    g = group_rows(keys)
+    sv = vals[g.order]
+    for how in ("mean", "min", "max", "sum", "first", "mode"):
+        got = reduce_rows(sv, g, how)
+        assert got.dtype == vals.dtype
+        for i, key in enumerate(np.unique(keys)):
+            rows = vals[keys == key]
+            if how == "mean":
+                m = rows.astype(np.float64).mean(axis=0)
+                want = m.astype(dtype) if dtype == "float32" else (m >= 0.5 if dtype == "bool" else np.rint(m))
+            elif how == "sum":
+                want = rows.sum(axis=0, dtype=np.float64)
+                want = want >= 1 if dtype == "bool" else want
+            elif how == "first":
+                want = rows[0]
+            elif how == "mode":
+                want = row_mode(rows)
+            else:
+                want = getattr(rows, how)(axis=0)
+            np.testing.assert_allclose(np.asarray(got[i], np.float64), np.asarray(want, np.float64), rtol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 300), st.sampled_from(["centroid", "first", "random", "sample"]), st.booleans(),
+       st.integers(0, 2**31))
+def test_coarsen_is_a_function_of_each_bin_alone(n, method, objects, seed):
+    """Coarsening two halves split along bin boundaries gives the rows of coarsening the whole."""
+    rng = np.random.default_rng(seed)
+    pos = rng.uniform(-40, 40, (n, 3)).astype("float32")
+    bins = np.floor(pos.astype(np.float64) / 5).astype(np.int64)
+    attrs = {"a": rng.random(n).astype("float32"), "b": rng.integers(0, 3, (n, 2)).astype("int8")}
+    oids = rng.integers(0, 4, n) if objects else None
+    params = CoarsenParams((2, 2, 2), method, {"a": "mean", "b": "mode", "n": "count"}, frozenset({"n"}),
+                           sample_size=2, seed=3)
+    whole = coarsen_points(pos, bins, attrs, params, oids)
+    left = (bins[:, 0] // 2) < 0
+    parts = [coarsen_points(pos[m], bins[m], {k: v[m] for k, v in attrs.items()}, params,
+                            None if oids is None else oids[m]) for m in (left, ~left)]
+
+    def table(c):
+        cols = [c.positions, c.attributes["a"][:, None], c.attributes["b"], c.attributes["n"][:, None]]
+        if c.object_ids is not None:
+            cols.append(c.object_ids[:, None])
+        t = np.column_stack([np.asarray(x, np.float64) for x in cols])
+        return t[np.lexsort(t.T[::-1])]
+
+    np.testing.assert_array_equal(table(whole), np.concatenate([table(p) for p in parts])[
+        np.lexsort(np.concatenate([table(p) for p in parts]).T[::-1])])
+    assert whole.attributes["n"].sum() == n
+    cb = np.floor(whole.positions.astype(np.float64) / 5).astype(np.int64) // 2
+    src = bins // 2
+    assert {tuple(r) for r in cb.tolist()} == {tuple(r) for r in src.tolist()}  # metavertices stay in their bins
