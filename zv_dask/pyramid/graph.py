@@ -16,13 +16,17 @@ reads right at coarse levels. A ``chunk_scale`` other than 1 writes a
 ``chunk_shape`` on the level; the reference (0.9.2) then answers bbox reads of
 that level wrongly (it uses the root bin grid at every level), although whole-
 level reads and validation are fine. No cross-level links are written
-(``cross_level_depth`` 0, ``cross_level_storage`` "none").
+(``cross_level_depth`` 0, ``cross_level_storage`` "none"). Neither the
+``shared_fragments`` capability nor the level flag is stamped: every
+metavertex belongs to one bin (plain) or one object (object levels), so no
+fragment is shared between manifests, and no reader depends on the flag.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +38,7 @@ from zv_dask.format.metadata import LevelMetadata
 from zv_dask.pyramid.coarsen import METHODS, CoarsenParams, coarsen_points, plan_coarse
 from zv_dask.pyramid.plan import LevelStep, level_steps, plan_tasks, region_shape
 from zv_dask.pyramid.reduce import REDUCTIONS, default_reduction
-from zv_dask.read import object_entries, row_object_ids
+from zv_dask.read import chunks_in, object_entries, row_object_ids
 from zv_dask.store.api import (
     ZVStore,
     as_store,
@@ -257,16 +261,15 @@ def _build_level(zs: ZVStore, job: WriteJob, src: _Source, step: LevelStep, opts
                        tuple(s.name for s in src.specs if s.name in reductions),
                        tuple(s.name for s in specs), params, src.objects is not None)
     task_fn = dask.delayed(_coarsen_task, pure=False)
+    token = uuid.uuid4().hex[:12]
     tasks = []
     for i, idx in enumerate(groups):
         chunks = src.chunks[idx]
         obj = None
         if src.objects is not None:
-            from zv_dask.read import chunks_in
-
             m = chunks_in(src.objects[1], chunks)
             obj = tuple(a[m] for a in src.objects)
-        tasks.append(task_fn(target, ctx, chunks, obj, dask_key_name=f"zv-pyramid-{k}-{i}-{id(job):x}"))
+        tasks.append(task_fn(target, ctx, chunks, obj, dask_key_name=f"zv-pyramid-{k}-{i}-{token}"))
     results = _run(tasks, opts["client"])
     job.absorb(_unique([fork for _, fork in results]))
     summary = ChunkSummary.concat([s for s, _ in results], ndim)
