@@ -204,21 +204,35 @@ def _compressors(zs: ZVStore):
     return comp or None
 
 
-def _run(tasks, client):
+def _run(tasks, client, progress: bool = False, label: str = ""):
     import dask
 
     if not tasks:
         return []
-    if client is not None:
-        return client.gather(client.compute(tasks))
-    try:
-        from distributed import get_worker, worker_client
+    if client is None:
+        try:
+            from distributed import get_worker, worker_client
 
-        get_worker()
-    except (ImportError, ValueError):
-        return list(dask.compute(*tasks))
-    with worker_client() as c:  # a lazy build computed on a worker
-        return c.gather(c.compute(tasks))
+            get_worker()
+        except (ImportError, ValueError):
+            if progress:
+                from dask.diagnostics import ProgressBar
+
+                print(label, flush=True)
+                with ProgressBar():
+                    return list(dask.compute(*tasks))
+            return list(dask.compute(*tasks))
+        with worker_client() as c:  # a lazy build computed on a worker
+            return c.gather(c.compute(tasks))
+    futures = client.compute(tasks)
+    if progress:
+        try:
+            from zv_dask.progress import show_progress
+        except ImportError:  # pragma: no cover - progress display is optional
+            show_progress = None
+        if show_progress is not None:
+            show_progress(futures, label)
+    return client.gather(futures)
 
 
 def _unique(forks):
@@ -270,7 +284,7 @@ def _build_level(zs: ZVStore, job: WriteJob, src: _Source, step: LevelStep, opts
             m = chunks_in(src.objects[1], chunks)
             obj = tuple(a[m] for a in src.objects)
         tasks.append(task_fn(target, ctx, chunks, obj, dask_key_name=f"zv-pyramid-{k}-{i}-{token}"))
-    results = _run(tasks, opts["client"])
+    results = _run(tasks, opts["client"], opts["progress"], f"pyramid level {k}")
     job.absorb(_unique([fork for _, fork in results]))
     summary = ChunkSummary.concat([s for s, _ in results], ndim)
     if src.objects is not None and summary.object_ids is None:
@@ -318,7 +332,7 @@ def _small_enough(count: int, n_chunks: int, min_points: int) -> str:
 
 
 def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction, sample_size, seed, min_points,
-           client, job, points_per_task) -> PyramidReport:
+           client, job, points_per_task, progress) -> PyramidReport:
     t0 = time.perf_counter()
     zs = job.store if job is not None else as_store(store, "r+")
     if zs.read_only:
@@ -335,7 +349,7 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
         report.vertex_counts[0] = src.vertex_count
         report.chunk_counts[0] = len(src.chunks)
         opts = dict(method=method, attribute_reduction=attribute_reduction, sample_size=sample_size, seed=seed,
-                    client=client, points_per_task=points_per_task)
+                    client=client, points_per_task=points_per_task, progress=progress)
         reason = _small_enough(src.vertex_count, len(src.chunks), min_points) if levels is None else ""
         while not reason:
             step = next(steps, None)
@@ -367,7 +381,7 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
 def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=1, method: str = "centroid",
                   attribute_reduction: dict | None = None, sample_size: int = 8, seed: int = 0,
                   min_points: int = 1024, client=None, compute: bool = True, job: WriteJob | None = None,
-                  points_per_task: int = DEFAULT_POINTS_PER_TASK):
+                  points_per_task: int = DEFAULT_POINTS_PER_TASK, progress: bool = False):
     """Build coarse levels 1..L of a store from its level 0, level by level.
 
     Parameters
@@ -406,6 +420,8 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
         the pyramid then joins that job's single commit instead of committing.
     points_per_task
         Regions are grouped into tasks of about this many fine points.
+    progress
+        Show a progress bar per level.
 
     Existing coarse levels (and level-0 cross-level links) are replaced. On
     failure an own icechunk job is discarded; on plain stores the level being
@@ -418,7 +434,7 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
     run = functools.partial(_build, store, levels=levels, bin_ratio=bin_ratio, chunk_scale=chunk_scale,
                             method=method, attribute_reduction=attribute_reduction, sample_size=sample_size,
                             seed=seed, min_points=min_points, client=client, job=job,
-                            points_per_task=points_per_task)
+                            points_per_task=points_per_task, progress=progress)
     if compute:
         return run()
     import dask
