@@ -12,6 +12,8 @@ from zv_dask.errors import (
 from zv_dask.format.metadata import ZV_VERSION
 from zv_dask.pyramid import PyramidReport, build_pyramid
 from zv_dask.read import open_level, read_points
+from zv_dask.ingest.graph import PendingIngest, ingest
+from zv_dask.ingest.report import IngestReport
 from zv_dask.store.api import (
     ZVStore,
     add_resolution_level,
@@ -42,6 +44,9 @@ __all__ = [
     "PyramidReport",
     "read_points",
     "open_level",
+    "ingest",
+    "IngestReport",
+    "PendingIngest",
     "ZVStore",
     "ZVError",
     "StoreError",

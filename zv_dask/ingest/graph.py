@@ -1,0 +1,290 @@
+"""``ingest``: the level-0 job, wired as two Dask passes and a coordinator.
+
+1. *scan*: per partition, statistics and per-chunk counts; a tree reduction on
+   the client settles bounds (the out-of-bounds policy) before anything is written;
+2. the coordinator creates (or resets) the store with the final bounds and cuts
+   the occupied chunks into write groups;
+3. *shuffle + write*: each partition is split by group with a radix sort; each
+   group task concatenates its pieces in input order, lays them out, encodes and
+   writes its own chunks (no two tasks share a chunk or a shard);
+4. the coordinator writes the metadata last, builds the pyramid if asked, and
+   commits once on icechunk. Any failure discards the job's changes.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import reduce
+
+import numpy as np
+
+from zv_dask.errors import IngestError, InputError, ZVError
+from zv_dask.format.grid import Grid
+from zv_dask.format.layout import encode_plan, plan_chunks
+from zv_dask.format.metadata import LevelMetadata, attribute_spec
+from zv_dask.ingest.bounds import POLICIES, combine_stats, settle_bounds
+from zv_dask.ingest.report import IngestReport
+from zv_dask.ingest.shuffle import (
+    combine_occupancy,
+    merge_pieces,
+    plan_groups,
+    scan_partition,
+    split_partition,
+)
+from zv_dask.ingest.sources import as_source
+from zv_dask.ingest.target import materialize_target, plan_target
+from zv_dask.store.levels import AttributeSpec, ChunkSummary, finalize_level, prepare_level, write_chunk_payloads
+from zv_dask.transaction import WriteJob, returned_fork, worker_store
+
+__all__ = ["ingest", "PendingIngest"]
+
+DEFAULT_GROUP_POINTS = 1 << 21
+
+
+# -- task bodies (top level: workers import them) ----------------------------------------
+def _scan_task(batch, grid, bounds, drop_outside, offset):
+    return scan_partition(batch, grid, bounds, drop_outside, offset)
+
+
+def _split_task(batch, grid, starts, drop_outside, shard_shape):
+    return tuple(split_partition(batch, grid, starts, drop_outside, shard_shape))
+
+
+def write_group(pieces, grid: Grid, level: int, target, attr_names, group_index: int):
+    """Write one group's chunks; returns ``(ChunkSummary, fork or None)``."""
+    batch = merge_pieces(list(pieces))
+    if batch is None:
+        return ChunkSummary(np.zeros((0, grid.ndim), np.int64), np.zeros(0, np.int64)), returned_fork(target)
+    first = None
+    try:
+        oids = None if batch.object_ids is None else np.asarray(batch.object_ids).astype(np.int64)
+        plan = plan_chunks(batch.positions, grid, oids)
+        first = ".".join(map(str, plan.chunks[0])) if plan.n_chunks else None
+        payloads = list(encode_plan(plan, batch.positions, batch.attributes, grid.dtype))
+        nbytes = write_chunk_payloads(worker_store(target), level, grid, payloads, list(attr_names))
+    except ZVError:
+        raise
+    except Exception as e:  # noqa: BLE001 - name the stage and chunk, keep the cause
+        raise IngestError(f"writing group {group_index} (first chunk {first}) failed: {type(e).__name__}: {e}",
+                          stage="write", chunk=first) from e
+    summary = ChunkSummary(plan.chunks, np.diff(plan.row_splits), bytes_written=nbytes)
+    if oids is not None:
+        frag_chunk = np.repeat(np.arange(plan.n_chunks), np.diff(plan.frag_splits))
+        summary.object_ids = plan.fragment_objects
+        summary.object_chunks = plan.chunks[frag_chunk]
+        summary.object_fragments = np.arange(len(plan.fragment_counts)) - plan.frag_splits[frag_chunk]
+    return summary, returned_fork(target)
+
+
+# -- scheduling ------------------------------------------------------------------------
+def _client(client):
+    if client is not None:
+        return client
+    try:
+        from distributed import default_client
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _compute(objs, client, progress: bool, label: str):
+    """Compute dask objects on the client (or the local scheduler), with a progress bar if asked."""
+    import dask
+
+    if client is not None:
+        futures = client.compute(list(objs))
+        if progress:
+            from zv_dask.progress import show_progress
+            show_progress(futures, label)
+        return client.gather(futures)
+    if progress:
+        from dask.diagnostics import ProgressBar
+        print(label, flush=True)
+        with ProgressBar():
+            return list(dask.compute(*objs))
+    return list(dask.compute(*objs))
+
+
+def _choose_dtype(dtype, src) -> tuple[str, str]:
+    if dtype is not None:
+        dt = np.dtype(dtype)
+        if dt.kind != "f":
+            raise InputError(f"dtype must be float32 or float64 for stored positions, got {dtype!r}")
+        return dt.name, "as requested"
+    if src.kind == "las":
+        return "float64", "LAS coordinates are georeferenced; float32 would lose centimetres"
+    return "float32", "default; pass dtype='float64' to keep double precision"
+
+
+class PendingIngest:
+    """A prepared ingest job: the store exists with its final bounds, the write graph is built.
+
+    ``compute()`` runs it and returns the :class:`IngestReport`; ``dask_objects``
+    are the write tasks for inspection (``dask.visualize``).
+    """
+
+    def __init__(self, run, dask_objects, report):
+        self._run = run
+        self.dask_objects = dask_objects
+        self.report = report
+
+    def compute(self) -> IngestReport:
+        return self._run()
+
+    def __repr__(self):
+        return f"<PendingIngest {self.report.store}: {len(self.dask_objects)} write tasks; call .compute()>"
+
+
+def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chunk_shape=None, bounds=None,
+           base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, pyramid=None,
+           backend=None, storage_options=None, client=None, compute: bool = True, overwrite: bool = False,
+           axes=None, message: str | None = None, progress: bool = False, partition_rows: int | None = None,
+           group_points: int = DEFAULT_GROUP_POINTS, branch: str = "main"):
+    """Ingest a point cloud into level 0 of a ZV store, in parallel, and optionally build its pyramid.
+
+    Parameters
+    ----------
+    points
+        ``(N, D)`` numpy or dask array; pandas or dask DataFrame (``columns`` name
+        the coordinates, other numeric columns become attributes unless
+        ``attributes=[...]`` picks); xarray Dataset; or path(s)/glob of Parquet,
+        CSV, NPY, zarr or LAS/LAZ files.
+    store
+        Path, URL (``s3://``, ``gs://``, ``az://``...), zarr Store, or icechunk
+        Repository/Session (``backend="icechunk"`` for a repository path/URL).
+    attributes, object_ids
+        Per-point attributes ``{name: (N,) or (N, C)}`` and integer object ids
+        (arrays for array inputs; column/variable names for tables and Datasets).
+    chunk_shape, bounds, base_bin_shape
+        Store geometry in world units (taken from an existing empty store).
+        ``bounds=None`` fits the data exactly.
+    out_of_bounds
+        ``"raise"`` (default), ``"ignore"`` (drop and count) or ``"expand"``.
+    dtype
+        Stored position dtype; default float32, float64 for LAS/LAZ.
+    shard_shape
+        Chunks per shard (zarr sharding); one task writes each shard.
+    pyramid
+        ``True`` or a dict of :func:`zv_dask.build_pyramid` options to build
+        the levels in the same job (and the same icechunk commit).
+    client
+        A ``distributed.Client``; by default the current one, else Dask's local scheduler.
+    compute
+        ``False`` returns a :class:`PendingIngest` (bounds settled, store created, graph built).
+
+    Returns
+    -------
+    IngestReport
+    """
+    if out_of_bounds not in POLICIES:
+        raise InputError(f"out_of_bounds={out_of_bounds!r} is not one of {POLICIES}")
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    src = as_source(points, attributes=attributes, object_ids=object_ids, columns=columns,
+                    partition_rows=partition_rows)
+    dt, dt_reason = _choose_dtype(dtype, src)
+    plan = plan_target(store, ndim=src.ndim, chunk_shape=chunk_shape, bounds=bounds, base_bin_shape=base_bin_shape,
+                       dtype=dt, axes=axes if axes is not None else src.axes, backend=backend,
+                       storage_options=storage_options, overwrite=overwrite, branch=branch)
+    if plan.existing is not None and not plan.overwrite and dtype is None:
+        dt_reason = "the store's dtype"
+    dt = plan.dtype
+    probe_bounds = plan.bounds if plan.bounds is not None else ([0.0] * src.ndim, [0.0] * src.ndim)
+    probe = Grid(tuple(map(float, probe_bounds[0])), tuple(map(float, probe_bounds[1])), plan.chunk_shape,
+                 plan.base_bin_shape or plan.chunk_shape, dt)
+    drop = out_of_bounds == "ignore" and plan.bounds is not None
+    cl = _client(client)
+
+    # pass 1: scan and reduce -------------------------------------------------------------
+    from dask import delayed
+
+    scans = [delayed(_scan_task)(p, probe, plan.bounds, drop, 0) for p in src.partitions]
+    scanned = _compute(scans, cl, progress, "scan: statistics and chunk counts")
+    offsets = np.r_[0, np.cumsum([s.stats.count for s in scanned])[:-1]].astype(np.int64)
+    for s, off in zip(scanned, offsets):
+        if s.stats.first_nonfinite >= 0:
+            s.stats.first_nonfinite += int(off)
+    stats = reduce(combine_stats, [s.stats for s in scanned])
+    final_bounds, dropped = settle_bounds(stats, plan.bounds, out_of_bounds)
+    occ = combine_occupancy([s.occupancy for s in scanned], src.ndim)
+    seconds["scan"] = time.perf_counter() - t0
+
+    warnings = []
+    if dt == "float32":
+        mag = float(np.max(np.abs(np.r_[stats.lo, stats.hi])))
+        extent = float(np.max(stats.hi - stats.lo)) or 1.0
+        if np.spacing(np.float32(mag)) > 1e-6 * extent and src.position_dtype == np.float64:
+            warnings.append(f"float32 positions round to {float(np.spacing(np.float32(mag))):.3g} at coordinate "
+                            f"magnitude {mag:.3g}; pass dtype='float64' to keep the source's precision")
+
+    # coordinator: the store, the grid, the groups ------------------------------------------
+    t1 = time.perf_counter()
+    specs = [AttributeSpec(name, dtype_, ch) for name, (dtype_, ch) in src.attributes.items()]
+    attr_specs = {"vertex": {s.name: attribute_spec(s.dtype, s.channels) for s in specs}} if specs else None
+    zs = materialize_target(plan, final_bounds, attr_specs)
+    job = WriteJob(zs, message or "zv-dask ingest")
+    created_here = plan.existing is None
+    try:
+        grid = zs.grid(0)
+        prepare_level(zs.root, 0, grid, specs, shards=shard_shape)
+        groups = plan_groups(grid, occ, group_points, shard_shape)
+        target = job.target()
+        splits = [delayed(_split_task, nout=groups.n_groups)(p, grid, groups.starts, drop, shard_shape)
+                  for p in src.partitions]
+        names = [s.name for s in specs]
+        writes = [delayed(write_group)([splits[p][g] for p in range(len(splits))], grid, 0, target, names, g)
+                  for g in range(groups.n_groups)]
+    except BaseException:
+        job.abort()
+        raise
+    seconds["prepare"] = time.perf_counter() - t1
+    report = IngestReport(store=str(zs.url or zs.backend.kind), points_read=int(stats.count),
+                          points_dropped=int(dropped), bounds=[list(map(float, b)) for b in final_bounds],
+                          dtype=dt, dtype_reason=dt_reason, chunk_shape=list(plan.chunk_shape),
+                          base_bin_shape=list(plan.base_bin_shape) if plan.base_bin_shape else None,
+                          partitions=len(src.partitions), groups=groups.n_groups, warnings=warnings)
+
+    def run() -> IngestReport:
+        t2 = time.perf_counter()
+        try:
+            results = _compute(writes, cl, progress, "shuffle and write level 0")
+            job.absorb([fork for _, fork in results])
+            summary = ChunkSummary.concat([s for s, _ in results], grid.ndim)
+            t3 = time.perf_counter()
+            seconds["write"] = t3 - t2
+            meta = finalize_level(zs.root, 0, grid, summary, LevelMetadata(level=0, fragments_tile=True), specs)
+            seconds["finalize"] = time.perf_counter() - t3
+            report.points_written = meta.vertex_count
+            report.chunks_written = int((summary.rows > 0).sum())
+            report.bytes_written = int(summary.bytes_written)
+            report.levels = [{"level": 0, "vertex_count": meta.vertex_count, "chunks": report.chunks_written}]
+            if pyramid:
+                from zv_dask.pyramid import build_pyramid
+                t4 = time.perf_counter()
+                opts = dict(pyramid) if isinstance(pyramid, dict) else {}
+                pr = build_pyramid(zs, client=cl, job=job, progress=progress, **opts)
+                seconds["pyramid"] = time.perf_counter() - t4
+                for lv in getattr(pr, "levels", []):
+                    report.levels.append(dict(lv) if isinstance(lv, dict) else {"level": lv})
+            report.snapshot_id = job.commit()
+        except BaseException:
+            job.abort()
+            if created_here and not job.transactional:
+                _remove_new_store(zs)
+            raise
+        report.seconds = seconds
+        return report
+
+    if not compute:
+        return PendingIngest(run, writes, report)
+    return run()
+
+
+def _remove_new_store(zs) -> None:
+    """A store this job created and failed to fill is removed, so a retry starts clean."""
+    from zarr.core.sync import sync
+
+    try:
+        sync(zs.store.delete_dir(""))
+    except Exception:  # noqa: BLE001 - best effort; the original error matters more
+        pass

@@ -1,0 +1,76 @@
+"""What an ingest job did, for people (``repr``) and for programs (``to_dict``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["IngestReport"]
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+@dataclass
+class IngestReport:
+    """Summary of an ingest job (and of its pyramid when one was built)."""
+
+    store: str
+    points_read: int = 0
+    points_written: int = 0
+    points_dropped: int = 0
+    bounds: list = field(default_factory=list)
+    dtype: str = "float32"
+    dtype_reason: str = ""
+    chunk_shape: list = field(default_factory=list)
+    base_bin_shape: list | None = None
+    chunks_written: int = 0
+    partitions: int = 0
+    groups: int = 0
+    levels: list = field(default_factory=list)  # [{"level", "vertex_count", "chunks"}]
+    bytes_written: int = 0
+    seconds: dict = field(default_factory=dict)
+    snapshot_id: str | None = None
+    warnings: list = field(default_factory=list)
+
+    @property
+    def total_seconds(self) -> float:
+        return float(sum(self.seconds.values()))
+
+    @property
+    def points_per_second(self) -> float:
+        t = self.total_seconds
+        return self.points_written / t if t > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["total_seconds"] = self.total_seconds
+        d["points_per_second"] = self.points_per_second
+        return d
+
+    def __repr__(self) -> str:
+        lines = [f"IngestReport: {self.store}",
+                 f"  points      {self.points_written:,} written, {self.points_dropped:,} dropped "
+                 f"(of {self.points_read:,} read)",
+                 f"  positions   {self.dtype} ({self.dtype_reason})" if self.dtype_reason else f"  positions   {self.dtype}",
+                 f"  bounds      {self.bounds}",
+                 f"  chunks      {self.chunks_written:,} written, chunk_shape {self.chunk_shape}",
+                 f"  tasks       {self.partitions} input partitions -> {self.groups} write groups",
+                 f"  bytes       {_fmt_bytes(self.bytes_written)}"]
+        for lv in self.levels:
+            lines.append(f"  level {lv['level']:<5} {lv['vertex_count']:,} vertices in {lv.get('chunks', '?')} chunks")
+        if self.seconds:
+            stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
+            lines.append(f"  time        {self.total_seconds:.2f}s ({stages}); "
+                         f"{self.points_per_second / 1e6:.2f} M points/s")
+        if self.snapshot_id:
+            lines.append(f"  snapshot    {self.snapshot_id}")
+        for w in self.warnings:
+            lines.append(f"  warning     {w}")
+        return "\n".join(lines)
+
+    _repr_pretty_ = None  # IPython uses __repr__

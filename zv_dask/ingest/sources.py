@@ -1,0 +1,425 @@
+"""Every supported input, as a list of lazy partitions of points.
+
+A partition computes to a :class:`Batch`: ``positions`` ``(n, D)``, a dict of
+per-point ``attributes`` ``(n,)`` / ``(n, C)`` and optional ``object_ids``
+``(n,)``. Partition order is input order: row ``r`` of partition ``p`` comes
+after every row of partitions ``< p``, which is what makes the output
+independent of how the input was partitioned.
+
+Inputs: numpy / dask arrays, pandas / dask DataFrames, xarray Datasets, and
+paths or globs of Parquet, CSV, NPY, zarr arrays and LAS/LAZ files (read in
+chunks of points, never whole).
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from zv_dask.errors import InputError
+from zv_dask.ingest.inputs import check_attributes, check_object_ids, check_positions
+
+__all__ = ["Batch", "Source", "as_source", "DEFAULT_PARTITION_ROWS"]
+
+DEFAULT_PARTITION_ROWS = 1 << 21  # ~2 M points: big enough to amortise, small enough for 2 GiB workers
+DEFAULT_AXES = ("x", "y", "z", "w")
+
+
+@dataclass
+class Batch:
+    """One partition of points in memory."""
+
+    positions: np.ndarray
+    attributes: dict = field(default_factory=dict)
+    object_ids: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def take(self, idx) -> "Batch":
+        return Batch(self.positions[idx], {k: v[idx] for k, v in self.attributes.items()},
+                     None if self.object_ids is None else self.object_ids[idx])
+
+
+@dataclass
+class Source:
+    """Lazy partitions plus what is known about them before reading."""
+
+    partitions: list  # dask Delayed objects, each computing a Batch
+    ndim: int
+    position_dtype: np.dtype
+    attributes: dict  # name -> (dtype str, channels or None)
+    has_object_ids: bool
+    axes: list[str] | None = None
+    kind: str = "array"
+    n_rows: int | None = None
+    description: str = ""
+
+
+# -- helpers that run on workers (top level so they pickle by reference) ---------------
+def _batch_from_arrays(pos, attrs, oids) -> Batch:
+    pos = np.asarray(pos)
+    attrs = {k: np.asarray(v) for k, v in (attrs or {}).items()}
+    return Batch(pos, attrs, None if oids is None else np.asarray(oids))
+
+
+def _batch_from_frame(frame, columns, attr_names, oid_column) -> Batch:
+    if len(frame):
+        pos = np.column_stack([frame[c].to_numpy() for c in columns])
+    else:
+        pos = np.zeros((0, len(columns)), np.result_type(*[frame[c].dtype for c in columns]))
+    attrs = {a: frame[a].to_numpy() for a in attr_names}
+    oids = frame[oid_column].to_numpy() if oid_column is not None else None
+    return Batch(pos, attrs, oids)
+
+
+def _npy_slice(path, start, stop, columns) -> Batch:
+    arr = np.load(path, mmap_mode="r")
+    block = np.asarray(arr[start:stop])
+    if block.dtype.names:  # structured array: named columns
+        pos = np.column_stack([block[c] for c in columns])
+        attrs = {n: np.asarray(block[n]) for n in block.dtype.names if n not in columns}
+        return Batch(pos, attrs, None)
+    return Batch(block, {}, None)
+
+
+LAS_ATTRIBUTES = ("intensity", "classification", "return_number", "number_of_returns", "gps_time", "rgb")
+
+
+def _las_slice(path, start, count, attr_names) -> Batch:
+    import laspy
+
+    with laspy.open(path) as reader:
+        reader.seek(start)
+        pts = reader.read_points(count)
+    pos = np.column_stack([np.asarray(pts.x, np.float64), np.asarray(pts.y, np.float64), np.asarray(pts.z, np.float64)])
+    attrs = {}
+    for name in attr_names:
+        if name == "rgb":
+            attrs["rgb"] = np.column_stack([np.asarray(pts.red), np.asarray(pts.green), np.asarray(pts.blue)])
+        else:
+            attrs[name] = np.asarray(pts[name])
+    return Batch(pos, attrs, None)
+
+
+# -- arrays ----------------------------------------------------------------------------
+def _from_arrays(points, attributes, object_ids, partition_rows, kind="array") -> Source:
+    import dask.array as da
+    from dask import delayed
+
+    n, d = check_positions(points)
+    is_dask = isinstance(points, da.Array)
+    if is_dask:
+        pts = points.rechunk({1: -1}) if len(points.chunks[1]) > 1 else points
+    else:
+        pts = da.from_array(np.asarray(points), chunks=(max(1, min(partition_rows, n)), d), name=False)
+    row_chunks = pts.chunks[0]
+    attributes = check_attributes(attributes, n, row_chunks if is_dask else None)
+    object_ids = check_object_ids(object_ids, n, row_chunks if is_dask else None)
+    if n == 0:
+        raise InputError("the input holds no points")
+
+    def to_dask(name, v):
+        if isinstance(v, da.Array):
+            if v.chunks[0] != row_chunks:
+                raise InputError(f"{name} is chunked {v.chunks[0]} along rows but points are chunked {row_chunks}; "
+                                 "rechunk them alike")
+            return v.rechunk({1: -1}) if v.ndim == 2 and len(v.chunks[1]) > 1 else v
+        return da.from_array(np.asarray(v), chunks=(row_chunks,) + tuple((s,) for s in np.shape(v)[1:]), name=False)
+
+    attr_d = {k: to_dask(f"attribute {k!r}", v) for k, v in attributes.items()}
+    oid_d = to_dask("object_ids", object_ids) if object_ids is not None else None
+    pblocks = pts.to_delayed().reshape(-1)
+    ablocks = {k: v.to_delayed().reshape(-1) for k, v in attr_d.items()}
+    oblocks = oid_d.to_delayed().reshape(-1) if oid_d is not None else [None] * len(pblocks)
+    parts = [delayed(_batch_from_arrays, pure=True)(pblocks[i], {k: b[i] for k, b in ablocks.items()}, oblocks[i])
+             for i in range(len(pblocks))]
+    specs = {k: (np.dtype(v.dtype).name, int(v.shape[1]) if v.ndim == 2 else None) for k, v in attr_d.items()}
+    return Source(parts, d, np.dtype(points.dtype), specs, oid_d is not None, kind=kind, n_rows=n,
+                  description=f"{kind} of {n} points in {len(parts)} partitions")
+
+
+# -- data frames -------------------------------------------------------------------------
+def _kind(dtype) -> str:
+    """numpy kind of a (possibly pandas extension) dtype; "O" when it has no numpy equivalent."""
+    try:
+        return np.dtype(dtype).kind
+    except TypeError:
+        return "O"
+
+
+def _from_frame(df, columns, attributes, object_ids, partition_rows, kind="dataframe", description="") -> Source:
+    import dask.dataframe as dd
+    import pandas as pd
+    from dask import delayed
+
+    if isinstance(df, pd.DataFrame):
+        nparts = max(1, -(-len(df) // partition_rows))
+        df = dd.from_pandas(df, npartitions=nparts, sort=False)
+    columns = list(columns) if columns is not None else [c for c in DEFAULT_AXES[:3] if c in df.columns]
+    missing = [c for c in columns if c not in df.columns]
+    if missing or not columns:
+        raise InputError(f"coordinate columns {missing or columns} are not in the table; it has {list(df.columns)}. "
+                         "Name them with columns=(...)")
+    oid_col = None
+    if object_ids is not None:
+        if not isinstance(object_ids, str):
+            raise InputError("with a DataFrame, object_ids must name a column, e.g. object_ids='cell_id'")
+        if object_ids not in df.columns:
+            raise InputError(f"object id column {object_ids!r} is not in the table; it has {list(df.columns)}")
+        oid_col = object_ids
+    numeric = [c for c in df.columns if _kind(df[c].dtype) in "biuf"]
+    for c in columns:
+        if _kind(df[c].dtype) not in "iuf":
+            raise InputError(f"coordinate column {c!r} has dtype {df[c].dtype}; coordinates must be numbers")
+    if attributes is None:
+        attr_names = [c for c in numeric if c not in columns and c != oid_col]
+    else:
+        attr_names = list(attributes)
+        bad = [a for a in attr_names if a not in df.columns]
+        if bad:
+            raise InputError(f"attribute columns {bad} are not in the table; it has {list(df.columns)}")
+        nonnum = [a for a in attr_names if a not in numeric]
+        if nonnum:
+            raise InputError(f"attribute columns {nonnum} are not numeric; encode them as integer codes first")
+    if oid_col is not None and _kind(df[oid_col].dtype) not in "iu":
+        raise InputError(f"object id column {oid_col!r} has dtype {df[oid_col].dtype}; ids must be integers")
+    pos_dtype = np.result_type(*[np.dtype(df[c].dtype) for c in columns])
+    parts = [delayed(_batch_from_frame, pure=True)(p, columns, attr_names, oid_col) for p in df.to_delayed()]
+    specs = {a: (np.dtype(df[a].dtype).name, None) for a in attr_names}
+    return Source(parts, len(columns), np.dtype(pos_dtype), specs, oid_col is not None, axes=columns, kind=kind,
+                  description=description or f"{kind} with {df.npartitions} partitions")
+
+
+# -- xarray ------------------------------------------------------------------------------
+def _from_xarray(ds, columns, attributes, object_ids, partition_rows) -> Source:
+    import xarray as xr
+
+    if isinstance(ds, xr.DataArray):
+        return _from_arrays(ds.data, None, None, partition_rows, kind="xarray")
+    pos_var = None
+    if columns is None:
+        for name in ("positions", "points", "coords", "coordinates", "xyz"):
+            if name in ds.variables and ds[name].ndim == 2:
+                pos_var = name
+                break
+        if pos_var is None:
+            columns = [c for c in DEFAULT_AXES if c in ds.variables and ds[c].ndim == 1]
+            if not columns:
+                raise InputError("cannot find coordinates in the Dataset: name them with columns=(...) or give a "
+                                 "(points, D) variable called 'positions'")
+    if pos_var is not None:
+        dim = ds[pos_var].dims[0]
+        points = ds[pos_var].data
+        used = {pos_var}
+        axes = None
+        if ds[pos_var].dims[1] in ds.coords:
+            axes = [str(v) for v in ds[ds[pos_var].dims[1]].values]
+    else:
+        columns = list(columns)
+        bad = [c for c in columns if c not in ds.variables]
+        if bad:
+            raise InputError(f"coordinate variables {bad} are not in the Dataset; it has {list(ds.variables)}")
+        dim = ds[columns[0]].dims[0]
+        import dask.array as da
+        cols = [ds[c].data for c in columns]
+        points = da.stack(cols, axis=1) if any(isinstance(c, da.Array) for c in cols) else np.stack(cols, axis=1)
+        used = set(columns)
+        axes = columns
+    oid = None
+    if object_ids is not None:
+        if isinstance(object_ids, str):
+            if object_ids not in ds.variables:
+                raise InputError(f"object id variable {object_ids!r} is not in the Dataset")
+            oid = ds[object_ids].data
+            used.add(object_ids)
+        else:
+            oid = object_ids
+    if attributes is None:
+        names = [v for v in ds.data_vars if v not in used and ds[v].dims[:1] == (dim,) and ds[v].ndim in (1, 2)
+                 and np.dtype(ds[v].dtype).kind in "biuf"]
+    elif isinstance(attributes, dict):
+        names = None
+    else:
+        names = list(attributes)
+    attrs = attributes if names is None else {n: ds[n].data for n in names}
+    src = _from_arrays(points, attrs, oid, partition_rows, kind="xarray")
+    src.axes = axes
+    return src
+
+
+# -- files -------------------------------------------------------------------------------
+SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".txt": "csv", ".xyz": "csv",
+            ".npy": "npy", ".zarr": "zarr", ".las": "las", ".laz": "las"}
+
+
+def _expand(paths) -> list[str]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[str] = []
+    for p in paths:
+        p = os.fspath(p)
+        hits = sorted(_glob.glob(p)) if any(ch in p for ch in "*?[") else [p]
+        if not hits:
+            raise InputError(f"no file matches {p!r}")
+        out.extend(hits)
+    for p in out:
+        if "://" not in p and not os.path.exists(p):
+            raise InputError(f"input file {p!r} does not exist")
+    return out
+
+
+def _kind_of(path: str) -> str:
+    p = Path(path)
+    if p.is_dir():
+        if (p / "zarr.json").exists() or (p / ".zarray").exists():
+            return "zarr"
+        if any(p.glob("*.parquet")) or any(p.glob("**/*.parquet")):
+            return "parquet"
+    kind = SUFFIXES.get(p.suffix.lower())
+    if kind is None:
+        raise InputError(f"cannot tell the format of {path!r} from its suffix; use one of "
+                         f"{sorted(set(SUFFIXES))} (or pass an array / DataFrame)")
+    return kind
+
+
+def _from_files(paths, columns, attributes, object_ids, partition_rows) -> Source:
+    files = _expand(paths)
+    kinds = {_kind_of(f) for f in files}
+    if len(kinds) > 1:
+        raise InputError(f"inputs mix formats {sorted(kinds)}; ingest one format per job")
+    kind = kinds.pop()
+    desc = f"{len(files)} {kind} file(s)"
+    if kind == "parquet":
+        import dask.dataframe as dd
+        import pyarrow.parquet as pq
+        for f in files:
+            if os.path.isfile(f):
+                try:
+                    pq.ParquetFile(f)
+                except Exception as e:  # noqa: BLE001
+                    raise InputError(f"{f!r} is not a valid Parquet file: {e}") from None
+        df = dd.read_parquet(files if len(files) > 1 else files[0])
+        return _from_frame(df, columns, attributes, object_ids, partition_rows, kind="parquet", description=desc)
+    if kind == "csv":
+        import dask.dataframe as dd
+        try:
+            df = dd.read_csv(files, blocksize="64MB")
+            df._meta  # noqa: B018 - parse the header now
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"cannot read {files[0]!r} as CSV: {e}") from None
+        return _from_frame(df, columns, attributes, object_ids, partition_rows, kind="csv", description=desc)
+    if kind == "npy":
+        return _from_npy(files, columns, partition_rows, desc)
+    if kind == "zarr":
+        import dask.array as da
+        import zarr
+        if len(files) != 1:
+            raise InputError("ingest one zarr array at a time")
+        try:
+            arr = zarr.open_array(files[0], mode="r")
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{files[0]!r} is not a zarr array: {e}") from None
+        src = _from_arrays(da.from_zarr(arr), attributes if isinstance(attributes, dict) else None,
+                           object_ids, partition_rows, kind="zarr")
+        src.description = desc
+        return src
+    return _from_las(files, attributes, partition_rows, desc)
+
+
+def _from_npy(files, columns, partition_rows, desc) -> Source:
+    from dask import delayed
+
+    parts, ndim, dtype, specs, total = [], None, None, {}, 0
+    for f in files:
+        try:
+            arr = np.load(f, mmap_mode="r")
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{f!r} is not a valid .npy file: {e}") from None
+        if arr.dtype.names:
+            cols = list(columns) if columns is not None else [c for c in DEFAULT_AXES[:3] if c in arr.dtype.names]
+            if not cols or any(c not in arr.dtype.names for c in cols):
+                raise InputError(f"{f!r} has fields {arr.dtype.names}; name the coordinate fields with columns=")
+            d = len(cols)
+            dt = np.result_type(*[arr.dtype[c] for c in cols])
+            specs = {n: (arr.dtype[n].name, None) for n in arr.dtype.names if n not in cols}
+        else:
+            if arr.ndim != 2:
+                raise InputError(f"{f!r} holds an array of shape {arr.shape}; expected (N, D) points")
+            cols, d, dt = None, arr.shape[1], arr.dtype
+        if ndim is not None and d != ndim:
+            raise InputError(f"{f!r} has {d} coordinates per point, earlier files have {ndim}")
+        ndim, dtype = d, dt
+        n = arr.shape[0]
+        total += n
+        for start in range(0, n, partition_rows):
+            parts.append(delayed(_npy_slice, pure=True)(f, start, min(n, start + partition_rows), cols))
+    if not total:
+        raise InputError(f"the input files {files} hold no points")
+    return Source(parts, ndim, np.dtype(dtype), specs, False, axes=cols, kind="npy", n_rows=total, description=desc)
+
+
+def _from_las(files, attributes, partition_rows, desc) -> Source:
+    from dask import delayed
+
+    try:
+        import laspy
+    except ImportError as e:  # pragma: no cover
+        raise InputError("reading LAS/LAZ needs laspy with lazrs: pip install 'zv-dask[las]'") from e
+    parts, total, names = [], 0, None
+    for f in files:
+        try:
+            with laspy.open(f) as reader:
+                header = reader.header
+                dims = set(header.point_format.dimension_names)
+                n = int(header.point_count)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"{f!r} is not a valid LAS/LAZ file: {e}") from None
+        avail = [a for a in LAS_ATTRIBUTES if a in dims or (a == "rgb" and {"red", "green", "blue"} <= dims)]
+        if attributes is not None:
+            bad = [a for a in attributes if a not in avail and a not in dims]
+            if bad:
+                raise InputError(f"{f!r} has no dimension(s) {bad}; it has {sorted(dims)}")
+            avail = list(attributes)
+        if names is not None and avail != names:
+            avail = [a for a in names if a in avail]
+        names = avail
+        total += n
+        for start in range(0, n, partition_rows):
+            parts.append((f, start, min(partition_rows, n - start)))
+    parts = [delayed(_las_slice, pure=True)(f, s, c, names) for f, s, c in parts]
+    dtypes = {"intensity": ("uint16", None), "classification": ("uint8", None), "return_number": ("uint8", None),
+              "number_of_returns": ("uint8", None), "gps_time": ("float64", None), "rgb": ("uint16", 3)}
+    specs = {a: dtypes.get(a, ("float64", None)) for a in names}
+    if not total:
+        raise InputError(f"the LAS/LAZ input {files} holds no points")
+    return Source(parts, 3, np.dtype("float64"), specs, False, axes=["x", "y", "z"], kind="las", n_rows=total,
+                  description=desc)
+
+
+def as_source(points, *, attributes=None, object_ids=None, columns=None,
+              partition_rows: int | None = None) -> Source:
+    """Recognise the input kind and describe it as lazy partitions."""
+    partition_rows = int(partition_rows or DEFAULT_PARTITION_ROWS)
+    if partition_rows < 1:
+        raise InputError(f"partition_rows must be >= 1, got {partition_rows}")
+    mod = type(points).__module__.split(".")[0]
+    if isinstance(points, (str, os.PathLike)) or (isinstance(points, (list, tuple)) and points
+                                                   and all(isinstance(p, (str, os.PathLike)) for p in points)):
+        return _from_files(points, columns, attributes, object_ids, partition_rows)
+    if mod == "xarray":
+        return _from_xarray(points, columns, attributes, object_ids, partition_rows)
+    if mod in ("pandas", "dask") and hasattr(points, "columns"):
+        return _from_frame(points, columns, attributes, object_ids, partition_rows)
+    if hasattr(points, "shape") and hasattr(points, "dtype"):
+        if attributes is not None and not isinstance(attributes, dict):
+            raise InputError("with an array of points, attributes must be a dict of name -> (N,) or (N, C) array")
+        return _from_arrays(points, attributes, object_ids, partition_rows)
+    if isinstance(points, (list, tuple)):
+        return _from_arrays(np.asarray(points), attributes, object_ids, partition_rows)
+    raise InputError(f"cannot ingest {type(points).__name__}: pass an (N, D) numpy/dask array, a pandas/dask "
+                     "DataFrame, an xarray Dataset, or paths of Parquet/CSV/NPY/zarr/LAS/LAZ files")
