@@ -264,8 +264,9 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
                 opts = dict(pyramid) if isinstance(pyramid, dict) else {}
                 pr = build_pyramid(zs, client=cl, job=job, progress=progress, **opts)
                 seconds["pyramid"] = time.perf_counter() - t4
-                for lv in getattr(pr, "levels", []):
-                    report.levels.append(dict(lv) if isinstance(lv, dict) else {"level": lv})
+                for lv in pr.levels:
+                    report.levels.append({"level": lv, "vertex_count": pr.vertex_counts[lv],
+                                          "chunks": pr.chunk_counts[lv]})
             report.snapshot_id = job.commit()
         except BaseException:
             job.abort()
