@@ -50,7 +50,20 @@ def order_by(major: np.ndarray, minor: np.ndarray) -> np.ndarray:
 
 
 def dense_rank(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(uniques, rank)`` with uniques sorted ascending."""
+    """``(uniques, rank)`` with uniques sorted ascending.
+
+    Integer values over a compact range use a presence table (O(n)); anything
+    else falls back to ``np.unique``.
+    """
+    values = np.asarray(values)
+    if values.size and values.dtype.kind in "iu":
+        lo, hi = int(values.min()), int(values.max())
+        if hi - lo < 4 * values.size + (1 << 16):
+            off = (values - lo).astype(np.int64, copy=False)
+            present = np.zeros(hi - lo + 1, bool)
+            present[off] = True
+            lut = np.cumsum(present, dtype=np.int64) - 1
+            return (np.flatnonzero(present) + lo).astype(values.dtype), lut[off]
     return np.unique(values, return_inverse=True)
 
 
@@ -95,12 +108,12 @@ def plan_chunks(positions: np.ndarray, grid: Grid, object_ids: np.ndarray | None
     ``bins`` may pass precomputed base-bin indices (``grid.base_bins(positions)``).
     """
     if bins is None:
-        bins = grid.base_bins(positions)
-    chunks = grid.chunks_of_bins(bins)
-    cell = grid.cell_ids(chunks)
+        cell, frag = grid.assign(positions)
+    else:  # precomputed base bins
+        chunks = grid.chunks_of_bins(bins)
+        cell, frag = grid.cell_ids(chunks), grid.fragments_of_bins(bins, chunks)
     cell_u, cell_rank = dense_rank(cell)
     if object_ids is None:
-        frag = grid.fragments_of_bins(bins, chunks)
         order = order_by(cell_rank, frag)
         uniq, row_splits = _split_points(cell_rank[order])
         f = grid.fragments_per_chunk
@@ -139,7 +152,7 @@ def encode_plan(plan: ChunkPlan, positions: np.ndarray, attributes: dict[str, np
         yield ChunkPayload(
             chunk=tuple(int(c) for c in plan.chunks[m]),
             n_rows=len(rows),
-            vertices=encode_vertices(pos[rows], dtype),
+            vertices=encode_vertices(np.take(pos, rows, axis=0), dtype),
             fragments=encode_fragments(counts),
-            attributes={name: encode_attribute(np.asarray(v)[rows]) for name, v in attributes.items()},
+            attributes={name: encode_attribute(np.take(np.asarray(v), rows, axis=0)) for name, v in attributes.items()},
         )

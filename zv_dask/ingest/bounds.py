@@ -40,20 +40,25 @@ def partition_stats(positions: np.ndarray, dtype: str, bounds=None, offset: int 
     p = np.asarray(positions).astype(dtype, copy=False)
     if p.ndim != 2:
         raise InputError(f"points must be a 2-D (N, D) array, got shape {p.shape}")
-    finite = np.isfinite(p).all(axis=1)
-    n_bad = int(len(p) - finite.sum())
+    n_bad = 0
+    if not np.isfinite(p.sum(axis=0)).all():  # cheap screen; the row scan runs only when it trips
+        finite = np.isfinite(p).all(axis=1)
+        n_bad = int(len(p) - finite.sum())
     first = int(np.argmin(finite)) + offset if n_bad else -1
     good = p[finite] if n_bad else p
-    if len(good):
-        lo = good.min(axis=0).astype(np.float64)
-        hi = good.max(axis=0).astype(np.float64)
-    else:
-        lo, hi = np.full(p.shape[1], np.inf), np.full(p.shape[1], -np.inf)
+    d = p.shape[1]
+    lo, hi = np.full(d, np.inf), np.full(d, -np.inf)
     outside = 0
-    if bounds is not None and len(good):
-        blo = np.asarray(bounds[0]).astype(dtype)
-        bhi = np.asarray(bounds[1]).astype(dtype)
-        outside = int((~((good >= blo) & (good <= bhi)).all(axis=1)).sum())
+    if len(good):
+        out_mask = np.zeros(len(good), bool) if bounds is not None else None
+        blo = np.asarray(bounds[0]).astype(dtype) if bounds is not None else None
+        bhi = np.asarray(bounds[1]).astype(dtype) if bounds is not None else None
+        for k in range(d):  # column by column: contiguous, no (N, D) temporaries
+            col = np.ascontiguousarray(good[:, k])
+            lo[k], hi[k] = float(col.min()), float(col.max())
+            if out_mask is not None and (lo[k] < blo[k] or hi[k] > bhi[k]):
+                out_mask |= (col < blo[k]) | (col > bhi[k])
+        outside = int(out_mask.sum()) if out_mask is not None else 0
     return PartitionStats(len(p), lo, hi, n_bad, first, outside, {})
 
 

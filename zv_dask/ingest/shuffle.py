@@ -53,7 +53,11 @@ def chunk_occupancy(chunks: np.ndarray) -> Occupancy:
     if float(np.prod(shape.astype(np.float64))) > 4 * len(chunks) + (1 << 20):
         uniq, counts = np.unique(chunks, axis=0, return_counts=True)
         return Occupancy(uniq.astype(np.int64), counts.astype(np.int64))
-    flat = np.ravel_multi_index(tuple((chunks - lo).T), tuple(shape))
+    flat = np.zeros(len(chunks), np.int64)
+    stride = 1
+    for d in reversed(range(chunks.shape[1])):
+        flat += (chunks[:, d] - lo[d]) * stride
+        stride *= int(shape[d])
     counts = np.bincount(flat, minlength=int(np.prod(shape)))
     nz = np.flatnonzero(counts)
     cells = np.stack(np.unravel_index(nz, tuple(shape)), axis=1) + lo
@@ -72,7 +76,7 @@ def scan_partition(batch: Batch, grid: Grid, bounds, drop_outside: bool, offset:
     keep = _keep_mask(pos, grid, drop_outside)
     if keep is not None:
         pos = pos[keep]
-    return ScanResult(stats, chunk_occupancy(grid.chunks_of_bins(grid.base_bins(pos))))
+    return ScanResult(stats, chunk_occupancy(grid.chunk_coords(pos)))
 
 
 def combine_occupancy(parts: list[Occupancy], ndim: int) -> Occupancy:
@@ -136,8 +140,11 @@ def split_partition(batch: Batch, grid: Grid, starts: np.ndarray, drop_outside: 
     n_groups = len(starts)
     if len(b) == 0:
         return [None] * n_groups
-    chunks = grid.chunks_of_bins(grid.base_bins(b.positions))
-    group = np.searchsorted(starts, unit_ids(grid, chunks, shard_shape), side="right") - 1
+    if shard_shape is None:
+        units = grid.assign(b.positions)[0]
+    else:
+        units = unit_ids(grid, grid.chunk_coords(b.positions), shard_shape)
+    group = np.searchsorted(starts, units, side="right") - 1
     order = stable_order(group)
     bounds = np.searchsorted(group[order], np.arange(n_groups + 1))
     out = []
