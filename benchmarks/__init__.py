@@ -1,0 +1,1 @@
+"""zv-dask benchmarks: ``python -m benchmarks --help``."""

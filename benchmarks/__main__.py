@@ -1,0 +1,201 @@
+"""Throughput, scaling and memory of zv-dask against the reference and the floor, in one run.
+
+    python -m benchmarks                 # the full table (1e5 .. 1e7 in memory, 1e8 from Parquet)
+    python -m benchmarks --smoke         # the smallest size only, well under a minute
+    python -m benchmarks --sizes 1e6 1e7 --kinds uniform --bins realistic
+
+Writes ``results/benchmarks.json``, ``results/benchmarks.md`` and ``results/throughput.png``.
+Timings are wall-clock on this machine; nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHUNK = 125.0
+BINS = {"realistic": 12.5, "one-per-chunk": None}  # 1000 bins per chunk vs the reference's default
+LEVELS = 3
+
+
+class RSSMonitor:
+    """Samples the RSS of this process and of every descendant (Dask workers) every 50 ms."""
+
+    def __init__(self):
+        import psutil
+
+        self._psutil = psutil
+        self.peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = self._psutil.Process()
+        while not self._stop.is_set():
+            try:
+                procs = [me] + me.children(recursive=True)
+            except self._psutil.Error:
+                procs = [me]
+            for p in procs:
+                try:
+                    rss = p.memory_info().rss
+                except self._psutil.Error:
+                    continue
+                if rss > self.peak.get(p.pid, 0):
+                    self.peak[p.pid] = rss
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def machine() -> dict:
+    import dask
+    import zarr
+
+    import zv_dask
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import psutil
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "zv_dask": zv_dask.__version__, "dask": dask.__version__,
+            "zarr": zarr.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def run_reference(kind, n, bin_, links, work) -> dict:
+    out = os.path.join(work, "ref.zv")
+    cmd = [sys.executable, "-m", "benchmarks.reference", kind, str(n), str(CHUNK), str(bin_ or CHUNK), str(LEVELS),
+           "1" if links else "0", out]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, cwd=os.path.dirname(HERE), capture_output=True, text=True)
+    shutil.rmtree(out, ignore_errors=True)
+    if p.returncode != 0:
+        tail = (p.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": f"exit {p.returncode}: {tail}"[:200], "wall_s": time.perf_counter() - t}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def run_floor(pts, attrs, bin_, work) -> dict:
+    from benchmarks.floor import floor_write
+
+    out = os.path.join(work, "floor")
+    r = floor_write(pts, attrs, CHUNK, bin_ or CHUNK, out)
+    shutil.rmtree(out, ignore_errors=True)
+    return r
+
+
+def run_zv(source, attrs, bin_, workers, work) -> dict:
+    from distributed import Client, LocalCluster
+
+    import zv_dask
+
+    out = os.path.join(work, "zv.zv")
+    shutil.rmtree(out, ignore_errors=True)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit="2.8GiB",
+                      dashboard_address=None, host="127.0.0.1",
+                      local_directory=os.path.join(work, "dask")) as cluster, Client(cluster) as client:
+        client.run(lambda: __import__("zv_dask"))  # imports are not what we measure
+        worker_pids = set(client.run(os.getpid).values())
+        with RSSMonitor() as mon:
+            t0 = time.perf_counter()
+            rep = zv_dask.ingest(source, out, attributes=attrs, chunk_shape=CHUNK, base_bin_shape=bin_,
+                                 bounds=([0, 0, 0], [1000, 1000, 1000]), client=client)
+            t1 = time.perf_counter()
+            pyr = zv_dask.build_pyramid(out, levels=LEVELS, bin_ratio=2, client=client)
+            t2 = time.perf_counter()
+        worker_rss = max((v for p, v in mon.peak.items() if p in worker_pids), default=0)
+        client_rss = mon.peak.get(os.getpid(), 0)
+    counts = {int(k): int(v) for k, v in pyr.vertex_counts.items()}
+    shutil.rmtree(out, ignore_errors=True)
+    return {"ingest_s": t1 - t0, "pyramid_s": t2 - t1, "total_s": t2 - t0, "points": rep.points_written,
+            "stages": rep.seconds, "peak_worker_rss": worker_rss, "peak_client_rss": client_rss,
+            "bytes": rep.bytes_written, "level_counts": counts}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="smallest size, one configuration (CI)")
+    ap.add_argument("--sizes", nargs="+", type=float, default=[1e5, 1e6, 1e7, 1e8])
+    ap.add_argument("--kinds", nargs="+", default=["uniform", "clustered"])
+    ap.add_argument("--bins", nargs="+", default=list(BINS), choices=list(BINS))
+    ap.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--reference-max", type=float, default=1e7, help="largest N run through the reference")
+    ap.add_argument("--floor-max", type=float, default=1e7, help="largest N for the in-memory floor")
+    ap.add_argument("--parquet-from", type=float, default=1e8, help="N from which input is read from Parquet")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--work", default=os.path.join(HERE, "work"))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.kinds, args.bins, args.workers = [1e5], ["uniform"], ["realistic"], [2]
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    from benchmarks.data import make_points, write_parquet
+    from benchmarks.report import write_report
+
+    rows = []
+    for n in [int(s) for s in args.sizes]:
+        for kind in args.kinds:
+            parquet = n >= args.parquet_from
+            if parquet:
+                source = write_parquet(kind, n, os.path.join(args.work, f"parquet-{kind}-{n}"))
+                pts = attrs = None
+            else:
+                pts, attrs = make_points(kind, n)
+                source = pts
+            for bins in args.bins:
+                bin_ = BINS[bins]
+                base = {"n": n, "kind": kind, "bins": bins}
+                if pts is not None and n <= args.floor_max:
+                    r = run_floor(pts, attrs, bin_, args.work)
+                    rows.append({**base, "system": "floor", "workers": 1, **r})
+                    print(f"floor      {kind:9s} {bins:13s} N={n:.0e}  {r['total_s']:.2f}s", flush=True)
+                for w in args.workers:
+                    r = run_zv(source, attrs if not parquet else None, bin_, w, args.work)
+                    rows.append({**base, "system": "zv-dask", "workers": w,
+                                 "input": "parquet" if parquet else "numpy", **r})
+                    print(f"zv-dask/{w}  {kind:9s} {bins:13s} N={n:.0e}  ingest {r['ingest_s']:.2f}s pyramid "
+                          f"{r['pyramid_s']:.2f}s  worker RSS {r['peak_worker_rss'] / 2**30:.2f} GiB", flush=True)
+                if n <= args.reference_max:
+                    for links in (True, False):
+                        r = run_reference(kind, n, bin_, links, args.work)
+                        rows.append({**base, "system": "reference" + ("" if links else " (no links)"),
+                                     "workers": 1, **r})
+                        print(f"reference  {kind:9s} {bins:13s} N={n:.0e}  links={links} {r}", flush=True)
+                else:
+                    rows.append({**base, "system": "reference", "workers": 1,
+                                 "error": f"not run: N > {args.reference_max:.0e} (its pyramid with links passed "
+                                          "20 GiB and was killed at 1e8 on this machine, see NOTES)"})
+            del pts, attrs
+    result = {"machine": machine(), "smoke": args.smoke, "rows": rows}
+    name = "smoke" if args.smoke else "benchmarks"
+    with open(os.path.join(args.out, f"{name}.json"), "w") as fh:
+        json.dump(result, fh, indent=1, default=float)
+    md = write_report(result, args.out, name)
+    print(md)
+    shutil.rmtree(os.path.join(args.work, "dask"), ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The benchmark harness runs end to end at its smallest size (no timing is asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smoke(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(tmp_path / "out"),
+                        "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "smoke.json").read_text())
+    systems = {r["system"] for r in result["rows"] if "error" not in r}
+    assert {"floor", "zv-dask", "reference", "reference (no links)"} <= systems
+    zv = next(r for r in result["rows"] if r["system"] == "zv-dask")
+    assert zv["points"] == 100_000 and zv["peak_worker_rss"] > 0
+    assert zv["level_counts"] and all(v > 0 for v in zv["level_counts"].values())
+    md = (tmp_path / "out" / "smoke.md").read_text()
+    assert "| 1e+05 | uniform | realistic | zv-dask |" in md
+    assert (tmp_path / "out" / "smoke.png").stat().st_size > 1000
