@@ -36,13 +36,7 @@ def write_level_points(zs: ZVStore, level: int, positions, attributes: dict, obj
     plan = plan_chunks(positions, grid, object_ids)
     payloads = list(encode_plan(plan, grid.cast(positions), attributes, grid.dtype))
     write_chunk_payloads(zs.store, level, grid, payloads, [s.name for s in specs])
-    summary = ChunkSummary(plan.chunks, np.diff(plan.row_splits))
-    if object_ids is not None:
-        frag_chunk = np.repeat(np.arange(plan.n_chunks), np.diff(plan.frag_splits))
-        local = np.arange(len(plan.fragment_counts)) - plan.frag_splits[frag_chunk]
-        summary.object_ids = plan.fragment_objects
-        summary.object_chunks = plan.chunks[frag_chunk]
-        summary.object_fragments = local
+    summary = ChunkSummary.from_plan(plan)
     meta.fragments_tile = True
     return finalize_level(zs.root, level, grid, summary, meta, specs)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from zv_dask.errors import InputError, IngestError, StoreError
+from zv_dask.errors import InputError, IngestError, StoreError, ZVError
 from zv_dask.format.grid import Grid, parse_chunk_key
 from zv_dask.format.layout import encode_plan
 from zv_dask.format.metadata import LevelMetadata
@@ -57,7 +57,7 @@ from zv_dask.store.levels import (
     read_chunks,
     write_chunk_payloads,
 )
-from zv_dask.transaction import WriteJob, returned_fork, worker_store
+from zv_dask.transaction import WriteJob, gather_or_stop, returned_fork, worker_store
 
 __all__ = ["build_pyramid", "PyramidReport"]
 
@@ -126,17 +126,13 @@ def _coarsen_task(target, ctx: _TaskContext, chunks: np.ndarray, obj):
         plan = plan_coarse(ctx.grid.base_bins(coarse.positions), ctx.bins_per_chunk, ctx.scale, coarse.object_ids)
         payloads = list(encode_plan(plan, coarse.positions, coarse.attributes, ctx.grid.dtype))
         nbytes = write_chunk_payloads(zstore, ctx.level, ctx.grid, payloads, list(ctx.write_names))
-        summary = ChunkSummary(plan.chunks, np.diff(plan.row_splits), bytes_written=nbytes)
-        if ctx.objects:
-            frag_chunk = np.repeat(np.arange(plan.n_chunks), np.diff(plan.frag_splits))
-            summary.object_ids = plan.fragment_objects
-            summary.object_chunks = plan.chunks[frag_chunk].reshape(-1, ctx.ndim)
-            summary.object_fragments = np.arange(len(plan.fragment_counts)) - plan.frag_splits[frag_chunk]
+        summary = ChunkSummary.from_plan(plan, nbytes)
         return summary, returned_fork(target)
     except Exception as e:  # name the stage and the chunks
         first = ".".join(map(str, chunks[0])) if len(chunks) else "-"
         raise IngestError(f"pyramid level {ctx.level}: task over {len(chunks)} fine chunks from {first} "
-                          f"failed: {type(e).__name__}: {e}") from e
+                          f"failed: {type(e).__name__}: {e}", stage=f"pyramid level {ctx.level}",
+                          chunk=first if len(chunks) else None) from e
 
 
 # -- coordinator helpers -------------------------------------------------------------------
@@ -232,7 +228,7 @@ def _run(tasks, client, progress: bool = False, label: str = ""):
             show_progress = None
         if show_progress is not None:
             show_progress(futures, label)
-    return client.gather(futures)
+    return gather_or_stop(client, futures)
 
 
 def _unique(forks):
@@ -368,11 +364,15 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
         _finish_root(zs, src.objects is not None)
         if own:
             report.snapshot_id = job.commit("zv-dask build_pyramid")
-    except BaseException:
+    except BaseException as e:
         if own:
             job.abort()
         if not job.transactional and building is not None and str(building) in zs.root:
             del zs.root[str(building)]  # a level without metadata would break readers
+        if isinstance(e, Exception) and not isinstance(e, ZVError):  # e.g. KilledWorker, a storage error
+            stage = "pyramid" if building is None else f"pyramid level {building}"
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise IngestError(f"{stage} failed: {type(e).__name__}: {first}", stage=stage) from e
         raise
     report.seconds = time.perf_counter() - t0
     return report

@@ -76,6 +76,17 @@ class ChunkSummary:
     bytes_written: int = 0
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_plan(cls, plan, bytes_written: int = 0) -> "ChunkSummary":
+        """Summary of a written :class:`~zv_dask.format.layout.ChunkPlan` (with its object entries)."""
+        out = cls(plan.chunks, np.diff(plan.row_splits), bytes_written=bytes_written)
+        if plan.fragment_objects is not None:
+            frag_chunk = np.repeat(np.arange(plan.n_chunks), np.diff(plan.frag_splits))
+            out.object_ids = plan.fragment_objects
+            out.object_chunks = plan.chunks[frag_chunk].reshape(-1, plan.chunks.shape[1])
+            out.object_fragments = np.arange(len(plan.fragment_counts)) - plan.frag_splits[frag_chunk]
+        return out
+
     @staticmethod
     def concat(parts: list["ChunkSummary"], ndim: int) -> "ChunkSummary":
         parts = [p for p in parts if p is not None]
@@ -189,12 +200,6 @@ def write_chunk_payloads(zstore, level: int, grid: Grid, payloads: list[ChunkPay
     if direct:
         sync(_put_all(_fast_local(zstore), direct))
     return total
-
-
-def summarize_payloads(payloads: list[ChunkPayload], plan_objects=None) -> ChunkSummary:
-    ndim = len(payloads[0].chunk) if payloads else 0
-    return ChunkSummary(np.array([p.chunk for p in payloads], np.int64).reshape(-1, ndim),
-                        np.array([p.n_rows for p in payloads], np.int64))
 
 
 def _sorted_keys(chunks: np.ndarray) -> list[str]:
