@@ -16,9 +16,25 @@ def _in_notebook() -> bool:
         return False
 
 
+def _has_widgets() -> bool:
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def show_progress(futures, label: str) -> None:
-    """Block until ``futures`` finish, showing a bar labelled ``label``."""
-    if _in_notebook():
+    """Block until ``futures`` finish, showing a bar labelled ``label``.
+
+    Works with any client, including one that is not the default client.
+    In a notebook with ipywidgets this is Dask's widget; otherwise a tqdm bar
+    on stderr.
+    """
+    futures = list(futures)
+    if not futures:
+        return
+    if _in_notebook() and _has_widgets():
         from distributed import progress
         print(label)
         progress(futures, notebook=True)
@@ -26,6 +42,7 @@ def show_progress(futures, label: str) -> None:
     from distributed import as_completed
     from tqdm import tqdm
 
+    loop = getattr(getattr(futures[0], "client", None), "loop", None)
     with tqdm(total=len(futures), desc=label, unit="task", file=sys.stderr, leave=True) as bar:
-        for _ in as_completed(futures):
+        for _ in as_completed(futures, loop=loop):
             bar.update(1)

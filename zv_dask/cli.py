@@ -1,0 +1,729 @@
+"""The ``zv-dask`` command line: ingest, pyramid, info, validate and demo.
+
+Every command has ``--help``. Exit codes: 0 done; 2 bad arguments or bad input
+(one line on stderr, no traceback); 1 failure (a job that failed, or a store
+that does not validate). Progress bars go to stderr (``--quiet`` turns them
+off); reports go to stdout, as JSON with ``--json``.
+
+Jobs run on a Dask cluster: ``--scheduler ADDRESS`` connects to a running one
+(``tcp://host:8786``; ``synchronous`` or ``threads`` run in this process),
+otherwise a LocalCluster of ``--workers N`` worker processes is started on
+127.0.0.1 with its dashboard off, and closed when the command ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "parse_storage_option", "demo_points"]
+
+PROG = "zv-dask"
+IN_PROCESS_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading")
+DEMO_STORE = "zv-demo.zv"
+DEMO_POINTS = 300_000
+DEMO_TASK_POINTS = 50_000  # small tasks, so that the demo spreads over every worker
+
+
+class BadArguments(Exception):
+    """Arguments that parse but cannot be used (exit code 2)."""
+
+
+def _bad_input_types() -> tuple[type, ...]:
+    from zv_dask.errors import InputError, MetadataError, OutOfBoundsError, StoreError
+
+    return (InputError, StoreError, MetadataError, OutOfBoundsError, BadArguments)
+
+
+# -- argument types ------------------------------------------------------------------------
+def _numbers(text: str, cast=float, what: str = "numbers") -> list:
+    s = text.strip()
+    if s.startswith("["):
+        try:
+            value = json.loads(s)
+        except json.JSONDecodeError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON {what}") from None
+        flat = []
+        stack = [value]
+        while stack:  # flatten nested lists in order
+            v = stack.pop(0)
+            if isinstance(v, list):
+                stack = list(v) + stack
+            else:
+                flat.append(v)
+        parts = flat
+    else:
+        parts = [p for p in s.replace(",", " ").split() if p]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    out = []
+    for p in parts:
+        try:
+            v = float(p)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {what} separated by commas, got {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{what} must be finite, got {text!r}")
+        if cast is int:
+            if not v.is_integer():
+                raise argparse.ArgumentTypeError(f"expected integers, got {text!r}")
+            v = int(v)
+        out.append(v)
+    return out
+
+
+def _positive_floats(text: str) -> list[float]:
+    vals = _numbers(text, float, "numbers")
+    if any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"values must be > 0, got {text!r}")
+    return vals
+
+
+def _positive_ints(text: str) -> list[int]:
+    vals = _numbers(text, int, "integers")
+    if any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"values must be integers >= 1, got {text!r}")
+    return vals
+
+
+def _bounds(text: str):
+    vals = _numbers(text, float, "numbers")
+    if len(vals) % 2:
+        raise argparse.ArgumentTypeError(
+            f"bounds need the minimum and the maximum of every axis (xmin,ymin,zmin,xmax,ymax,zmax), got {text!r}")
+    half = len(vals) // 2
+    return [vals[:half], vals[half:]]
+
+
+def _names(text: str) -> list[str]:
+    out = [p.strip() for p in text.split(",") if p.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return out
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _memory(text: str) -> str:
+    if text.lower() in ("auto", "0", "none"):
+        return text.lower()
+    from dask.utils import parse_bytes
+
+    try:
+        parse_bytes(text)
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"expected a size like 4GiB or 2GB (or auto), got {text!r}") from None
+    return text
+
+
+def _scalar(value: str):
+    low = value.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_storage_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> ``(key, value)``; values become bool, int, float or stay str."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, _scalar(value)
+
+
+def _ratio(values: list[int]):
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+# -- the parser ------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2)."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common(json_output: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("output")
+    if json_output:
+        g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
+    g.add_argument("--debug", action="store_true", help="show a traceback when something fails")
+    return p
+
+
+def _storage() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("storage")
+    g.add_argument("--icechunk", action="store_true",
+                   help="STORE is an icechunk repository (path or URL); the job is one commit")
+    g.add_argument("--branch", default="main", help="icechunk branch (default: main)")
+    g.add_argument("--storage-option", "-S", metavar="KEY=VALUE", action="append", type=parse_storage_option,
+                   default=[], help="object storage option, repeatable: endpoint, region, access_key_id, "
+                                    "secret_access_key, allow_http, anonymous, timeout, max_retries, ... "
+                                    "(values parsed as bool/int/float/str)")
+    return p
+
+
+def _compute() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("cluster")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--scheduler", metavar="ADDRESS",
+                   help="a running Dask scheduler (tcp://host:8786), or 'synchronous' / 'threads' to run in this "
+                        "process; default: start a LocalCluster")
+    x.add_argument("--workers", type=_count, metavar="N",
+                   help="worker processes of the LocalCluster (default: one per CPU core)")
+    g.add_argument("--threads-per-worker", type=_count, default=1, metavar="N",
+                   help="threads per LocalCluster worker (default: 1)")
+    g.add_argument("--memory-limit", type=_memory, default="auto", metavar="SIZE",
+                   help="memory limit per LocalCluster worker, e.g. 4GiB (default: auto, a share of the RAM)")
+    return p
+
+
+def _pyramid_opts(include_flag: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("pyramid")
+    if include_flag:
+        g.add_argument("--pyramid", action=argparse.BooleanOptionalAction, default=True,
+                       help="build the coarse levels in the same job (default: yes)")
+    g.add_argument("--levels", type=_non_negative, metavar="L",
+                   help="number of coarse levels (default: until a level is small or fits one chunk)")
+    g.add_argument("--bin-ratio", type=_positive_ints, default=[2], metavar="R",
+                   help="bin growth per level: one integer or one per axis, e.g. 2 or 2,2,1 (default: 2)")
+    g.add_argument("--chunk-scale", type=_positive_ints, default=[1], metavar="S",
+                   help="chunk growth per level, as --bin-ratio (default: 1)")
+    g.add_argument("--method", choices=("centroid", "first", "random", "sample"), default="centroid",
+                   help="how a bin's points become its coarse points (default: centroid)")
+    g.add_argument("--min-points", type=_non_negative, default=1024, metavar="N",
+                   help="stop adding levels once a level holds at most N points (default: 1024)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``zv-dask`` argument parser (one sub-command per job)."""
+    from zv_dask import __version__
+    from zv_dask.format.metadata import ZV_VERSION
+
+    parser = _Parser(prog=PROG, description="Huge point clouds into multi-resolution Zarr Vectors "
+                                            f"(ZV {ZV_VERSION}) stores, in parallel with Dask.",
+                     epilog="Run 'zv-dask COMMAND --help' for a command's options. Exit codes: 0 done, "
+                            "1 failure, 2 bad arguments or input.")
+    parser.add_argument("--version", action="version", version=f"zv-dask {__version__} (writes ZV {ZV_VERSION})")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("ingest", parents=[_common(), _storage(), _compute(), _pyramid_opts(True)], formatter_class=fmt,
+                       help="ingest point files into a ZV store (and build its pyramid)",
+                       description="Ingest point files into level 0 of a ZV store, then build the coarse levels.\n\n"
+                                   "SOURCE: Parquet, CSV, NPY, zarr or LAS/LAZ files, or globs of them\n"
+                                   "(quote a glob to let zv-dask expand it). STORE: a path, file:// or\n"
+                                   "s3:// / gs:// / az:// URL, or an icechunk repository with --icechunk.",
+                       epilog="example: zv-dask ingest 'tiles/*.laz' city.zv --chunk-shape 100 --bin-shape 5")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="input file(s) or glob(s)")
+    p.add_argument("store", metavar="STORE", help="the store to write")
+    g = p.add_argument_group("geometry")
+    g.add_argument("--chunk-shape", type=_positive_floats, metavar="C",
+                   help="chunk edge in world units: one number or one per axis (required for a new store)")
+    g.add_argument("--bounds", type=_bounds, metavar="B",
+                   help="store bounds xmin,ymin,zmin,xmax,ymax,zmax (default: fit the data)")
+    g.add_argument("--bin-shape", type=_positive_floats, metavar="B",
+                   help="base bin edge (divides the chunk shape; default: one bin per chunk)")
+    g.add_argument("--out-of-bounds", choices=("raise", "ignore", "expand"), default="raise",
+                   help="points outside --bounds: refuse (default), drop and count, or grow the bounds")
+    g.add_argument("--dtype", choices=("float32", "float64"),
+                   help="stored position dtype (default: float32; float64 for LAS/LAZ)")
+    g.add_argument("--shard-shape", type=_positive_ints, metavar="K",
+                   help="chunks per shard along each axis (zarr sharding)")
+    g = p.add_argument_group("input")
+    g.add_argument("--columns", type=_names, metavar="X,Y,Z", help="coordinate columns (default: x,y,z)")
+    g.add_argument("--attributes", type=_names, metavar="A,B",
+                   help="attribute columns to keep (default: every other numeric column)")
+    g.add_argument("--object-ids", metavar="COLUMN", help="integer column of object ids (e.g. cell_id)")
+    g.add_argument("--partition-rows", type=_count, metavar="N", help="points per input partition (arrays, NPY, LAS)")
+    g = p.add_argument_group("job")
+    g.add_argument("--overwrite", action="store_true", help="replace a store that already holds points")
+    g.add_argument("--dry-run", action="store_true",
+                   help="scan the input and print the plan (partitions, chunks, grid, bytes, memory); write nothing")
+    g.add_argument("--message", "-m", help="icechunk commit message")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("pyramid", parents=[_common(), _storage(), _compute(), _pyramid_opts(False)],
+                       help="(re)build the coarse levels of a store",
+                       description="Build coarse levels 1..L of a store from its level 0 (existing coarse levels are "
+                                   "replaced).")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--sample-size", type=_count, default=8, metavar="N", help="points per bin for --method sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of --method random/sample (default: 0)")
+    p.add_argument("--message", "-m", help="icechunk commit message")
+    p.set_defaults(func=cmd_pyramid)
+
+    p = sub.add_parser("info", parents=[_common(), _storage()], help="describe a store",
+                       description="Levels, point counts, bounds, attributes and (where cheap) sizes on disk.")
+    p.add_argument("store", metavar="STORE")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("validate", parents=[_common(), _storage()], help="check a store's structure and consistency",
+                       description="zv-dask's own checks: metadata parses, levels are contiguous, every non-empty "
+                                   "cell decodes, fragments tile the rows, counts add up, object manifests point at "
+                                   "existing chunks and fragments, vertex counts never grow by level, the grid "
+                                   "covers every chunk. Exit code 1 when an error is found.")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("demo", parents=[_common(), _compute()], help="ingest a synthetic cloud, end to end",
+                       description="Make a synthetic point cloud (clustered 3-D points with an intensity and a "
+                                   "label), ingest it and build its pyramid on a LocalCluster, then print the "
+                                   "report, the store summary and the validation. Replaces a previous demo store.")
+    p.add_argument("store", nargs="?", default=None, metavar="STORE",
+                   help=f"where to write (default: ./{DEMO_STORE})")
+    p.add_argument("--icechunk", action="store_true", help="write a local icechunk repository instead")
+    p.add_argument("--points", type=_count, default=DEMO_POINTS, metavar="N",
+                   help=f"number of points (default: {DEMO_POINTS:,})")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _status(args, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, file=sys.stderr, flush=True)
+
+
+def _options(args) -> dict | None:
+    opts = dict(getattr(args, "storage_option", None) or [])
+    return opts or None
+
+
+def _backend(args, store: str | None = None) -> str | None:
+    if getattr(args, "icechunk", False):
+        return "icechunk"
+    if store is not None and _looks_like_icechunk(store):
+        return "icechunk"
+    return None
+
+
+def _looks_like_icechunk(store: str) -> bool:
+    """A local directory laid out as an icechunk repository (read commands detect it)."""
+    if "://" in store and not store.startswith("file://"):
+        return False
+    p = Path(store[7:] if store.startswith("file://") else store)
+    return p.is_dir() and not (p / "zarr.json").exists() and (p / "snapshots").is_dir() and (
+        (p / "repo").exists() or (p / "refs").is_dir())
+
+
+def _jsonable(obj):
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _print_json(obj, out) -> None:
+    out.write(json.dumps(_jsonable(obj), indent=2) + "\n")
+    out.flush()
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    from zv_dask.ingest.report import _fmt_bytes as fmt
+    return fmt(int(n))
+
+
+@contextlib.contextmanager
+def _cluster(args):
+    """The Dask client of a command: a running scheduler, this process, or a LocalCluster."""
+    import dask
+
+    address = getattr(args, "scheduler", None)
+    if address and address.lower() in IN_PROCESS_SCHEDULERS:
+        name = "threads" if address.lower() in ("threads", "threading") else "synchronous"
+        with dask.config.set(scheduler=name):
+            yield None
+        return
+    from distributed import Client
+
+    if address:
+        if not re.fullmatch(r"((tcp|tls|ws|wss|ucx)://)?[^\s/:]+(:\d+)", address) and not re.fullmatch(
+                r"((tcp|tls|ws|wss|ucx)://)?\[[0-9a-fA-F:]+\](:\d+)", address):
+            raise BadArguments(f"--scheduler {address!r} is not a scheduler address; expected tcp://HOST:PORT "
+                               f"(or one of: synchronous, threads)")
+        _status(args, f"connecting to the Dask scheduler at {address}")
+        try:
+            client = Client(address, timeout="10s")
+        except (OSError, TimeoutError, ValueError) as e:
+            raise BadArguments(f"cannot reach the Dask scheduler at {address!r}: {_one_line(e)}") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    from distributed import LocalCluster
+
+    n = args.workers or max(1, os.cpu_count() or 1)
+    memory = None if args.memory_limit == "none" else (0 if args.memory_limit == "0" else args.memory_limit)
+    _status(args, f"starting a LocalCluster: {n} worker process{'es' if n > 1 else ''} x "
+                  f"{args.threads_per_worker} thread(s) on 127.0.0.1, memory limit {args.memory_limit}")
+    cluster = LocalCluster(n_workers=n, threads_per_worker=args.threads_per_worker, processes=True,
+                           host="127.0.0.1", dashboard_address=None, memory_limit=memory)
+    try:
+        client = Client(cluster)
+        try:
+            yield client
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
+
+
+def _pyramid_kwargs(args) -> dict:
+    return {"levels": args.levels, "bin_ratio": _ratio(args.bin_ratio), "chunk_scale": _ratio(args.chunk_scale),
+            "method": args.method, "min_points": args.min_points}
+
+
+def _check_pyramid_steps(ndim: int, kw: dict) -> None:
+    from zv_dask.pyramid.plan import level_steps
+
+    level_steps(ndim, kw["levels"], kw["bin_ratio"], kw["chunk_scale"])
+
+
+def _sources(args):
+    return args.sources[0] if len(args.sources) == 1 else list(args.sources)
+
+
+# -- commands --------------------------------------------------------------------------------
+def cmd_ingest(args, out) -> int:
+    """``zv-dask ingest``: :func:`zv_dask.ingest` (or :func:`zv_dask.plan_ingest` with ``--dry-run``)."""
+    import zv_dask
+    from zv_dask.ingest.plan import plan_ingest, preflight
+
+    kw = dict(attributes=args.attributes, object_ids=args.object_ids, columns=args.columns,
+              chunk_shape=args.chunk_shape, bounds=args.bounds, base_bin_shape=args.bin_shape,
+              out_of_bounds=args.out_of_bounds, dtype=args.dtype, shard_shape=args.shard_shape,
+              backend=_backend(args), storage_options=_options(args), overwrite=args.overwrite,
+              partition_rows=args.partition_rows, branch=args.branch,
+              pyramid=_pyramid_kwargs(args) if args.pyramid else None)
+    # Check the input, the store and the parameters before starting a cluster: bad input fails fast.
+    src, _, _, _ = preflight(_sources(args), args.store, **{k: v for k, v in kw.items() if k != "pyramid"})
+    if args.pyramid:
+        _check_pyramid_steps(src.ndim, kw["pyramid"])
+    with _cluster(args) as client:
+        if args.dry_run:
+            plan = plan_ingest(_sources(args), args.store, client=client, progress=not args.quiet, **kw)
+            if args.json:
+                _print_json(plan.to_dict(), out)
+            else:
+                print(repr(plan), file=out)
+            return 0
+        report = zv_dask.ingest(_sources(args), args.store, client=client, progress=not args.quiet,
+                                message=args.message, **kw)
+    if args.json:
+        _print_json(report.to_dict(), out)
+    else:
+        print(repr(report), file=out)
+    return 0
+
+
+def _pyramid_dict(store: str, rep) -> dict:
+    return {"store": store, "levels": [
+        {"level": k, "vertex_count": rep.vertex_counts.get(k), "chunks": rep.chunk_counts.get(k),
+         "bin_shape": list(rep.bin_shapes[k]) if k in rep.bin_shapes else None, "tasks": rep.tasks.get(k),
+         "seconds": rep.level_seconds.get(k)} for k in [0] + list(rep.levels)],
+        "seconds": rep.seconds, "stop_reason": rep.stop_reason, "snapshot_id": rep.snapshot_id}
+
+
+def cmd_pyramid(args, out) -> int:
+    """``zv-dask pyramid``: :func:`zv_dask.build_pyramid` on an existing store."""
+    import zv_dask
+    from zv_dask.transaction import WriteJob
+
+    zs = zv_dask.open_store(args.store, "r+", backend=_backend(args, args.store), storage_options=_options(args),
+                            branch=args.branch)
+    kw = _pyramid_kwargs(args)
+    _check_pyramid_steps(zs.metadata.ndim, kw)
+    with _cluster(args) as client:
+        job = WriteJob(zs, args.message) if args.message else None
+        try:
+            rep = zv_dask.build_pyramid(zs, client=client, progress=not args.quiet, sample_size=args.sample_size,
+                                        seed=args.seed, job=job, **kw)
+            if job is not None:
+                rep.snapshot_id = job.commit(args.message)
+        except BaseException:
+            if job is not None:
+                job.abort()
+            raise
+    d = _pyramid_dict(args.store, rep)
+    if args.json:
+        _print_json(d, out)
+        return 0
+    lines = [f"PyramidReport: {args.store}: {len(rep.levels)} coarse level(s) in {rep.seconds:.2f}s "
+             f"({rep.stop_reason})"]
+    for lv in d["levels"]:
+        extra = "" if lv["level"] == 0 else f", bin {lv['bin_shape']}, {lv['tasks']} tasks, {lv['seconds']:.2f}s"
+        lines.append(f"  level {lv['level']:<3} {lv['vertex_count']:,} vertices in {lv['chunks']:,} chunks{extra}")
+    if rep.snapshot_id:
+        lines.append(f"  snapshot  {rep.snapshot_id}")
+    print("\n".join(lines), file=out)
+    return 0
+
+
+def _dir_size(path: Path) -> int:
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(d, f))
+            except OSError:
+                pass
+    return total
+
+
+def store_sizes(zs) -> dict:
+    """Bytes on disk where that is cheap to know: per level of a local store, or a local icechunk repository."""
+    from zv_dask.store.backends import local_path
+
+    url = zs.url
+    if not url or ("://" in url and not url.startswith("file://")):
+        return {"total": None, "levels": {}, "note": "sizes are only measured for local stores"}
+    root = local_path(url)
+    if not root.is_dir():
+        return {"total": None, "levels": {}, "note": "not a local directory"}
+    if zs.backend.kind == "icechunk":
+        return {"total": _dir_size(root), "levels": {},
+                "note": "an icechunk repository (all snapshots); per-level sizes are not separable"}
+    levels = {str(k): _dir_size(root / str(k)) for k in zs.levels}
+    return {"total": _dir_size(root), "levels": levels, "note": ""}
+
+
+def info_dict(zs) -> dict:
+    """:func:`zv_dask.store_info` plus the store location, position dtype and sizes on disk."""
+    import zv_dask
+
+    info = zv_dask.store_info(zs)
+    info["store"] = zs.url or zs.backend.kind
+    info["dtype"] = zs.grid(0).dtype
+    info["sizes"] = store_sizes(zs)
+    return info
+
+
+def format_info(info: dict) -> str:
+    """The human summary of :func:`info_dict`."""
+    lv0 = info["levels"][0] if info["levels"] else {}
+    attrs = lv0.get("attributes") or {}
+    attr_text = ", ".join(f"{n} {a['dtype']}" + (f" x{a['channels']}" if a.get("channels", 1) != 1 else "")
+                          for n, a in attrs.items()) or "none"
+    lo, hi = info["bounds"]
+    sizes = info.get("sizes") or {}
+    lines = [f"ZV store {info['store']} ({info['backend']}, ZV {info['zv_version']}, "
+             f"{', '.join(info['geometry_types'])})",
+             f"  axes         {', '.join(info['axes'])}; positions {info.get('dtype', '?')}",
+             f"  bounds       {lo} .. {hi}",
+             f"  chunk_shape  {info['chunk_shape']}; base_bin_shape {info['base_bin_shape'] or info['chunk_shape']} "
+             f"({' x '.join(map(str, info['bins_per_chunk']))} bins per chunk)",
+             f"  attributes   {attr_text}"]
+    if "num_objects" in lv0:
+        lines.append(f"  objects      {lv0['num_objects']:,}")
+    if sizes.get("total") is not None:
+        lines.append(f"  on disk      {_fmt_bytes(sizes['total'])}" + (f" ({sizes['note']})" if sizes.get("note")
+                                                                       else ""))
+    lines.append(f"  {'level':<6} {'vertices':>12} {'chunks':>8}  {'bin_shape':<24} {'ratio':<12} {'on disk':>10}")
+    for lv in info["levels"]:
+        size = (sizes.get("levels") or {}).get(str(lv["level"]))
+        ratio = lv["bin_ratio"]
+        ratio_text = f"{ratio[0]:g}" if len(set(ratio)) == 1 else "x".join(f"{r:g}" for r in ratio)
+        lines.append(f"  {lv['level']:<6} {lv['vertex_count']:>12,} {lv['nonempty_chunks']:>8,}  "
+                     f"{str([float(f'{b:g}') for b in lv['bin_shape']]):<24} {ratio_text:<12} "
+                     f"{_fmt_bytes(size) if size is not None else '-':>10}")
+    return "\n".join(lines)
+
+
+def cmd_info(args, out) -> int:
+    """``zv-dask info``: levels, counts, bounds, attributes and sizes of a store."""
+    import zv_dask
+
+    zs = zv_dask.open_store(args.store, "r", backend=_backend(args, args.store), storage_options=_options(args),
+                            branch=args.branch)
+    info = info_dict(zs)
+    if args.json:
+        _print_json(info, out)
+    else:
+        print(format_info(info), file=out)
+    return 0
+
+
+def cmd_validate(args, out) -> int:
+    """``zv-dask validate``: :func:`zv_dask.validate_store`; exit 1 when the store has errors."""
+    from zv_dask.validate import validate_store
+
+    rep = validate_store(args.store, backend=_backend(args, args.store), storage_options=_options(args),
+                         branch=args.branch, progress=not args.quiet)
+    if args.json:
+        _print_json(rep.to_dict(), out)
+    else:
+        print(repr(rep), file=out)
+    return 0 if rep.ok and not (args.strict and rep.warnings) else 1
+
+
+def demo_points(n: int = DEMO_POINTS, seed: int = 0):
+    """A synthetic cloud: clustered 3-D points in a 1000-unit cube, ``intensity`` (float32) and ``label`` (uint8).
+
+    Returns ``(positions (n, 3) float64, {"intensity": ..., "label": ...})``;
+    label 0 is the uniform background, 1..12 the clusters.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    k = 12
+    centres = rng.uniform(150, 850, (k, 3))
+    spread = rng.uniform(20, 80, (k, 1)) * rng.uniform(0.5, 1.5, (k, 3))
+    n_bg = n // 10
+    label = np.concatenate([np.zeros(n_bg, np.uint8), rng.integers(1, k + 1, n - n_bg).astype(np.uint8)])
+    pos = np.empty((n, 3))
+    pos[:n_bg] = rng.uniform(0, 1000, (n_bg, 3))
+    c = label[n_bg:].astype(np.int64) - 1
+    pos[n_bg:] = centres[c] + rng.standard_normal((n - n_bg, 3)) * spread[c]
+    pos = np.clip(pos, 0, 1000)
+    dist = np.linalg.norm((pos[n_bg:] - centres[c]) / spread[c], axis=1)
+    intensity = np.empty(n, np.float32)
+    intensity[:n_bg] = rng.uniform(0, 0.2, n_bg)
+    intensity[n_bg:] = np.exp(-0.5 * dist ** 2) + rng.normal(0, 0.05, n - n_bg)
+    order = rng.permutation(n)  # scanner order, not sorted by cluster
+    return pos[order], {"intensity": intensity[order], "label": label[order]}
+
+
+def cmd_demo(args, out) -> int:
+    """``zv-dask demo``: synthetic points -> ingest + pyramid on a LocalCluster -> report, info, validation."""
+    import dask.array as da
+
+    import zv_dask
+    from zv_dask.validate import validate_store
+
+    store = args.store or DEMO_STORE
+    backend = "icechunk" if args.icechunk else None
+    t0 = time.perf_counter()
+    pos, attrs = demo_points(args.points, args.seed)
+    _status(args, f"demo: {args.points:,} synthetic points (12 clusters + background) in "
+                  f"{time.perf_counter() - t0:.1f}s -> {store}" + (" (icechunk)" if backend else ""))
+    rows = max(10_000, -(-args.points // 8))
+    pts = da.from_array(pos, chunks=(rows, 3))
+    dattrs = {k: da.from_array(v, chunks=(rows,)) for k, v in attrs.items()}
+    with _cluster(args) as client:
+        report = zv_dask.ingest(pts, store, attributes=dattrs, chunk_shape=125.0, base_bin_shape=25.0,
+                                bounds=([0.0] * 3, [1000.0] * 3), backend=backend, client=client, overwrite=True,
+                                pyramid={"method": "centroid", "points_per_task": DEMO_TASK_POINTS},
+                                group_points=DEMO_TASK_POINTS, progress=not args.quiet, message="zv-dask demo")
+    zs = zv_dask.open_store(store, "r", backend=backend)
+    info = info_dict(zs)
+    check = validate_store(zs)
+    if args.json:
+        _print_json({"report": report.to_dict(), "info": info, "validation": check.to_dict()}, out)
+    else:
+        print(repr(report), file=out)
+        print("", file=out)
+        print(format_info(info), file=out)
+        print("", file=out)
+        print(repr(check), file=out)
+        print(f"\nnext: zv-dask info {store}" + (" --icechunk" if backend else "") +
+              f"; in Python: zv_dask.read_points(zv_dask.open_store({store!r}"
+              + (", backend='icechunk'" if backend else "") + "), level=2).compute()", file=out)
+    return 0 if check.ok else 1
+
+
+# -- entry point -------------------------------------------------------------------------------
+def _quiet_logs(args) -> None:
+    """Keep stderr for progress bars and errors: icechunk's and distributed's chatter off unless --debug."""
+    if getattr(args, "debug", False):
+        return
+    os.environ.setdefault("ICECHUNK_LOG", "error")
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+    import logging
+
+    for name in ("distributed", "tornado"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", module="zarr")
+    warnings.filterwarnings("ignore", category=UserWarning, module="distributed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``zv-dask`` command line; returns the exit code (0 done, 1 failure, 2 bad arguments or input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_logs(args)
+    out = sys.stdout
+    prog = f"{PROG} {args.command}"
+    try:
+        # Everything but the result goes to stderr, so --json output stays parseable.
+        with contextlib.redirect_stdout(sys.stderr):
+            return int(args.func(args, out))
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's job is to turn errors into one line and an exit code
+        if args.debug:
+            import traceback
+            traceback.print_exc()
+        if isinstance(e, _bad_input_types()):
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"{prog}: failed: {type(e).__name__}: {_one_line(e)}" +
+              ("" if args.debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

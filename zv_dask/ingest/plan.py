@@ -1,0 +1,282 @@
+"""``plan_ingest``: what an :func:`~zv_dask.ingest` job would do, without writing anything.
+
+The plan runs the same first steps as the job itself: it recognises the input
+(:func:`~zv_dask.ingest.sources.as_source`), checks the target and the geometry
+(:func:`~zv_dask.ingest.target.plan_target`, which never creates a store), and
+runs the scan pass (per partition statistics and per chunk counts, on the
+cluster when there is one) to settle the bounds and cut the write groups. It
+then estimates how many bytes the level-0 cells will take and how much memory
+the largest task will need. The CLI's ``zv-dask ingest --dry-run`` prints it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from functools import reduce
+
+import numpy as np
+
+from zv_dask.errors import InputError
+from zv_dask.format.grid import Grid
+from zv_dask.ingest.bounds import POLICIES, combine_stats, settle_bounds
+from zv_dask.ingest.report import _fmt_bytes
+from zv_dask.ingest.shuffle import combine_occupancy, plan_groups, scan_partition
+from zv_dask.ingest.sources import as_source
+from zv_dask.ingest.target import plan_target
+
+__all__ = ["IngestPlan", "plan_ingest", "preflight", "WORKING_COPIES"]
+
+#: A task holds its input plus about this many working copies (cast, sort, encode) at its peak.
+WORKING_COPIES = 3
+_FRAGMENT_HEADER = 16 + 4  # fragment index v1 header and the empty CSR offsets
+
+
+@dataclass
+class IngestPlan:
+    """What :func:`zv_dask.ingest` would do with the same arguments (nothing is written).
+
+    Sizes are estimates of the *uncompressed* cell payloads (zarr compresses
+    them further); memory is the peak of the largest single task.
+    """
+
+    source: str
+    store: str
+    store_action: str  # "create", "fill" (an empty existing store) or "overwrite"
+    input_kind: str
+    partitions: int
+    points: int
+    points_dropped: int
+    largest_partition_points: int
+    data_bounds: list
+    bounds: list
+    dtype: str
+    dtype_reason: str
+    chunk_shape: list
+    base_bin_shape: list | None
+    bins_per_chunk: list
+    grid_shape: list
+    grid_cells: int
+    chunks: int
+    fragments_per_chunk: int
+    write_groups: int
+    largest_group_points: int
+    attributes: dict
+    object_ids: bool
+    bytes_per_point: int
+    estimated_bytes: int
+    estimated_partition_memory: int
+    estimated_group_memory: int
+    estimated_task_memory: int
+    pyramid: dict | None = None
+    warnings: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict of every field."""
+        return asdict(self)
+
+    def to_json(self, **kw) -> str:
+        """The plan as a JSON string."""
+        return json.dumps(self.to_dict(), **kw)
+
+    def __repr__(self) -> str:
+        def pts(n):
+            return f"{n:,}"
+
+        attrs = ", ".join(f"{k} ({d}{'' if c is None else f' x{c}'})" for k, (d, c) in self.attributes.items())
+        lines = [
+            f"IngestPlan: {self.source} -> {self.store} ({self.store_action}; nothing written)",
+            f"  input       {self.input_kind}, {self.partitions} partitions (largest {pts(self.largest_partition_points)}"
+            f" points)",
+            f"  points      {pts(self.points)} to write" + (f", {pts(self.points_dropped)} dropped outside the bounds"
+                                                           if self.points_dropped else ""),
+            f"  attributes  {attrs or 'none'}" + ("; object ids" if self.object_ids else ""),
+            f"  positions   {self.dtype} ({self.dtype_reason})",
+            f"  bounds      {self.bounds}" + ("" if self.bounds == self.data_bounds else f" (data {self.data_bounds})"),
+            f"  chunks      {pts(self.chunks)} occupied of a {' x '.join(map(str, self.grid_shape))} grid "
+            f"({pts(self.grid_cells)} cells), chunk_shape {self.chunk_shape}",
+            f"  bins        {self.bins_per_chunk} per chunk ({self.fragments_per_chunk} fragments), "
+            f"base_bin_shape {self.base_bin_shape or self.chunk_shape}",
+            f"  tasks       {self.partitions} scan + {self.partitions} split tasks -> {self.write_groups} write groups "
+            f"(largest {pts(self.largest_group_points)} points)",
+            f"  bytes       ~{_fmt_bytes(self.estimated_bytes)} of level-0 cells before compression "
+            f"({self.bytes_per_point} B per point)",
+            f"  memory      ~{_fmt_bytes(self.estimated_task_memory)} per task at peak (largest partition "
+            f"{_fmt_bytes(self.estimated_partition_memory)}, largest group {_fmt_bytes(self.estimated_group_memory)})",
+        ]
+        if self.pyramid is not None:
+            opts = ", ".join(f"{k}={v}" for k, v in self.pyramid.items()) or "defaults"
+            lines.append(f"  pyramid     yes ({opts})")
+        for w in self.warnings:
+            lines.append(f"  warning     {w}")
+        return "\n".join(lines)
+
+
+def _compute(objs, client, progress: bool, label: str) -> list:
+    import dask
+
+    if client is not None:
+        futures = client.compute(list(objs))
+        if progress:
+            from zv_dask.progress import show_progress
+            show_progress(futures, label)
+        return client.gather(futures)
+    if progress:
+        from dask.diagnostics import ProgressBar
+        with ProgressBar():
+            return list(dask.compute(*objs))
+    return list(dask.compute(*objs))
+
+
+def _default_client(client):
+    if client is not None:
+        return client
+    try:
+        from distributed import default_client
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def _describe_target(store) -> str:
+    if isinstance(store, str):
+        return store
+    url = getattr(store, "url", None)
+    if url:
+        return str(url)
+    import os
+    if isinstance(store, os.PathLike):
+        return os.fspath(store)
+    return type(store).__name__
+
+
+def preflight(points, store, *, attributes=None, object_ids=None, columns=None, chunk_shape=None, bounds=None,
+              base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, backend=None,
+              storage_options=None, overwrite: bool = False, axes=None, partition_rows: int | None = None,
+              branch: str = "main"):
+    """The checks an ingest job makes before reading any point: input, target store and geometry.
+
+    Cheap (file headers and store metadata only) and writes nothing. Raises the
+    errors :func:`zv_dask.ingest` would raise at this stage; returns
+    ``(source, target_plan, dtype, dtype_reason)``.
+    """
+    from zv_dask.ingest.graph import _choose_dtype
+
+    if out_of_bounds not in POLICIES:
+        raise InputError(f"out_of_bounds={out_of_bounds!r} is not one of {POLICIES}")
+    src = as_source(points, attributes=attributes, object_ids=object_ids, columns=columns,
+                    partition_rows=partition_rows)
+    dt, dt_reason = _choose_dtype(dtype, src)
+    plan = plan_target(store, ndim=src.ndim, chunk_shape=chunk_shape, bounds=bounds, base_bin_shape=base_bin_shape,
+                       dtype=dt, axes=axes if axes is not None else src.axes, backend=backend,
+                       storage_options=storage_options, overwrite=overwrite, branch=branch)
+    if plan.existing is not None and not plan.overwrite and dtype is None:
+        dt_reason = "the store's dtype"
+    if shard_shape is not None:
+        ss = np.asarray(shard_shape).reshape(-1)
+        if len(ss) != src.ndim or (ss < 1).any():
+            raise InputError(f"shard_shape needs {src.ndim} integers >= 1 (chunks per shard), got {shard_shape!r}")
+    return src, plan, plan.dtype, dt_reason
+
+
+def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None, chunk_shape=None, bounds=None,
+                base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, pyramid=None,
+                backend=None, storage_options=None, client=None, overwrite: bool = False, axes=None,
+                progress: bool = False, partition_rows: int | None = None, group_points: int | None = None,
+                branch: str = "main") -> IngestPlan:
+    """Plan an ingest job without writing: the scan pass runs, the store is only inspected.
+
+    Takes the arguments of :func:`zv_dask.ingest` (those that change what is
+    written) and raises the same errors it would raise before writing: bad
+    input, a store that already holds points, points outside the bounds under
+    ``out_of_bounds="raise"``.
+
+    Returns
+    -------
+    IngestPlan
+        Partitions, the settled bounds and dtype, the chunk grid and occupied
+        chunks, write groups, estimated bytes and per-task memory.
+    """
+    from dask import delayed
+
+    from zv_dask.ingest.graph import DEFAULT_GROUP_POINTS
+
+    group_points = int(group_points or DEFAULT_GROUP_POINTS)
+    t0 = time.perf_counter()
+    src, plan, dt, dt_reason = preflight(points, store, attributes=attributes, object_ids=object_ids,
+                                         columns=columns, chunk_shape=chunk_shape, bounds=bounds,
+                                         base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,
+                                         shard_shape=shard_shape, backend=backend, storage_options=storage_options,
+                                         overwrite=overwrite, axes=axes, partition_rows=partition_rows,
+                                         branch=branch)
+    probe_bounds = plan.bounds if plan.bounds is not None else ([0.0] * src.ndim, [0.0] * src.ndim)
+    probe = Grid(tuple(map(float, probe_bounds[0])), tuple(map(float, probe_bounds[1])), plan.chunk_shape,
+                 plan.base_bin_shape or plan.chunk_shape, dt)
+    drop = out_of_bounds == "ignore" and plan.bounds is not None
+
+    scans = [delayed(scan_partition)(p, probe, plan.bounds, drop, 0) for p in src.partitions]
+    scanned = _compute(scans, _default_client(client), progress, "scan: statistics and chunk counts")
+    counts = [int(s.stats.count) for s in scanned]
+    offsets = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
+    for s, off in zip(scanned, offsets):
+        if s.stats.first_nonfinite >= 0:
+            s.stats.first_nonfinite += int(off)
+    stats = reduce(combine_stats, [s.stats for s in scanned])
+    final_bounds, dropped = settle_bounds(stats, plan.bounds, out_of_bounds)
+    occ = combine_occupancy([s.occupancy for s in scanned], src.ndim)
+    grid = Grid(tuple(map(float, final_bounds[0])), tuple(map(float, final_bounds[1])), plan.chunk_shape,
+                plan.base_bin_shape or plan.chunk_shape, dt)
+    groups = plan_groups(grid, occ, group_points, shard_shape)
+
+    n_points = int(stats.count) - int(dropped)
+    itemsize = np.dtype(dt).itemsize
+    attr_bytes = sum(np.dtype(d).itemsize * (c or 1) for d, c in src.attributes.values())
+    per_point = src.ndim * itemsize + attr_bytes
+    in_per_point = src.ndim * np.dtype(src.position_dtype).itemsize + attr_bytes + (8 if src.has_object_ids else 0)
+    f = grid.fragments_per_chunk
+    n_chunks = int(len(occ.counts))
+    frag_bytes = n_chunks * (_FRAGMENT_HEADER + -(-((f + 7) // 8) // 8) * 8 + 16 * f)
+    manifest_bytes = 0
+    if src.has_object_ids:  # at least one (chunk, fragment) block per point's fragment; bounded by points
+        manifest_bytes = min(n_points, n_chunks * f) * (8 * src.ndim + 9)
+    est_bytes = n_points * per_point + frag_bytes + manifest_bytes
+    largest_part = max(counts) if counts else 0
+    largest_group = int(groups.points.max()) if groups.n_groups else 0
+    part_mem = largest_part * in_per_point
+    group_mem = largest_group * (per_point + (8 if src.has_object_ids else 0))
+    warnings = []
+    if dt == "float32":
+        mag = float(np.max(np.abs(np.r_[stats.lo, stats.hi])))
+        extent = float(np.max(stats.hi - stats.lo)) or 1.0
+        if np.spacing(np.float32(mag)) > 1e-6 * extent and src.position_dtype == np.float64:
+            warnings.append(f"float32 positions round to {float(np.spacing(np.float32(mag))):.3g} at coordinate "
+                            f"magnitude {mag:.3g}; pass dtype='float64' to keep the source's precision")
+    if grid.n_cells > 50 * max(n_chunks, 1) and grid.n_cells > 1_000_000:
+        warnings.append(f"the grid has {grid.n_cells:,} cells for {n_chunks:,} occupied chunks: the data is sparse "
+                        "in its bounds; a larger chunk_shape would give fewer, fuller chunks")
+    if n_chunks and n_points / n_chunks < 1000:
+        warnings.append(f"about {n_points // max(n_chunks, 1):,} points per chunk: small chunks mean many small "
+                        "objects; consider a larger chunk_shape")
+    action = "create" if plan.existing is None else ("overwrite" if plan.overwrite else "fill")
+    pyr = None
+    if pyramid:
+        pyr = dict(pyramid) if isinstance(pyramid, dict) else {}
+        pyr = {k: v for k, v in pyr.items() if k not in ("client", "job", "progress")}
+    return IngestPlan(
+        source=src.description or src.kind, store=_describe_target(store), store_action=action,
+        input_kind=src.kind, partitions=len(src.partitions), points=n_points, points_dropped=int(dropped),
+        largest_partition_points=int(largest_part),
+        data_bounds=[list(map(float, stats.lo)), list(map(float, stats.hi))],
+        bounds=[list(map(float, b)) for b in final_bounds], dtype=dt, dtype_reason=dt_reason,
+        chunk_shape=list(map(float, plan.chunk_shape)),
+        base_bin_shape=list(map(float, plan.base_bin_shape)) if plan.base_bin_shape else None,
+        bins_per_chunk=list(grid.bins_per_chunk), grid_shape=list(grid.shape), grid_cells=int(grid.n_cells),
+        chunks=n_chunks, fragments_per_chunk=int(f), write_groups=int(groups.n_groups),
+        largest_group_points=largest_group,
+        attributes={k: [d, c] for k, (d, c) in src.attributes.items()}, object_ids=bool(src.has_object_ids),
+        bytes_per_point=int(per_point), estimated_bytes=int(est_bytes), estimated_partition_memory=int(part_mem),
+        estimated_group_memory=int(group_mem),
+        estimated_task_memory=int(WORKING_COPIES * max(part_mem, group_mem)),
+        pyramid=pyr, warnings=warnings, seconds=time.perf_counter() - t0)

@@ -1,0 +1,497 @@
+"""zv-dask's own structural and consistency checks of a ZV store.
+
+:func:`validate_store` reads a store the way a reader would and checks that
+everything a reader relies on holds:
+
+* the root metadata parses (``zarr_vectors``, ``multiscales`` axes and levels);
+* levels are ``0..L`` without gaps, each with parseable level metadata and the
+  arrays it lists in ``arrays_present``;
+* the array grid of each level matches its chunk grid (shape and
+  ``chunk_grid_origin``) and covers every chunk in ``nonempty_chunks``; every
+  array of a level lists the same chunks;
+* every listed cell decodes: vertices, fragment index, attributes (with as many
+  rows as the chunk has vertices); fragments lie inside the chunk's rows (and
+  tile them when the level says ``fragments_tile``); points are finite, inside
+  the bounds and in the chunk they are stored in;
+* row counts add up to the level's ``vertex_count``, and vertex counts never
+  grow from one level to the next; bins never shrink;
+* object manifests decode and point at chunks that exist and fragments those
+  chunks have.
+
+Problems are collected, not raised: the result is a :class:`ValidationReport`
+with ``errors`` (the store is wrong) and ``warnings`` (legal but suspicious).
+It never imports the reference implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+
+from zv_dask.errors import FormatError, MetadataError
+from zv_dask.format.cells import decode_attribute, decode_fragments, decode_vertices
+from zv_dask.format.grid import Grid, parse_chunk_key
+from zv_dask.format.metadata import ZV_VERSION, LevelMetadata, level_bins_from_multiscales
+from zv_dask.store.api import ZVStore, as_store, list_resolution_levels
+
+__all__ = ["ValidationReport", "validate_store"]
+
+BATCH = 256  # cells read per zarr call
+EXAMPLES = 3  # examples kept per kind of problem
+
+
+@dataclass
+class ValidationReport:
+    """Outcome of :func:`validate_store`: ``ok`` when there is no error."""
+
+    store: str
+    errors: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    levels: list = field(default_factory=list)  # per level: level, vertex_count, chunks, rows, objects
+    chunks_checked: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when no error was found (warnings allowed)."""
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (with ``ok``)."""
+        return {"store": self.store, "ok": self.ok, "errors": list(self.errors), "warnings": list(self.warnings),
+                "levels": [dict(lv) for lv in self.levels], "chunks_checked": self.chunks_checked,
+                "seconds": self.seconds}
+
+    def to_json(self, **kw) -> str:
+        """The report as a JSON string."""
+        return json.dumps(self.to_dict(), **kw)
+
+    def __repr__(self) -> str:
+        head = "valid" if self.ok else f"INVALID ({len(self.errors)} error{'s' if len(self.errors) != 1 else ''})"
+        lines = [f"ValidationReport: {self.store}: {head}, {len(self.warnings)} warning(s), "
+                 f"{self.chunks_checked:,} chunks checked in {self.seconds:.2f}s"]
+        for lv in self.levels:
+            obj = f", {lv['objects']:,} objects" if lv.get("objects") is not None else ""
+            lines.append(f"  level {lv['level']:<3} {lv['vertex_count']:,} vertices in {lv['chunks']:,} chunks{obj}")
+        lines += [f"  error    {e}" for e in self.errors]
+        lines += [f"  warning  {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+class _Found:
+    """Problems grouped by kind: a count and the first few examples of each."""
+
+    def __init__(self):
+        self.kinds: dict[tuple[str, str], list] = {}
+
+    def add(self, severity: str, kind: str, example: str | None = None, n: int = 1) -> None:
+        entry = self.kinds.setdefault((severity, kind), [0, []])
+        entry[0] += n
+        if example is not None and len(entry[1]) < EXAMPLES:
+            entry[1].append(example)
+
+    def error(self, kind: str, example: str | None = None, n: int = 1) -> None:
+        self.add("error", kind, example, n)
+
+    def warning(self, kind: str, example: str | None = None, n: int = 1) -> None:
+        self.add("warning", kind, example, n)
+
+    def render(self, severity: str) -> list[str]:
+        out = []
+        for (sev, kind), (count, examples) in self.kinds.items():
+            if sev != severity:
+                continue
+            if not examples:
+                out.append(kind)
+            elif count == 1:
+                out.append(f"{kind}: {examples[0]}")
+            else:
+                more = f"; {count - len(examples)} more" if count > len(examples) else ""
+                out.append(f"{kind} ({count} times): " + "; ".join(examples) + more)
+        return out
+
+
+def _key(c) -> str:
+    return ".".join(str(int(v)) for v in c)
+
+
+# -- root --------------------------------------------------------------------------------
+def _check_root(zs: ZVStore, found: _Found, levels: list[int]) -> dict[int, tuple]:
+    meta = zs.metadata  # parsed strictly when the store was opened
+    attrs = zs.root.attrs.asdict()
+    if meta.zv_version != ZV_VERSION:
+        found.warning("root", f"zv_version is {meta.zv_version!r}; these checks follow ZV {ZV_VERSION}")
+    if "point_cloud" not in meta.geometry_types:
+        found.warning("root", f"geometry_types {meta.geometry_types} has no 'point_cloud'; only point cells are checked")
+    try:
+        axes = attrs["multiscales"][0]["axes"]
+        if len(axes) != meta.ndim:
+            found.error("root multiscales", f"{len(axes)} axes for {meta.ndim}-D chunk_shape")
+    except (KeyError, IndexError, TypeError):
+        found.error("root multiscales", "the root has no 'multiscales' block with axes")
+    bins = level_bins_from_multiscales(attrs)
+    if sorted(bins) != levels:
+        found.error("root multiscales", f"'multiscales' datasets list levels {sorted(bins)} but the store has "
+                                        f"level groups {levels}")
+    ome = attrs.get("ome")
+    if isinstance(ome, dict):
+        nodes = sorted(int(n["name"]) for n in ome.get("nodes", []) if str(n.get("name", "")).isdigit())
+        if nodes != levels:
+            found.warning("root ome", f"'ome' nodes list levels {nodes}, the store has {levels}")
+    if 0 in bins and not np.allclose(bins[0], meta.effective_bin_shape):
+        found.error("root multiscales", f"level 0 bin {list(bins[0])} differs from the base bin "
+                                        f"{list(meta.effective_bin_shape)}")
+    if meta.attribute_specs and levels and "0" in zs.root:
+        declared = set((meta.attribute_specs or {}).get("vertex", {}))
+        g0 = zs.root["0"]
+        present = set(dict(g0["vertex_attributes"].arrays())) if "vertex_attributes" in g0 else set()
+        if declared != present:
+            found.warning("root attribute_specs", f"declares {sorted(declared)}, level 0 has {sorted(present)}")
+    return bins
+
+
+# -- one level ---------------------------------------------------------------------------
+def _array_keys(arr: zarr.Array, ndim: int, what: str, found: _Found) -> list[tuple[int, ...]] | None:
+    keys = arr.attrs.get("nonempty_chunks")
+    if keys is None:
+        found.error(f"{what} has no 'nonempty_chunks' list")
+        return None
+    out = []
+    for k in keys:
+        try:
+            c = parse_chunk_key(str(k))
+        except (ValueError, MetadataError, FormatError):
+            found.error(f"{what}: unparseable chunk key", repr(k))
+            continue
+        if len(c) != ndim:
+            found.error(f"{what}: chunk key with {len(c)} coordinates in a {ndim}-D store", repr(k))
+            continue
+        out.append(c)
+    if len(set(out)) != len(out):
+        found.error(f"{what}: 'nonempty_chunks' lists a chunk twice")
+    return out
+
+
+def _origin(arr: zarr.Array, ndim: int) -> np.ndarray:
+    return np.asarray(arr.attrs.get("chunk_grid_origin", [0] * ndim), np.int64)
+
+
+def _check_level(zs: ZVStore, k: int, bins: dict, found: _Found, bar) -> dict | None:
+    root = zs.root
+    meta = zs.metadata
+    ndim = meta.ndim
+    g = root[str(k)]
+    lk = f"level {k}"
+    try:
+        lm = LevelMetadata.from_attrs(g.attrs.asdict())
+        lm.validate()
+    except MetadataError as e:
+        found.error(f"{lk} metadata", str(e))
+        return None
+    if lm.level != k:
+        found.error(f"{lk} metadata", f"the group '{k}' says level {lm.level}")
+    if k > 0 and lm.parent_level not in (None, k - 1):
+        found.warning(f"{lk} metadata", f"parent_level is {lm.parent_level}, expected {k - 1}")
+    members = {name for name, _ in g.members()}
+    for name in lm.arrays_present:
+        if name not in members:
+            found.error(f"{lk}: arrays_present lists {name!r} but the level has no such array or group")
+    for name in ("vertices", "vertex_fragments"):
+        if name not in members:
+            found.error(f"{lk}: the level has no {name!r} array")
+            return {"level": k, "vertex_count": lm.vertex_count, "chunks": 0, "rows": 0, "objects": None}
+    for name in sorted(members - set(lm.arrays_present) - {"links"}):
+        found.warning(f"{lk}: {name!r} exists but is not in arrays_present")
+    vert, frag = g["vertices"], g["vertex_fragments"]
+    vdtype = vert.attrs.get("dtype", "float32")
+    if np.dtype(vdtype).kind != "f":
+        found.error(f"{lk}: vertex dtype {vdtype!r} is not a float type")
+        return None
+
+    # grid ----------------------------------------------------------------------------
+    cs = tuple(lm.chunk_shape) if lm.chunk_shape else meta.chunk_shape
+    try:
+        grid = Grid(meta.bounds[0], meta.bounds[1], tuple(map(float, cs)), meta.effective_bin_shape, vdtype)
+    except MetadataError as e:
+        found.error(f"{lk} grid", str(e))
+        return None
+    if k in bins and k > 0:
+        ratio = np.asarray(bins[k]) / np.asarray(meta.effective_bin_shape)
+        if (ratio < 1 - 1e-9).any():
+            found.error(f"{lk}: bins", f"bin {list(bins[k])} is smaller than the base bin")
+        if k - 1 in bins and (np.asarray(bins[k]) < np.asarray(bins[k - 1]) * (1 - 1e-9)).any():
+            found.error(f"{lk}: bins", f"bin {list(bins[k])} is smaller than level {k - 1}'s {list(bins[k - 1])}")
+    origin = _origin(vert, ndim)
+    if tuple(origin) != tuple(grid.origin):
+        found.error(f"{lk} grid", f"chunk_grid_origin {origin.tolist()} but the bounds put the first chunk at "
+                                  f"{list(grid.origin)}")
+    shape = tuple(vert.shape)
+    if shape != tuple(grid.shape):
+        found.error(f"{lk} grid", f"the vertices array is {list(shape)} cells but the bounds and chunk shape need "
+                                  f"{list(grid.shape)}")
+    arrays = {"vertices": vert, "vertex_fragments": frag}
+    attr_arrays = dict(g["vertex_attributes"].arrays()) if "vertex_attributes" in g else {}
+    for name, a in attr_arrays.items():
+        arrays[f"vertex_attributes/{name}"] = a
+    for name, a in arrays.items():
+        if tuple(a.shape) != shape:
+            found.error(f"{lk}: {name} has shape {list(a.shape)}, vertices {list(shape)}")
+        if name != "vertices" and tuple(_origin(a, ndim)) != tuple(origin):
+            found.error(f"{lk}: {name} has chunk_grid_origin {_origin(a, ndim).tolist()}, vertices "
+                        f"{origin.tolist()}")
+    keys = _array_keys(vert, ndim, f"{lk} vertices", found)
+    if keys is None:
+        return None
+    kset = set(keys)
+    for name, a in arrays.items():
+        if name == "vertices":
+            continue
+        other = _array_keys(a, ndim, f"{lk} {name}", found)
+        if other is not None and set(other) != kset:
+            miss, extra = kset - set(other), set(other) - kset
+            found.error(f"{lk}: {name} lists other chunks than vertices",
+                        f"{len(miss)} missing (e.g. {_key(next(iter(miss)))}) " if miss else
+                        f"{len(extra)} extra (e.g. {_key(next(iter(extra)))})")
+    chunks = np.array(keys, np.int64).reshape(-1, ndim)
+    cells = chunks - origin
+    inside = ((cells >= 0) & (cells < np.asarray(shape))).all(axis=1) if len(chunks) else np.zeros(0, bool)
+    for c in chunks[~inside]:
+        found.error(f"{lk}: chunks outside the array grid", _key(c))
+    chunks, cells = chunks[inside], cells[inside]
+
+    # cells -----------------------------------------------------------------------------
+    specs = {}
+    for name, a in attr_arrays.items():
+        rs = a.attrs.get("row_shape") or []
+        try:
+            specs[name] = (np.dtype(a.attrs["dtype"]).name, int(rs[0]) if rs else None)
+        except (KeyError, TypeError):
+            found.error(f"{lk}: attribute {name!r} has no valid dtype")
+    lo = np.asarray(meta.bounds[0]).astype(vdtype).astype(np.float64)
+    hi = np.asarray(meta.bounds[1]).astype(vdtype).astype(np.float64)
+    rows = np.zeros(len(chunks), np.int64)
+    nfrag = np.zeros(len(chunks), np.int64)
+    frag_idx: list = [None] * len(chunks)
+    for start in range(0, len(chunks), BATCH):
+        sel = tuple(cells[start:start + BATCH].T)
+        vb = vert.get_coordinate_selection(sel)
+        fb = frag.get_coordinate_selection(sel)
+        ab = {n: attr_arrays[n].get_coordinate_selection(sel) for n in specs}
+        for j in range(len(vb)):
+            i = start + j
+            key = _key(chunks[i])
+            try:
+                pos = decode_vertices(bytes(vb[j]), ndim, vdtype)
+            except FormatError as e:
+                found.error(f"{lk}: vertices cells that do not decode", f"{key}: {e}")
+                continue
+            n = len(pos)
+            rows[i] = n
+            if n == 0:
+                found.warning(f"{lk}: nonempty_chunks lists chunks whose vertices cell is empty", key)
+            p64 = pos.astype(np.float64)
+            finite = np.isfinite(p64).all(axis=1)
+            if not finite.all():
+                found.error(f"{lk}: non-finite positions", f"chunk {key} ({int((~finite).sum())} rows)")
+            outside = ~((p64 >= lo) & (p64 <= hi)).all(axis=1) & finite
+            if outside.any():
+                found.error(f"{lk}: points outside the bounds", f"chunk {key} ({int(outside.sum())} points)")
+            if n and finite.all():
+                home = grid.chunks_of_bins(grid.base_bins(pos))
+                wrong = (home != chunks[i]).any(axis=1)
+                if wrong.any():
+                    found.error(f"{lk}: points stored in a chunk that does not contain them",
+                                f"chunk {key} ({int(wrong.sum())} points, e.g. one of chunk {_key(home[wrong][0])})")
+            try:
+                fi = decode_fragments(bytes(fb[j]))
+            except FormatError as e:
+                found.error(f"{lk}: vertex_fragments cells that do not decode", f"{key}: {e}")
+                continue
+            nfrag[i] = fi.num_fragments
+            frag_idx[i] = fi
+            rng = fi.counts >= 0
+            bad = rng & ((fi.starts < 0) | (fi.starts + fi.counts > n))
+            bad_explicit = [f for f, idx in fi.explicit.items() if len(idx) and (idx.min() < 0 or idx.max() >= n)]
+            if bad.any() or bad_explicit:
+                found.error(f"{lk}: fragments reaching outside their chunk's rows",
+                            f"chunk {key} fragment {int(np.flatnonzero(bad)[0]) if bad.any() else bad_explicit[0]}"
+                            f" ({n} rows)")
+            elif lm.fragments_tile and n and not fi.tiles(n):
+                found.error(f"{lk}: fragments do not tile the rows although the level says fragments_tile",
+                            f"chunk {key}")
+            elif n and not fi.explicit:
+                covered = int(fi.counts[rng].sum())
+                if covered < n and not lm.fragments_tile:
+                    found.warning(f"{lk}: rows in no fragment", f"chunk {key} ({n - covered} rows)")
+            for name, (dt, ch) in specs.items():
+                try:
+                    decode_attribute(bytes(ab[name][j]), dt, n, ch)
+                except FormatError as e:
+                    found.error(f"{lk}: attribute cells that do not match their chunk's rows",
+                                f"{name} in chunk {key}: {e}")
+        if bar is not None:
+            bar.update(len(vb))
+    total = int(rows.sum())
+    if total != lm.vertex_count:
+        found.error(f"{lk}: row counts", f"the chunks hold {total:,} rows but vertex_count is {lm.vertex_count:,}")
+    n_objects = None
+    if "object_index" in g:
+        n_objects = _check_objects(g, k, ndim, chunks, rows, nfrag, frag_idx, lm, found)
+    elif "object_index" in lm.arrays_present:
+        pass  # reported above as a missing array
+    return {"level": k, "vertex_count": lm.vertex_count, "chunks": int(len(chunks)), "rows": total,
+            "objects": n_objects}
+
+
+def _check_objects(g, k, ndim, chunks, rows, nfrag, frag_idx, lm, found: _Found) -> int | None:
+    from zv_dask.format.cells import decode_manifest
+
+    lk = f"level {k} object_index"
+    oi = g["object_index"]
+    if not isinstance(oi, zarr.Group) or "manifests" not in oi:
+        found.error(f"{lk}: no 'manifests' array")
+        return None
+    blobs = oi["manifests"][:]
+    ids = np.asarray(oi["object_ids"][:], np.int64) if "object_ids" in oi else np.arange(len(blobs), dtype=np.int64)
+    if len(ids) != len(blobs):
+        found.error(f"{lk}: {len(ids)} object ids for {len(blobs)} manifests")
+        return None
+    declared = oi.attrs.get("num_objects")
+    if declared is not None and int(declared) != len(ids):
+        found.error(f"{lk}: num_objects is {declared} but there are {len(ids)} manifests")
+    if len(ids) > 1 and oi.attrs.get("object_ids_sorted") and not (np.diff(ids) > 0).all():
+        found.error(f"{lk}: object_ids_sorted is set but the ids are not strictly ascending")
+    elif len(np.unique(ids)) != len(ids):
+        found.error(f"{lk}: object ids repeat")
+    index = {tuple(int(v) for v in c): i for i, c in enumerate(chunks)}
+    owner: dict[tuple[int, int], int] = {}
+    shared = 0
+    covered = np.zeros(len(chunks), np.int64)
+    present = 0
+    for oid, blob in zip(ids.tolist(), blobs):
+        try:
+            ch, fr = decode_manifest(bytes(blob), ndim)
+        except FormatError as e:
+            found.error(f"{lk}: manifests that do not decode", f"object {oid}: {e}")
+            continue
+        present += bool(len(fr))
+        for c, f in zip(map(tuple, ch.tolist()), fr.tolist()):
+            i = index.get(c)
+            if i is None:
+                found.error(f"{lk}: manifests naming chunks that are not in nonempty_chunks",
+                            f"object {oid} -> chunk {_key(c)}")
+                continue
+            if not 0 <= f < nfrag[i]:
+                found.error(f"{lk}: manifests naming fragments a chunk does not have",
+                            f"object {oid} -> chunk {_key(c)} fragment {f} (the chunk has {nfrag[i]})")
+                continue
+            prev = owner.setdefault((i, f), oid)
+            if prev != oid:
+                shared += 1
+                continue
+            fi = frag_idx[i]
+            if fi is not None:
+                covered[i] += fi.counts[f] if fi.counts[f] >= 0 else len(fi.explicit.get(f, ()))
+    if shared and not lm.shared_fragments:
+        found.warning(f"{lk}: {shared} fragments belong to more than one object but the level does not set "
+                      "shared_fragments")
+    missing = rows - np.minimum(covered, rows)
+    if missing.sum():
+        found.warning(f"{lk}: rows in no object", f"{int(missing.sum()):,} rows in {int((missing > 0).sum())} chunks "
+                                                   f"(e.g. chunk {_key(chunks[np.flatnonzero(missing)[0]])})")
+    declared_present = oi.attrs.get("num_present")
+    if declared_present is not None and int(declared_present) != present:
+        found.warning(f"{lk}: num_present is {declared_present} but {present} manifests are non-empty")
+    return int(len(ids))
+
+
+# -- entry point -------------------------------------------------------------------------
+def _label(store, zs: ZVStore | None) -> str:
+    if zs is not None and zs.url:
+        return str(zs.url)
+    if isinstance(store, str):
+        return store
+    import os
+    if isinstance(store, os.PathLike):
+        return os.fspath(store)
+    return type(store).__name__
+
+
+def validate_store(store, *, backend: str | None = None, storage_options: dict | None = None,
+                   branch: str = "main", progress: bool = False) -> ValidationReport:
+    """Check a ZV store's structure and consistency; never raises on what it finds.
+
+    Parameters
+    ----------
+    store
+        A :class:`~zv_dask.ZVStore`, or anything :func:`~zv_dask.open_store`
+        opens (path, URL, zarr Store, icechunk Repository/Session; pass
+        ``backend="icechunk"`` for an icechunk repository path or URL).
+    progress
+        Show a progress bar over the chunks (on stderr).
+
+    Returns
+    -------
+    ValidationReport
+        ``errors`` and ``warnings`` (each problem kind once, with a count and
+        the first few examples), per-level counts, and how many chunks were
+        checked. ``ok`` is true when there is no error.
+
+    Raises
+    ------
+    StoreError
+        Only when there is no ZV store at all to check (missing path, no zarr
+        group, no ``zarr_vectors`` block).
+    """
+    t0 = time.perf_counter()
+    found = _Found()
+    try:
+        zs = as_store(store, "r", backend=backend, storage_options=storage_options, branch=branch)
+    except MetadataError as e:
+        report = ValidationReport(_label(store, None), errors=[f"root metadata does not parse: {e}"])
+        report.seconds = time.perf_counter() - t0
+        return report
+    report = ValidationReport(_label(store, zs))
+    levels = list_resolution_levels(zs)
+    bins = _check_root(zs, found, levels)
+    if not levels or levels[0] != 0:
+        found.error("levels", f"the store has no level 0 (level groups: {levels})")
+    elif levels != list(range(len(levels))):
+        found.error("levels", f"levels are not contiguous from 0: {levels}")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        import sys
+
+        total = 0
+        for k in levels:
+            try:
+                total += len(zs.root[f"{k}/vertices"].attrs.get("nonempty_chunks", []))
+            except KeyError:
+                pass
+        bar = tqdm(total=total, desc="validate: decoding chunks", unit="chunk", file=sys.stderr)
+    try:
+        prev = None
+        for k in levels:
+            info = _check_level(zs, k, bins, found, bar)
+            if info is None:
+                continue
+            report.levels.append(info)
+            report.chunks_checked += info["chunks"]
+            if prev is not None and info["vertex_count"] > prev["vertex_count"]:
+                found.error("vertex counts grow with the level",
+                            f"level {k} has {info['vertex_count']:,}, level {prev['level']} "
+                            f"{prev['vertex_count']:,}")
+            prev = info
+    finally:
+        if bar is not None:
+            bar.close()
+    report.errors = found.render("error")
+    report.warnings = found.render("warning")
+    report.seconds = time.perf_counter() - t0
+    return report
+
