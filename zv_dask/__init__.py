@@ -14,6 +14,7 @@ from zv_dask.pyramid import PyramidReport, build_pyramid
 from zv_dask.read import open_level, read_points
 from zv_dask.ingest.graph import PendingIngest, ingest
 from zv_dask.ingest.report import IngestReport
+from zv_dask.ingest.plan import IngestPlan, plan_ingest
 from zv_dask.store.api import (
     ZVStore,
     add_resolution_level,
@@ -35,6 +36,7 @@ from zv_dask.store.api import (
     store_info,
     write_parametric_types,
 )
+from zv_dask.validate import ValidationReport, validate_store
 
 __version__ = "0.1.0"
 
@@ -47,6 +49,10 @@ __all__ = [
     "ingest",
     "IngestReport",
     "PendingIngest",
+    "plan_ingest",
+    "IngestPlan",
+    "validate_store",
+    "ValidationReport",
     "ZVStore",
     "ZVError",
     "StoreError",

@@ -1,0 +1,203 @@
+"""zv-dask's own validator: clean stores pass; each kind of damage is named."""
+
+from __future__ import annotations
+
+import shutil
+
+import dask
+import numpy as np
+import pytest
+import zarr
+
+import zv_dask
+from zv_dask.errors import StoreError
+from zv_dask.format.cells import encode_fragments
+from zv_dask.local import write_points
+from zv_dask.validate import validate_store
+
+N = 6000
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """A store with 3 levels, two attributes (one multi-channel) and object ids."""
+    rng = np.random.default_rng(7)
+    path = tmp_path_factory.mktemp("validate") / "t.zv"
+    pts = rng.uniform(0, 200, (N, 3))
+    write_points(path, pts, attributes={"intensity": rng.random(N).astype(np.float32),
+                                        "rgb": rng.integers(0, 255, (N, 3)).astype(np.uint8)},
+                 object_ids=rng.integers(0, 40, N), chunk_shape=(50.0,) * 3, base_bin_shape=(10.0,) * 3)
+    with dask.config.set(scheduler="sync"):
+        zv_dask.build_pyramid(str(path), levels=2)
+    return path
+
+
+@pytest.fixture
+def store(template, tmp_path):
+    path = tmp_path / "s.zv"
+    shutil.copytree(template, path)
+    return path
+
+
+def first_cell(path, level=0):
+    root = zarr.open_group(str(path), mode="r")
+    key = root[f"{level}/vertices"].attrs["nonempty_chunks"][0]
+    return key, tuple(int(v) for v in key.split("."))
+
+
+def set_cell(path, array, cell, payload: bytes):
+    arr = zarr.open_array(str(path / array), mode="r+")
+    value = np.empty(1, dtype=object)
+    value[0] = payload
+    arr.set_coordinate_selection(tuple([c] for c in cell), value)
+
+
+def get_cell(path, array, cell) -> bytes:
+    arr = zarr.open_array(str(path / array), mode="r")
+    return bytes(arr.get_coordinate_selection(tuple([c] for c in cell))[0])
+
+
+def level_attrs(path, level):
+    return zarr.open_group(str(path / str(level)), mode="r+").attrs
+
+
+def has_error(report, text):
+    return any(text in e for e in report.errors), report.errors
+
+
+def test_clean_store_passes(store):
+    r = validate_store(store)
+    assert r.ok and r.errors == [] and r.warnings == [], repr(r)
+    assert [lv["level"] for lv in r.levels] == [0, 1, 2]
+    assert r.levels[0]["vertex_count"] == N and r.levels[0]["objects"] == 40
+    assert r.chunks_checked == sum(lv["chunks"] for lv in r.levels)
+    d = r.to_dict()
+    assert d["ok"] is True and "valid" in repr(r)
+
+
+@pytest.mark.parametrize("case", ["bins", "objects", "sharded"])
+def test_reference_written_stores_pass(tmp_path, case):
+    from zarr_vectors.types.points import write_points as ref_write_points
+
+    rng = np.random.default_rng(3)
+    kw = {"bins": dict(chunk_shape=(50.0,) * 3, bin_shape=(25.0,) * 3),
+          "objects": dict(chunk_shape=(50.0,) * 3, object_ids=rng.integers(0, 9, 300)),
+          "sharded": dict(chunk_shape=(50.0,) * 3, bin_shape=(25.0,) * 3, shard_shape=(2, 2, 2))}[case]
+    path = str(tmp_path / "ref.zarr")
+    ref_write_points(path, rng.uniform(-90, 80, (300, 3)),
+                     vertex_attributes={"a": rng.random(300).astype(np.float32)}, **kw)
+    r = validate_store(path)
+    assert r.ok, repr(r)
+
+
+def test_vertex_count_mismatch(store):
+    a = level_attrs(store, 0)
+    lv = dict(a["zarr_vectors_level"])
+    lv["vertex_count"] = N + 1
+    a["zarr_vectors_level"] = lv
+    r = validate_store(store)
+    assert not r.ok
+    assert has_error(r, "level 0: row counts")
+    assert has_error(r, f"the chunks hold {N:,} rows but vertex_count is {N + 1:,}")
+
+
+def test_vertex_counts_must_not_grow(store):
+    a = level_attrs(store, 2)
+    lv = dict(a["zarr_vectors_level"])
+    lv["vertex_count"] = N * 2
+    a["zarr_vectors_level"] = lv
+    assert has_error(validate_store(store), "vertex counts grow with the level")
+
+
+def test_levels_must_be_contiguous(store):
+    shutil.rmtree(store / "1")
+    r = validate_store(store)
+    assert has_error(r, "levels are not contiguous from 0: [0, 2]")
+    assert has_error(r, "'multiscales' datasets list levels [0, 1, 2] but the store has level groups [0, 2]")
+
+
+def test_truncated_vertices_cell(store):
+    key, cell = first_cell(store)
+    set_cell(store, "0/vertices", cell, get_cell(store, "0/vertices", cell)[:-3])
+    r = validate_store(store)
+    assert has_error(r, "level 0: vertices cells that do not decode")
+    assert has_error(r, key)
+
+
+def test_missing_cell_listed_as_nonempty(store):
+    key, cell = first_cell(store)
+    set_cell(store, "0/vertex_fragments", cell, b"")
+    assert has_error(validate_store(store), "level 0: vertex_fragments cells that do not decode")
+
+
+def test_attribute_rows_must_match(store):
+    key, cell = first_cell(store)
+    payload = get_cell(store, "0/vertex_attributes/rgb", cell)
+    set_cell(store, "0/vertex_attributes/rgb", cell, payload[:-3])
+    r = validate_store(store)
+    assert has_error(r, "level 0: attribute cells that do not match their chunk's rows")
+    assert has_error(r, f"rgb in chunk {key}")
+
+
+def test_fragments_must_tile(store):
+    key, cell = first_cell(store)
+    n = len(get_cell(store, "0/vertices", cell)) // 12
+    bad = np.zeros(125, np.int64)
+    bad[0] = n - 1  # one row in no fragment
+    set_cell(store, "0/vertex_fragments", cell, encode_fragments(bad))
+    assert has_error(validate_store(store), "fragments do not tile the rows")
+    too_far = np.zeros(125, np.int64)
+    too_far[0] = n + 5
+    set_cell(store, "0/vertex_fragments", cell, encode_fragments(too_far))
+    assert has_error(validate_store(store), "fragments reaching outside their chunk's rows")
+
+
+def test_points_in_the_wrong_chunk(store):
+    root = zarr.open_group(str(store), mode="r")
+    keys = root["0/vertices"].attrs["nonempty_chunks"]
+    a, b = (tuple(int(v) for v in k.split(".")) for k in keys[:2])
+    va, vb = get_cell(store, "0/vertices", a), get_cell(store, "0/vertices", b)
+    set_cell(store, "0/vertices", a, vb)
+    set_cell(store, "0/vertices", b, va)
+    assert has_error(validate_store(store), "level 0: points stored in a chunk that does not contain them")
+
+
+def test_nonempty_chunk_outside_the_grid(store):
+    a = zarr.open_array(str(store / "0/vertices"), mode="r+").attrs
+    a["nonempty_chunks"] = list(a["nonempty_chunks"]) + ["99.0.0"]
+    r = validate_store(store)
+    assert has_error(r, "level 0: chunks outside the array grid: 99.0.0")
+    assert has_error(r, "vertex_fragments lists other chunks than vertices")
+
+
+def test_manifest_pointing_at_a_missing_chunk(store):
+    from zv_dask.format.cells import encode_manifest
+
+    set_cell(store, "0/object_index/manifests", (0,), encode_manifest(np.array([[3, 3, 3]]), np.array([0])))
+    set_cell(store, "0/object_index/manifests", (1,), encode_manifest(np.array([[0, 0, 0]]), np.array([999])))
+    r = validate_store(store)
+    assert has_error(r, "manifests naming chunks that are not in nonempty_chunks")
+    assert has_error(r, "manifests naming fragments a chunk does not have")
+    assert any("rows in no object" in w for w in r.warnings), r.warnings
+
+
+def test_bad_root_metadata_is_reported_not_raised(store):
+    g = zarr.open_group(str(store), mode="r+")
+    zv = dict(g.attrs["zarr_vectors"])
+    zv["chunk_shape"] = [50.0, -1.0, 50.0]
+    g.attrs["zarr_vectors"] = zv
+    r = validate_store(store)
+    assert not r.ok and r.errors[0].startswith("root metadata does not parse")
+
+
+def test_not_a_store_raises(tmp_path):
+    with pytest.raises(StoreError):
+        validate_store(tmp_path / "nothing-here")
+
+
+def test_icechunk_store(tmp_path, template):
+    rng = np.random.default_rng(1)
+    path = str(tmp_path / "ice")
+    write_points(path, rng.uniform(0, 10, (500, 3)), chunk_shape=(5.0,) * 3, backend="icechunk")
+    r = validate_store(path, backend="icechunk")
+    assert r.ok and r.levels[0]["vertex_count"] == 500, repr(r)
