@@ -6,6 +6,8 @@ a user reading one line of a traceback (or of the CLI) knows what to change.
 
 from __future__ import annotations
 
+import pickle
+
 __all__ = [
     "ZVError",
     "StoreError",
@@ -46,9 +48,30 @@ class OutOfBoundsError(InputError):
 
 
 class IngestError(ZVError):
-    """A stage of a distributed job failed; says which stage and which chunk."""
+    """A stage of a distributed job failed; says which stage and which chunk.
+
+    ``stage`` is ``"scan"``, ``"write"``, ``"finalize"``, ``"pyramid level k"`` or
+    ``"commit"``; ``chunk`` is the chunk key (``"i.j.k"``) when one is known. Both
+    survive pickling (a worker's error reaching the client), and so does the
+    cause when it pickles.
+    """
 
     def __init__(self, message: str, *, stage: str | None = None, chunk: str | None = None):
         super().__init__(message)
         self.stage = stage
         self.chunk = chunk
+
+    def __reduce__(self):
+        cause = self.__cause__
+        if cause is not None:
+            try:
+                pickle.dumps(cause)
+            except Exception:  # noqa: BLE001 - an unpicklable cause stays in the message only
+                cause = None
+        return _rebuild_ingest_error, (type(self), self.args[0] if self.args else "", self.stage, self.chunk, cause)
+
+
+def _rebuild_ingest_error(cls, message, stage, chunk, cause):
+    err = cls(message, stage=stage, chunk=chunk)
+    err.__cause__ = cause
+    return err

@@ -10,13 +10,23 @@ collects what they return:
 * on any other store, the zarr store itself. Chunks are written first and
   metadata last, so an interrupted job leaves metadata that claims nothing
   it does not have.
+
+A job that fails stops its tasks before the caller cleans up
+(:func:`gather_or_stop`), and a commit that finds the branch moved by another
+writer rebases onto it when the changes touch different nodes, or says which
+nodes conflict (:meth:`WriteJob.commit`): nothing is lost either way.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-__all__ = ["WriteJob", "worker_store", "returned_fork"]
+from zv_dask.errors import StoreError
+
+__all__ = ["WriteJob", "worker_store", "returned_fork", "gather_or_stop"]
+
+REBASE_TRIES = 10
 
 
 def worker_store(target):
@@ -60,10 +70,31 @@ class WriteJob:
         self._fork = None
 
     def commit(self, message: str | None = None) -> str | None:
-        """Commit the whole job (icechunk) and return the snapshot id."""
+        """Commit the whole job (icechunk) and return the snapshot id.
+
+        If another writer committed to the branch meanwhile, the job is rebased
+        onto that commit when the two touch different nodes (icechunk's
+        ``ConflictDetector``) and committed on top of it; if they touch the same
+        nodes a :class:`StoreError` names them and the job's changes stay in the
+        session (the caller aborts). Plain stores have nothing to commit.
+        """
         from zv_dask.store.api import commit
 
-        return commit(self.store, message or self.message)
+        message = message or self.message
+        if not self.transactional:
+            return commit(self.store, message)
+        import icechunk
+
+        for _ in range(REBASE_TRIES):
+            try:
+                return commit(self.store, message)
+            except icechunk.ConflictError:
+                try:
+                    self.store.session.rebase(icechunk.ConflictDetector())
+                except icechunk.RebaseFailedError as r:
+                    raise StoreError(_conflict_message(self.store.backend.branch, message, r)) from r
+        raise StoreError(f"commit {message!r}: the branch {self.store.backend.branch!r} kept moving; gave up after "
+                         f"{REBASE_TRIES} rebases (nothing of this job was committed)")
 
     def abort(self) -> None:
         """Drop everything the job wrote to an icechunk session."""
@@ -72,3 +103,45 @@ class WriteJob:
         self._fork = None
         if self.transactional:
             discard_changes(self.store)
+
+
+def _conflict_message(branch: str, message: str, err) -> str:
+    conflicts = getattr(err, "conflicts", None) or []
+    shown = ", ".join(f"{c.path} ({str(c.conflict_type).split('.')[-1]})" for c in conflicts[:8])
+    if len(conflicts) > 8:
+        shown += f" and {len(conflicts) - 8} more"
+    return (f"commit {message!r} conflicts with a concurrent commit on branch {branch!r} "
+            f"(snapshot {getattr(err, 'snapshot', None) or getattr(err, 'actual_parent', '?')}): both changed "
+            f"{shown or 'the same nodes'}; nothing of this job was committed, the other writer's commit stands")
+
+
+# -- stopping a failed stage ---------------------------------------------------------------
+def _running(keys, dask_worker=None) -> list:
+    """On a worker: which of ``keys`` it is still executing (cancelled or not)."""
+    st = dask_worker.state
+    running = {ts.key for ts in st.executing | st.long_running}
+    return [k for k in keys if k in running]
+
+
+def gather_or_stop(client, futures, grace: float = 60.0) -> list:
+    """``client.gather(futures)``; on the first failure, stop the stage before raising.
+
+    Tasks that have not started are cancelled, and tasks already running are
+    waited for (up to ``grace`` seconds): once this raises, no task of the failed
+    stage writes any more, so the caller can discard or remove what it wrote.
+    """
+    try:
+        return client.gather(futures)
+    except BaseException:
+        keys = [f.key for f in futures]
+        try:
+            client.cancel(futures)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                busy = client.run(_running, keys, on_error="return")
+                if not any(isinstance(v, list) and v for v in busy.values()):
+                    break
+                time.sleep(0.05)
+        except Exception:  # noqa: BLE001 - a cluster going down: the original error matters more
+            pass
+        raise

@@ -19,7 +19,7 @@ from functools import reduce
 import numpy as np
 
 from zv_dask.errors import IngestError, InputError, ZVError
-from zv_dask.format.grid import Grid
+from zv_dask.format.grid import Grid, chunk_key
 from zv_dask.format.layout import encode_plan, plan_chunks
 from zv_dask.format.metadata import LevelMetadata, attribute_spec
 from zv_dask.ingest.bounds import POLICIES, combine_stats, settle_bounds
@@ -34,7 +34,7 @@ from zv_dask.ingest.shuffle import (
 from zv_dask.ingest.sources import as_source
 from zv_dask.ingest.target import materialize_target, plan_target
 from zv_dask.store.levels import AttributeSpec, ChunkSummary, finalize_level, prepare_level, write_chunk_payloads
-from zv_dask.transaction import WriteJob, returned_fork, worker_store
+from zv_dask.transaction import WriteJob, gather_or_stop, returned_fork, worker_store
 
 __all__ = ["ingest", "PendingIngest"]
 
@@ -96,7 +96,7 @@ def _compute(objs, client, progress: bool, label: str):
         if progress:
             from zv_dask.progress import show_progress
             show_progress(futures, label)
-        return client.gather(futures)
+        return gather_or_stop(client, futures)
     if progress:
         from dask.diagnostics import ProgressBar
         print(label, flush=True)
@@ -199,7 +199,12 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     from dask import delayed
 
     scans = [delayed(_scan_task)(p, probe, plan.bounds, drop, 0) for p in src.partitions]
-    scanned = _compute(scans, cl, progress, "scan: statistics and chunk counts")
+    try:
+        scanned = _compute(scans, cl, progress, "scan: statistics and chunk counts")
+    except Exception as e:
+        if isinstance(e, ZVError):
+            raise
+        raise _stage_error("scan", e, {s.key: (f"input partition {p}", None) for p, s in enumerate(scans)}) from e
     offsets = np.r_[0, np.cumsum([s.stats.count for s in scanned])[:-1]].astype(np.int64)
     for s, off in zip(scanned, offsets):
         if s.stats.first_nonfinite >= 0:
@@ -221,6 +226,9 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     t1 = time.perf_counter()
     specs = [AttributeSpec(name, dtype_, ch) for name, (dtype_, ch) in src.attributes.items()]
     attr_specs = {"vertex": {s.name: attribute_spec(s.dtype, s.channels) for s in specs}} if specs else None
+    # a plain store that exists gets its metadata back byte for byte if the job fails
+    old_metadata = (_metadata_docs(plan.existing) if plan.existing is not None and not plan.overwrite
+                    and plan.existing.session is None else None)
     zs = materialize_target(plan, final_bounds, attr_specs)
     job = WriteJob(zs, message or "zv-dask ingest")
     created_here = plan.existing is None
@@ -236,6 +244,8 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
                   for g in range(groups.n_groups)]
     except BaseException:
         job.abort()
+        if old_metadata is not None:
+            _restore_metadata(zs, old_metadata)
         raise
     seconds["prepare"] = time.perf_counter() - t1
     report = IngestReport(store=str(zs.url or zs.backend.kind), points_read=int(stats.count),
@@ -246,12 +256,14 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
 
     def run() -> IngestReport:
         t2 = time.perf_counter()
+        stage = "write"
         try:
             results = _compute(writes, cl, progress, "shuffle and write level 0")
             job.absorb([fork for _, fork in results])
             summary = ChunkSummary.concat([s for s, _ in results], grid.ndim)
             t3 = time.perf_counter()
             seconds["write"] = t3 - t2
+            stage = "finalize"
             meta = finalize_level(zs.root, 0, grid, summary, LevelMetadata(level=0, fragments_tile=True), specs)
             seconds["finalize"] = time.perf_counter() - t3
             report.points_written = meta.vertex_count
@@ -260,6 +272,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
             report.levels = [{"level": 0, "vertex_count": meta.vertex_count, "chunks": report.chunks_written}]
             if pyramid:
                 from zv_dask.pyramid import build_pyramid
+                stage = "pyramid"
                 t4 = time.perf_counter()
                 opts = dict(pyramid) if isinstance(pyramid, dict) else {}
                 pr = build_pyramid(zs, client=cl, job=job, progress=progress, **opts)
@@ -267,11 +280,17 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
                 for lv in pr.levels:
                     report.levels.append({"level": lv, "vertex_count": pr.vertex_counts[lv],
                                           "chunks": pr.chunk_counts[lv]})
+            stage = "commit"
             report.snapshot_id = job.commit()
-        except BaseException:
+        except BaseException as e:
             job.abort()
             if created_here and not job.transactional:
                 _remove_new_store(zs)
+            elif old_metadata is not None:
+                _restore_metadata(zs, old_metadata)
+            if isinstance(e, Exception) and not isinstance(e, ZVError):
+                tasks = _write_tasks(writes, splits, groups, grid, shard_shape) if stage == "write" else None
+                raise _stage_error(stage, e, tasks) from e
             raise
         report.seconds = seconds
         return report
@@ -279,6 +298,80 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     if not compute:
         return PendingIngest(run, writes, report)
     return run()
+
+
+def _stage_error(stage: str, e: Exception, tasks: dict | None = None) -> IngestError:
+    """A failure that is not a zv-dask error, as an :class:`IngestError` naming the stage.
+
+    ``tasks`` maps task keys to ``(what, chunk)``: a ``KilledWorker`` names the
+    task whose workers died, which says the partition, or the group and chunk.
+    """
+    what, chunk = tasks.get(getattr(e, "task", None), (None, None)) if tasks else (None, None)
+    where = f" ({what})" if what else ""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return IngestError(f"ingest failed in the {stage} stage{where}: {type(e).__name__}: {first}",
+                       stage=stage, chunk=chunk)
+
+
+def _write_tasks(writes, splits, groups, grid, shard_shape) -> dict:
+    """Task key -> (what, first chunk) for the write stage's tasks, to name a dead one."""
+    out = {s.key: (f"splitting input partition {p}", None) for p, s in enumerate(splits)}
+    for g, w in enumerate(writes):
+        start = int(groups.starts[g])
+        if shard_shape is None:
+            first = grid.chunks_of_cell_ids(np.array([start]))[0]
+        else:
+            ss = np.asarray(shard_shape, np.int64)
+            n_shards = tuple(int(-(-s // k)) for s, k in zip(grid.shape, ss))
+            first = np.array(np.unravel_index(start, n_shards)) * ss + np.asarray(grid.origin, np.int64)
+        out[w.key] = (f"writing group {g}, first chunk {chunk_key(first)}", chunk_key(first))
+    return out
+
+
+def _metadata_docs(zs) -> dict[str, bytes]:
+    """Every ``zarr.json`` of a plain store, by key (a job's target is an empty store: a few documents)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def collect():
+        out = {}
+        async for key in zs.store.list():
+            if key == "zarr.json" or key.endswith("/zarr.json"):
+                buf = await zs.store.get(key, default_buffer_prototype())
+                if buf is not None:
+                    out[key] = buf.to_bytes()
+        return out
+
+    return sync(collect())
+
+
+def _restore_metadata(zs, docs: dict[str, bytes]) -> None:
+    """Put a failed job's target back as it was: its metadata documents, and no node the job added.
+
+    Cells the job wrote in existing arrays stay, unclaimed by any metadata.
+    """
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def restore():
+        added = sorted(k for k in await _keys(zs.store) if k.endswith("/zarr.json") and k not in docs)
+        for key in added:  # outermost first; deleting a node takes its children
+            node = key[: -len("/zarr.json")]
+            if await zs.store.exists(f"{node}/zarr.json"):
+                await zs.store.delete_dir(node)
+        proto = default_buffer_prototype()
+        for key, raw in docs.items():
+            await zs.store.set(key, proto.buffer.from_bytes(raw))
+
+    async def _keys(store):
+        return [k async for k in store.list()]
+
+    try:
+        sync(restore())
+        zs.root = zarr.open_group(zs.store, mode="r+", zarr_format=3)
+    except Exception:  # noqa: BLE001 - best effort (the storage may be what failed); the job's error matters more
+        pass
 
 
 def _remove_new_store(zs) -> None:
