@@ -19,7 +19,6 @@ nodes conflict (:meth:`WriteJob.commit`): nothing is lost either way.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from zv_dask.errors import StoreError
@@ -116,32 +115,26 @@ def _conflict_message(branch: str, message: str, err) -> str:
 
 
 # -- stopping a failed stage ---------------------------------------------------------------
-def _running(keys, dask_worker=None) -> list:
-    """On a worker: which of ``keys`` it is still executing (cancelled or not)."""
-    st = dask_worker.state
-    running = {ts.key for ts in st.executing | st.long_running}
-    return [k for k in keys if k in running]
-
-
 def gather_or_stop(client, futures, grace: float = 60.0) -> list:
     """``client.gather(futures)``; on the first failure, stop the stage before raising.
 
-    Tasks that have not started are cancelled, and tasks already running are
-    waited for (up to ``grace`` seconds): once this raises, no task of the failed
-    stage writes any more, so the caller can discard or remove what it wrote.
+    Tasks that have not started are cancelled; tasks already running are waited
+    for (up to ``grace`` seconds), then released: once this raises, no task of the
+    failed stage writes any more, so the caller can discard or remove what it
+    wrote. Only the scheduler is asked (workers may be dead or dying).
     """
     try:
         return client.gather(futures)
     except BaseException:
-        keys = [f.key for f in futures]
         try:
-            client.cancel(futures)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                busy = client.run(_running, keys, on_error="return")
-                if not any(isinstance(v, list) and v for v in busy.values()):
-                    break
-                time.sleep(0.05)
+            from distributed import wait
+
+            busy = {k for keys in client.processing().values() for k in keys}
+            running = [f for f in futures if f.key in busy]
+            client.cancel([f for f in futures if f.key not in busy])
+            if running:
+                wait(running, timeout=grace)
+            client.cancel(running)
         except Exception:  # noqa: BLE001 - a cluster going down: the original error matters more
             pass
         raise

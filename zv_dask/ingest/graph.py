@@ -325,6 +325,9 @@ def _write_tasks(writes, splits, groups, grid, shard_shape) -> dict:
             n_shards = tuple(int(-(-s // k)) for s, k in zip(grid.shape, ss))
             first = np.array(np.unravel_index(start, n_shards)) * ss + np.asarray(grid.origin, np.int64)
         out[w.key] = (f"writing group {g}, first chunk {chunk_key(first)}", chunk_key(first))
+        for p, s in enumerate(splits):  # the piece of partition p that group g gathers
+            out[s[g].key] = (f"group {g} (first chunk {chunk_key(first)}) gathering input partition {p}",
+                             chunk_key(first))
     return out
 
 
