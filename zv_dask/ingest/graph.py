@@ -67,12 +67,7 @@ def write_group(pieces, grid: Grid, level: int, target, attr_names, group_index:
     except Exception as e:  # noqa: BLE001 - name the stage and chunk, keep the cause
         raise IngestError(f"writing group {group_index} (first chunk {first}) failed: {type(e).__name__}: {e}",
                           stage="write", chunk=first) from e
-    summary = ChunkSummary(plan.chunks, np.diff(plan.row_splits), bytes_written=nbytes)
-    if oids is not None:
-        frag_chunk = np.repeat(np.arange(plan.n_chunks), np.diff(plan.frag_splits))
-        summary.object_ids = plan.fragment_objects
-        summary.object_chunks = plan.chunks[frag_chunk]
-        summary.object_fragments = np.arange(len(plan.fragment_counts)) - plan.frag_splits[frag_chunk]
+    summary = ChunkSummary.from_plan(plan, nbytes)
     return summary, returned_fork(target)
 
 
