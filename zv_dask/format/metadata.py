@@ -315,17 +315,20 @@ def ome_block(name: str, axes: list[dict], levels: list[int]) -> dict:
 
 
 def vertices_attrs(dtype: str, nonempty: list[str], origin) -> dict:
+    """Attributes of a level's ``vertices`` array: presence list, dtype, encoding, grid origin."""
     out = {"nonempty_chunks": nonempty, "zv_array": "vertices", "dtype": np.dtype(dtype).name, "encoding": "raw"}
     return _with_origin(out, origin)
 
 
 def fragments_attrs(nonempty: list[str], origin) -> dict:
+    """Attributes of a level's ``vertex_fragments`` array: presence list, encoding, grid origin."""
     out = {"nonempty_chunks": nonempty, "zv_array": "vertex_fragments", "encoding": "fragment_index_v1"}
     return _with_origin(out, origin)
 
 
 def attribute_attrs(name: str, dtype, channels: int | None, nonempty: list[str], origin,
                     unit: str | None = None, description: str | None = None) -> dict:
+    """Attributes of one ``vertex_attributes/<name>`` array: dtype, row shape, channel names, presence list."""
     out: dict[str, Any] = {"nonempty_chunks": nonempty, "zv_array": "attribute", "name": name,
                            "dtype": np.dtype(dtype).name}
     if channels is None:

@@ -52,6 +52,7 @@ def check_attributes(attributes, n: int, chunks=None) -> dict:
 
 
 def check_object_ids(object_ids, n: int, chunks=None):
+    """Validate per-point object ids (``None``, or ``n`` integers); returns them, or raises :class:`InputError`."""
     if object_ids is None:
         return None
     if not hasattr(object_ids, "shape"):

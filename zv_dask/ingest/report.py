@@ -47,6 +47,7 @@ class IngestReport:
         return self.points_written / t if t > 0 else float("nan")
 
     def to_dict(self) -> dict:
+        """Every field as a JSON-ready dict, plus ``total_seconds`` and ``points_per_second``."""
         d = asdict(self)
         d["total_seconds"] = self.total_seconds
         d["points_per_second"] = self.points_per_second

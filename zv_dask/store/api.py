@@ -91,6 +91,7 @@ class ZVStore:
         return list_resolution_levels(self)
 
     def level_bin_shape(self, level: int) -> tuple[float, ...]:
+        """Bin edge lengths of a level in world units (the base bin at level 0, from NGFF above)."""
         meta = self.metadata
         if level == 0:
             return meta.effective_bin_shape
@@ -100,6 +101,7 @@ class ZVStore:
         return bins[level]
 
     def level_chunk_shape(self, level: int) -> tuple[float, ...]:
+        """Chunk edge lengths of a level in world units (the root chunk unless the level sets its own)."""
         meta = self.metadata
         if level == 0:
             return meta.chunk_shape

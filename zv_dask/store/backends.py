@@ -50,6 +50,7 @@ class Backend:
 
 
 def url_scheme(target) -> str:
+    """The lower-case URL scheme of ``target`` (``""`` for paths, Windows drive letters and non-strings)."""
     if not isinstance(target, str):
         return ""
     scheme = urlparse(target).scheme.lower()
@@ -57,6 +58,7 @@ def url_scheme(target) -> str:
 
 
 def local_path(target) -> Path:
+    """A local path or ``file://`` URL as a :class:`~pathlib.Path`."""
     if isinstance(target, Path):
         return target
     if isinstance(target, str) and target.startswith("file://"):

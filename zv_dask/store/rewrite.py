@@ -15,6 +15,7 @@ __all__ = ["regrid_store"]
 
 
 def regrid_store(store, lo, hi, *, prune: bool) -> None:
+    """Rewrite every level on the grid of new bounds ``lo``/``hi`` (``prune`` drops points outside)."""
     from zv_dask.local import write_level_points
     from zv_dask.store.api import list_resolution_levels, read_level_metadata, write_root_metadata
 
