@@ -147,20 +147,39 @@ def bounce_during(srv, prefix: str, job, *, pattern: str = r"/c/|/chunks/", down
     raw = srv.obstore(client_options={"timeout": "2s"}, retry_config={"max_retries": 0})
     rx = re.compile(pattern)
     old = {m["path"] for m in obstore.list(raw, prefix=f"{prefix}/").collect()}
+    probe = None
     worker.start()
     deadline = time.monotonic() + timeout
     try:
         while worker.is_alive() and time.monotonic() < deadline:
             keys = [m["path"] for m in obstore.list(raw, prefix=f"{prefix}/").collect()]
-            if any(rx.search(k) for k in keys if k not in old):
+            new = [k for k in keys if k not in old and rx.search(k)]
+            if new:
                 srv.stop()
                 out.stopped_at = time.monotonic()
+                probe = new[0]
                 time.sleep(down)
                 break
             time.sleep(0.01)
     finally:
         if not srv.running:
             srv.restart()
+            if probe is not None:
+                _wait_readable(raw, probe, deadline)
     worker.join(timeout)
     assert not worker.is_alive(), f"the job did not end within {timeout}s"
     return out
+
+
+def _wait_readable(raw, key: str, deadline: float) -> None:
+    """After a restart LIST works at once, but GETs answer 500 for a few seconds (volumes re-register)."""
+    import obstore
+
+    while True:
+        try:
+            obstore.get(raw, key).bytes()
+            return
+        except Exception:  # noqa: BLE001 - 500 while the volume server comes back
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

@@ -170,7 +170,7 @@ def test_killed_worker_keeps_an_existing_plain_store(tmp_path, fragile_client, r
         zv_dask.ingest(rng.uniform(0, 100, (N, 3)), FaultyStore(LocalStore(path), after=2, action="kill"),
                        client=fragile_client, **JOB)
     _assert_stage_error(info.value, "write")
-    assert isinstance(info.value.__cause__, KilledWorker) and "writing group" in str(info.value)
+    assert isinstance(info.value.__cause__, KilledWorker) and f"(first chunk {info.value.chunk})" in str(info.value)
     assert _metadata(path) == before
     assert reference_validate(path) == ["resolution_0: no chunk data"]
 

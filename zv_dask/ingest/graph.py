@@ -319,7 +319,7 @@ def _write_tasks(writes, splits, groups, grid, shard_shape) -> dict:
             ss = np.asarray(shard_shape, np.int64)
             n_shards = tuple(int(-(-s // k)) for s, k in zip(grid.shape, ss))
             first = np.array(np.unravel_index(start, n_shards)) * ss + np.asarray(grid.origin, np.int64)
-        out[w.key] = (f"writing group {g}, first chunk {chunk_key(first)}", chunk_key(first))
+        out[w.key] = (f"writing group {g} (first chunk {chunk_key(first)})", chunk_key(first))
         for p, s in enumerate(splits):  # the piece of partition p that group g gathers
             out[s[g].key] = (f"group {g} (first chunk {chunk_key(first)}) gathering input partition {p}",
                              chunk_key(first))
@@ -372,11 +372,25 @@ def _restore_metadata(zs, docs: dict[str, bytes]) -> None:
         pass
 
 
-def _remove_new_store(zs) -> None:
-    """A store this job created and failed to fill is removed, so a retry starts clean."""
+def _remove_new_store(zs, settle: float = 0.6) -> None:
+    """A store this job created and failed to fill is removed, so a retry starts clean.
+
+    The task that failed may have had other puts in flight in its zarr I/O loop,
+    which land just after it raised: the removal looks again for ``settle`` seconds.
+    """
     from zarr.core.sync import sync
+
+    async def anything_left() -> bool:
+        async for _ in zs.store.list():
+            return True
+        return False
 
     try:
         sync(zs.store.delete_dir(""))
+        deadline = time.monotonic() + settle
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if sync(anything_left()):
+                sync(zs.store.delete_dir(""))
     except Exception:  # noqa: BLE001 - best effort; the original error matters more
         pass
