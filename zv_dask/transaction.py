@@ -119,9 +119,11 @@ def gather_or_stop(client, futures, grace: float = 60.0) -> list:
     """``client.gather(futures)``; on the first failure, stop the stage before raising.
 
     Tasks that have not started are cancelled; tasks already running are waited
-    for (up to ``grace`` seconds), then released: once this raises, no task of the
-    failed stage writes any more, so the caller can discard or remove what it
-    wrote. Only the scheduler is asked (workers may be dead or dying).
+    for (up to ``grace`` seconds), then released, so that the caller can discard
+    or remove what the stage wrote. Only the scheduler is asked (workers may be
+    dead or dying). Two things can still land a moment later: puts the failed
+    task itself had in flight in its zarr I/O loop, and a task that started
+    between the scheduler's answer and the cancel.
     """
     try:
         return client.gather(futures)
