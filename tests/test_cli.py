@@ -258,6 +258,8 @@ BAD = {
     "zero workers": (["ingest", "{table}", "{tmp}/o.zv", "--chunk-shape", "9", "--workers", "0"], "--workers"),
     "memory limit": (["ingest", "{table}", "{tmp}/o.zv", "--chunk-shape", "9", "--memory-limit", "lots"],
                      "--memory-limit"),
+    "scheduler and workers": (["ingest", "{table}", "{tmp}/o.zv", "--chunk-shape", "9", "--workers", "2",
+                               "--scheduler", "threads"], "not allowed with argument --scheduler"),
     "scheduler": (["ingest", "{table}", "{tmp}/o.zv", "--chunk-shape", "9", "--scheduler", "nonsense"],
                   "not a scheduler address"),
     "out of bounds": (["ingest", "{table}", "{tmp}/o.zv", "--chunk-shape", "9", "--bounds", "0,0,0,1,1,1",

@@ -29,6 +29,7 @@ PROG = "zv-dask"
 IN_PROCESS_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading")
 DEMO_STORE = "zv-demo.zv"
 DEMO_POINTS = 300_000
+DEMO_MAX_WORKERS = 4
 DEMO_TASK_POINTS = 50_000  # small tasks, so that the demo spreads over every worker
 
 
@@ -176,18 +177,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _common(json_output: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+def _add_output(p, json_output: bool = True) -> None:
     g = p.add_argument_group("output")
     if json_output:
         g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
     g.add_argument("--debug", action="store_true", help="show a traceback when something fails")
-    return p
 
 
-def _storage() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+def _add_storage(p) -> None:
     g = p.add_argument_group("storage")
     g.add_argument("--icechunk", action="store_true",
                    help="STORE is an icechunk repository (path or URL); the job is one commit")
@@ -196,27 +194,22 @@ def _storage() -> argparse.ArgumentParser:
                    default=[], help="object storage option, repeatable: endpoint, region, access_key_id, "
                                     "secret_access_key, allow_http, anonymous, timeout, max_retries, ... "
                                     "(values parsed as bool/int/float/str)")
-    return p
 
 
-def _compute() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+def _add_cluster(p, default_workers: str = "one per CPU core") -> None:
     g = p.add_argument_group("cluster")
-    x = g.add_mutually_exclusive_group()
-    x.add_argument("--scheduler", metavar="ADDRESS",
+    g.add_argument("--scheduler", metavar="ADDRESS",
                    help="a running Dask scheduler (tcp://host:8786), or 'synchronous' / 'threads' to run in this "
                         "process; default: start a LocalCluster")
-    x.add_argument("--workers", type=_count, metavar="N",
-                   help="worker processes of the LocalCluster (default: one per CPU core)")
+    g.add_argument("--workers", type=_count, metavar="N",
+                   help=f"worker processes of the LocalCluster (default: {default_workers})")
     g.add_argument("--threads-per-worker", type=_count, default=1, metavar="N",
                    help="threads per LocalCluster worker (default: 1)")
     g.add_argument("--memory-limit", type=_memory, default="auto", metavar="SIZE",
                    help="memory limit per LocalCluster worker, e.g. 4GiB (default: auto, a share of the RAM)")
-    return p
 
 
-def _pyramid_opts(include_flag: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+def _add_pyramid(p, include_flag: bool) -> None:
     g = p.add_argument_group("pyramid")
     if include_flag:
         g.add_argument("--pyramid", action=argparse.BooleanOptionalAction, default=True,
@@ -231,7 +224,6 @@ def _pyramid_opts(include_flag: bool) -> argparse.ArgumentParser:
                    help="how a bin's points become its coarse points (default: centroid)")
     g.add_argument("--min-points", type=_non_negative, default=1024, metavar="N",
                    help="stop adding levels once a level holds at most N points (default: 1024)")
-    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     fmt = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("ingest", parents=[_common(), _storage(), _compute(), _pyramid_opts(True)], formatter_class=fmt,
+    p = sub.add_parser("ingest", formatter_class=fmt,
                        help="ingest point files into a ZV store (and build its pyramid)",
                        description="Ingest point files into level 0 of a ZV store, then build the coarse levels.\n\n"
                                    "SOURCE: Parquet, CSV, NPY, zarr or LAS/LAZ files, or globs of them\n"
@@ -280,33 +272,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true",
                    help="scan the input and print the plan (partitions, chunks, grid, bytes, memory); write nothing")
     g.add_argument("--message", "-m", help="icechunk commit message")
+    _add_pyramid(p, True)
+    _add_storage(p)
+    _add_cluster(p)
+    _add_output(p)
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("pyramid", parents=[_common(), _storage(), _compute(), _pyramid_opts(False)],
-                       help="(re)build the coarse levels of a store",
+    p = sub.add_parser("pyramid", help="(re)build the coarse levels of a store",
                        description="Build coarse levels 1..L of a store from its level 0 (existing coarse levels are "
                                    "replaced).")
     p.add_argument("store", metavar="STORE")
     p.add_argument("--sample-size", type=_count, default=8, metavar="N", help="points per bin for --method sample")
     p.add_argument("--seed", type=int, default=0, help="seed of --method random/sample (default: 0)")
     p.add_argument("--message", "-m", help="icechunk commit message")
+    _add_pyramid(p, False)
+    _add_storage(p)
+    _add_cluster(p)
+    _add_output(p)
     p.set_defaults(func=cmd_pyramid)
 
-    p = sub.add_parser("info", parents=[_common(), _storage()], help="describe a store",
+    p = sub.add_parser("info", help="describe a store",
                        description="Levels, point counts, bounds, attributes and (where cheap) sizes on disk.")
     p.add_argument("store", metavar="STORE")
+    _add_storage(p)
+    _add_output(p)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("validate", parents=[_common(), _storage()], help="check a store's structure and consistency",
+    p = sub.add_parser("validate", help="check a store's structure and consistency",
                        description="zv-dask's own checks: metadata parses, levels are contiguous, every non-empty "
                                    "cell decodes, fragments tile the rows, counts add up, object manifests point at "
                                    "existing chunks and fragments, vertex counts never grow by level, the grid "
                                    "covers every chunk. Exit code 1 when an error is found.")
     p.add_argument("store", metavar="STORE")
     p.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
+    _add_storage(p)
+    _add_output(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("demo", parents=[_common(), _compute()], help="ingest a synthetic cloud, end to end",
+    p = sub.add_parser("demo", help="ingest a synthetic cloud, end to end",
                        description="Make a synthetic point cloud (clustered 3-D points with an intensity and a "
                                    "label), ingest it and build its pyramid on a LocalCluster, then print the "
                                    "report, the store summary and the validation. Replaces a previous demo store.")
@@ -316,7 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=_count, default=DEMO_POINTS, metavar="N",
                    help=f"number of points (default: {DEMO_POINTS:,})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    _add_cluster(p, default_workers=f"one per CPU core, at most {DEMO_MAX_WORKERS}")
+    _add_output(p)
     p.set_defaults(func=cmd_demo)
+    for command_parser in sub.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -409,6 +416,8 @@ def _cluster(args):
     from distributed import LocalCluster
 
     n = args.workers or max(1, os.cpu_count() or 1)
+    if args.command == "demo" and not args.workers:
+        n = min(n, DEMO_MAX_WORKERS)
     memory = None if args.memory_limit == "none" else (0 if args.memory_limit == "0" else args.memory_limit)
     _status(args, f"starting a LocalCluster: {n} worker process{'es' if n > 1 else ''} x "
                   f"{args.threads_per_worker} thread(s) on 127.0.0.1, memory limit {args.memory_limit}")
@@ -703,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``zv-dask`` command line; returns the exit code (0 done, 1 failure, 2 bad arguments or input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "scheduler", None) and getattr(args, "workers", None):
+        args.command_parser.error(
+            "argument --workers: not allowed with argument --scheduler (the scheduler's cluster has its workers)")
     _quiet_logs(args)
     out = sys.stdout
     prog = f"{PROG} {args.command}"
