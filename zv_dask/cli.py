@@ -708,6 +708,28 @@ def _quiet_logs(args) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="distributed")
 
 
+@contextlib.contextmanager
+def _result_stream():
+    """A stream for the command's result; stdout (Python's and file descriptor 1) points at stderr meanwhile."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real file descriptors (embedded use): redirect Python's stdout only
+        with contextlib.redirect_stdout(sys.stderr):
+            yield sys.stdout
+        return
+    out = os.fdopen(saved, "w", encoding="utf-8", closefd=False)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield out
+    finally:
+        out.flush()
+        sys.stderr.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``zv-dask`` command line; returns the exit code (0 done, 1 failure, 2 bad arguments or input)."""
     parser = build_parser()
@@ -716,11 +738,11 @@ def main(argv: list[str] | None = None) -> int:
         args.command_parser.error(
             "argument --workers: not allowed with argument --scheduler (the scheduler's cluster has its workers)")
     _quiet_logs(args)
-    out = sys.stdout
     prog = f"{PROG} {args.command}"
     try:
-        # Everything but the result goes to stderr, so --json output stays parseable.
-        with contextlib.redirect_stdout(sys.stderr):
+        # Only the result goes to stdout (so --json output stays parseable): anything else printed
+        # here or by worker processes started during the command goes to stderr.
+        with _result_stream() as out:
             return int(args.func(args, out))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
