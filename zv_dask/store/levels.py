@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import zarr
 
-from zv_dask.errors import MetadataError
+from zv_dask.errors import FormatError, MetadataError
 from zv_dask.format.cells import (
     EMPTY_MANIFEST,
     decode_attribute,
@@ -29,6 +29,7 @@ from zv_dask.format.cells import (
 )
 from zv_dask.format.grid import Grid, chunk_keys, parse_chunk_key
 from zv_dask.format.layout import ChunkPayload
+from zv_dask.store.cellio import get_cells, put_cells
 from zv_dask.format.metadata import LevelMetadata, attribute_attrs, fragments_attrs, vertices_attrs
 
 __all__ = [
@@ -142,34 +143,6 @@ def vlen_frame(payload: bytes) -> bytes:
     return np.array([1, len(payload)], "<u4").tobytes() + payload
 
 
-async def _put_all(zstore, items, limit: int = 64):
-    import asyncio
-
-    from zarr.core.buffer import default_buffer_prototype
-
-    proto = default_buffer_prototype()
-    sem = asyncio.Semaphore(limit)
-
-    async def put(key, data):
-        async with sem:
-            await zstore.set(key, proto.buffer.from_bytes(data))
-
-    await asyncio.gather(*(put(k, d) for k, d in items))
-
-
-def _fast_local(zstore):
-    """zarr's LocalStore renames every file from its own thread; obstore's local store does the
-    same atomic write-and-rename from Rust threads, several times faster for many small cells."""
-    from zarr.storage import LocalStore
-
-    if isinstance(zstore, LocalStore) and not zstore.read_only:
-        from obstore.store import LocalStore as ObsLocal
-        from zarr.storage import ObjectStore
-
-        return ObjectStore(ObsLocal(str(zstore.root), mkdir=True))
-    return zstore
-
-
 def write_chunk_payloads(zstore, level: int, grid: Grid, payloads: list[ChunkPayload],
                          attribute_names: list[str]) -> int:
     """Write the cells of ``payloads`` into level ``level`` of the store; returns payload bytes written.
@@ -179,8 +152,6 @@ def write_chunk_payloads(zstore, level: int, grid: Grid, payloads: list[ChunkPay
     compressed or sharded arrays go through zarr's codec pipeline. Chunks of one
     shard must all be in one batch.
     """
-    from zarr.core.sync import sync
-
     if not payloads:
         return 0
     cells = grid.cells(np.array([p.chunk for p in payloads], np.int64))
@@ -197,8 +168,7 @@ def write_chunk_payloads(zstore, level: int, grid: Grid, payloads: list[ChunkPay
             direct.extend((f"{level}/{path}/c/{cp}", vlen_frame(v)) for cp, v in zip(cell_paths, values))
         else:
             arr.set_coordinate_selection(tuple(cells.T), _object_array(values))
-    if direct:
-        sync(_put_all(_fast_local(zstore), direct))
+    put_cells(zstore, direct)
     return total
 
 
@@ -302,6 +272,24 @@ def _attr_arrays(g: zarr.Group, names) -> dict[str, zarr.Array]:
     return {n: arrays[n] for n in names}
 
 
+def unframe(frame) -> bytes:
+    """Payload of a one-item vlen-bytes frame (``b""`` for a missing cell)."""
+    if frame is None:
+        return b""
+    count, n = np.frombuffer(frame[:8], "<u4")
+    if count != 1 or len(frame) != 8 + int(n):
+        raise FormatError(f"cell frame holds {int(count)} items / {len(frame)} bytes; expected one item of {int(n)}")
+    return frame[8:]
+
+
+def _read_cells(zstore, arr: zarr.Array, cells: np.ndarray) -> list:
+    """Payload bytes of the given cells: straight from the store for plain vlen arrays, else through zarr."""
+    if _plain_vlen(arr):
+        keys = [f"{arr.path}/c/" + "/".join(map(str, c)) for c in cells.tolist()]
+        return [unframe(f) for f in get_cells(zstore, keys)]
+    return list(arr.get_coordinate_selection(tuple(cells.T)))
+
+
 def read_chunks(zstore, level: int, chunks: np.ndarray, attributes=None, *, ndim: int) -> list[ChunkData]:
     """Read and decode the cells of the given absolute chunks (all must be non-empty)."""
     root = zarr.open_group(zstore, mode="r", zarr_format=3)
@@ -312,11 +300,11 @@ def read_chunks(zstore, level: int, chunks: np.ndarray, attributes=None, *, ndim
     vert = g["vertices"]
     origin = np.asarray(vert.attrs.get("chunk_grid_origin", [0] * ndim), np.int64)
     dtype = vert.attrs.get("dtype", "float32")
-    sel = tuple((chunks - origin).T)
-    vbytes = vert.get_coordinate_selection(sel)
-    fbytes = g["vertex_fragments"].get_coordinate_selection(sel)
+    cells = chunks - origin
+    vbytes = _read_cells(zstore, vert, cells)
+    fbytes = _read_cells(zstore, g["vertex_fragments"], cells)
     attr_arrays = _attr_arrays(g, attributes)
-    abytes = {n: a.get_coordinate_selection(sel) for n, a in attr_arrays.items()}
+    abytes = {n: _read_cells(zstore, a, cells) for n, a in attr_arrays.items()}
     out = []
     for i, c in enumerate(chunks):
         pos = decode_vertices(bytes(vbytes[i]), ndim, dtype)

@@ -1,0 +1,152 @@
+"""Many small cell objects in, many out: the I/O of chunk cells.
+
+A level is thousands of small objects (one per array per chunk), so the
+per-object overhead decides the write speed. zarr's generic store path costs
+about 0.3 ms per object here; this module goes one layer down when it can:
+
+* a zarr ``LocalStore``: plain files, written to a temporary name and renamed
+  (atomic, like zarr's own put), about 0.05 ms per file;
+* a zarr ``ObjectStore``: the wrapped obstore store, with concurrent requests;
+* anything else (icechunk, fsspec): the zarr store's own async ``set``/``get``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+__all__ = ["put_cells", "get_cells", "CONCURRENCY"]
+
+CONCURRENCY = 64
+
+
+def _local_root(zstore):
+    from zarr.storage import LocalStore
+
+    return str(zstore.root) if isinstance(zstore, LocalStore) else None
+
+
+def _obstore_of(zstore):
+    from zarr.storage import ObjectStore
+
+    return zstore.store if isinstance(zstore, ObjectStore) else None
+
+
+def _write_file(path: str, data: bytes) -> None:
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.partial"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+
+
+def _read_file(path: str):
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+
+
+def _threads(fn, args, n_items):
+    if n_items < 64:
+        return [fn(*a) for a in args]
+    with ThreadPoolExecutor(4) as ex:
+        return list(ex.map(lambda a: fn(*a), args))
+
+
+def put_cells(zstore, items: list[tuple[str, bytes]]) -> None:
+    """Store every ``(key, bytes)``; keys are store-relative (``"0/vertices/c/1/2/3"``)."""
+    from zarr.core.sync import sync
+
+    if not items:
+        return
+    if getattr(zstore, "read_only", False):
+        raise PermissionError("the store is read-only")
+    root = _local_root(zstore)
+    if root is not None:
+        dirs = {os.path.dirname(os.path.join(root, k)) for k, _ in items}
+        for d in dirs:
+            os.makedirs(d, exist_ok=True)
+        _threads(_write_file, [(os.path.join(root, k), v) for k, v in items], len(items))
+        return
+    obs = _obstore_of(zstore)
+    if obs is not None:
+        import obstore
+
+        async def run():
+            sem = asyncio.Semaphore(CONCURRENCY)
+
+            async def one(k, v):
+                async with sem:
+                    await obstore.put_async(obs, k, v)
+
+            await asyncio.gather(*(one(k, v) for k, v in items))
+
+        sync(run())
+        return
+    from zarr.core.buffer import default_buffer_prototype
+
+    proto = default_buffer_prototype()
+
+    async def run_zarr():
+        sem = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(k, v):
+            async with sem:
+                await zstore.set(k, proto.buffer.from_bytes(v))
+
+        await asyncio.gather(*(one(k, v) for k, v in items))
+
+    sync(run_zarr())
+
+
+def get_cells(zstore, keys: list[str]) -> list:
+    """Bytes of every key (``None`` where the object does not exist)."""
+    from zarr.core.sync import sync
+
+    if not keys:
+        return []
+    root = _local_root(zstore)
+    if root is not None:
+        return _threads(_read_file, [(os.path.join(root, k),) for k in keys], len(keys))
+    obs = _obstore_of(zstore)
+    if obs is not None:
+        import obstore
+
+        async def run():
+            sem = asyncio.Semaphore(CONCURRENCY)
+
+            async def one(k):
+                async with sem:
+                    try:
+                        r = await obstore.get_async(obs, k)
+                    except FileNotFoundError:
+                        return None
+                    return bytes(await r.bytes_async())
+
+            return await asyncio.gather(*(one(k) for k in keys))
+
+        return list(sync(run()))
+    from zarr.core.buffer import default_buffer_prototype
+
+    proto = default_buffer_prototype()
+
+    async def run_zarr():
+        sem = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(k):
+            async with sem:
+                b = await zstore.get(k, proto)
+                return None if b is None else b.to_bytes()
+
+        return await asyncio.gather(*(one(k) for k in keys))
+
+    return list(sync(run_zarr()))
