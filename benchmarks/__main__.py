@@ -144,6 +144,7 @@ def main(argv=None):
     ap.add_argument("--reference-max", type=float, default=1e7, help="largest N run through the reference")
     ap.add_argument("--floor-max", type=float, default=1e7, help="largest N for the in-memory floor")
     ap.add_argument("--parquet-from", type=float, default=1e8, help="N from which input is read from Parquet")
+    ap.add_argument("--append", action="store_true", help="add these rows to the existing results file")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--work", default=os.path.join(HERE, "work"))
     args = ap.parse_args(argv)
@@ -188,9 +189,13 @@ def main(argv=None):
                                  "error": f"not run: N > {args.reference_max:.0e} (its pyramid with links passed "
                                           "20 GiB and was killed at 1e8 on this machine, see NOTES)"})
             del pts, attrs
-    result = {"machine": machine(), "smoke": args.smoke, "rows": rows}
     name = "smoke" if args.smoke else "benchmarks"
-    with open(os.path.join(args.out, f"{name}.json"), "w") as fh:
+    path = os.path.join(args.out, f"{name}.json")
+    if args.append and os.path.exists(path):
+        with open(path) as fh:
+            rows = json.load(fh)["rows"] + rows
+    result = {"machine": machine(), "smoke": args.smoke, "work_dir": os.path.abspath(args.work), "rows": rows}
+    with open(path, "w") as fh:
         json.dump(result, fh, indent=1, default=float)
     md = write_report(result, args.out, name)
     print(md)

@@ -18,7 +18,8 @@ def write_report(result: dict, out: str, name: str) -> str:
     m = result["machine"]
     lines = [f"# zv-dask benchmarks ({m['date']})", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB; Python {m['python']}, "
-             f"zv-dask {m['zv_dask']}, dask {m['dask']}, zarr {m['zarr']}.",
+             f"zv-dask {m['zv_dask']}, dask {m['dask']}, zarr {m['zarr']}. Stores written under "
+             f"`{result.get('work_dir', '?')}`.",
              "3-D float32 points in [0, 1000)^3 plus two float32 attributes; chunk 125 (512 chunks); "
              f"pyramid of 3 levels (bin ratio 2). zv-dask runs on a LocalCluster (1 thread per worker process). "
              "The reference is zarr-vectors 0.9.2 `write_points` + `build_pyramid` in one process; its pyramid "

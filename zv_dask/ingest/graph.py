@@ -193,6 +193,9 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     # pass 1: scan and reduce -------------------------------------------------------------
     from dask import delayed
 
+    if cl is not None and src.in_memory:
+        # numpy / pandas input: send it to the workers once, for both passes
+        src.partitions = cl.persist(src.partitions)
     scans = [delayed(_scan_task)(p, probe, plan.bounds, drop, 0) for p in src.partitions]
     try:
         scanned = _compute(scans, cl, progress, "scan: statistics and chunk counts")

@@ -58,6 +58,7 @@ class Source:
     kind: str = "array"
     n_rows: int | None = None
     description: str = ""
+    in_memory: bool = False  # the data sit in this process (numpy, pandas): ship them to workers once
 
 
 # -- helpers that run on workers (top level so they pickle by reference) ---------------
@@ -140,7 +141,7 @@ def _from_arrays(points, attributes, object_ids, partition_rows, kind="array") -
              for i in range(len(pblocks))]
     specs = {k: (np.dtype(v.dtype).name, int(v.shape[1]) if v.ndim == 2 else None) for k, v in attr_d.items()}
     return Source(parts, d, np.dtype(points.dtype), specs, oid_d is not None, kind=kind, n_rows=n,
-                  description=f"{kind} of {n} points in {len(parts)} partitions")
+                  description=f"{kind} of {n} points in {len(parts)} partitions", in_memory=not is_dask)
 
 
 # -- data frames -------------------------------------------------------------------------
@@ -157,7 +158,8 @@ def _from_frame(df, columns, attributes, object_ids, partition_rows, kind="dataf
     import pandas as pd
     from dask import delayed
 
-    if isinstance(df, pd.DataFrame):
+    in_memory = isinstance(df, pd.DataFrame)
+    if in_memory:
         nparts = max(1, -(-len(df) // partition_rows))
         df = dd.from_pandas(df, npartitions=nparts, sort=False)
     columns = list(columns) if columns is not None else [c for c in DEFAULT_AXES[:3] if c in df.columns]
@@ -192,7 +194,7 @@ def _from_frame(df, columns, attributes, object_ids, partition_rows, kind="dataf
     parts = [delayed(_batch_from_frame, pure=True)(p, columns, attr_names, oid_col) for p in df.to_delayed()]
     specs = {a: (np.dtype(df[a].dtype).name, None) for a in attr_names}
     return Source(parts, len(columns), np.dtype(pos_dtype), specs, oid_col is not None, axes=columns, kind=kind,
-                  description=description or f"{kind} with {df.npartitions} partitions")
+                  description=description or f"{kind} with {df.npartitions} partitions", in_memory=in_memory)
 
 
 # -- xarray ------------------------------------------------------------------------------
