@@ -34,7 +34,8 @@ from zv_dask.ingest.shuffle import (
 from zv_dask.ingest.sources import as_source
 from zv_dask.ingest.target import materialize_target, plan_target
 from zv_dask.store.levels import AttributeSpec, ChunkSummary, finalize_level, prepare_level, write_chunk_payloads
-from zv_dask.transaction import WriteJob, gather_or_stop, returned_fork, worker_store
+from zv_dask.scheduling import resolve_client, run_tasks
+from zv_dask.transaction import WriteJob, returned_fork, worker_store
 
 __all__ = ["ingest", "PendingIngest"]
 
@@ -69,35 +70,6 @@ def write_group(pieces, grid: Grid, level: int, target, attr_names, group_index:
                           stage="write", chunk=first) from e
     summary = ChunkSummary.from_plan(plan, nbytes)
     return summary, returned_fork(target)
-
-
-# -- scheduling ------------------------------------------------------------------------
-def _client(client):
-    if client is not None:
-        return client
-    try:
-        from distributed import default_client
-        return default_client()
-    except (ImportError, ValueError):
-        return None
-
-
-def _compute(objs, client, progress: bool, label: str):
-    """Compute dask objects on the client (or the local scheduler), with a progress bar if asked."""
-    import dask
-
-    if client is not None:
-        futures = client.compute(list(objs))
-        if progress:
-            from zv_dask.progress import show_progress
-            show_progress(futures, label)
-        return gather_or_stop(client, futures)
-    if progress:
-        from dask.diagnostics import ProgressBar
-        print(label, flush=True)
-        with ProgressBar():
-            return list(dask.compute(*objs))
-    return list(dask.compute(*objs))
 
 
 def _choose_dtype(dtype, src) -> tuple[str, str]:
@@ -188,7 +160,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     probe = Grid(tuple(map(float, probe_bounds[0])), tuple(map(float, probe_bounds[1])), plan.chunk_shape,
                  plan.base_bin_shape or plan.chunk_shape, dt)
     drop = out_of_bounds == "ignore" and plan.bounds is not None
-    cl = _client(client)
+    cl = resolve_client(client)
 
     # pass 1: scan and reduce -------------------------------------------------------------
     from dask import delayed
@@ -198,7 +170,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         src.partitions = cl.persist(src.partitions)
     scans = [delayed(_scan_task)(p, probe, plan.bounds, drop, 0) for p in src.partitions]
     try:
-        scanned = _compute(scans, cl, progress, "scan: statistics and chunk counts")
+        scanned = run_tasks(scans, cl, progress, "scan: statistics and chunk counts")
     except Exception as e:
         if isinstance(e, ZVError):
             raise
@@ -256,7 +228,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         t2 = time.perf_counter()
         stage = "write"
         try:
-            results = _compute(writes, cl, progress, "shuffle and write level 0")
+            results = run_tasks(writes, cl, progress, "shuffle and write level 0")
             job.absorb([fork for _, fork in results])
             summary = ChunkSummary.concat([s for s, _ in results], grid.ndim)
             t3 = time.perf_counter()

@@ -25,6 +25,7 @@ from zv_dask.ingest.report import _fmt_bytes
 from zv_dask.ingest.shuffle import combine_occupancy, plan_groups, scan_partition
 from zv_dask.ingest.sources import as_source
 from zv_dask.ingest.target import plan_target
+from zv_dask.scheduling import resolve_client, run_tasks
 
 __all__ = ["IngestPlan", "plan_ingest", "preflight", "WORKING_COPIES"]
 
@@ -114,32 +115,6 @@ class IngestPlan:
         return "\n".join(lines)
 
 
-def _compute(objs, client, progress: bool, label: str) -> list:
-    import dask
-
-    if client is not None:
-        futures = client.compute(list(objs))
-        if progress:
-            from zv_dask.progress import show_progress
-            show_progress(futures, label)
-        return client.gather(futures)
-    if progress:
-        from dask.diagnostics import ProgressBar
-        with ProgressBar():
-            return list(dask.compute(*objs))
-    return list(dask.compute(*objs))
-
-
-def _default_client(client):
-    if client is not None:
-        return client
-    try:
-        from distributed import default_client
-        return default_client()
-    except (ImportError, ValueError):
-        return None
-
-
 def _describe_target(store) -> str:
     if isinstance(store, str):
         return store
@@ -217,7 +192,7 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
     drop = out_of_bounds == "ignore" and plan.bounds is not None
 
     scans = [delayed(scan_partition)(p, probe, plan.bounds, drop, 0) for p in src.partitions]
-    scanned = _compute(scans, _default_client(client), progress, "scan: statistics and chunk counts")
+    scanned = run_tasks(scans, resolve_client(client), progress, "scan: statistics and chunk counts")
     counts = [int(s.stats.count) for s in scanned]
     offsets = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
     for s, off in zip(scanned, offsets):
