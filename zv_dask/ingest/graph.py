@@ -31,7 +31,7 @@ from zv_dask.ingest.shuffle import (
     scan_partition,
     split_partition,
 )
-from zv_dask.ingest.sources import as_source
+from zv_dask.ingest.sources import DEFAULT_PARTITION_ROWS, as_source
 from zv_dask.ingest.target import materialize_target, plan_target
 from zv_dask.store.levels import AttributeSpec, ChunkSummary, finalize_level, prepare_level, write_chunk_payloads
 from zv_dask.scheduling import resolve_client, run_tasks
@@ -40,6 +40,33 @@ from zv_dask.transaction import WriteJob, returned_fork, worker_store
 __all__ = ["ingest", "PendingIngest"]
 
 DEFAULT_GROUP_POINTS = 1 << 21
+MIN_AUTO_ROWS = 1 << 17  # below this, per-task overhead outweighs balance
+
+
+def auto_partition_rows(points, partition_rows: int | None, slots: int) -> int | None:
+    """Rows per partition: as given, else for an in-memory array ~4 partitions per worker thread."""
+    if partition_rows is None and hasattr(points, "shape") and not hasattr(points, "dask") and len(points.shape) == 2:
+        return int(min(DEFAULT_PARTITION_ROWS, max(MIN_AUTO_ROWS, -(-points.shape[0] // (4 * slots)))))
+    return partition_rows
+
+
+def auto_group_points(group_points: int | None, n_points: int, slots: int) -> int:
+    """Points per write group: as given, else at most DEFAULT_GROUP_POINTS and ~2 groups per worker thread."""
+    if group_points is not None:
+        return int(group_points)
+    return min(DEFAULT_GROUP_POINTS, max(MIN_AUTO_ROWS, -(-n_points // (2 * slots))))
+
+
+def task_slots(client) -> int:
+    """Worker threads that will run the tasks (this machine's cores for local schedulers)."""
+    import os
+
+    if client is None:
+        return os.cpu_count() or 1
+    try:
+        return max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
+    except Exception:  # noqa: BLE001 - an unusual client: fall back to the defaults
+        return 1
 
 
 # -- task bodies (top level: workers import them) ----------------------------------------
@@ -106,7 +133,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
            base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, pyramid=None,
            backend=None, storage_options=None, client=None, compute: bool = True, overwrite: bool = False,
            axes=None, message: str | None = None, progress: bool = False, partition_rows: int | None = None,
-           group_points: int = DEFAULT_GROUP_POINTS, branch: str = "main"):
+           group_points: int | None = None, branch: str = "main"):
     """Ingest a point cloud into level 0 of a ZV store, in parallel, and optionally build its pyramid.
 
     Parameters
@@ -147,6 +174,9 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         raise InputError(f"out_of_bounds={out_of_bounds!r} is not one of {POLICIES}")
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
+    cl = resolve_client(client)
+    slots = task_slots(cl)
+    partition_rows = auto_partition_rows(points, partition_rows, slots)
     src = as_source(points, attributes=attributes, object_ids=object_ids, columns=columns,
                     partition_rows=partition_rows)
     dt, dt_reason = _choose_dtype(dtype, src)
@@ -160,7 +190,6 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     probe = Grid(tuple(map(float, probe_bounds[0])), tuple(map(float, probe_bounds[1])), plan.chunk_shape,
                  plan.base_bin_shape or plan.chunk_shape, dt)
     drop = out_of_bounds == "ignore" and plan.bounds is not None
-    cl = resolve_client(client)
 
     # pass 1: scan and reduce -------------------------------------------------------------
     from dask import delayed
@@ -205,7 +234,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     try:
         grid = zs.grid(0)
         prepare_level(zs.root, 0, grid, specs, shards=shard_shape)
-        groups = plan_groups(grid, occ, group_points, shard_shape)
+        groups = plan_groups(grid, occ, auto_group_points(group_points, int(occ.counts.sum()), slots), shard_shape)
         target = job.target()
         splits = [delayed(_split_task, nout=groups.n_groups)(p, grid, groups.starts, drop, shard_shape)
                   for p in src.partitions]

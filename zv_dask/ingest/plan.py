@@ -176,9 +176,11 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
     """
     from dask import delayed
 
-    from zv_dask.ingest.graph import DEFAULT_GROUP_POINTS
+    from zv_dask.ingest.graph import auto_group_points, auto_partition_rows, task_slots
 
-    group_points = int(group_points or DEFAULT_GROUP_POINTS)
+    cl = resolve_client(client)
+    slots = task_slots(cl)
+    partition_rows = auto_partition_rows(points, partition_rows, slots)
     t0 = time.perf_counter()
     src, plan, dt, dt_reason = preflight(points, store, attributes=attributes, object_ids=object_ids,
                                          columns=columns, chunk_shape=chunk_shape, bounds=bounds,
@@ -192,7 +194,7 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
     drop = out_of_bounds == "ignore" and plan.bounds is not None
 
     scans = [delayed(scan_partition)(p, probe, plan.bounds, drop, 0) for p in src.partitions]
-    scanned = run_tasks(scans, resolve_client(client), progress, "scan: statistics and chunk counts")
+    scanned = run_tasks(scans, cl, progress, "scan: statistics and chunk counts")
     counts = [int(s.stats.count) for s in scanned]
     offsets = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
     for s, off in zip(scanned, offsets):
@@ -203,7 +205,7 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
     occ = combine_occupancy([s.occupancy for s in scanned], src.ndim)
     grid = Grid(tuple(map(float, final_bounds[0])), tuple(map(float, final_bounds[1])), plan.chunk_shape,
                 plan.base_bin_shape or plan.chunk_shape, dt)
-    groups = plan_groups(grid, occ, group_points, shard_shape)
+    groups = plan_groups(grid, occ, auto_group_points(group_points, int(occ.counts.sum()), slots), shard_shape)
 
     n_points = int(stats.count) - int(dropped)
     itemsize = np.dtype(dt).itemsize
