@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+from helpers import canon  # noqa: F401 - re-exported for tests that import it from conftest
 
 warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
 
@@ -32,15 +33,6 @@ def dask_client(tmp_path_factory):
 def rng():
     return np.random.default_rng(12345)
 
-
-def canon(positions, *columns):
-    """Rows of positions (plus attribute columns) in a canonical order, for multiset comparison."""
-    parts = [np.asarray(positions, np.float64).reshape(len(positions), -1)]
-    for c in columns:
-        c = np.asarray(c)
-        parts.append(c.reshape(len(c), -1).astype(np.float64))
-    table = np.concatenate(parts, axis=1)
-    return table[np.lexsort(table.T[::-1])]
 
 
 # -- a real S3 server on loopback (SeaweedFS), see tests/s3server.py ------------------------

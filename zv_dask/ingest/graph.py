@@ -17,6 +17,7 @@ import time
 from functools import reduce
 
 import numpy as np
+from dask import delayed
 
 from zv_dask.errors import IngestError, InputError, ZVError
 from zv_dask.format.grid import Grid, chunk_key
@@ -41,6 +42,46 @@ __all__ = ["ingest", "PendingIngest"]
 
 DEFAULT_GROUP_POINTS = 1 << 21
 MIN_AUTO_ROWS = 1 << 17  # below this, per-task overhead outweighs balance
+
+
+def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False):
+    """Pass 1: statistics and per-chunk counts of every partition, reduced on the client.
+
+    Returns ``(stats, final_bounds, n_dropped, occupancy, rows_per_partition)``; raises before
+    anything is written when the policy rejects the input.
+    """
+    probe_bounds = plan.bounds if plan.bounds is not None else ([0.0] * src.ndim, [0.0] * src.ndim)
+    probe = Grid(tuple(map(float, probe_bounds[0])), tuple(map(float, probe_bounds[1])), plan.chunk_shape,
+                 plan.base_bin_shape or plan.chunk_shape, plan.dtype)
+    drop = out_of_bounds == "ignore" and plan.bounds is not None
+    scans = [delayed(_scan_task)(p, probe, plan.bounds, drop, 0) for p in src.partitions]
+    try:
+        scanned = run_tasks(scans, client, progress, "scan: statistics and chunk counts")
+    except Exception as e:
+        if isinstance(e, ZVError):
+            raise
+        raise _stage_error("scan", e, {s.key: (f"input partition {p}", None) for p, s in enumerate(scans)}) from e
+    offsets = np.r_[0, np.cumsum([s.stats.count for s in scanned])[:-1]].astype(np.int64)
+    for s, off in zip(scanned, offsets):
+        if s.stats.first_nonfinite >= 0:
+            s.stats.first_nonfinite += int(off)
+    stats = reduce(combine_stats, [s.stats for s in scanned])
+    final_bounds, dropped = settle_bounds(stats, plan.bounds, out_of_bounds)
+    counts = [int(s.stats.count) for s in scanned]
+    return stats, final_bounds, dropped, combine_occupancy([s.occupancy for s in scanned], src.ndim), counts
+
+
+def precision_warnings(dtype: str, stats, src) -> list[str]:
+    """A warning when float32 storage would round double-precision input coarser than 1e-6 of its extent."""
+    if dtype != "float32" or src.position_dtype != np.float64:
+        return []
+    mag = float(np.max(np.abs(np.r_[stats.lo, stats.hi])))
+    extent = float(np.max(stats.hi - stats.lo)) or 1.0
+    step = float(np.spacing(np.float32(mag)))
+    if step > 1e-6 * extent:
+        return [f"float32 positions round to {step:.3g} at coordinate magnitude {mag:.3g}; "
+                "pass dtype='float64' to keep the source's precision"]
+    return []
 
 
 def auto_partition_rows(points, partition_rows: int | None, slots: int) -> int | None:
@@ -186,40 +227,14 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     if plan.existing is not None and not plan.overwrite and dtype is None:
         dt_reason = "the store's dtype"
     dt = plan.dtype
-    probe_bounds = plan.bounds if plan.bounds is not None else ([0.0] * src.ndim, [0.0] * src.ndim)
-    probe = Grid(tuple(map(float, probe_bounds[0])), tuple(map(float, probe_bounds[1])), plan.chunk_shape,
-                 plan.base_bin_shape or plan.chunk_shape, dt)
     drop = out_of_bounds == "ignore" and plan.bounds is not None
-
-    # pass 1: scan and reduce -------------------------------------------------------------
-    from dask import delayed
-
     if cl is not None and src.in_memory:
         # numpy / pandas input: send it to the workers once, for both passes
         src.partitions = cl.persist(src.partitions)
-    scans = [delayed(_scan_task)(p, probe, plan.bounds, drop, 0) for p in src.partitions]
-    try:
-        scanned = run_tasks(scans, cl, progress, "scan: statistics and chunk counts")
-    except Exception as e:
-        if isinstance(e, ZVError):
-            raise
-        raise _stage_error("scan", e, {s.key: (f"input partition {p}", None) for p, s in enumerate(scans)}) from e
-    offsets = np.r_[0, np.cumsum([s.stats.count for s in scanned])[:-1]].astype(np.int64)
-    for s, off in zip(scanned, offsets):
-        if s.stats.first_nonfinite >= 0:
-            s.stats.first_nonfinite += int(off)
-    stats = reduce(combine_stats, [s.stats for s in scanned])
-    final_bounds, dropped = settle_bounds(stats, plan.bounds, out_of_bounds)
-    occ = combine_occupancy([s.occupancy for s in scanned], src.ndim)
+    stats, final_bounds, dropped, occ, _ = scan_pass(src, plan, out_of_bounds, cl, progress)
     seconds["scan"] = time.perf_counter() - t0
 
-    warnings = []
-    if dt == "float32":
-        mag = float(np.max(np.abs(np.r_[stats.lo, stats.hi])))
-        extent = float(np.max(stats.hi - stats.lo)) or 1.0
-        if np.spacing(np.float32(mag)) > 1e-6 * extent and src.position_dtype == np.float64:
-            warnings.append(f"float32 positions round to {float(np.spacing(np.float32(mag))):.3g} at coordinate "
-                            f"magnitude {mag:.3g}; pass dtype='float64' to keep the source's precision")
+    warnings = precision_warnings(dt, stats, src)
 
     # coordinator: the store, the grid, the groups ------------------------------------------
     t1 = time.perf_counter()

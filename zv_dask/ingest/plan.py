@@ -14,18 +14,17 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from functools import reduce
 
 import numpy as np
 
 from zv_dask.errors import InputError
 from zv_dask.format.grid import Grid
-from zv_dask.ingest.bounds import POLICIES, combine_stats, settle_bounds
+from zv_dask.ingest.bounds import POLICIES
 from zv_dask.ingest.report import _fmt_bytes
-from zv_dask.ingest.shuffle import combine_occupancy, plan_groups, scan_partition
+from zv_dask.ingest.shuffle import plan_groups
 from zv_dask.ingest.sources import as_source
 from zv_dask.ingest.target import plan_target
-from zv_dask.scheduling import resolve_client, run_tasks
+from zv_dask.scheduling import resolve_client
 
 __all__ = ["IngestPlan", "plan_ingest", "preflight", "WORKING_COPIES"]
 
@@ -174,9 +173,8 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
         Partitions, the settled bounds and dtype, the chunk grid and occupied
         chunks, write groups, estimated bytes and per-task memory.
     """
-    from dask import delayed
-
-    from zv_dask.ingest.graph import auto_group_points, auto_partition_rows, task_slots
+    from zv_dask.ingest.graph import (
+        auto_group_points, auto_partition_rows, precision_warnings, scan_pass, task_slots)
 
     cl = resolve_client(client)
     slots = task_slots(cl)
@@ -188,21 +186,7 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
                                          shard_shape=shard_shape, backend=backend, storage_options=storage_options,
                                          overwrite=overwrite, axes=axes, partition_rows=partition_rows,
                                          branch=branch)
-    probe_bounds = plan.bounds if plan.bounds is not None else ([0.0] * src.ndim, [0.0] * src.ndim)
-    probe = Grid(tuple(map(float, probe_bounds[0])), tuple(map(float, probe_bounds[1])), plan.chunk_shape,
-                 plan.base_bin_shape or plan.chunk_shape, dt)
-    drop = out_of_bounds == "ignore" and plan.bounds is not None
-
-    scans = [delayed(scan_partition)(p, probe, plan.bounds, drop, 0) for p in src.partitions]
-    scanned = run_tasks(scans, cl, progress, "scan: statistics and chunk counts")
-    counts = [int(s.stats.count) for s in scanned]
-    offsets = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
-    for s, off in zip(scanned, offsets):
-        if s.stats.first_nonfinite >= 0:
-            s.stats.first_nonfinite += int(off)
-    stats = reduce(combine_stats, [s.stats for s in scanned])
-    final_bounds, dropped = settle_bounds(stats, plan.bounds, out_of_bounds)
-    occ = combine_occupancy([s.occupancy for s in scanned], src.ndim)
+    stats, final_bounds, dropped, occ, counts = scan_pass(src, plan, out_of_bounds, cl, progress)
     grid = Grid(tuple(map(float, final_bounds[0])), tuple(map(float, final_bounds[1])), plan.chunk_shape,
                 plan.base_bin_shape or plan.chunk_shape, dt)
     groups = plan_groups(grid, occ, auto_group_points(group_points, int(occ.counts.sum()), slots), shard_shape)
@@ -223,13 +207,7 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
     largest_group = int(groups.points.max()) if groups.n_groups else 0
     part_mem = largest_part * in_per_point
     group_mem = largest_group * (per_point + (8 if src.has_object_ids else 0))
-    warnings = []
-    if dt == "float32":
-        mag = float(np.max(np.abs(np.r_[stats.lo, stats.hi])))
-        extent = float(np.max(stats.hi - stats.lo)) or 1.0
-        if np.spacing(np.float32(mag)) > 1e-6 * extent and src.position_dtype == np.float64:
-            warnings.append(f"float32 positions round to {float(np.spacing(np.float32(mag))):.3g} at coordinate "
-                            f"magnitude {mag:.3g}; pass dtype='float64' to keep the source's precision")
+    warnings = precision_warnings(dt, stats, src)
     if grid.n_cells > 50 * max(n_chunks, 1) and grid.n_cells > 1_000_000:
         warnings.append(f"the grid has {grid.n_cells:,} cells for {n_chunks:,} occupied chunks: the data is sparse "
                         "in its bounds; a larger chunk_shape would give fewer, fuller chunks")
