@@ -32,8 +32,8 @@ from zv_dask.ingest.shuffle import (
     scan_partition,
     split_partition,
 )
-from zv_dask.ingest.sources import DEFAULT_PARTITION_ROWS, as_source
-from zv_dask.ingest.target import materialize_target, plan_target
+from zv_dask.ingest.sources import DEFAULT_PARTITION_ROWS
+from zv_dask.ingest.target import materialize_target
 from zv_dask.store.levels import AttributeSpec, ChunkSummary, finalize_level, prepare_level, write_chunk_payloads
 from zv_dask.scheduling import resolve_client, run_tasks
 from zv_dask.transaction import WriteJob, returned_fork, worker_store
@@ -218,14 +218,14 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     cl = resolve_client(client)
     slots = task_slots(cl)
     partition_rows = auto_partition_rows(points, partition_rows, slots)
-    src = as_source(points, attributes=attributes, object_ids=object_ids, columns=columns,
-                    partition_rows=partition_rows)
-    dt, dt_reason = _choose_dtype(dtype, src)
-    plan = plan_target(store, ndim=src.ndim, chunk_shape=chunk_shape, bounds=bounds, base_bin_shape=base_bin_shape,
-                       dtype=dt, axes=axes if axes is not None else src.axes, backend=backend,
-                       storage_options=storage_options, overwrite=overwrite, branch=branch)
-    if plan.existing is not None and not plan.overwrite and dtype is None:
-        dt_reason = "the store's dtype"
+    from zv_dask.ingest.plan import preflight  # the same checks a dry run makes
+
+    src, plan, dt, dt_reason = preflight(points, store, attributes=attributes, object_ids=object_ids,
+                                         columns=columns, chunk_shape=chunk_shape, bounds=bounds,
+                                         base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,
+                                         shard_shape=shard_shape, backend=backend, storage_options=storage_options,
+                                         overwrite=overwrite, axes=axes, partition_rows=partition_rows,
+                                         branch=branch)
     dt = plan.dtype
     drop = out_of_bounds == "ignore" and plan.bounds is not None
     if cl is not None and src.in_memory:
