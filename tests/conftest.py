@@ -64,3 +64,16 @@ def s3_prefix(s3_server):
 def s3_options(s3_server):
     """zv-dask ``storage_options`` for the test server (a new dict per test)."""
     return s3_server.storage_options()
+
+
+@pytest.fixture(params=["local", "s3"])
+def repo_target(request, tmp_path):
+    """(url, storage_options, icechunk Storage) of a location with no icechunk repository yet."""
+    import icechunk
+
+    if request.param == "local":
+        path = tmp_path / "repo"
+        return str(path), None, icechunk.local_filesystem_storage(str(path))
+    srv = request.getfixturevalue("s3_server")
+    prefix = request.getfixturevalue("s3_prefix")
+    return srv.url(prefix, "repo"), srv.storage_options(), srv.icechunk_storage(f"{prefix}/repo")

@@ -47,3 +47,18 @@ def canon(positions, *columns):
         parts.append(c.reshape(len(c), -1).astype(np.float64))
     table = np.concatenate(parts, axis=1)
     return table[np.lexsort(table.T[::-1])]
+
+
+def store_contents(store) -> dict[str, bytes]:
+    """Every key of a zarr store and its bytes, as a reader sees them (e.g. an icechunk branch tip)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def collect():
+        out = {}
+        async for k in store.list():
+            buf = await store.get(k, default_buffer_prototype())
+            out[k] = None if buf is None else buf.to_bytes()
+        return out
+
+    return sync(collect())

@@ -19,13 +19,12 @@ import dask
 import icechunk
 import numpy as np
 import pytest
-import zarr
 from zarr.storage import LocalStore, ObjectStore
 
 import zv_dask
 from zv_dask import IngestError
 from faults import FaultyStore, bounce_during, faulty_cloud
-from helpers import canon, reference_points, reference_validate, tree_bytes
+from helpers import canon, reference_points, reference_validate, store_contents, tree_bytes
 
 BOUNDS = ([0.0] * 3, [100.0] * 3)
 CHUNK = (25.0, 25.0, 25.0)
@@ -61,20 +60,9 @@ def _assert_stage_error(err, stage, *, chunk=True, secret=None):
 
 def _repo_contents(storage) -> tuple[str, int, dict]:
     """(tip snapshot, history length, every key -> bytes) of ``main`` as a reader sees it."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
     repo = icechunk.Repository.open(storage)
     store = repo.readonly_session(branch="main").store
-
-    async def collect():
-        out = {}
-        async for k in store.list():
-            buf = await store.get(k, default_buffer_prototype())
-            out[k] = None if buf is None else buf.to_bytes()
-        return out
-
-    return repo.lookup_branch("main"), len(list(repo.ancestry(branch="main"))), sync(collect())
+    return repo.lookup_branch("main"), len(list(repo.ancestry(branch="main"))), store_contents(store)
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -10,8 +10,8 @@ from __future__ import annotations
 import icechunk
 import numpy as np
 import pytest
-import zarr
 from conftest import canon
+from helpers import store_contents
 
 import zv_dask
 from zv_dask import StoreError
@@ -46,17 +46,6 @@ def _points(rng, n=3000):
     return pts, {"intensity": rng.integers(0, 65535, n).astype("u2")}
 
 
-@pytest.fixture(params=["local", "s3"])
-def repo_target(request, tmp_path):
-    """(url, storage_options, icechunk Storage) of a fresh repository location."""
-    if request.param == "local":
-        path = tmp_path / "repo"
-        return str(path), None, icechunk.local_filesystem_storage(str(path))
-    srv = request.getfixturevalue("s3_server")
-    prefix = request.getfixturevalue("s3_prefix")
-    return srv.url(prefix, "repo"), srv.storage_options(), srv.icechunk_storage(f"{prefix}/repo")
-
-
 def _repo(storage) -> icechunk.Repository:
     return icechunk.Repository.open(storage)
 
@@ -71,19 +60,7 @@ def _tip(storage, branch="main") -> str:
 
 def _contents(storage, branch="main") -> dict[str, bytes]:
     """Every key and its bytes as the branch tip shows them (what a reader sees)."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    store = _repo(storage).readonly_session(branch=branch).store
-
-    async def collect():
-        out = {}
-        async for k in store.list():
-            buf = await store.get(k, default_buffer_prototype())
-            out[k] = None if buf is None else buf.to_bytes()
-        return out
-
-    return sync(collect())
+    return store_contents(_repo(storage).readonly_session(branch=branch).store)
 
 
 def _reference_read(storage, branch="main"):

@@ -82,17 +82,6 @@ def test_ingest_with_pyramid_on_s3(s3_server, s3_prefix, s3_options, dask_client
 
 
 # -- icechunk: one commit for ingest + pyramid -------------------------------------------------------
-@pytest.fixture(params=["s3", "local"])
-def repo_target(request, tmp_path):
-    """(url, storage_options, icechunk Storage) of a location with no repository yet."""
-    if request.param == "local":
-        path = tmp_path / "repo"
-        return str(path), None, icechunk.local_filesystem_storage(str(path))
-    srv = request.getfixturevalue("s3_server")
-    prefix = request.getfixturevalue("s3_prefix")
-    return srv.url(prefix, "repo"), srv.storage_options(), srv.icechunk_storage(f"{prefix}/repo")
-
-
 def _history(storage) -> list:
     return list(icechunk.Repository.open(storage).ancestry(branch="main"))
 

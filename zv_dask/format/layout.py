@@ -101,17 +101,9 @@ def _split_points(sorted_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sorted_ids[starts], np.r_[starts, len(sorted_ids)].astype(np.int64)
 
 
-def plan_chunks(positions: np.ndarray, grid: Grid, object_ids: np.ndarray | None = None,
-                bins: np.ndarray | None = None) -> ChunkPlan:
-    """Lay out points (already inside the grid) into chunks and fragments.
-
-    ``bins`` may pass precomputed base-bin indices (``grid.base_bins(positions)``).
-    """
-    if bins is None:
-        cell, frag = grid.assign(positions)
-    else:  # precomputed base bins
-        chunks = grid.chunks_of_bins(bins)
-        cell, frag = grid.cell_ids(chunks), grid.fragments_of_bins(bins, chunks)
+def plan_chunks(positions: np.ndarray, grid: Grid, object_ids: np.ndarray | None = None) -> ChunkPlan:
+    """Lay out points (already inside the grid) into chunks and fragments."""
+    cell, frag = grid.assign(positions)
     cell_u, cell_rank = dense_rank(cell)
     if object_ids is None:
         order = order_by(cell_rank, frag)

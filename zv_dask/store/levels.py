@@ -360,18 +360,8 @@ def read_level(zstore, level: int, *, bbox=None, attributes=None, ndim: int | No
 
 def _object_ids_of_rows(g: zarr.Group, data: list[ChunkData], ndim: int) -> np.ndarray:
     """Per row, the id of the object whose fragment holds it (objects layout)."""
-    from zv_dask.format.cells import decode_manifest
+    from zv_dask.read import object_entries, row_object_ids
 
-    oi = g["object_index"]
-    ids = np.asarray(oi["object_ids"][:], np.int64)
-    blobs = oi["manifests"][:]
-    lookup: dict[tuple, int] = {}
-    for oid, blob in zip(ids, blobs):
-        ch, fr = decode_manifest(bytes(blob), ndim)
-        for c, f in zip(map(tuple, ch.tolist()), fr.tolist()):
-            lookup[(c, f)] = int(oid)
-    out = []
-    for d in data:
-        per_frag = np.array([lookup.get((d.chunk, f), -1) for f in range(len(d.fragment_counts))], np.int64)
-        out.append(np.repeat(per_frag, np.maximum(d.fragment_counts, 0)))
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+    _, oid, och, ofr = object_entries(g, ndim)
+    ids, _ = row_object_ids(data, oid, och, ofr)
+    return ids
