@@ -69,6 +69,7 @@ class Coarse:
     positions: np.ndarray
     attributes: dict
     object_ids: np.ndarray | None = None
+    parents: np.ndarray | None = None  # per input row, the index of its metavertex (cross-level links)
 
 
 # -- hashing -------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def coarsen_points(positions: np.ndarray, base_bins: np.ndarray, attributes: dic
         attrs = {}
         for name, how in params.reductions.items():
             attrs[name] = totals[name] if how == "count" else reduce_rows(sorted_rows(name), g, how)
-        return Coarse(out_pos, attrs, group_oids)
+        return Coarse(out_pos, attrs, group_oids, _row_parents(g, g.gid))
 
     # point-keeping methods: pick rows (indices into the group-sorted order)
     if params.method == "first":
@@ -190,7 +191,17 @@ def coarsen_points(positions: np.ndarray, base_bins: np.ndarray, attributes: dic
             attrs[name] = reduce_rows(sorted_rows(name), g, how)[pgid]
         else:
             attrs[name] = np.asarray(attributes[name])[rows]
-    return Coarse(pos[rows], attrs, None if group_oids is None else group_oids[pgid])
+    # parents: a kept point links to its own copy, every other point to its group's first kept point
+    mv = np.searchsorted(pgid, g.gid) if len(picked) else np.zeros(0, np.int64)
+    mv[picked] = np.arange(len(picked), dtype=np.int64)
+    return Coarse(pos[rows], attrs, None if group_oids is None else group_oids[pgid], _row_parents(g, mv))
+
+
+def _row_parents(g: Groups, mv_of_sorted: np.ndarray) -> np.ndarray:
+    """Scatter per-sorted-position metavertex indices back to input row order."""
+    out = np.empty(len(g.order), np.int64)
+    out[g.order] = mv_of_sorted
+    return out
 
 
 # -- layout ----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ __all__ = [
     "ChunkSummary",
     "prepare_level",
     "write_chunk_payloads",
+    "write_cells",
     "finalize_level",
     "read_chunks",
     "read_level",
@@ -147,27 +148,38 @@ def write_chunk_payloads(zstore, level: int, grid: Grid, payloads: list[ChunkPay
                          attribute_names: list[str]) -> int:
     """Write the cells of ``payloads`` into level ``level`` of the store; returns payload bytes written.
 
-    Arrays whose pipeline is plain ``vlen-bytes`` get their frames PUT directly,
-    all arrays and chunks in one concurrent batch (the store's own atomic put);
-    compressed or sharded arrays go through zarr's codec pipeline. Chunks of one
-    shard must all be in one batch.
+    See :func:`write_cells`; chunks of one shard must all be in one call.
     """
     if not payloads:
         return 0
     cells = grid.cells(np.array([p.chunk for p in payloads], np.int64))
-    targets = [("vertices", [p.vertices for p in payloads]),
-               ("vertex_fragments", [p.fragments for p in payloads])]
-    targets += [(f"vertex_attributes/{n}", [p.attributes[n] for p in payloads]) for n in attribute_names]
-    cell_paths = ["/".join(map(str, c)) for c in cells.tolist()]
+    targets = [(f"{level}/vertices", cells, [p.vertices for p in payloads]),
+               (f"{level}/vertex_fragments", cells, [p.fragments for p in payloads])]
+    targets += [(f"{level}/vertex_attributes/{n}", cells, [p.attributes[n] for p in payloads])
+                for n in attribute_names]
+    return write_cells(zstore, targets)
+
+
+def write_cells(zstore, targets: list[tuple[str, np.ndarray, list[bytes]]]) -> int:
+    """Write one-item vlen cells: ``targets`` holds ``(array path, grid cells (N, D), payloads)``.
+
+    Arrays whose pipeline is plain ``vlen-bytes`` get their frames PUT directly,
+    all arrays and cells in one concurrent batch (the store's own atomic put);
+    compressed or sharded arrays go through zarr's codec pipeline. Returns the
+    payload bytes written.
+    """
     total = 0
     direct = []
-    for path, values in targets:
-        arr = zarr.open_array(zstore, path=f"{level}/{path}", mode="r+", zarr_format=3)
+    for path, cells, values in targets:
+        if not len(values):
+            continue
+        arr = zarr.open_array(zstore, path=path, mode="r+", zarr_format=3)
         total += sum(len(v) for v in values)
         if _plain_vlen(arr):
-            direct.extend((f"{level}/{path}/c/{cp}", vlen_frame(v)) for cp, v in zip(cell_paths, values))
+            cell_paths = ["/".join(map(str, c)) for c in np.asarray(cells).tolist()]
+            direct.extend((f"{path}/c/{cp}", vlen_frame(v)) for cp, v in zip(cell_paths, values))
         else:
-            arr.set_coordinate_selection(tuple(cells.T), _object_array(values))
+            arr.set_coordinate_selection(tuple(np.asarray(cells).T), _object_array(values))
     put_cells(zstore, direct)
     return total
 

@@ -1,0 +1,188 @@
+"""Cross-level links (ZV format section 9): pure numpy, no I/O.
+
+A coarse level ``k+1`` links every vertex of level ``k`` to the metavertex it
+was folded into. Records are width-2 rows of vertex row indices, stored in the
+cell of the record's first endpoint:
+
+* ``<k>/links/+1/<offsets>``: cell = the fine vertex's chunk, rows
+  ``(fine_vi, coarse_vi)``;
+* ``<k+1>/links/-1/<offsets>`` (the ``explicit`` mirror): cell = the coarse
+  chunk, rows ``(coarse_vi, fine_vi)``.
+
+``offsets`` names where the second endpoint's chunk is relative to the
+*anchor* of the first: ``anchor = floor(chunk * s_src / s_trg)`` per axis,
+where ``s`` is each level's chunk shape in root chunks (1 when the levels
+share a chunk shape, and the anchor is the chunk itself). The segment is
+written ``"0"``, ``"+N"`` or ``"-N"`` per axis, joined by dots.
+
+A cell's payload is ``i64 K``, ``K`` group offsets (``i64``), then the rows as
+``i64`` pairs; zv-dask writes one group (``K = 1``, offset 0). The rows keep
+the order of the first endpoint's level (fine row order for ``+1``; for
+``-1``, fine row order within each coarse cell).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from zv_dask.errors import FormatError
+from zv_dask.format.layout import stable_order
+
+__all__ = [
+    "LinkCell",
+    "anchor",
+    "offset_segment",
+    "parse_offset_segment",
+    "encode_link_rows",
+    "decode_link_rows",
+    "plan_link_cells",
+    "possible_offsets",
+    "link_family_attrs",
+    "link_array_attrs",
+]
+
+LINK_WIDTH = 2
+_HEADER = np.array([1, 0], "<i8")
+
+
+def anchor(chunks: np.ndarray, scale_src, scale_trg) -> np.ndarray:
+    """``floor(chunks * scale_src / scale_trg)`` per axis, in integers (exact for negative chunks)."""
+    c = np.asarray(chunks, np.int64)
+    return np.floor_divide(c * np.asarray(scale_src, np.int64), np.asarray(scale_trg, np.int64))
+
+
+def offset_segment(offset) -> str:
+    """``(0, 1, -1)`` -> ``"0.+1.-1"``: the name of an offsets array."""
+    return ".".join("0" if int(o) == 0 else f"{int(o):+d}" for o in offset)
+
+
+def parse_offset_segment(segment: str) -> tuple[int, ...]:
+    """Inverse of :func:`offset_segment`; raises :class:`FormatError` on anything else."""
+    out = []
+    for part in segment.split("."):
+        if part != "0" and not (len(part) > 1 and part[0] in "+-" and part[1:].isdigit() and part[1] != "0"):
+            raise FormatError(f"bad link offsets segment {segment!r}: each axis must be '0', '+N' or '-N'")
+        out.append(int(part))
+    return tuple(out)
+
+
+def encode_link_rows(rows: np.ndarray) -> bytes:
+    """One link cell payload: ``i64 1``, ``i64 0``, then the ``(M, 2)`` rows as little-endian ``i64``."""
+    r = np.ascontiguousarray(np.asarray(rows, "<i8").reshape(-1, LINK_WIDTH))
+    return _HEADER.tobytes() + r.tobytes()
+
+
+def decode_link_rows(payload: bytes) -> np.ndarray:
+    """The ``(M, 2)`` int64 rows of a link cell payload (all groups concatenated)."""
+    if len(payload) == 0:
+        return np.zeros((0, LINK_WIDTH), np.int64)
+    if len(payload) % 8:
+        raise FormatError(f"link cell of {len(payload)} bytes is not a whole number of int64 words")
+    words = np.frombuffer(payload, "<i8")
+    k = int(words[0])
+    if k < 0 or 1 + k > len(words):
+        raise FormatError(f"link cell declares {k} groups but holds only {len(words)} words")
+    body = words[1 + k:]
+    if len(body) % LINK_WIDTH:
+        raise FormatError(f"link cell body of {len(body)} words is not a whole number of width-2 rows")
+    offs = words[1:1 + k]
+    n_rows = len(body) // LINK_WIDTH
+    if k and (offs[0] != 0 or np.any(np.diff(offs) < 0) or offs[-1] > n_rows):
+        raise FormatError(f"link cell group offsets {offs.tolist()} are not ascending within 0..{n_rows}")
+    return body.reshape(-1, LINK_WIDTH).astype(np.int64)
+
+
+@dataclass
+class LinkCell:
+    """Encoded rows of one offsets array cell."""
+
+    offset: tuple[int, ...]
+    chunk: tuple[int, ...]
+    n_rows: int
+    payload: bytes
+
+
+def plan_link_cells(src_chunks: np.ndarray, src_vi: np.ndarray, dst_chunks: np.ndarray, dst_vi: np.ndarray,
+                    scale_src, scale_trg) -> list[LinkCell]:
+    """Group records ``(src chunk, src row) -> (dst chunk, dst row)`` into offsets-array cells.
+
+    Cells come out sorted by (offset, chunk); rows inside a cell keep their
+    input order. A loop over cells, not records.
+    """
+    src_chunks = np.asarray(src_chunks, np.int64)
+    ndim = src_chunks.shape[1] if src_chunks.ndim == 2 else 0
+    if len(src_chunks) == 0:
+        return []
+    off = np.asarray(dst_chunks, np.int64) - anchor(src_chunks, scale_src, scale_trg)
+    both = np.concatenate([off, src_chunks], axis=1)
+    lo = both.min(axis=0)
+    ext = both.max(axis=0) - lo + 1
+    if float(np.prod(ext.astype(np.float64))) < 2.0 ** 62:
+        key = np.ravel_multi_index(tuple((both - lo).T), tuple(int(e) for e in ext)).astype(np.int64)
+        uniq, rank = np.unique(key, return_inverse=True)
+    else:  # pragma: no cover - needs astronomically sparse grids
+        uniq, rank = np.unique(both, axis=0, return_inverse=True)
+    rank = rank.reshape(-1)
+    order = stable_order(rank)
+    rows = np.stack([np.asarray(src_vi, np.int64)[order], np.asarray(dst_vi, np.int64)[order]], axis=1)
+    splits = np.r_[0, np.flatnonzero(np.diff(rank[order])) + 1, len(order)]
+    out = []
+    for a, b in itertools.pairwise(splits.tolist()):
+        first = both[order[a]]
+        out.append(LinkCell(tuple(int(x) for x in first[:ndim]), tuple(int(x) for x in first[ndim:]), b - a,
+                            encode_link_rows(rows[a:b])))
+    return out
+
+
+def _axis_offsets(src_edge: int, trg_edge: int, bin_edge: int, src_origin_mod: int) -> set[int]:
+    """Offsets on one axis between a record's two endpoints, both in one coarse bin.
+
+    Everything is in base bins: ``src_edge`` / ``trg_edge`` are the chunk
+    edges of the first / second endpoint's level, ``bin_edge`` the coarse bin.
+    Enumerates one period of the grids' alignment, which is exact.
+    """
+    period = int(np.lcm.reduce([src_edge, trg_edge, bin_edge]))
+    out = set()
+    for c0 in range(0, period, src_edge):  # first endpoint's chunk starts at base bin c0
+        a = (c0 // src_edge) * src_edge // trg_edge  # anchor: floor(c * s_src / s_trg), c0 >= 0 here
+        first_bin = c0 // bin_edge
+        last_bin = (c0 + src_edge - 1) // bin_edge
+        lo = first_bin * bin_edge // trg_edge
+        hi = ((last_bin + 1) * bin_edge - 1) // trg_edge
+        out.update(range(lo - a, hi - a + 1))
+    return out
+
+
+def possible_offsets(fine_chunk: tuple[int, ...], coarse_chunk: tuple[int, ...], coarse_bin: tuple[int, ...],
+                     delta: int) -> list[tuple[int, ...]]:
+    """Every offsets segment a ``+1`` (``delta=1``) or ``-1`` family can need, before any data is seen.
+
+    Arguments are edges in base bins per axis: the fine level's chunk, the
+    coarse level's chunk and the coarse bin. A fine vertex and its metavertex
+    share a coarse bin, so this is exact up to which bins the data occupies.
+    """
+    axes = []
+    for f, c, b in zip(fine_chunk, coarse_chunk, coarse_bin):
+        src, trg = (f, c) if delta > 0 else (c, f)
+        axes.append(sorted(_axis_offsets(int(src), int(trg), int(b), 0)))
+    return [tuple(o) for o in itertools.product(*axes)]
+
+
+def link_family_attrs(delta: int, ndim: int, num_links: int) -> dict:
+    """Attributes of the ``links/<+1|-1>`` group."""
+    return {"zv_array": "links_family", "level_delta": int(delta), "link_width": LINK_WIDTH, "directed": True,
+            "store": "canonical", "sid_ndim": int(ndim), "num_links": int(num_links),
+            "num_physical_records": int(num_links)}
+
+
+def link_array_attrs(delta: int, offset, nonempty: list[str], origin) -> dict:
+    """Attributes of one offsets array ``links/<delta>/<segment>``."""
+    out = {"nonempty_chunks": list(nonempty)}
+    if any(int(o) != 0 for o in origin):
+        out["chunk_grid_origin"] = [int(o) for o in origin]
+    out.update({"zv_array": "links", "dtype": "int64", "offsets": [[int(o) for o in offset]], "has_perm": False,
+                "link_width": LINK_WIDTH, "level_delta": int(delta)})
+    return out
