@@ -62,3 +62,51 @@ def store_contents(store) -> dict[str, bytes]:
         return out
 
     return sync(collect())
+
+
+def reference_rows(path, level):
+    """A level decoded by the reference chunk by chunk: ``(positions (N, D), {chunk: first row})``.
+
+    Chunks in ascending coordinate order, rows in each chunk's buffer order (so a
+    link endpoint ``(chunk, vi)`` is row ``first[chunk] + vi``).
+    """
+    from zarr_vectors.core.arrays import read_chunk_vertices
+    from zarr_vectors.core.store import get_resolution_level, open_store
+
+    import zarr
+
+    lg = get_resolution_level(open_store(str(path)), level)
+    plain = zarr.open_group(str(path), mode="r")
+    ndim = len(plain.attrs["zarr_vectors"]["chunk_shape"])
+    vert = plain[f"{level}/vertices"]
+    dtype = vert.attrs.get("dtype", "float32")
+    keys = vert.attrs.get("nonempty_chunks", [])
+    chunks = sorted(tuple(int(c) for c in k.split(".")) for k in keys)
+    parts, first, n = [], {}, 0
+    for c in chunks:
+        frags = read_chunk_vertices(lg, c, dtype=dtype, ndim=ndim)
+        block = np.concatenate(frags) if frags else np.zeros((0, ndim))
+        first[c] = n
+        n += len(block)
+        parts.append(block)
+    return (np.concatenate(parts) if parts else np.zeros((0, ndim))), first
+
+
+def reference_links(path, level, delta):
+    """The ``links/<delta>`` records of a level as the reference reads them: ``(src rows, dst rows)``.
+
+    Rows are global rows of :func:`reference_rows` of the owning level (src) and of
+    level ``level + delta`` (dst); ``None`` when the family is absent.
+    """
+    from zarr_vectors.core.arrays import read_link_arrays
+    from zarr_vectors.core.store import get_resolution_level, open_store
+
+    lg = get_resolution_level(open_store(str(path)), level)
+    chunks, vi = read_link_arrays(lg, delta=delta)
+    if chunks.size == 0:
+        return None
+    _, first_src = reference_rows(path, level)
+    _, first_dst = reference_rows(path, level + delta)
+    src = np.array([first_src[tuple(c)] for c in chunks[:, 0].tolist()], np.int64) + vi[:, 0]
+    dst = np.array([first_dst[tuple(c)] for c in chunks[:, 1].tolist()], np.int64) + vi[:, 1]
+    return src, dst

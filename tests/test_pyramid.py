@@ -271,19 +271,28 @@ def test_pyramid_on_reference_written_store(tmp_path):
 
 
 def test_reference_pyramid_is_replaced(tmp_path):
+    """A reference pyramid (with its links) is replaced; the store's declaration ("explicit") is followed."""
     from zarr_vectors.multiresolution.coarsen import build_pyramid as ref_pyramid
 
     rng = np.random.default_rng(4)
     path = tmp_path / "s.zarr"
     write_points(str(path), rng.uniform(0, 99, (1500, 3)), chunk_shape=(50,) * 3, base_bin_shape=(25,) * 3)
     ref_pyramid(str(path), factors=[(2.0, 1.0), (2.0, 1.0), (2.0, 1.0)])
-    assert os.path.isdir(path / "0" / "links")
+    assert os.path.isdir(path / "0" / "links") and os.path.isdir(path / "3")
     with dask.config.set(SYNC):
-        zv_dask.build_pyramid(str(path), levels=1)
-    assert not os.path.exists(path / "0" / "links") and not os.path.exists(path / "2")
+        rep = zv_dask.build_pyramid(str(path), levels=1)
+    assert rep.links == "explicit" and not os.path.exists(path / "2") and not os.path.exists(path / "1" / "links" / "+1")
+    assert sorted(os.listdir(path / "0" / "links")) == ["+1", "zarr.json"]
     assert_valid(path)
     zs = open_store(str(path))
     assert zs.levels == [0, 1]
+    assert zs.metadata.cross_level_depth == 1 and zs.metadata.cross_level_storage == "explicit"
+    assert "multiscale_links" in zs.metadata.format_capabilities
+    with dask.config.set(SYNC):
+        zv_dask.build_pyramid(str(path), levels=1, links=False)
+    assert not os.path.exists(path / "0" / "links") and not os.path.exists(path / "1" / "links")
+    assert_valid(path)
+    zs = open_store(str(path))
     assert zs.metadata.cross_level_depth == 0 and zs.metadata.cross_level_storage == "none"
     assert "multiscale_links" not in zs.metadata.format_capabilities
 
@@ -338,38 +347,43 @@ def test_icechunk_one_commit_and_reference_reads(tmp_path, dask_client):
 
 
 def test_icechunk_failure_discards_everything(tmp_path, monkeypatch):
-    import zv_dask.pyramid.graph as graph
+    import zv_dask.pyramid.stack as stack
 
     rng = np.random.default_rng(6)
     path, zs = _icechunk_store(tmp_path, rng)
-    real = graph.coarsen_points
-    calls = {"n": 0}
+    real = stack.coarsen_points
 
     def flaky(*a, **kw):
-        calls["n"] += 1
         if a[3].level == 2:
             raise RuntimeError("boom")
         return real(*a, **kw)
 
-    monkeypatch.setattr(graph, "coarsen_points", flaky)
+    monkeypatch.setattr(stack, "coarsen_points", flaky)
     with dask.config.set(SYNC), pytest.raises(IngestError, match="pyramid level 2"):
-        zv_dask.build_pyramid(zs, levels=2)
+        zv_dask.build_pyramid(zs, levels=2, links=True)
     assert not zs.session.has_uncommitted_changes
     assert open_store(str(path), backend="icechunk").levels == [0]
 
 
-def test_plain_failure_keeps_finished_levels(tmp_path, monkeypatch):
-    import zv_dask.pyramid.graph as graph
+@pytest.mark.parametrize("levels_per_task,kept", [(1, [0, 1]), (None, [0])])
+def test_plain_failure_keeps_finished_levels(tmp_path, monkeypatch, levels_per_task, kept):
+    """A failure removes the levels of the failing round; levels finished in earlier rounds stay valid."""
+    import zv_dask.pyramid.stack as stack
 
     rng = np.random.default_rng(6)
     path = tmp_path / "s.zarr"
     write_points(str(path), rng.uniform(0, 99, (2000, 3)), chunk_shape=(50,) * 3, base_bin_shape=(25,) * 3)
-    real = graph.coarsen_points
-    monkeypatch.setattr(graph, "coarsen_points",
+    real = stack.coarsen_points
+    monkeypatch.setattr(stack, "coarsen_points",
                         lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("x")) if a[3].level == 2 else real(*a, **kw))
-    with dask.config.set(SYNC), pytest.raises(IngestError):
-        zv_dask.build_pyramid(str(path), levels=3)
-    assert open_store(str(path)).levels == [0, 1]
+    with dask.config.set(SYNC), pytest.raises(IngestError, match="pyramid level 2"):
+        zv_dask.build_pyramid(str(path), levels=3, links="explicit", levels_per_task=levels_per_task)
+    zs = open_store(str(path))
+    assert zs.levels == kept
+    assert sorted(os.listdir(path)) == sorted(["zarr.json"] + [str(k) for k in kept])
+    assert not os.path.exists(path / str(kept[-1]) / "links" / "+1"), "no links to a level that was removed"
+    if kept[-1] > 0:  # its own links to the level below stay
+        assert os.path.isdir(path / str(kept[-1]) / "links" / "-1")
     assert_valid(path)
 
 

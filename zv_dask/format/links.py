@@ -32,7 +32,7 @@ from zv_dask.errors import FormatError
 from zv_dask.format.layout import stable_order
 
 __all__ = [
-    "LinkCell",
+    "LinkCells",
     "anchor",
     "offset_segment",
     "parse_offset_segment",
@@ -96,45 +96,83 @@ def decode_link_rows(payload: bytes) -> np.ndarray:
 
 
 @dataclass
-class LinkCell:
-    """Encoded rows of one offsets array cell."""
+class LinkCells:
+    """Records grouped into offsets-array cells, in cell order.
 
-    offset: tuple[int, ...]
-    chunk: tuple[int, ...]
-    n_rows: int
-    payload: bytes
+    Cell ``i`` belongs to the offsets array ``offsets[i]`` and the source chunk
+    ``chunks[i]``; its rows are ``rows[splits[i]:splits[i+1]]`` (``(M, 2)``
+    int64 ``(src_vi, dst_vi)``), in the order the records came in.
+    """
+
+    offsets: np.ndarray
+    chunks: np.ndarray
+    splits: np.ndarray
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def n_records(self) -> int:
+        return len(self.rows)
+
+    def payload(self, i: int) -> bytes:
+        """The encoded payload of cell ``i``."""
+        return encode_link_rows(self.rows[self.splits[i]:self.splits[i + 1]])
+
+    def segments(self) -> list[str]:
+        """The offsets segment of every cell."""
+        return [offset_segment(o) for o in self.offsets.tolist()]
 
 
-def plan_link_cells(src_chunks: np.ndarray, src_vi: np.ndarray, dst_chunks: np.ndarray, dst_vi: np.ndarray,
-                    scale_src, scale_trg) -> list[LinkCell]:
+def plan_link_cells(src_chunks: np.ndarray, src_index: np.ndarray, src_vi: np.ndarray, dst_chunks: np.ndarray,
+                    dst_index: np.ndarray, dst_vi: np.ndarray, scale_src, scale_trg) -> LinkCells:
     """Group records ``(src chunk, src row) -> (dst chunk, dst row)`` into offsets-array cells.
 
-    Cells come out sorted by (offset, chunk); rows inside a cell keep their
-    input order. A loop over cells, not records.
+    Chunks come as small tables of distinct chunks (``src_chunks (m, D)``,
+    ``dst_chunks (k, D)``) and per-record indices into them. A record lands in the cell of its source
+    chunk, in the array of ``offset = dst chunk - anchor(src chunk)``. Cells come
+    out sorted by (offset, source chunk index); rows inside a cell keep their
+    input order. Vectorised: one radix sort over the records, no loop.
     """
     src_chunks = np.asarray(src_chunks, np.int64)
-    ndim = src_chunks.shape[1] if src_chunks.ndim == 2 else 0
-    if len(src_chunks) == 0:
-        return []
-    off = np.asarray(dst_chunks, np.int64) - anchor(src_chunks, scale_src, scale_trg)
-    both = np.concatenate([off, src_chunks], axis=1)
-    lo = both.min(axis=0)
-    ext = both.max(axis=0) - lo + 1
-    if float(np.prod(ext.astype(np.float64))) < 2.0 ** 62:
-        key = np.ravel_multi_index(tuple((both - lo).T), tuple(int(e) for e in ext)).astype(np.int64)
-        uniq, rank = np.unique(key, return_inverse=True)
-    else:  # pragma: no cover - needs astronomically sparse grids
-        uniq, rank = np.unique(both, axis=0, return_inverse=True)
-    rank = rank.reshape(-1)
-    order = stable_order(rank)
-    rows = np.stack([np.asarray(src_vi, np.int64)[order], np.asarray(dst_vi, np.int64)[order]], axis=1)
-    splits = np.r_[0, np.flatnonzero(np.diff(rank[order])) + 1, len(order)]
-    out = []
-    for a, b in itertools.pairwise(splits.tolist()):
-        first = both[order[a]]
-        out.append(LinkCell(tuple(int(x) for x in first[:ndim]), tuple(int(x) for x in first[ndim:]), b - a,
-                            encode_link_rows(rows[a:b])))
-    return out
+    ndim = src_chunks.shape[1]
+    src_index = np.asarray(src_index, np.int64)
+    n = len(src_index)
+    if n == 0:
+        z = np.zeros((0, ndim), np.int64)
+        return LinkCells(z, z, np.zeros(1, np.int64), np.zeros((0, LINK_WIDTH), np.int64))
+    anchors = anchor(src_chunks, scale_src, scale_trg)
+    dst_chunks = np.asarray(dst_chunks, np.int64).reshape(-1, ndim)
+    dst_index = np.asarray(dst_index, np.int64)
+    # per-record offset, one axis at a time through the small tables
+    off_lo = np.zeros(ndim, np.int64)
+    ext = np.ones(ndim, np.int64)
+    code = np.zeros(n, np.int64)
+    offs = []
+    for d in range(ndim):
+        o = dst_chunks[dst_index, d] - anchors[src_index, d]
+        lo, hi = int(o.min()), int(o.max())
+        off_lo[d], ext[d] = lo, hi - lo + 1
+        offs.append(o)
+    for d in range(ndim):
+        code *= ext[d]
+        code += offs[d] - off_lo[d]
+    key = code * len(src_chunks) + src_index
+    if n > 1 and bool((key[1:] < key[:-1]).any()):
+        order = stable_order(key)
+        key = key[order]
+    else:
+        order = None
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    splits = np.r_[starts, n].astype(np.int64)
+    rows = np.empty((n, LINK_WIDTH), np.int64)
+    rows[:, 0] = src_vi if order is None else np.asarray(src_vi)[order]
+    rows[:, 1] = dst_vi if order is None else np.asarray(dst_vi)[order]
+    cell_code = key[starts] // len(src_chunks)
+    cell_src = key[starts] % len(src_chunks)
+    cell_off = np.stack(np.unravel_index(cell_code, tuple(int(e) for e in ext)), axis=1).astype(np.int64) + off_lo
+    return LinkCells(cell_off.reshape(-1, ndim), src_chunks[cell_src].reshape(-1, ndim), splits, rows)
 
 
 def _axis_offsets(src_edge: int, trg_edge: int, bin_edge: int, src_origin_mod: int) -> set[int]:

@@ -1,22 +1,30 @@
-"""The pyramid engine: levels 1..L built from level 0, level by level, with Dask.
+"""The pyramid engine: levels 1..L built from level 0 with Dask, a *batch* of levels per round of tasks.
 
-For each level ``k``: the coordinator creates the level's arrays, splits the
-parent level's non-empty chunks into independent regions (see
-:func:`~zv_dask.pyramid.plan.region_shape`), and sends one task per group of
-regions. A task reads its fine chunks, coarsens them
-(:mod:`zv_dask.pyramid.coarsen`), writes its coarse chunks and returns a
-:class:`~zv_dask.store.levels.ChunkSummary` (and its icechunk fork). The
-coordinator then merges the forks and writes the level's metadata, last; the
-next level's tasks read level ``k`` through a fresh fork.
+A batch is a run of consecutive levels ``a..b`` built by one set of tasks. Each
+task owns whole regions of level ``b`` (:func:`~zv_dask.pyramid.plan.region_shape`),
+and a region of level ``b`` holds whole regions of every level below it, so a
+task reads the level ``a-1`` chunks of its regions once and coarsens them level
+after level in memory (:mod:`zv_dask.pyramid.stack`), writing each level's cells
+and its cross-level links. A batch grows while its regions stay within
+``points_per_task`` points and there are enough of them to keep the workers
+busy: the small top levels of a pyramid cost one round of tasks, not one each.
+An ingest job builds its first batch inside its own write tasks, which already
+hold level 0 (see :class:`PyramidBuilder`).
 
-Layout notes (ZV format section 8 and 14.2): coarse levels of plain points keep
-the level-0 layout (``prod(bpc)`` range fragments per chunk, fragment = root
-base bin of the metavertex), which is what keeps the reference reader's bbox
-reads right at coarse levels. A ``chunk_scale`` other than 1 writes a
-``chunk_shape`` on the level; the reference (0.9.2) then answers bbox reads of
-that level wrongly (it uses the root bin grid at every level), although whole-
-level reads and validation are fine. No cross-level links are written
-(``cross_level_depth`` 0, ``cross_level_storage`` "none"). Neither the
+The coordinator creates a batch's arrays before its tasks run and writes each
+level's metadata after them (presence lists, object index, link counts, the
+level group), level by level, the root last; on icechunk the tasks write through
+forks of the job's session, merged before the metadata is written.
+
+Layout notes (ZV format sections 8, 9 and 14.2): coarse levels of plain points
+keep the level-0 layout (``prod(bpc)`` range fragments per chunk, fragment = root
+base bin of the metavertex), which keeps the reference reader's bbox reads right
+at coarse levels. A ``chunk_scale`` other than 1 writes a ``chunk_shape`` on the
+level; the reference (0.9.2) then answers bbox reads of that level wrongly,
+although whole-level reads and validation are fine. Cross-level links, when the
+store declares them (or ``links=`` asks), are the reference's: ``+1`` records
+``(fine row, coarse row)`` in the fine level's chunk cells and, for
+``"explicit"`` storage, the ``-1`` mirror in the coarse level's. Neither the
 ``shared_fragments`` capability nor the level flag is stamped: every
 metavertex belongs to one bin (plain) or one object (object levels), so no
 fragment is shared between manifests, and no reader depends on the flag.
@@ -32,17 +40,25 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zv_dask.errors import InputError, IngestError, StoreError, ZVError
-from zv_dask.format.grid import Grid, parse_chunk_key
-from zv_dask.format.layout import encode_plan
+from zv_dask.format.grid import Grid, chunk_keys, parse_chunk_key
+from zv_dask.format.links import (
+    link_array_attrs,
+    link_family_attrs,
+    offset_segment,
+    possible_offsets,
+)
 from zv_dask.format.metadata import LevelMetadata
-from zv_dask.pyramid.coarsen import METHODS, CoarsenParams, coarsen_points, plan_coarse
-from zv_dask.pyramid.plan import LevelStep, level_steps, plan_tasks, region_shape
+from zv_dask.pyramid.coarsen import METHODS, CoarsenParams
+from zv_dask.pyramid.plan import LevelStep, level_steps, plan_tasks, region_loads, region_shape
 from zv_dask.pyramid.reduce import REDUCTIONS, default_reduction
-from zv_dask.read import chunks_in, object_entries, row_object_ids
+from zv_dask.pyramid.stack import StepGeometry
+from zv_dask.pyramid.tasks import batch_task
+from zv_dask.read import chunks_in, object_entries
 from zv_dask.store.api import (
     ZVStore,
     as_store,
     create_resolution_level,
+    create_vlen_array,
     list_resolution_levels,
     remove_resolution_level,
     write_root_metadata,
@@ -54,19 +70,19 @@ from zv_dask.store.levels import (
     level_chunk_keys,
     level_grid,
     prepare_level,
-    read_chunks,
-    write_chunk_payloads,
 )
-from zv_dask.transaction import WriteJob, gather_or_stop, returned_fork, worker_store
+from zv_dask.transaction import WriteJob, gather_or_stop
 
-__all__ = ["build_pyramid", "PyramidReport"]
+__all__ = ["build_pyramid", "PyramidReport", "PyramidBuilder", "LINK_STORAGE"]
 
 DEFAULT_POINTS_PER_TASK = 2_000_000
+MAX_BATCH_LEVELS = 8
+LINK_STORAGE = ("none", "implicit", "explicit")
 
 
 @dataclass
 class PyramidReport:
-    """What :func:`build_pyramid` wrote: per level its vertex count, chunks, bin shape and tasks."""
+    """What :func:`build_pyramid` wrote: per level its vertex count, chunks, bin shape, tasks and links."""
 
     levels: list[int] = field(default_factory=list)
     vertex_counts: dict[int, int] = field(default_factory=dict)
@@ -74,17 +90,22 @@ class PyramidReport:
     bin_shapes: dict[int, tuple[float, ...]] = field(default_factory=dict)
     tasks: dict[int, int] = field(default_factory=dict)
     level_seconds: dict[int, float] = field(default_factory=dict)
+    links: str = "none"
+    link_counts: dict[str, int] = field(default_factory=dict)  # "<level>/<+1|-1>" -> records
+    batches: list[list[int]] = field(default_factory=list)
     seconds: float = 0.0
     stop_reason: str = ""
     snapshot_id: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
-class _Source:
+class LevelSource:
     """A written level the next one is made from."""
 
     level: int
     grid: Grid
+    scale: tuple[int, ...]  # chunk edge in root chunks
     chunks: np.ndarray
     rows: np.ndarray | None
     vertex_count: int
@@ -93,46 +114,33 @@ class _Source:
     all_ids: np.ndarray | None
 
 
-@dataclass(frozen=True)
-class _TaskContext:
+@dataclass
+class _Level:
+    """A coarse level of a batch as the coordinator plans it."""
+
+    step: LevelStep
+    geom: StepGeometry
+    specs: list[AttributeSpec]
+    bin_shape: tuple[float, ...]
+    link_offsets: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # delta -> offsets created
+
+
+@dataclass
+class Batch:
+    """Levels ``a..b`` built by one round of tasks from level ``a - 1``."""
+
     fine_level: int
-    level: int
-    ndim: int
-    fine_grid: Grid
-    grid: Grid
-    bins_per_chunk: tuple[int, ...]
-    scale: tuple[int, ...]
+    levels: list[_Level]
     read_names: tuple[str, ...]
-    write_names: tuple[str, ...]
-    params: CoarsenParams
-    objects: bool
+    region: tuple[int, ...]  # task region edge in base bins (the top level's)
 
+    @property
+    def geoms(self) -> tuple[StepGeometry, ...]:
+        return tuple(lv.geom for lv in self.levels)
 
-# -- the task ------------------------------------------------------------------------------
-def _coarsen_task(target, ctx: _TaskContext, chunks: np.ndarray, obj):
-    """Read fine chunks, coarsen, write coarse chunks; returns ``(ChunkSummary, fork)``."""
-    try:
-        zstore = worker_store(target)
-        data = read_chunks(zstore, ctx.fine_level, chunks, list(ctx.read_names), ndim=ctx.ndim)
-        pos = np.concatenate([d.positions for d in data]) if data else np.zeros((0, ctx.ndim), ctx.grid.dtype)
-        attrs = {n: np.concatenate([d.attributes[n] for d in data]) for n in ctx.read_names} if data else {}
-        oids = None
-        if ctx.objects:
-            oids, ok = row_object_ids(data, *obj)
-            if not ok.all():
-                pos, oids = pos[ok], oids[ok]
-                attrs = {n: v[ok] for n, v in attrs.items()}
-        coarse = coarsen_points(pos, ctx.fine_grid.base_bins(pos), attrs, ctx.params, oids)
-        plan = plan_coarse(ctx.grid.base_bins(coarse.positions), ctx.bins_per_chunk, ctx.scale, coarse.object_ids)
-        payloads = list(encode_plan(plan, coarse.positions, coarse.attributes, ctx.grid.dtype))
-        nbytes = write_chunk_payloads(zstore, ctx.level, ctx.grid, payloads, list(ctx.write_names))
-        summary = ChunkSummary.from_plan(plan, nbytes)
-        return summary, returned_fork(target)
-    except Exception as e:  # name the stage and the chunks
-        first = ".".join(map(str, chunks[0])) if len(chunks) else "-"
-        raise IngestError(f"pyramid level {ctx.level}: task over {len(chunks)} fine chunks from {first} "
-                          f"failed: {type(e).__name__}: {e}", stage=f"pyramid level {ctx.level}",
-                          chunk=first if len(chunks) else None) from e
+    @property
+    def numbers(self) -> list[int]:
+        return [lv.step.level for lv in self.levels]
 
 
 # -- coordinator helpers -------------------------------------------------------------------
@@ -149,7 +157,8 @@ def _specs_of(group) -> list[AttributeSpec]:
     return out
 
 
-def _source_from_store(zs: ZVStore, level: int) -> _Source:
+def source_from_store(zs: ZVStore, level: int) -> LevelSource:
+    """The :class:`LevelSource` of a written level, from its metadata."""
     g = zs.root[str(level)]
     ndim = zs.metadata.ndim
     chunks = np.array([parse_chunk_key(k) for k in level_chunk_keys(g)], np.int64).reshape(-1, ndim)
@@ -158,7 +167,9 @@ def _source_from_store(zs: ZVStore, level: int) -> _Source:
     if "object_index" in g:
         all_ids, oid, och, ofr = object_entries(g, ndim)
         objects = (oid, och, ofr)
-    return _Source(level, level_grid(zs.root, level), chunks, None, count, _specs_of(g), objects, all_ids)
+    grid = level_grid(zs.root, level)
+    scale = tuple(int(round(c / r)) for c, r in zip(grid.chunk_shape, zs.metadata.chunk_shape))
+    return LevelSource(level, grid, scale, chunks, None, count, _specs_of(g), objects, all_ids)
 
 
 def _resolve_attributes(parent: list[AttributeSpec], attribute_reduction, method: str):
@@ -200,6 +211,32 @@ def _compressors(zs: ZVStore):
     return comp or None
 
 
+def resolve_links(links, meta) -> tuple[str, list[str]]:
+    """The link storage a build writes (``"none"``, ``"implicit"`` or ``"explicit"``) and any warnings.
+
+    ``links=None`` follows the store's declaration (``cross_level_storage``, off
+    when ``cross_level_depth`` is 0); ``True`` means ``"explicit"``, ``False``
+    ``"none"``.
+    """
+    warnings = []
+    if links is None:
+        mode = meta.cross_level_storage if int(meta.cross_level_depth) != 0 else "none"
+        if mode not in LINK_STORAGE:
+            mode = "explicit"
+        if mode != "none" and int(meta.cross_level_depth) not in (0, 1):
+            warnings.append(f"the store declares cross_level_depth={meta.cross_level_depth}; zv-dask writes the "
+                            "+-1 links only and records cross_level_depth=1")
+        return mode, warnings
+    if links is True:
+        return "explicit", warnings
+    if links is False:
+        return "none", warnings
+    if links not in LINK_STORAGE:
+        raise InputError(f"links must be one of {LINK_STORAGE}, True, False or None (the store's declaration), "
+                         f"got {links!r}")
+    return links, warnings
+
+
 def _run(tasks, client, progress: bool = False, label: str = ""):
     import dask
 
@@ -235,88 +272,14 @@ def _unique(forks):
     return list({id(f): f for f in forks if f is not None}.values())
 
 
-def _drop_coarse_levels(zs: ZVStore) -> None:
+def drop_coarse_levels(zs: ZVStore) -> None:
+    """Remove every level above 0 and level 0's links (to levels that will no longer exist)."""
     for k in sorted(list_resolution_levels(zs), reverse=True):
         if k > 0:
             remove_resolution_level(zs, k)
     g0 = zs.root["0"]
-    if "links" in g0:  # cross-level links to levels that no longer exist
+    if "links" in g0:
         del g0["links"]
-
-
-def _build_level(zs: ZVStore, job: WriteJob, src: _Source, step: LevelStep, opts: dict, report: PyramidReport):
-    import dask
-
-    t0 = time.perf_counter()
-    meta = zs.metadata
-    ndim = meta.ndim
-    k = step.level
-    bpc = tuple(int(round(c / b)) for c, b in zip(meta.chunk_shape, meta.effective_bin_shape))
-    cs = tuple(float(c) * s for c, s in zip(meta.chunk_shape, step.total_scale))
-    grid = Grid(meta.bounds[0], meta.bounds[1], cs, meta.effective_bin_shape, src.grid.dtype)
-    reductions, explicit, specs = _resolve_attributes(src.specs, opts["attribute_reduction"], opts["method"])
-    params = CoarsenParams(step.total_ratio, opts["method"], reductions, explicit, opts["sample_size"],
-                           opts["seed"], k)
-    prepare_level(zs.root, k, grid, specs, compressors=_compressors(zs))
-    job.absorb([])  # the next target must see the arrays just created
-    target = job.target()
-
-    fine_bpc = tuple(b * s for b, s in zip(bpc, step.parent_scale))
-    if src.rows is not None:
-        weights = src.rows
-    else:
-        weights = np.full(len(src.chunks), src.vertex_count / max(len(src.chunks), 1))
-    groups = plan_tasks(src.chunks, fine_bpc, region_shape(step, bpc), weights, opts["points_per_task"])
-    ctx = _TaskContext(src.level, k, ndim, src.grid, grid, bpc, step.total_scale,
-                       tuple(s.name for s in src.specs if s.name in reductions),
-                       tuple(s.name for s in specs), params, src.objects is not None)
-    task_fn = dask.delayed(_coarsen_task, pure=False)
-    token = uuid.uuid4().hex[:12]
-    tasks = []
-    for i, idx in enumerate(groups):
-        chunks = src.chunks[idx]
-        obj = None
-        if src.objects is not None:
-            m = chunks_in(src.objects[1], chunks)
-            obj = tuple(a[m] for a in src.objects)
-        tasks.append(task_fn(target, ctx, chunks, obj, dask_key_name=f"zv-pyramid-{k}-{i}-{token}"))
-    results = _run(tasks, opts["client"], opts["progress"], f"pyramid level {k}")
-    job.absorb(_unique([fork for _, fork in results]))
-    summary = ChunkSummary.concat([s for s, _ in results], ndim)
-    if src.objects is not None and summary.object_ids is None:
-        summary.object_ids = np.zeros(0, np.int64)
-        summary.object_chunks = np.zeros((0, ndim), np.int64)
-        summary.object_fragments = np.zeros(0, np.int64)
-    bin_shape = tuple(float(b) * r for b, r in zip(meta.effective_bin_shape, step.total_ratio))
-    lm = LevelMetadata(level=k, object_sparsity=1.0, coarsening_method="per_object", parent_level=k - 1,
-                       chunk_shape=cs if any(s != 1 for s in step.total_scale) else None, bin_shape=bin_shape,
-                       fragments_tile=True, inherited_num_objects=0 if src.all_ids is None else len(src.all_ids),
-                       preserves_object_ids=True if src.objects is not None else None)
-    finalize_level(zs.root, k, grid, summary, lm, specs, all_object_ids=src.all_ids)
-    create_resolution_level(zs, k, lm)
-    nonempty = summary.rows > 0
-    report.levels.append(k)
-    report.vertex_counts[k] = lm.vertex_count
-    report.chunk_counts[k] = int(nonempty.sum())
-    report.bin_shapes[k] = bin_shape
-    report.tasks[k] = len(tasks)
-    report.level_seconds[k] = time.perf_counter() - t0
-    objects = None
-    if src.objects is not None:
-        objects = (summary.object_ids, summary.object_chunks, summary.object_fragments)
-    return _Source(k, grid, summary.chunks[nonempty], summary.rows[nonempty], lm.vertex_count, specs,
-                   objects, src.all_ids)
-
-
-def _finish_root(zs: ZVStore, has_objects: bool) -> None:
-    meta = zs.metadata
-    caps = [c for c in meta.format_capabilities if c != "multiscale_links"]
-    if has_objects and "preserved_object_ids" not in caps:
-        caps.append("preserved_object_ids")
-    meta.format_capabilities = caps
-    meta.cross_level_depth = 0
-    meta.cross_level_storage = "none"
-    write_root_metadata(zs, meta)
 
 
 def _small_enough(count: int, n_chunks: int, min_points: int) -> str:
@@ -327,50 +290,380 @@ def _small_enough(count: int, n_chunks: int, min_points: int) -> str:
     return ""
 
 
+class PyramidBuilder:
+    """Plans, prepares and finishes the batches of one pyramid build (coordinator side).
+
+    :func:`build_pyramid` drives it from a written level 0; :func:`zv_dask.ingest`
+    plans the first batch before its write tasks run (:meth:`plan_first`), lets
+    those tasks build it, and hands the results back (:meth:`finish_batch`)
+    before :meth:`run` goes on.
+    """
+
+    def __init__(self, zs: ZVStore, job: WriteJob, *, levels, bin_ratio, chunk_scale, method, attribute_reduction,
+                 sample_size, seed, min_points, client, points_per_task, levels_per_task, links, progress,
+                 slots: int | None = None):
+        if method not in METHODS:
+            raise InputError(f"method must be one of {METHODS}, got {method!r}")
+        if int(points_per_task) < 1:
+            raise InputError(f"points_per_task must be >= 1, got {points_per_task!r}")
+        if levels_per_task is not None and (isinstance(levels_per_task, bool) or int(levels_per_task) < 1):
+            raise InputError(f"levels_per_task must be None or an integer >= 1, got {levels_per_task!r}")
+        self.zs, self.job = zs, job
+        meta = zs.metadata
+        self.ndim = meta.ndim
+        self.levels = levels
+        self.min_points = min_points
+        self.opts = dict(method=method, attribute_reduction=attribute_reduction, sample_size=sample_size, seed=seed)
+        self.client = client
+        self.points_per_task = int(points_per_task)
+        self.levels_per_task = None if levels_per_task is None else int(levels_per_task)
+        self.progress = progress
+        self.slots = slots if slots is not None else _slots(client)
+        self.links, warns = resolve_links(links, meta)
+        self.report = PyramidReport(links=self.links, warnings=warns)
+        self._steps = level_steps(self.ndim, levels, bin_ratio, chunk_scale)  # checks every parameter
+        self._pending: list[LevelStep] = []
+        self._exhausted = False
+        self.bpc = tuple(int(round(c / b)) for c, b in zip(meta.chunk_shape, meta.effective_bin_shape))
+        self.compressors = _compressors(zs)
+        # plain vlen arrays take their cells as direct PUTs; on a plain store their link arrays are then
+        # created at the end, only where cells were written (icechunk wants every array to exist first)
+        self.plain = self.compressors is None
+        self.eager_links = job.transactional or not self.plain
+
+    # -- steps -----------------------------------------------------------------------------
+    def _peek(self, i: int) -> LevelStep | None:
+        while len(self._pending) <= i and not self._exhausted:
+            nxt = next(self._steps, None)
+            if nxt is None:
+                self._exhausted = True
+            else:
+                self._pending.append(nxt)
+        return self._pending[i] if i < len(self._pending) else None
+
+    def check_attributes(self, specs: list[AttributeSpec]) -> None:
+        """Raise now (before anything changes) if ``attribute_reduction`` does not fit the level-0 attributes."""
+        _resolve_attributes(specs, self.opts["attribute_reduction"], self.opts["method"])
+
+    # -- planning --------------------------------------------------------------------------
+    def first_reason(self, count: int, n_chunks: int) -> str:
+        """Why no level would be built from a level 0 of this size (``""`` if one would)."""
+        return _small_enough(count, n_chunks, self.min_points) if self.levels is None else ""
+
+    def choose_steps(self, chunks: np.ndarray, weights: np.ndarray, scale: tuple[int, ...],
+                     budget: int | None = None) -> list[LevelStep]:
+        """The steps of the next batch over a source level with these chunks (and points per chunk)."""
+        budget = self.points_per_task if budget is None else int(budget)
+        first = self._peek(0)
+        if first is None:
+            return []
+        fine_bpc = tuple(b * s for b, s in zip(self.bpc, scale))
+        out = [first]
+        n0, _ = region_loads(chunks, weights, fine_bpc, region_shape(first, self.bpc))
+        total = float(np.sum(weights))
+        cap = MAX_BATCH_LEVELS if self.levels_per_task is None else self.levels_per_task
+        while len(out) < cap:
+            nxt = self._peek(len(out))
+            if nxt is None:
+                break
+            n, biggest = region_loads(chunks, weights, fine_bpc, region_shape(nxt, self.bpc))
+            if biggest > budget:
+                break
+            if n < min(n0, 2 * self.slots) and total > budget:
+                break
+            out.append(nxt)
+        return out
+
+    def plan_batch(self, src: LevelSource, steps: list[LevelStep]) -> Batch:
+        """Geometry, attributes and link arrays of a batch (nothing is written)."""
+        meta = self.zs.metadata
+        levels = []
+        parent_specs, parent_grid, parent_scale = src.specs, src.grid, src.scale
+        read_names = None
+        for step in steps:
+            reductions, explicit, specs = _resolve_attributes(parent_specs, self.opts["attribute_reduction"],
+                                                              self.opts["method"])
+            if read_names is None:
+                read_names = tuple(s.name for s in parent_specs if s.name in reductions)
+            cs = tuple(float(c) * s for c, s in zip(meta.chunk_shape, step.total_scale))
+            grid = Grid(meta.bounds[0], meta.bounds[1], cs, meta.effective_bin_shape, src.grid.dtype)
+            params = CoarsenParams(step.total_ratio, self.opts["method"], reductions, explicit,
+                                   self.opts["sample_size"], self.opts["seed"], step.level)
+            geom = StepGeometry(step.level, parent_grid, grid, self.bpc, tuple(parent_scale), step.total_scale,
+                                params, self.links, tuple(s.name for s in specs), self.plain)
+            bin_shape = tuple(float(b) * r for b, r in zip(meta.effective_bin_shape, step.total_ratio))
+            lv = _Level(step, geom, specs, bin_shape)
+            if self.links != "none":
+                fine_c = tuple(b * s for b, s in zip(self.bpc, parent_scale))
+                coarse_c = tuple(b * s for b, s in zip(self.bpc, step.total_scale))
+                lv.link_offsets[1] = possible_offsets(fine_c, coarse_c, step.total_ratio, 1)
+                if self.links == "explicit":
+                    lv.link_offsets[-1] = possible_offsets(fine_c, coarse_c, step.total_ratio, -1)
+            levels.append(lv)
+            parent_specs, parent_grid, parent_scale = specs, grid, step.total_scale
+        return Batch(src.level, levels, read_names or (), region_shape(steps[-1], self.bpc))
+
+    # -- preparing and finishing -------------------------------------------------------------
+    def prepare(self, batch: Batch) -> None:
+        """Create the batch's level arrays and link arrays (empty presence lists)."""
+        root = self.zs.root
+        for lv in batch.levels:
+            k = lv.step.level
+            prepare_level(root, k, lv.geom.grid, lv.specs, compressors=self.compressors)
+            for delta, offsets in lv.link_offsets.items():
+                owner = k - 1 if delta > 0 else k
+                grid = lv.geom.fine_grid if delta > 0 else lv.geom.grid
+                g = root[str(owner)]
+                links = g.require_group("links")
+                fam_name = f"{delta:+d}"
+                if fam_name in links:
+                    del links[fam_name]
+                fam = links.create_group(fam_name, attributes=link_family_attrs(delta, self.ndim, 0))
+                if not self.eager_links:
+                    continue
+                for off in offsets:
+                    create_vlen_array(fam, offset_segment(off), grid, link_array_attrs(delta, off, [], grid.origin),
+                                      compressors=self.compressors)
+        self.job.absorb([])  # the next target must see the arrays just created
+
+    def finish_batch(self, batch: Batch, results: list, src: LevelSource, t0: float, n_tasks: int):
+        """Write the metadata of each level of a finished batch; returns ``(source, stop reason)``.
+
+        With ``levels=None`` the stop criteria are checked level by level, and
+        the levels a batch built past the stopping point are removed.
+        """
+        summaries = [r[0] for r in results]
+        reason = ""
+        for i, lv in enumerate(batch.levels):
+            k = lv.step.level
+            parts = [s.levels[k] for s in summaries if k in s.levels]
+            summary = ChunkSummary.concat(parts, self.ndim)
+            if src.objects is not None and summary.object_ids is None:
+                summary.object_ids = np.zeros(0, np.int64)
+                summary.object_chunks = np.zeros((0, self.ndim), np.int64)
+                summary.object_fragments = np.zeros(0, np.int64)
+            src = self._finish_level(lv, summary, summaries, src)
+            self.report.tasks[k] = n_tasks
+            self.report.level_seconds[k] = time.perf_counter() - t0
+            if self.levels is None:
+                prev = self.report.vertex_counts.get(k - 1, None)
+                reason = _small_enough(src.vertex_count, len(src.chunks), self.min_points)
+                if not reason and prev is not None and src.vertex_count >= prev:
+                    reason = f"level {k} removed no point"
+                if reason:
+                    self._prune([x.step.level for x in batch.levels[i + 1:]], k)
+                    break
+        done = [lv.step.level for lv in batch.levels if lv.step.level in self.report.vertex_counts]
+        self.report.batches.append(done)
+        self._pending = self._pending[len(batch.levels):]
+        return src, reason
+
+    def _finish_level(self, lv: _Level, summary: ChunkSummary, summaries: list, src: LevelSource) -> LevelSource:
+        zs = self.zs
+        k = lv.step.level
+        grid = lv.geom.grid
+        lm = LevelMetadata(level=k, object_sparsity=1.0, coarsening_method="per_object", parent_level=k - 1,
+                           chunk_shape=grid.chunk_shape if any(s != 1 for s in lv.step.total_scale) else None,
+                           bin_shape=lv.bin_shape, fragments_tile=True,
+                           inherited_num_objects=0 if src.all_ids is None else len(src.all_ids),
+                           preserves_object_ids=True if src.objects is not None else None)
+        finalize_level(zs.root, k, grid, summary, lm, lv.specs, all_object_ids=src.all_ids)
+        for delta in lv.link_offsets:
+            owner = k - 1 if delta > 0 else k
+            n = self._finish_links(owner, delta, lv.geom.fine_grid if delta > 0 else grid, lv.link_offsets[delta],
+                                   summaries)
+            self.report.link_counts[f"{owner}/{delta:+d}"] = n
+            if n and owner == k:
+                lm.arrays_present = list(lm.arrays_present) + ["links"]
+            elif n:
+                _mark_links_present(zs.root[str(owner)])
+        create_resolution_level(zs, k, lm)
+        nonempty = summary.rows > 0
+        self.report.levels.append(k)
+        self.report.vertex_counts[k] = lm.vertex_count
+        self.report.chunk_counts[k] = int(nonempty.sum())
+        self.report.bin_shapes[k] = lv.bin_shape
+        objects = None
+        if src.objects is not None:
+            objects = (summary.object_ids, summary.object_chunks, summary.object_fragments)
+        return LevelSource(k, grid, lv.step.total_scale, summary.chunks[nonempty], summary.rows[nonempty],
+                           lm.vertex_count, lv.specs, objects, src.all_ids)
+
+    def _finish_links(self, owner: int, delta: int, grid: Grid, offsets: list, summaries: list) -> int:
+        """Presence lists and record counts of one link family; empty offset arrays are removed."""
+        root = self.zs.root
+        links = root[f"{owner}/links"]
+        fam = links[f"{delta:+d}"]
+        per_seg: dict[str, list] = {}
+        for s in summaries:
+            for (lvl, d, seg), (chunks, counts) in s.links.items():
+                if lvl == owner and d == delta:
+                    per_seg.setdefault(seg, []).append((chunks, counts))
+        total = 0
+        for off in offsets:
+            seg = offset_segment(off)
+            parts = per_seg.get(seg, [])
+            chunks = np.concatenate([c for c, _ in parts]) if parts else np.zeros((0, self.ndim), np.int64)
+            n = int(sum(int(np.sum(c)) for _, c in parts))
+            attrs = link_array_attrs(delta, off, sorted(chunk_keys(chunks)), grid.origin)
+            if not self.eager_links:
+                if n:  # the cells are there already: create the array around them
+                    create_vlen_array(fam, seg, grid, attrs, compressors=self.compressors, overwrite=False)
+            elif n == 0:
+                del fam[seg]
+            else:
+                fam[seg].attrs.update(attrs)
+            total += n
+        unknown = set(per_seg) - {offset_segment(o) for o in offsets}
+        if unknown:  # a record outside the offsets the geometry allows: a bug, never silently dropped
+            raise StoreError(f"links {owner}/{delta:+d}: cells written under unexpected offsets {sorted(unknown)}")
+        if total:
+            fam.attrs.update(link_family_attrs(delta, self.ndim, total))
+        else:
+            del links[f"{delta:+d}"]
+            if not list(links.keys()):
+                del root[str(owner)]["links"]
+        return total
+
+    def _prune(self, levels: list[int], last: int) -> None:
+        """Remove levels a speculative batch built past the stopping level ``last``."""
+        root = self.zs.root
+        for k in sorted(levels, reverse=True):
+            if str(k) in root:
+                del root[str(k)]
+        drop_up_links(root, last)
+        self.report.link_counts.pop(f"{last}/+1", None)
+
+    # -- running ------------------------------------------------------------------------------
+    def build_batch(self, batch: Batch, src: LevelSource) -> list:
+        """Run the tasks of a batch (regions of the top level, grouped up to ``points_per_task``)."""
+        import dask
+
+        target = self.job.target()
+        fine_bpc = tuple(b * s for b, s in zip(self.bpc, src.scale))
+        weights = src.rows if src.rows is not None else np.full(len(src.chunks),
+                                                                src.vertex_count / max(len(src.chunks), 1))
+        groups = plan_tasks(src.chunks, fine_bpc, batch.region, weights, self.points_per_task)
+        task_fn = dask.delayed(batch_task, pure=False)
+        token = uuid.uuid4().hex[:12]
+        tasks = []
+        for i, idx in enumerate(groups):
+            chunks = src.chunks[idx]
+            obj = None
+            if src.objects is not None:
+                m = chunks_in(src.objects[1], chunks)
+                obj = tuple(a[m] for a in src.objects)
+            tasks.append(task_fn(target, batch.geoms, src.level, batch.read_names, self.ndim, chunks, obj,
+                                 dask_key_name=f"zv-pyramid-{batch.numbers[0]}-{i}-{token}"))
+        label = f"pyramid level {batch.numbers[0]}" + (f"-{batch.numbers[-1]}" if len(batch.levels) > 1 else "")
+        results = _run(tasks, self.client, self.progress, label)
+        self.job.absorb(_unique([fork for _, fork in results]))
+        return results
+
+    def run(self, src: LevelSource, reason: str = "") -> LevelSource:
+        """Build batches from ``src`` until the steps run out or a stop criterion holds."""
+        while not reason:
+            if self._peek(0) is None:
+                reason = (f"{self.levels} levels built" if self.levels is not None
+                          else "bin_ratio/chunk_scale lists exhausted")
+                break
+            weights = src.rows if src.rows is not None else np.full(len(src.chunks),
+                                                                    src.vertex_count / max(len(src.chunks), 1))
+            steps = self.choose_steps(src.chunks, weights, src.scale)
+            batch = self.plan_batch(src, steps)
+            self.building = batch.numbers
+            t0 = time.perf_counter()
+            self.prepare(batch)
+            results = self.build_batch(batch, src)
+            src, reason = self.finish_batch(batch, results, src, t0, len(results))
+            self.building = None
+        self.report.stop_reason = reason
+        return src
+
+    building: list[int] | None = None
+
+    def finish_root(self, has_objects: bool) -> None:
+        """Capabilities and cross-level declaration, then the root metadata (last)."""
+        meta = self.zs.metadata
+        caps = [c for c in meta.format_capabilities if c != "multiscale_links"]
+        if has_objects and "preserved_object_ids" not in caps:
+            caps.append("preserved_object_ids")
+        linked = self.links != "none" and any(self.report.link_counts.values())
+        if linked:
+            caps.append("multiscale_links")
+        meta.format_capabilities = caps
+        meta.cross_level_depth = 1 if linked else 0
+        meta.cross_level_storage = self.links if linked else "none"
+        write_root_metadata(self.zs, meta)
+
+
+def drop_up_links(root, level: int) -> None:
+    """Remove level ``level``'s ``+1`` links (to a level that is gone), and its ``links`` group if empty."""
+    if str(level) not in root:
+        return
+    g = root[str(level)]
+    if "links" not in g:
+        return
+    if "+1" in g["links"]:
+        del g["links"]["+1"]
+    if list(g["links"].keys()):
+        return
+    del g["links"]
+    lm = dict(g.attrs.get("zarr_vectors_level", {}))
+    if "links" in lm.get("arrays_present", []):
+        lm["arrays_present"] = [a for a in lm["arrays_present"] if a != "links"]
+        g.attrs["zarr_vectors_level"] = lm
+
+
+def _mark_links_present(group) -> None:
+    lm = dict(group.attrs.get("zarr_vectors_level", {}))
+    present = list(lm.get("arrays_present", []))
+    if lm and "links" not in present:
+        lm["arrays_present"] = present + ["links"]
+        group.attrs["zarr_vectors_level"] = lm
+
+
+def _slots(client) -> int:
+    from zv_dask.ingest.graph import task_slots
+
+    return task_slots(client)
+
+
 def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction, sample_size, seed, min_points,
-           client, job, points_per_task, progress) -> PyramidReport:
+           client, job, points_per_task, levels_per_task, links, progress) -> PyramidReport:
     t0 = time.perf_counter()
     zs = job.store if job is not None else as_store(store, "r+")
     if zs.read_only:
         raise StoreError("build_pyramid needs a writable store; open it with mode='r+'")
     own = job is None
     job = job if job is not None else WriteJob(zs, "zv-dask build_pyramid")
-    report = PyramidReport()
-    building = None
+    builder = None
     try:
-        steps = level_steps(zs.metadata.ndim, levels, bin_ratio, chunk_scale)
-        src = _source_from_store(zs, 0)
-        _resolve_attributes(src.specs, attribute_reduction, method)  # raises before anything changes
-        _drop_coarse_levels(zs)
+        builder = PyramidBuilder(zs, job, levels=levels, bin_ratio=bin_ratio, chunk_scale=chunk_scale, method=method,
+                                 attribute_reduction=attribute_reduction, sample_size=sample_size, seed=seed,
+                                 min_points=min_points, client=client, points_per_task=points_per_task,
+                                 levels_per_task=levels_per_task, links=links, progress=progress)
+        src = source_from_store(zs, 0)
+        builder.check_attributes(src.specs)  # raises before anything changes
+        drop_coarse_levels(zs)
+        report = builder.report
         report.vertex_counts[0] = src.vertex_count
         report.chunk_counts[0] = len(src.chunks)
-        opts = dict(method=method, attribute_reduction=attribute_reduction, sample_size=sample_size, seed=seed,
-                    client=client, points_per_task=points_per_task, progress=progress)
-        reason = _small_enough(src.vertex_count, len(src.chunks), min_points) if levels is None else ""
-        while not reason:
-            step = next(steps, None)
-            if step is None:
-                reason = f"{levels} levels built" if levels is not None else "bin_ratio/chunk_scale lists exhausted"
-                break
-            building = step.level
-            prev = src.vertex_count
-            src = _build_level(zs, job, src, step, opts, report)
-            building = None
-            if levels is None:
-                reason = _small_enough(src.vertex_count, len(src.chunks), min_points)
-                if not reason and src.vertex_count >= prev:
-                    reason = f"level {step.level} removed no point"
-        report.stop_reason = reason
-        _finish_root(zs, src.objects is not None)
+        src = builder.run(src, builder.first_reason(src.vertex_count, len(src.chunks)))
+        builder.finish_root(src.objects is not None)
         if own:
             report.snapshot_id = job.commit("zv-dask build_pyramid")
     except BaseException as e:
         if own:
             job.abort()
-        if not job.transactional and building is not None and str(building) in zs.root:
-            del zs.root[str(building)]  # a level without metadata would break readers
+        building = builder.building if builder is not None else None
+        if not job.transactional and building:
+            for k in building:  # levels without metadata would break readers
+                if str(k) in zs.root:
+                    del zs.root[str(k)]
+            drop_up_links(zs.root, building[0] - 1)
         if isinstance(e, Exception) and not isinstance(e, ZVError):  # e.g. KilledWorker, a storage error
-            stage = "pyramid" if building is None else f"pyramid level {building}"
+            stage = "pyramid" if not building else f"pyramid level {building[0]}"
             first = (str(e).strip().splitlines() or [""])[0]
             raise IngestError(f"{stage} failed: {type(e).__name__}: {first}", stage=stage) from e
         raise
@@ -380,9 +673,10 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
 
 def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=1, method: str = "centroid",
                   attribute_reduction: dict | None = None, sample_size: int = 8, seed: int = 0,
-                  min_points: int = 1024, client=None, compute: bool = True, job: WriteJob | None = None,
-                  points_per_task: int = DEFAULT_POINTS_PER_TASK, progress: bool = False):
-    """Build coarse levels 1..L of a store from its level 0, level by level.
+                  min_points: int = 1024, links=None, client=None, compute: bool = True, job: WriteJob | None = None,
+                  points_per_task: int = DEFAULT_POINTS_PER_TASK, levels_per_task: int | None = None,
+                  progress: bool = False):
+    """Build coarse levels 1..L of a store from its level 0.
 
     Parameters
     ----------
@@ -408,6 +702,15 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
     seed
         Seeds ``random`` / ``sample`` together with the bin: reproducible
         whatever the partitioning or the number of workers.
+    links
+        Cross-level links from every vertex to the metavertex it folds into
+        (ZV format section 9): ``"explicit"`` (``+1`` at the fine level and the
+        ``-1`` mirror at the coarse one, the reference's default),
+        ``"implicit"`` (``+1`` only), ``"none"``; ``True``/``False`` mean
+        ``"explicit"``/``"none"``. ``None`` follows the store's
+        ``cross_level_storage`` (zv-dask's own stores declare ``"none"``,
+        the reference's ``"explicit"``). Links add 16 bytes per fine vertex
+        and direction.
     client
         A distributed ``Client``; ``None`` uses dask's current scheduler.
     compute
@@ -419,13 +722,17 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
         The :class:`~zv_dask.transaction.WriteJob` of an enclosing job (ingest):
         the pyramid then joins that job's single commit instead of committing.
     points_per_task
-        Regions are grouped into tasks of about this many fine points.
+        A task owns whole regions of about this many fine points; a round of
+        tasks builds as many consecutive levels as such regions hold.
+    levels_per_task
+        At most this many levels per round of tasks (``None``: as many as fit).
+        ``1`` makes every level durable on its own on a plain store.
     progress
-        Show a progress bar per level.
+        Show a progress bar per round of tasks.
 
     Existing coarse levels (and level-0 cross-level links) are replaced. On
-    failure an own icechunk job is discarded; on plain stores the level being
-    built is removed, earlier levels stay valid.
+    failure an own icechunk job is discarded; on plain stores the levels of the
+    failed round are removed, earlier levels stay valid.
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
@@ -434,7 +741,8 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
     run = functools.partial(_build, store, levels=levels, bin_ratio=bin_ratio, chunk_scale=chunk_scale,
                             method=method, attribute_reduction=attribute_reduction, sample_size=sample_size,
                             seed=seed, min_points=min_points, client=client, job=job,
-                            points_per_task=points_per_task, progress=progress)
+                            points_per_task=points_per_task, levels_per_task=levels_per_task, links=links,
+                            progress=progress)
     if compute:
         return run()
     import dask

@@ -23,7 +23,7 @@ import numpy as np
 
 from zv_dask.errors import InputError
 
-__all__ = ["LevelStep", "level_steps", "region_shape"]
+__all__ = ["LevelStep", "level_steps", "region_shape", "region_loads", "plan_tasks"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,20 @@ def region_shape(step: LevelStep, bins_per_chunk: tuple[int, ...]) -> tuple[int,
     """
     return tuple(math.lcm(b * sp, b * s, r) for b, sp, s, r in
                  zip(bins_per_chunk, step.parent_scale, step.total_scale, step.total_ratio))
+
+
+def region_loads(chunks: np.ndarray, weights: np.ndarray, fine_bins_per_chunk: tuple[int, ...],
+                 region: tuple[int, ...]) -> tuple[int, float]:
+    """How many regions of edge ``region`` (base bins) the chunks fall in, and the most points one holds."""
+    from zv_dask.pyramid.coarsen import bin_keys
+
+    chunks = np.asarray(chunks, np.int64)
+    if not len(chunks):
+        return 0, 0.0
+    per = np.asarray(region, np.int64) // np.asarray(fine_bins_per_chunk, np.int64)
+    _, inv = np.unique(bin_keys(np.floor_divide(chunks, per)), return_inverse=True)
+    loads = np.bincount(inv.reshape(-1), weights=np.asarray(weights, np.float64))
+    return len(loads), float(loads.max())
 
 
 def plan_tasks(chunks: np.ndarray, fine_bins_per_chunk: tuple[int, ...], region: tuple[int, ...],

@@ -193,6 +193,8 @@ def create_store(
     geometry_types=None,
     crs: dict | None = None,
     attribute_specs: dict | None = None,
+    cross_level_depth: int = 0,
+    cross_level_storage: str = "none",
     backend: str | None = None,
     storage_options: dict | None = None,
     branch: str = "main",
@@ -202,7 +204,10 @@ def create_store(
     ``vertices`` and ``vertex_fragments``.
 
     ``bounds`` default to ``[0, 128]`` per axis and ``chunk_shape`` to one chunk
-    over the bounds. Refuses an existing store unless ``overwrite=True``.
+    over the bounds. ``cross_level_storage`` (``"none"``, ``"implicit"`` or
+    ``"explicit"``) with ``cross_level_depth=1`` declares the cross-level links
+    :func:`~zv_dask.build_pyramid` then writes by default. Refuses an existing
+    store unless ``overwrite=True``.
     """
     d = _resolve_ndim(ndim, axes, chunk_shape, bounds, base_bin_shape)
     if bounds is None:
@@ -211,6 +216,13 @@ def create_store(
     hi = tuple(float(v) for v in bounds[1])
     if chunk_shape is None:
         chunk_shape = tuple(max(h - l_, 1e-12) for l_, h in zip(lo, hi))
+    if cross_level_storage not in ("none", "implicit", "explicit"):
+        raise MetadataError(f"cross_level_storage must be 'none', 'implicit' or 'explicit', got {cross_level_storage!r}")
+    if isinstance(cross_level_depth, bool) or int(cross_level_depth) not in (0, 1):
+        raise MetadataError(f"cross_level_depth must be 0 or 1 (zv-dask writes +-1 links), got {cross_level_depth!r}")
+    if (int(cross_level_depth) == 0) != (cross_level_storage == "none"):
+        raise MetadataError(f"cross_level_depth={cross_level_depth} contradicts cross_level_storage="
+                            f"{cross_level_storage!r}: use depth 0 with 'none', depth 1 otherwise")
     vdt = np.dtype(vertex_dtype)
     if vdt.kind != "f":
         raise MetadataError(f"vertex_dtype must be a float type (float32 or float64), got {vertex_dtype!r}")
@@ -222,6 +234,8 @@ def create_store(
         geometry_types=list(geometry_types) if geometry_types is not None else ["point_cloud"],
         crs=crs,
         attribute_specs=attribute_specs,
+        cross_level_depth=int(cross_level_depth),
+        cross_level_storage=cross_level_storage,
     )
     grid = Grid(lo, hi, meta.chunk_shape, meta.effective_bin_shape, vdt.name)  # validates geometry
     be = resolve_backend(path, mode="w", backend=backend, storage_options=storage_options, branch=branch, create=True)

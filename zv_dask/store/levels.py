@@ -160,22 +160,23 @@ def write_chunk_payloads(zstore, level: int, grid: Grid, payloads: list[ChunkPay
     return write_cells(zstore, targets)
 
 
-def write_cells(zstore, targets: list[tuple[str, np.ndarray, list[bytes]]]) -> int:
+def write_cells(zstore, targets: list[tuple[str, np.ndarray, list[bytes]]], *, plain: bool | None = None) -> int:
     """Write one-item vlen cells: ``targets`` holds ``(array path, grid cells (N, D), payloads)``.
 
     Arrays whose pipeline is plain ``vlen-bytes`` get their frames PUT directly,
     all arrays and cells in one concurrent batch (the store's own atomic put);
-    compressed or sharded arrays go through zarr's codec pipeline. Returns the
-    payload bytes written.
+    compressed or sharded arrays go through zarr's codec pipeline. ``plain=True``
+    says every target is a plain array without opening it (its ``zarr.json``
+    may not exist yet). Returns the payload bytes written.
     """
     total = 0
     direct = []
     for path, cells, values in targets:
         if not len(values):
             continue
-        arr = zarr.open_array(zstore, path=path, mode="r+", zarr_format=3)
+        arr = None if plain else zarr.open_array(zstore, path=path, mode="r+", zarr_format=3)
         total += sum(len(v) for v in values)
-        if _plain_vlen(arr):
+        if arr is None or _plain_vlen(arr):
             cell_paths = ["/".join(map(str, c)) for c in np.asarray(cells).tolist()]
             direct.extend((f"{path}/c/{cp}", vlen_frame(v)) for cp, v in zip(cell_paths, values))
         else:

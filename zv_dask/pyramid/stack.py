@@ -1,0 +1,147 @@
+"""Coarse levels and their cross-level links from the points of whole regions: pure numpy, no I/O.
+
+A task of the pyramid (or an ingest write task, which already holds its level-0
+points) owns whole *regions* of a level step: every fine chunk, coarse chunk
+and coarse bin of a region lies inside it (:func:`~zv_dask.pyramid.plan.region_shape`).
+Regions of one step nest in the regions of the next, so a task that owns the
+regions of level ``b`` can build levels ``a..b`` one after the other without
+looking outside its points. This module does that:
+
+* :class:`LevelPoints` is a level's points in *storage order* (rows grouped by
+  chunk, in the order the cells hold them), so a row's chunk and its row index
+  inside the chunk (``vi``) are what links refer to;
+* :func:`coarsen_level` makes the next level (its points in storage order and
+  its cell layout) and, per fine row, the storage row of its metavertex;
+* :func:`level_links` turns that parent map into the ``+1`` cells of the fine
+  level and the mirrored ``-1`` cells of the coarse level (ZV format section 9);
+* :func:`encode_level` gives the cell payloads of a level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from zv_dask.format.cells import encode_attribute, encode_fragments, encode_vertices
+from zv_dask.format.grid import Grid
+from zv_dask.format.layout import ChunkPayload, ChunkPlan
+from zv_dask.format.links import LinkCells, plan_link_cells
+from zv_dask.pyramid.coarsen import CoarsenParams, coarsen_points, plan_coarse
+
+__all__ = ["LevelPoints", "StepGeometry", "coarsen_level", "level_links", "encode_level"]
+
+
+@dataclass
+class LevelPoints:
+    """Points of (part of) a level in storage order: chunk ``m`` holds rows ``row_splits[m]:row_splits[m+1]``.
+
+    ``vi`` is each row's index inside its chunk's vertex buffer; it differs from
+    the running position only when rows were left out (see :meth:`take`).
+    """
+
+    positions: np.ndarray
+    attributes: dict
+    object_ids: np.ndarray | None
+    chunks: np.ndarray  # (m, D) absolute chunk coordinates
+    chunk_index: np.ndarray  # (n,) row -> index into chunks
+    vi: np.ndarray  # (n,) row inside its chunk's cells
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @classmethod
+    def from_layout(cls, positions, attributes, object_ids, chunks, row_splits) -> "LevelPoints":
+        """Points already in storage order, ``row_splits`` (m+1) cutting them into ``chunks``."""
+        row_splits = np.asarray(row_splits, np.int64)
+        counts = np.diff(row_splits)
+        idx = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        vi = np.arange(int(row_splits[-1]) if len(row_splits) else 0, dtype=np.int64) - row_splits[:-1][idx]
+        return cls(positions, attributes, object_ids, np.asarray(chunks, np.int64).reshape(len(counts), -1),
+                   idx, vi)
+
+    @classmethod
+    def from_chunk_data(cls, data: list, chunks: np.ndarray, ndim: int, dtype: str, names) -> "LevelPoints":
+        """Decoded chunks (:func:`~zv_dask.store.levels.read_chunks`, in the order of ``chunks``) as one block."""
+        counts = np.array([len(d.positions) for d in data], np.int64)
+        splits = np.r_[0, np.cumsum(counts)].astype(np.int64)
+        pos = np.concatenate([d.positions for d in data]) if data else np.zeros((0, ndim), dtype)
+        attrs = {n: np.concatenate([d.attributes[n] for d in data]) for n in names} if data else {}
+        return cls.from_layout(pos, attrs, None, np.asarray(chunks, np.int64).reshape(-1, ndim), splits)
+
+    def take(self, rows: np.ndarray) -> "LevelPoints":
+        """A subset of rows (their ``vi`` stay those of the cells they came from)."""
+        return LevelPoints(self.positions[rows], {k: v[rows] for k, v in self.attributes.items()},
+                           None if self.object_ids is None else self.object_ids[rows], self.chunks,
+                           self.chunk_index[rows], self.vi[rows])
+
+
+@dataclass(frozen=True)
+class StepGeometry:
+    """What a task needs to make level ``level`` from its parent (all picklable, small)."""
+
+    level: int
+    fine_grid: Grid
+    grid: Grid
+    bins_per_chunk: tuple[int, ...]
+    fine_scale: tuple[int, ...]  # S_{k-1}: parent chunk in root chunks
+    scale: tuple[int, ...]  # S_k
+    params: CoarsenParams
+    links: str  # "none", "implicit" (+1 only) or "explicit" (+1 and -1)
+    write_names: tuple[str, ...] = ()  # the level's attributes, in the order its arrays were created
+    plain: bool = False  # every array of the level (and its links) is plain vlen-bytes: PUT cells directly
+
+
+@dataclass
+class CoarseLevel:
+    """A coarse level made by :func:`coarsen_level`."""
+
+    points: LevelPoints
+    plan: ChunkPlan
+    parent_rows: np.ndarray  # per fine row, the storage row of its metavertex
+
+
+def coarsen_level(fine: LevelPoints, step: StepGeometry) -> CoarseLevel:
+    """Coarsen ``fine`` (whole regions, storage order) into the next level, laid out in storage order."""
+    coarse = coarsen_points(fine.positions, step.fine_grid.base_bins(fine.positions), fine.attributes,
+                            step.params, fine.object_ids)
+    plan = plan_coarse(step.grid.base_bins(coarse.positions), step.bins_per_chunk, step.scale, coarse.object_ids)
+    o = plan.order
+    points = LevelPoints.from_layout(np.take(coarse.positions, o, axis=0),
+                                     {k: np.take(v, o, axis=0) for k, v in coarse.attributes.items()},
+                                     None if coarse.object_ids is None else coarse.object_ids[o],
+                                     plan.chunks, plan.row_splits)
+    where = np.empty(len(o), np.int64)
+    where[o] = np.arange(len(o), dtype=np.int64)
+    return CoarseLevel(points, plan, where[coarse.parents] if len(o) else np.zeros(0, np.int64))
+
+
+def level_links(fine: LevelPoints, coarse: CoarseLevel, step: StepGeometry) -> tuple[LinkCells | None, LinkCells | None]:
+    """The ``+1`` cells of the fine level and (``explicit``) the ``-1`` cells of the coarse level."""
+    if step.links == "none":
+        return None, None
+    c = coarse.points
+    s = coarse.parent_rows
+    up = plan_link_cells(fine.chunks, fine.chunk_index, fine.vi, c.chunks, c.chunk_index[s], c.vi[s],
+                         step.fine_scale, step.scale)
+    if step.links != "explicit":
+        return up, None
+    down = plan_link_cells(c.chunks, c.chunk_index[s], c.vi[s], fine.chunks, fine.chunk_index, fine.vi,
+                           step.scale, step.fine_scale)
+    return up, down
+
+
+def encode_level(points: LevelPoints, plan: ChunkPlan, dtype: str):
+    """Yield a :class:`~zv_dask.format.layout.ChunkPayload` per chunk of a level in storage order."""
+    pos = points.positions
+    rs = plan.row_splits
+    for m in range(plan.n_chunks):
+        a, b = int(rs[m]), int(rs[m + 1])
+        counts = plan.fragment_counts[plan.frag_splits[m]:plan.frag_splits[m + 1]]
+        yield ChunkPayload(
+            chunk=tuple(int(x) for x in plan.chunks[m]),
+            n_rows=b - a,
+            vertices=encode_vertices(pos[a:b], dtype),
+            fragments=encode_fragments(counts),
+            attributes={k: encode_attribute(v[a:b]) for k, v in points.attributes.items()},
+        )

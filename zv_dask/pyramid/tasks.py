@@ -1,0 +1,110 @@
+"""What a pyramid task does on a worker: build its levels in memory and write their cells.
+
+:func:`build_levels` takes the points of whole regions of a level (read from
+the store by a pyramid task, or still in memory in an ingest write task) and,
+for each level of the batch, coarsens (:mod:`zv_dask.pyramid.stack`), writes
+the level's cells and the links between it and its parent, and reports what it
+wrote in a :class:`BatchResult` for the coordinator's metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from zv_dask.errors import IngestError, ZVError
+from zv_dask.format.links import LinkCells
+from zv_dask.pyramid import stack
+from zv_dask.pyramid.stack import LevelPoints, StepGeometry
+from zv_dask.read import row_object_ids
+from zv_dask.store.levels import ChunkSummary, read_chunks, write_cells
+from zv_dask.transaction import returned_fork, worker_store
+
+__all__ = ["BatchResult", "build_levels", "link_targets", "batch_task"]
+
+
+@dataclass
+class BatchResult:
+    """What one task wrote: per level a :class:`ChunkSummary`, per link cell group its chunks and record counts.
+
+    ``links`` maps ``(owner level, delta, offsets segment)`` to ``(chunks (K, D), records (K,))``.
+    """
+
+    levels: dict[int, ChunkSummary] = field(default_factory=dict)
+    links: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    bytes_written: int = 0
+
+
+def link_targets(cells: LinkCells, owner: int, delta: int, grid, out: BatchResult) -> list:
+    """``write_cells`` targets for a :class:`LinkCells` (one per offsets array), recording them in ``out``."""
+    if cells is None or not len(cells):
+        return []
+    segs = cells.segments()
+    counts = np.diff(cells.splits)
+    targets = []
+    start = 0
+    for i in range(1, len(segs) + 1):  # cells come grouped by offsets
+        if i == len(segs) or segs[i] != segs[start]:
+            idx = np.arange(start, i)
+            chunks = cells.chunks[idx]
+            targets.append((f"{owner}/links/{delta:+d}/{segs[start]}", grid.cells(chunks),
+                            [cells.payload(j) for j in idx]))
+            key = (owner, delta, segs[start])
+            prev = out.links.get(key)
+            c = counts[idx]
+            out.links[key] = (chunks, c) if prev is None else (np.concatenate([prev[0], chunks]),
+                                                               np.concatenate([prev[1], c]))
+            start = i
+    return targets
+
+
+def build_levels(zstore, fine: LevelPoints, geoms: tuple[StepGeometry, ...],
+                 result: BatchResult | None = None) -> BatchResult:
+    """Build and write the levels ``geoms`` describe from ``fine`` (whole regions, storage order)."""
+    out = result if result is not None else BatchResult()
+    for geom in geoms:
+        k = geom.level
+        first = ".".join(map(str, fine.chunks[0])) if len(fine.chunks) else None
+        try:
+            coarse = stack.coarsen_level(fine, geom)
+            up, down = stack.level_links(fine, coarse, geom)
+            payloads = list(stack.encode_level(coarse.points, coarse.plan, geom.grid.dtype))
+            cells = geom.grid.cells(coarse.plan.chunks)
+            targets = [(f"{k}/vertices", cells, [p.vertices for p in payloads]),
+                       (f"{k}/vertex_fragments", cells, [p.fragments for p in payloads])]
+            targets += [(f"{k}/vertex_attributes/{n}", cells, [p.attributes[n] for p in payloads])
+                        for n in geom.write_names]
+            targets += link_targets(up, k - 1, 1, geom.fine_grid, out) + link_targets(down, k, -1, geom.grid, out)
+            nbytes = write_cells(zstore, targets, plain=geom.plain or None)
+        except ZVError:
+            raise
+        except Exception as e:  # name the level and the first fine chunk, keep the cause
+            raise IngestError(f"pyramid level {k}: task over {len(fine.chunks)} level-{k - 1} chunks from {first} "
+                              f"failed: {type(e).__name__}: {e}", stage=f"pyramid level {k}", chunk=first) from e
+        out.levels[k] = ChunkSummary.from_plan(coarse.plan, nbytes)
+        out.bytes_written += nbytes
+        fine = coarse.points
+    return out
+
+
+def batch_task(target, geoms: tuple[StepGeometry, ...], fine_level: int, read_names: tuple, ndim: int,
+               chunks: np.ndarray, obj):
+    """Read the fine chunks of whole regions, build the batch's levels; returns ``(results, fork)``."""
+    try:
+        zstore = worker_store(target)
+        data = read_chunks(zstore, fine_level, chunks, list(read_names), ndim=ndim)
+        fine = LevelPoints.from_chunk_data(data, chunks, ndim, geoms[0].fine_grid.dtype, read_names)
+        if obj is not None:
+            oids, ok = row_object_ids(data, *obj)
+            fine.object_ids = oids
+            if not ok.all():
+                fine = fine.take(np.flatnonzero(ok))
+    except ZVError:
+        raise
+    except Exception as e:  # name the stage and the chunks
+        first = ".".join(map(str, chunks[0])) if len(chunks) else None
+        raise IngestError(f"pyramid level {geoms[0].level}: reading {len(chunks)} level-{fine_level} chunks "
+                          f"from {first} failed: {type(e).__name__}: {e}", stage=f"pyramid level {geoms[0].level}",
+                          chunk=first) from e
+    return build_levels(zstore, fine, geoms), returned_fork(target)
