@@ -254,8 +254,8 @@ def test_pyramid_failure_at_level_2_keeps_levels_0_and_1(tmp_path, dask_client, 
     assert [lv["level"] for lv in first.levels] == [0, 1, 2, 3]
 
     failing = FaultyStore(LocalStore(path), match=r"^2/.*/c/", after=0)  # level 2's cells
-    with pytest.raises(IngestError) as info:
-        zv_dask.build_pyramid(failing, levels=3, client=dask_client)
+    with pytest.raises(IngestError) as info:  # one level per round: level 1 is finished before level 2 starts
+        zv_dask.build_pyramid(failing, levels=3, client=dask_client, levels_per_task=1)
     _assert_stage_error(info.value, "pyramid level 2")
 
     zs = zv_dask.open_store(path)

@@ -36,28 +36,43 @@ class PartitionStats:
 
 
 def partition_stats(positions: np.ndarray, dtype: str, bounds=None, offset: int = 0) -> PartitionStats:
-    """Statistics of one partition; ``offset`` is its first row in the whole input."""
+    """Statistics of one partition; ``offset`` is its first row in the whole input.
+
+    Column by column over strided views (no ``(N, D)`` temporaries): NaN and
+    inf show in a column's min/max, so the row scan for them runs only when one
+    is there.
+    """
     p = np.asarray(positions).astype(dtype, copy=False)
     if p.ndim != 2:
         raise InputError(f"points must be a 2-D (N, D) array, got shape {p.shape}")
-    n_bad = 0
-    if not np.isfinite(p.sum(axis=0)).all():  # cheap screen; the row scan runs only when it trips
-        finite = np.isfinite(p).all(axis=1)
-        n_bad = int(len(p) - finite.sum())
-    first = int(np.argmin(finite)) + offset if n_bad else -1
-    good = p[finite] if n_bad else p
     d = p.shape[1]
     lo, hi = np.full(d, np.inf), np.full(d, -np.inf)
+    if not len(p):
+        return PartitionStats(0, lo, hi, 0, -1, 0, {})
+    for k in range(d):
+        col = p[:, k]
+        lo[k], hi[k] = float(col.min()), float(col.max())
+    n_bad, first, good = 0, -1, p
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        finite = np.isfinite(p).all(axis=1)
+        n_bad = int(len(p) - finite.sum())
+        if n_bad:
+            first = int(np.argmin(finite)) + offset
+            good = p[finite]
+            lo, hi = np.full(d, np.inf), np.full(d, -np.inf)
+            for k in range(d):
+                if len(good):
+                    lo[k], hi[k] = float(good[:, k].min()), float(good[:, k].max())
     outside = 0
-    if len(good):
-        out_mask = np.zeros(len(good), bool) if bounds is not None else None
-        blo = np.asarray(bounds[0]).astype(dtype) if bounds is not None else None
-        bhi = np.asarray(bounds[1]).astype(dtype) if bounds is not None else None
-        for k in range(d):  # column by column: contiguous, no (N, D) temporaries
-            col = np.ascontiguousarray(good[:, k])
-            lo[k], hi[k] = float(col.min()), float(col.max())
-            if out_mask is not None and (lo[k] < blo[k] or hi[k] > bhi[k]):
-                out_mask |= (col < blo[k]) | (col > bhi[k])
+    if bounds is not None and len(good):
+        blo = np.asarray(bounds[0]).astype(dtype)
+        bhi = np.asarray(bounds[1]).astype(dtype)
+        out_mask = None
+        for k in range(d):
+            if lo[k] < blo[k] or hi[k] > bhi[k]:
+                col = good[:, k]
+                m = (col < blo[k]) | (col > bhi[k])
+                out_mask = m if out_mask is None else (out_mask | m)
         outside = int(out_mask.sum()) if out_mask is not None else 0
     return PartitionStats(len(p), lo, hi, n_bad, first, outside, {})
 

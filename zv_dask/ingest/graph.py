@@ -21,11 +21,12 @@ from dask import delayed
 
 from zv_dask.errors import IngestError, InputError, ZVError
 from zv_dask.format.grid import Grid, chunk_key
-from zv_dask.format.layout import encode_plan, plan_chunks
+from zv_dask.format.layout import plan_chunks
 from zv_dask.format.metadata import LevelMetadata, attribute_spec
 from zv_dask.ingest.bounds import POLICIES, combine_stats, settle_bounds
 from zv_dask.ingest.report import IngestReport
 from zv_dask.ingest.shuffle import (
+    UnitGrid,
     combine_occupancy,
     merge_pieces,
     plan_groups,
@@ -44,7 +45,7 @@ DEFAULT_GROUP_POINTS = 1 << 21
 MIN_AUTO_ROWS = 1 << 17  # below this, per-task overhead outweighs balance
 
 
-def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False):
+def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False, sample: bool = True):
     """Pass 1: statistics and per-chunk counts of every partition, reduced on the client.
 
     Returns ``(stats, final_bounds, n_dropped, occupancy, rows_per_partition)``; raises before
@@ -54,7 +55,7 @@ def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False):
     probe = Grid(tuple(map(float, probe_bounds[0])), tuple(map(float, probe_bounds[1])), plan.chunk_shape,
                  plan.base_bin_shape or plan.chunk_shape, plan.dtype)
     drop = out_of_bounds == "ignore" and plan.bounds is not None
-    scans = [delayed(_scan_task)(p, probe, plan.bounds, drop, 0) for p in src.partitions]
+    scans = [delayed(_scan_task)(p, probe, plan.bounds, drop, 0, sample) for p in src.partitions]
     try:
         scanned = run_tasks(scans, client, progress, "scan: statistics and chunk counts")
     except Exception as e:
@@ -111,33 +112,47 @@ def task_slots(client) -> int:
 
 
 # -- task bodies (top level: workers import them) ----------------------------------------
-def _scan_task(batch, grid, bounds, drop_outside, offset):
-    return scan_partition(batch, grid, bounds, drop_outside, offset)
+def _scan_task(batch, grid, bounds, drop_outside, offset, sample=True):
+    return scan_partition(batch, grid, bounds, drop_outside, offset, sample)
 
 
-def _split_task(batch, grid, starts, drop_outside, shard_shape):
-    return tuple(split_partition(batch, grid, starts, drop_outside, shard_shape))
+def _split_task(batch, grid, starts, drop_outside, units):
+    return tuple(split_partition(batch, grid, starts, drop_outside, units))
 
 
-def write_group(pieces, grid: Grid, level: int, target, attr_names, group_index: int):
-    """Write one group's chunks; returns ``(ChunkSummary, fork or None)``."""
+def write_group(pieces, grid: Grid, level: int, target, attr_names, group_index: int, geoms=()):
+    """Write one group's chunks, and the coarse levels ``geoms`` describe (whole regions).
+
+    Returns ``(ChunkSummary, BatchResult or None, fork or None)``.
+    """
+    from zv_dask.pyramid.stack import LevelPoints, encode_level
+    from zv_dask.pyramid.tasks import BatchResult, build_levels
+
     batch = merge_pieces(list(pieces))
     if batch is None:
-        return ChunkSummary(np.zeros((0, grid.ndim), np.int64), np.zeros(0, np.int64)), returned_fork(target)
+        empty = ChunkSummary(np.zeros((0, grid.ndim), np.int64), np.zeros(0, np.int64))
+        return empty, (BatchResult() if geoms else None), returned_fork(target)
     first = None
+    zstore = worker_store(target)
     try:
         oids = None if batch.object_ids is None else np.asarray(batch.object_ids).astype(np.int64)
         plan = plan_chunks(batch.positions, grid, oids)
         first = ".".join(map(str, plan.chunks[0])) if plan.n_chunks else None
-        payloads = list(encode_plan(plan, batch.positions, batch.attributes, grid.dtype))
-        nbytes = write_chunk_payloads(worker_store(target), level, grid, payloads, list(attr_names))
+        o = plan.order
+        level0 = LevelPoints.from_layout(np.take(batch.positions, o, axis=0),
+                                         {k: np.take(np.asarray(v), o, axis=0) for k, v in batch.attributes.items()},
+                                         None if oids is None else oids[o], plan.chunks, plan.row_splits)
+        del batch
+        nbytes = write_chunk_payloads(zstore, level, grid, list(encode_level(level0, plan, grid.dtype)),
+                                      list(attr_names))
     except ZVError:
         raise
     except Exception as e:  # noqa: BLE001 - name the stage and chunk, keep the cause
         raise IngestError(f"writing group {group_index} (first chunk {first}) failed: {type(e).__name__}: {e}",
                           stage="write", chunk=first) from e
     summary = ChunkSummary.from_plan(plan, nbytes)
-    return summary, returned_fork(target)
+    coarse = build_levels(zstore, level0, tuple(geoms)) if geoms else None
+    return summary, coarse, returned_fork(target)
 
 
 def _choose_dtype(dtype, src) -> tuple[str, str]:
@@ -228,6 +243,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
                                          branch=branch)
     dt = plan.dtype
     drop = out_of_bounds == "ignore" and plan.bounds is not None
+    pyramid_opts = _pyramid_options(pyramid, src.ndim)  # checked before anything is read or written
     if cl is not None and src.in_memory:
         # numpy / pandas input: send it to the workers once, for both passes
         src.partitions = cl.persist(src.partitions)
@@ -246,19 +262,29 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     zs = materialize_target(plan, final_bounds, attr_specs)
     job = WriteJob(zs, message or "zv-dask ingest")
     created_here = plan.existing is None
+    builder = fused = None
     try:
         grid = zs.grid(0)
+        n_points = int(occ.counts.sum())
+        target_points = auto_group_points(group_points, n_points, slots)
         prepare_level(zs.root, 0, grid, specs, shards=shard_shape)
-        groups = plan_groups(grid, occ, auto_group_points(group_points, int(occ.counts.sum()), slots), shard_shape)
+        units = UnitGrid.of(grid, shard_shape) if shard_shape is not None else None
+        if pyramid_opts is not None:
+            builder, fused, units = _plan_fused_levels(zs, job, cl, progress, pyramid_opts, grid, specs, occ,
+                                                       src.has_object_ids, shard_shape, target_points, units, slots)
+        groups = plan_groups(grid, occ, target_points, units)
         target = job.target()
-        splits = [delayed(_split_task, nout=groups.n_groups)(p, grid, groups.starts, drop, shard_shape)
+        splits = [delayed(_split_task, nout=groups.n_groups)(p, grid, groups.starts, drop, units)
                   for p in src.partitions]
         names = [s.name for s in specs]
-        writes = [delayed(write_group)([splits[p][g] for p in range(len(splits))], grid, 0, target, names, g)
+        geoms = fused.geoms if fused is not None else ()
+        writes = [delayed(write_group)([splits[p][g] for p in range(len(splits))], grid, 0, target, names, g, geoms)
                   for g in range(groups.n_groups)]
     except BaseException:
         job.abort()
-        if old_metadata is not None:
+        if created_here and not job.transactional:
+            _remove_new_store(zs, settle=0)
+        elif old_metadata is not None:
             _restore_metadata(zs, old_metadata)
         raise
     seconds["prepare"] = time.perf_counter() - t1
@@ -272,9 +298,11 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         t2 = time.perf_counter()
         stage = "write"
         try:
-            results = run_tasks(writes, cl, progress, "shuffle and write level 0")
-            job.absorb([fork for _, fork in results])
-            summary = ChunkSummary.concat([s for s, _ in results], grid.ndim)
+            results = run_tasks(writes, cl, progress, "shuffle and write level 0" +
+                                (f" and levels 1-{fused.numbers[-1]}" if fused is not None and len(fused.levels) > 1
+                                 else " and level 1" if fused is not None else ""))
+            job.absorb([fork for _, _, fork in results])
+            summary = ChunkSummary.concat([s for s, _, _ in results], grid.ndim)
             t3 = time.perf_counter()
             seconds["write"] = t3 - t2
             stage = "finalize"
@@ -284,16 +312,31 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
             report.chunks_written = int((summary.rows > 0).sum())
             report.bytes_written = int(summary.bytes_written)
             report.levels = [{"level": 0, "vertex_count": meta.vertex_count, "chunks": report.chunks_written}]
-            if pyramid:
-                from zv_dask.pyramid import build_pyramid
+            if builder is not None:
                 stage = "pyramid"
                 t4 = time.perf_counter()
-                opts = dict(pyramid) if isinstance(pyramid, dict) else {}
-                pr = build_pyramid(zs, client=cl, job=job, progress=progress, **opts)
+                pr = builder.report
+                pr.vertex_counts[0] = meta.vertex_count
+                pr.chunk_counts[0] = report.chunks_written
+                src0 = _level0_source(zs, grid, summary, meta.vertex_count, specs)
+                reason = builder.first_reason(meta.vertex_count, report.chunks_written)
+                if fused is not None:
+                    src_k, reason = builder.finish_batch(fused, [(r, None) for _, r, _ in results], src0, t2,
+                                                         len(results))
+                    builder.building = None
+                    report.levels_in_write_tasks = [k for k in fused.numbers if k in pr.vertex_counts]
+                    report.bytes_written += int(sum(r.bytes_written for _, r, _ in results))
+                else:
+                    src_k = src0
+                src_k = builder.run(src_k, reason)
+                builder.finish_root(src_k.objects is not None)
                 seconds["pyramid"] = time.perf_counter() - t4
                 for lv in pr.levels:
                     report.levels.append({"level": lv, "vertex_count": pr.vertex_counts[lv],
                                           "chunks": pr.chunk_counts[lv]})
+                report.links = pr.links if any(pr.link_counts.values()) else "none"
+                report.link_counts = dict(pr.link_counts)
+                report.warnings += pr.warnings
             stage = "commit"
             report.snapshot_id = job.commit()
         except BaseException as e:
@@ -303,7 +346,9 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
             elif old_metadata is not None:
                 _restore_metadata(zs, old_metadata)
             if isinstance(e, Exception) and not isinstance(e, ZVError):
-                tasks = _write_tasks(writes, splits, groups, grid, shard_shape) if stage == "write" else None
+                tasks = _write_tasks(writes, splits, groups, grid) if stage == "write" else None
+                if stage == "pyramid" and builder is not None and builder.building:
+                    stage = f"pyramid level {builder.building[0]}"
                 raise _stage_error(stage, e, tasks) from e
             raise
         report.seconds = seconds
@@ -312,6 +357,95 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     if not compute:
         return PendingIngest(run, writes, report)
     return run()
+
+
+_PYRAMID_KEYS = ("levels", "bin_ratio", "chunk_scale", "method", "attribute_reduction", "sample_size", "seed",
+                 "min_points", "links", "points_per_task", "levels_per_task")
+
+
+def _pyramid_options(pyramid, ndim: int) -> dict | None:
+    """``ingest(pyramid=...)`` as :func:`~zv_dask.build_pyramid` keyword arguments, checked up front."""
+    if not pyramid:
+        return None
+    opts = dict(pyramid) if isinstance(pyramid, dict) else {}
+    unknown = sorted(set(opts) - set(_PYRAMID_KEYS))
+    if unknown:
+        raise InputError(f"pyramid options {unknown} are not build_pyramid options; choose from {list(_PYRAMID_KEYS)}")
+    from zv_dask.pyramid.coarsen import METHODS
+    from zv_dask.pyramid.graph import LINK_STORAGE
+    from zv_dask.pyramid.plan import level_steps
+
+    level_steps(ndim, opts.get("levels"), opts.get("bin_ratio", 2), opts.get("chunk_scale", 1))
+    if opts.get("method", "centroid") not in METHODS:
+        raise InputError(f"method must be one of {METHODS}, got {opts['method']!r}")
+    links = opts.get("links")
+    if links is not None and not isinstance(links, bool) and links not in LINK_STORAGE:
+        raise InputError(f"links must be one of {LINK_STORAGE}, True, False or None, got {links!r}")
+    return opts
+
+
+def pyramid_builder(zs, job, client, progress, opts, slots, meta=None):
+    """A :class:`~zv_dask.pyramid.graph.PyramidBuilder` for ``ingest(pyramid=opts)`` (``zs=None``: plan only)."""
+    from zv_dask.pyramid.graph import DEFAULT_POINTS_PER_TASK, PyramidBuilder
+
+    kw = dict(levels=None, bin_ratio=2, chunk_scale=1, method="centroid", attribute_reduction=None, sample_size=8,
+              seed=0, min_points=1024, links=None, points_per_task=DEFAULT_POINTS_PER_TASK, levels_per_task=None)
+    kw.update(opts)
+    return PyramidBuilder(zs, job, client=client, progress=progress, slots=slots, meta=meta, **kw)
+
+
+def fused_steps(builder, grid, occ, shard_shape, target_points):
+    """The coarse levels the write tasks can build, and the write units that makes (``([], None)``: none).
+
+    The first levels are built in the write tasks when a write group can hold
+    whole regions of them (units of whole regions, and whole shards when
+    sharded) within ``target_points``; the others in rounds of their own.
+    """
+    from zv_dask.pyramid.plan import region_shape
+
+    n_points = int(occ.counts.sum())
+    if builder.first_reason(n_points, len(occ.counts)):
+        return [], None
+    steps = builder.choose_steps(occ.chunks, occ.counts, (1,) * grid.ndim, budget=max(target_points, 1))
+    while steps:
+        block = tuple(r // b for r, b in zip(region_shape(steps[-1], builder.bpc), builder.bpc))
+        units = UnitGrid.of(grid, shard_shape, block)
+        if units is not None:
+            return steps, units
+        steps = steps[:-1]
+    return [], None
+
+
+def _plan_fused_levels(zs, job, client, progress, opts, grid, specs, occ, has_objects, shard_shape, target_points,
+                       units, slots):
+    """The pyramid builder of an ingest job and the batch its write tasks build (``None``: none); arrays created."""
+    from zv_dask.pyramid.graph import LevelSource, drop_coarse_levels
+
+    builder = pyramid_builder(zs, job, client, progress, opts, slots)
+    builder.check_attributes(specs)
+    drop_coarse_levels(zs)
+    steps, fused_units = fused_steps(builder, grid, occ, shard_shape, target_points)
+    if not steps:
+        return builder, None, units
+    src = LevelSource(0, grid, (1,) * grid.ndim, occ.chunks, occ.counts, int(occ.counts.sum()), specs,
+                      (np.zeros(0, np.int64),) * 3 if has_objects else None, None)
+    batch = builder.plan_batch(src, steps)
+    builder.building = batch.numbers
+    builder.prepare(batch)
+    return builder, batch, fused_units
+
+
+def _level0_source(zs, grid, summary: ChunkSummary, vertex_count: int, specs):
+    """The :class:`~zv_dask.pyramid.graph.LevelSource` of the level 0 just written."""
+    from zv_dask.pyramid.graph import LevelSource
+
+    nonempty = summary.rows > 0
+    objects = all_ids = None
+    if summary.object_ids is not None:
+        objects = (summary.object_ids, summary.object_chunks, summary.object_fragments)
+        all_ids = np.unique(summary.object_ids)
+    return LevelSource(0, grid, (1,) * grid.ndim, summary.chunks[nonempty], summary.rows[nonempty], vertex_count,
+                       specs, objects, all_ids)
 
 
 def _stage_error(stage: str, e: Exception, tasks: dict | None = None) -> IngestError:
@@ -327,17 +461,15 @@ def _stage_error(stage: str, e: Exception, tasks: dict | None = None) -> IngestE
                        stage=stage, chunk=chunk)
 
 
-def _write_tasks(writes, splits, groups, grid, shard_shape) -> dict:
+def _write_tasks(writes, splits, groups, grid) -> dict:
     """Task key -> (what, first chunk) for the write stage's tasks, to name a dead one."""
     out = {s.key: (f"splitting input partition {p}", None) for p, s in enumerate(splits)}
     for g, w in enumerate(writes):
         start = int(groups.starts[g])
-        if shard_shape is None:
+        if groups.units is None:
             first = grid.chunks_of_cell_ids(np.array([start]))[0]
         else:
-            ss = np.asarray(shard_shape, np.int64)
-            n_shards = tuple(int(-(-s // k)) for s, k in zip(grid.shape, ss))
-            first = np.array(np.unravel_index(start, n_shards)) * ss + np.asarray(grid.origin, np.int64)
+            first = np.maximum(groups.units.first_chunk(start), np.asarray(grid.origin))
         out[w.key] = (f"writing group {g} (first chunk {chunk_key(first)})", chunk_key(first))
         for p, s in enumerate(splits):  # the piece of partition p that group g gathers
             out[s[g].key] = (f"group {g} (first chunk {chunk_key(first)}) gathering input partition {p}",

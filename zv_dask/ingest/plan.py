@@ -21,7 +21,7 @@ from zv_dask.errors import InputError
 from zv_dask.format.grid import Grid
 from zv_dask.ingest.bounds import POLICIES
 from zv_dask.ingest.report import _fmt_bytes
-from zv_dask.ingest.shuffle import plan_groups
+from zv_dask.ingest.shuffle import UnitGrid, plan_groups
 from zv_dask.ingest.sources import as_source
 from zv_dask.ingest.target import plan_target
 from zv_dask.scheduling import resolve_client
@@ -70,6 +70,7 @@ class IngestPlan:
     estimated_group_memory: int
     estimated_task_memory: int
     pyramid: dict | None = None
+    levels_in_write_tasks: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     seconds: float = 0.0
 
@@ -108,7 +109,9 @@ class IngestPlan:
         ]
         if self.pyramid is not None:
             opts = ", ".join(f"{k}={v}" for k, v in self.pyramid.items()) or "defaults"
-            lines.append(f"  pyramid     yes ({opts})")
+            lines.append(f"  pyramid     yes ({opts})" + (
+                f"; levels {self.levels_in_write_tasks} built by the write tasks" if self.levels_in_write_tasks
+                else ""))
         for w in self.warnings:
             lines.append(f"  warning     {w}")
         return "\n".join(lines)
@@ -174,7 +177,8 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
         chunks, write groups, estimated bytes and per-task memory.
     """
     from zv_dask.ingest.graph import (
-        auto_group_points, auto_partition_rows, precision_warnings, scan_pass, task_slots)
+        _pyramid_options, auto_group_points, auto_partition_rows, fused_steps, precision_warnings, pyramid_builder,
+        scan_pass, task_slots)
 
     cl = resolve_client(client)
     slots = task_slots(cl)
@@ -186,10 +190,24 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
                                          shard_shape=shard_shape, backend=backend, storage_options=storage_options,
                                          overwrite=overwrite, axes=axes, partition_rows=partition_rows,
                                          branch=branch)
-    stats, final_bounds, dropped, occ, counts = scan_pass(src, plan, out_of_bounds, cl, progress)
+    stats, final_bounds, dropped, occ, counts = scan_pass(src, plan, out_of_bounds, cl, progress, sample=False)
     grid = Grid(tuple(map(float, final_bounds[0])), tuple(map(float, final_bounds[1])), plan.chunk_shape,
                 plan.base_bin_shape or plan.chunk_shape, dt)
-    groups = plan_groups(grid, occ, auto_group_points(group_points, int(occ.counts.sum()), slots), shard_shape)
+    target_points = auto_group_points(group_points, int(occ.counts.sum()), slots)
+    units = UnitGrid.of(grid, shard_shape) if shard_shape is not None else None
+    fused = []
+    pyramid_opts = _pyramid_options(pyramid, src.ndim)
+    if pyramid_opts is not None:
+        from zv_dask.format.metadata import RootMetadata
+
+        meta = plan.existing.metadata if plan.existing is not None and not plan.overwrite else RootMetadata(
+            chunk_shape=tuple(plan.chunk_shape), bounds=(tuple(final_bounds[0]), tuple(final_bounds[1])),
+            base_bin_shape=tuple(plan.base_bin_shape) if plan.base_bin_shape else None)
+        builder = pyramid_builder(None, None, cl, False, pyramid_opts, slots, meta=meta)
+        steps, fused_units = fused_steps(builder, grid, occ, shard_shape, target_points)
+        if steps:
+            fused, units = [st.level for st in steps], fused_units
+    groups = plan_groups(grid, occ, target_points, units)
 
     n_points = int(stats.count) - int(dropped)
     itemsize = np.dtype(dt).itemsize
@@ -234,4 +252,4 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
         bytes_per_point=int(per_point), estimated_bytes=int(est_bytes), estimated_partition_memory=int(part_mem),
         estimated_group_memory=int(group_mem),
         estimated_task_memory=int(WORKING_COPIES * max(part_mem, group_mem)),
-        pyramid=pyr, warnings=warnings, seconds=time.perf_counter() - t0)
+        pyramid=pyr, levels_in_write_tasks=fused, warnings=warnings, seconds=time.perf_counter() - t0)

@@ -32,6 +32,9 @@ class IngestReport:
     partitions: int = 0
     groups: int = 0
     levels: list = field(default_factory=list)  # [{"level", "vertex_count", "chunks"}]
+    levels_in_write_tasks: list = field(default_factory=list)  # coarse levels the level-0 write tasks built
+    links: str = "none"  # cross-level links written: "none", "implicit" or "explicit"
+    link_counts: dict = field(default_factory=dict)  # "<level>/<+1|-1>" -> records
     bytes_written: int = 0
     seconds: dict = field(default_factory=dict)
     snapshot_id: str | None = None
@@ -63,7 +66,11 @@ class IngestReport:
                  f"  tasks       {self.partitions} input partitions -> {self.groups} write groups",
                  f"  bytes       {_fmt_bytes(self.bytes_written)}"]
         for lv in self.levels:
-            lines.append(f"  level {lv['level']:<5} {lv['vertex_count']:,} vertices in {lv.get('chunks', '?')} chunks")
+            lines.append(f"  level {lv['level']:<5} {lv['vertex_count']:,} vertices in {lv.get('chunks', '?')} chunks"
+                         + (" (built by the write tasks)" if lv["level"] in self.levels_in_write_tasks else ""))
+        if self.links != "none":
+            n = sum(self.link_counts.values())
+            lines.append(f"  links       {self.links}: {n:,} cross-level link records in {len(self.link_counts)} families")
         if self.seconds:
             stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
             lines.append(f"  time        {self.total_seconds:.2f}s ({stages}); "

@@ -11,6 +11,7 @@ measured 5-7x slower per core than this.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +22,7 @@ from zv_dask.ingest.bounds import PartitionStats, partition_stats
 from zv_dask.ingest.sources import Batch
 
 __all__ = ["Occupancy", "ScanResult", "scan_partition", "combine_occupancy", "plan_groups", "GroupPlan",
-           "split_partition", "merge_pieces", "unit_ids"]
+           "split_partition", "merge_pieces", "unit_ids", "UnitGrid"]
 
 
 @dataclass
@@ -64,19 +65,34 @@ def chunk_occupancy(chunks: np.ndarray) -> Occupancy:
     return Occupancy(cells.astype(np.int64), counts[nz].astype(np.int64))
 
 
-def scan_partition(batch: Batch, grid: Grid, bounds, drop_outside: bool, offset: int = 0) -> ScanResult:
+SAMPLE_POINTS = 1 << 16
+
+
+def scan_partition(batch: Batch, grid: Grid, bounds, drop_outside: bool, offset: int = 0,
+                   sample: bool = True) -> ScanResult:
     """Pass 1 on one partition: statistics plus per-chunk counts of the points that will be kept.
 
     ``grid`` supplies dtype and bins (its bounds are ignored unless ``drop_outside``).
+    The statistics are exact; with ``sample`` the chunk counts of a large
+    partition come from every k-th point (about ``SAMPLE_POINTS`` of them),
+    scaled up: they only size the write groups, and every chunk gets a group
+    whether it was sampled or not.
     """
     pos = grid.cast(batch.positions)
     stats = partition_stats(pos, grid.dtype, bounds, offset)
     if stats.nonfinite:
         return ScanResult(stats, Occupancy(np.zeros((0, pos.shape[1]), np.int64), np.zeros(0, np.int64)))
-    keep = _keep_mask(pos, grid, drop_outside)
+    step = max(1, len(pos) // SAMPLE_POINTS) if sample else 1
+    probe = pos[::step] if step > 1 else pos
+    keep = _keep_mask(probe, grid, drop_outside)
     if keep is not None:
-        pos = pos[keep]
-    return ScanResult(stats, chunk_occupancy(grid.chunk_coords(pos)))
+        probe = probe[keep]
+    occ = chunk_occupancy(grid.chunk_coords(probe))
+    if step > 1 and len(occ.counts):  # scale the sample to the partition's kept points
+        kept = len(pos) - (stats.outside if drop_outside else 0)
+        total = max(int(occ.counts.sum()), 1)
+        occ.counts = np.maximum(1, np.rint(occ.counts * (kept / total))).astype(np.int64)
+    return ScanResult(stats, occ)
 
 
 def combine_occupancy(parts: list[Occupancy], ndim: int) -> Occupancy:
@@ -89,14 +105,66 @@ def combine_occupancy(parts: list[Occupancy], ndim: int) -> Occupancy:
     return Occupancy(uniq, np.bincount(inv.reshape(-1), weights=counts).astype(np.int64))
 
 
-def unit_ids(grid: Grid, chunks: np.ndarray, shard_shape=None) -> np.ndarray:
-    """Write-unit id of absolute chunks: the cell id, or the shard id when sharded."""
-    if shard_shape is None:
+@dataclass(frozen=True)
+class UnitGrid:
+    """Write units: boxes of ``size`` chunks per axis, the first starting at absolute chunk ``anchor``.
+
+    A unit is what one task writes whole: a chunk (the default), a shard (the
+    shard is zarr's unit of atomicity), or a block holding whole pyramid regions
+    when an ingest task also builds the first coarse levels (and whole shards
+    too, when both apply). Units are numbered row-major over ``shape``.
+    """
+
+    anchor: tuple[int, ...]
+    size: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def trivial(self) -> bool:
+        """One chunk per unit, numbered like the grid's cells."""
+        return all(s == 1 for s in self.size)
+
+    def ids(self, chunks: np.ndarray) -> np.ndarray:
+        """Unit id of absolute chunk coordinates."""
+        chunks = np.asarray(chunks, np.int64).reshape(-1, len(self.size))
+        if not len(chunks):
+            return np.zeros(0, np.int64)
+        idx = np.floor_divide(chunks - np.asarray(self.anchor, np.int64), np.asarray(self.size, np.int64))
+        return np.ravel_multi_index(tuple(idx.T), self.shape).astype(np.int64)
+
+    def first_chunk(self, unit: int) -> np.ndarray:
+        """The lowest absolute chunk of a unit."""
+        return np.array(np.unravel_index(int(unit), self.shape), np.int64) * self.size + np.asarray(self.anchor)
+
+    @classmethod
+    def of(cls, grid: Grid, shard_shape=None, block=None) -> "UnitGrid | None":
+        """Units holding whole shards (cells aligned) and whole blocks (aligned on absolute chunk 0).
+
+        ``None`` when no unit can hold both whole (the grid origin is not
+        aligned with the blocks modulo the shards).
+        """
+        origin = np.asarray(grid.origin, np.int64)
+        ss = np.ones(grid.ndim, np.int64) if shard_shape is None else np.asarray(shard_shape, np.int64)
+        bb = np.ones(grid.ndim, np.int64) if block is None else np.asarray(block, np.int64)
+        size, anchor = [], []
+        for o, s, b in zip(origin.tolist(), ss.tolist(), bb.tolist()):
+            g = math.gcd(s, b)
+            if o % g:
+                return None
+            lcm = s * b // g
+            # the largest x <= o with x = 0 (mod b) and x = o (mod s): shards start at o, blocks at 0
+            x = o if b == 1 else next(x for x in range(o, o - lcm, -1) if x % b == 0 and (x - o) % s == 0)
+            size.append(lcm)
+            anchor.append(x)
+        shape = tuple(int(-(-(o + n - a) // z)) for o, n, a, z in zip(origin.tolist(), grid.shape, anchor, size))
+        return cls(tuple(anchor), tuple(size), shape)
+
+
+def unit_ids(grid: Grid, chunks: np.ndarray, units: UnitGrid | None = None) -> np.ndarray:
+    """Write-unit id of absolute chunks: the cell id, or the id in ``units``."""
+    if units is None or (units.trivial and units.anchor == grid.origin):
         return grid.cell_ids(chunks)
-    cells = grid.cells(chunks)
-    ss = np.asarray(shard_shape, np.int64)
-    n_shards = tuple(int(-(-s // k)) for s, k in zip(grid.shape, ss))
-    return np.ravel_multi_index(tuple((cells // ss).T), n_shards).astype(np.int64)
+    return units.ids(chunks)
 
 
 @dataclass
@@ -106,18 +174,23 @@ class GroupPlan:
     starts: np.ndarray
     points: np.ndarray
     chunks: np.ndarray
+    units: UnitGrid | None = None
 
     @property
     def n_groups(self) -> int:
         return len(self.starts)
 
 
-def plan_groups(grid: Grid, occ: Occupancy, target_points: int, shard_shape=None, max_groups: int = 4096) -> GroupPlan:
-    """Cut the occupied write units into groups of about ``target_points`` points."""
-    units = unit_ids(grid, occ.chunks, shard_shape)
-    order = np.argsort(units, kind="stable")
-    units, counts = units[order], occ.counts[order]
-    uu, first = np.unique(units, return_index=True)
+def plan_groups(grid: Grid, occ: Occupancy, target_points: int, units: UnitGrid | None = None,
+                max_groups: int = 4096) -> GroupPlan:
+    """Cut the occupied write units into groups of about ``target_points`` points.
+
+    The first group starts at unit 0, so every unit (counted or not) has a group.
+    """
+    ids = unit_ids(grid, occ.chunks, units)
+    order = np.argsort(ids, kind="stable")
+    ids, counts = ids[order], occ.counts[order]
+    uu, first = np.unique(ids, return_index=True)
     per_unit = np.add.reduceat(counts, first) if len(first) else np.zeros(0, np.int64)
     total = int(per_unit.sum())
     target = max(int(target_points), -(-total // max_groups), 1)
@@ -125,12 +198,15 @@ def plan_groups(grid: Grid, occ: Occupancy, target_points: int, shard_shape=None
     gid = (csum - per_unit) // target  # group by where each unit starts
     starts_idx = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]]) if len(gid) else np.zeros(0, np.int64)
     starts = uu[starts_idx]
+    if len(starts):
+        starts[0] = 0
     pts = np.add.reduceat(per_unit, starts_idx) if len(starts_idx) else np.zeros(0, np.int64)
-    chunks_per_group = np.bincount(np.searchsorted(starts, units, side="right") - 1, minlength=len(starts))
-    return GroupPlan(starts.astype(np.int64), pts.astype(np.int64), chunks_per_group.astype(np.int64))
+    chunks_per_group = np.bincount(np.searchsorted(starts, ids, side="right") - 1, minlength=len(starts))
+    return GroupPlan(starts.astype(np.int64), pts.astype(np.int64), chunks_per_group.astype(np.int64), units)
 
 
-def split_partition(batch: Batch, grid: Grid, starts: np.ndarray, drop_outside: bool, shard_shape=None) -> list:
+def split_partition(batch: Batch, grid: Grid, starts: np.ndarray, drop_outside: bool,
+                    units: UnitGrid | None = None) -> list:
     """Pass 2 on one partition: cast, drop outside points if asked, and split by group (input order kept)."""
     pos = grid.cast(batch.positions)
     b = Batch(pos, batch.attributes, batch.object_ids)
@@ -140,11 +216,11 @@ def split_partition(batch: Batch, grid: Grid, starts: np.ndarray, drop_outside: 
     n_groups = len(starts)
     if len(b) == 0:
         return [None] * n_groups
-    if shard_shape is None:
-        units = grid.assign(b.positions)[0]
+    if units is None or (units.trivial and units.anchor == grid.origin):
+        ids = grid.assign(b.positions)[0]
     else:
-        units = unit_ids(grid, grid.chunk_coords(b.positions), shard_shape)
-    group = np.searchsorted(starts, units, side="right") - 1
+        ids = units.ids(grid.chunk_coords(b.positions))
+    group = np.searchsorted(starts, ids, side="right") - 1
     order = stable_order(group)
     bounds = np.searchsorted(group[order], np.arange(n_groups + 1))
     out = []

@@ -301,7 +301,7 @@ class PyramidBuilder:
 
     def __init__(self, zs: ZVStore, job: WriteJob, *, levels, bin_ratio, chunk_scale, method, attribute_reduction,
                  sample_size, seed, min_points, client, points_per_task, levels_per_task, links, progress,
-                 slots: int | None = None):
+                 slots: int | None = None, meta=None):
         if method not in METHODS:
             raise InputError(f"method must be one of {METHODS}, got {method!r}")
         if int(points_per_task) < 1:
@@ -309,7 +309,7 @@ class PyramidBuilder:
         if levels_per_task is not None and (isinstance(levels_per_task, bool) or int(levels_per_task) < 1):
             raise InputError(f"levels_per_task must be None or an integer >= 1, got {levels_per_task!r}")
         self.zs, self.job = zs, job
-        meta = zs.metadata
+        meta = meta if meta is not None else zs.metadata
         self.ndim = meta.ndim
         self.levels = levels
         self.min_points = min_points
@@ -325,11 +325,11 @@ class PyramidBuilder:
         self._pending: list[LevelStep] = []
         self._exhausted = False
         self.bpc = tuple(int(round(c / b)) for c, b in zip(meta.chunk_shape, meta.effective_bin_shape))
-        self.compressors = _compressors(zs)
+        self.compressors = _compressors(zs) if zs is not None else None
         # plain vlen arrays take their cells as direct PUTs; on a plain store their link arrays are then
         # created at the end, only where cells were written (icechunk wants every array to exist first)
         self.plain = self.compressors is None
-        self.eager_links = job.transactional or not self.plain
+        self.eager_links = (job is not None and job.transactional) or not self.plain
 
     # -- steps -----------------------------------------------------------------------------
     def _peek(self, i: int) -> LevelStep | None:
