@@ -141,8 +141,11 @@ class Grid:
 
     def base_bins(self, positions: np.ndarray) -> np.ndarray:
         """``(N, D)`` int64 base-bin indices of positions (cast to the store dtype first)."""
-        p = self.cast(positions).astype(np.float64, copy=False)
-        return np.floor(p / np.asarray(self.base_bin_shape, np.float64)).astype(np.int64)
+        positions = np.asarray(positions)
+        out = np.empty((len(positions), self.ndim), np.int64)
+        for d in range(self.ndim):  # column by column: no (N, D) float64 temporary
+            out[:, d] = self._bin_column(positions, d)
+        return out
 
     def _bin_column(self, positions: np.ndarray, d: int) -> np.ndarray:
         """Base-bin index along axis ``d`` (int64), computed column-wise to stay cache friendly."""
@@ -158,21 +161,29 @@ class Grid:
             out[:, d] = np.floor_divide(self._bin_column(positions, d), k)
         return out
 
-    def assign(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def assign(self, positions: np.ndarray, units=None):
         """Linear cell id and fragment (bin inside chunk, row-major) of every point.
 
         The hot path of every layout: one pass per axis over contiguous columns.
-        Raises :class:`InputError` if a point falls outside the grid.
+        With ``units`` (a :class:`~zv_dask.ingest.shuffle.UnitGrid`) also returns
+        each point's write-unit id. Raises :class:`InputError` if a point falls
+        outside the grid.
         """
         n = len(positions)
         cell = np.zeros(n, np.int64)
         frag = np.zeros(n, np.int64)
-        cstride = fstride = 1
+        unit = np.zeros(n, np.int64) if units is not None else None
+        cstride = fstride = ustride = 1
         shape, origin, bpc = self.shape, self.origin, self.bins_per_chunk
         for d in reversed(range(self.ndim)):
             b = self._bin_column(positions, d)
             c = np.floor_divide(b, bpc[d])
             b -= c * bpc[d]
+            if unit is not None:
+                u = np.floor_divide(c - units.anchor[d], units.size[d])
+                u *= ustride
+                unit += u
+                ustride *= units.shape[d]
             c -= origin[d]
             if n and (int(c.min()) < 0 or int(c.max()) >= shape[d]):
                 bad = int(c.min()) if int(c.min()) < 0 else int(c.max())
@@ -182,7 +193,7 @@ class Grid:
             frag += b * fstride
             cstride *= shape[d]
             fstride *= bpc[d]
-        return cell, frag
+        return (cell, frag) if units is None else (cell, frag, unit)
 
     def chunks_of_bins(self, bins: np.ndarray) -> np.ndarray:
         return np.floor_divide(bins, np.asarray(self.bins_per_chunk, np.int64))

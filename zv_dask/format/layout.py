@@ -101,15 +101,23 @@ def _split_points(sorted_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sorted_ids[starts], np.r_[starts, len(sorted_ids)].astype(np.int64)
 
 
-def plan_chunks(positions: np.ndarray, grid: Grid, object_ids: np.ndarray | None = None) -> ChunkPlan:
-    """Lay out points (already inside the grid) into chunks and fragments."""
-    cell, frag = grid.assign(positions)
-    cell_u, cell_rank = dense_rank(cell)
+def plan_chunks(positions: np.ndarray, grid: Grid, object_ids: np.ndarray | None = None,
+                cells: np.ndarray | None = None, fragments: np.ndarray | None = None) -> ChunkPlan:
+    """Lay out points (already inside the grid) into chunks and fragments.
+
+    ``cells`` / ``fragments`` are the points' :meth:`Grid.assign` results when
+    already known (they are then not computed again).
+    """
+    if cells is None or fragments is None:
+        cells, fragments = grid.assign(positions)
+    cell_u, cell_rank = dense_rank(np.asarray(cells))
     if object_ids is None:
-        order = order_by(cell_rank, frag)
-        uniq, row_splits = _split_points(cell_rank[order])
         f = grid.fragments_per_chunk
-        counts = np.bincount(cell_rank * f + frag, minlength=len(cell_u) * f).astype(np.int64)
+        frag = np.asarray(fragments, np.int64)
+        key = cell_rank.astype(np.int64) * f + frag
+        order = stable_order(key)
+        uniq, row_splits = _split_points(cell_rank[order])
+        counts = np.bincount(key, minlength=len(cell_u) * f).astype(np.int64)
         frag_splits = np.arange(len(cell_u) + 1, dtype=np.int64) * f
         return ChunkPlan(order, grid.chunks_of_cell_ids(cell_u), row_splits, frag_splits, counts)
     obj_u, obj_rank = dense_rank(np.asarray(object_ids))

@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 LINK_WIDTH = 2
+_DENSE_PAIRS = 1 << 22  # (source, target) chunk pairs looked up in a table up to this many
 _HEADER = np.array([1, 0], "<i8")
 
 
@@ -145,20 +146,24 @@ def plan_link_cells(src_chunks: np.ndarray, src_index: np.ndarray, src_vi: np.nd
     anchors = anchor(src_chunks, scale_src, scale_trg)
     dst_chunks = np.asarray(dst_chunks, np.int64).reshape(-1, ndim)
     dst_index = np.asarray(dst_index, np.int64)
-    # per-record offset, one axis at a time through the small tables
-    off_lo = np.zeros(ndim, np.int64)
-    ext = np.ones(ndim, np.int64)
-    code = np.zeros(n, np.int64)
-    offs = []
-    for d in range(ndim):
-        o = dst_chunks[dst_index, d] - anchors[src_index, d]
-        lo, hi = int(o.min()), int(o.max())
-        off_lo[d], ext[d] = lo, hi - lo + 1
-        offs.append(o)
-    for d in range(ndim):
-        code *= ext[d]
-        code += offs[d] - off_lo[d]
-    key = code * len(src_chunks) + src_index
+    m, k = len(src_chunks), len(dst_chunks)
+    # the cell of a record is a function of its (source chunk, target chunk) pair: work on the few pairs
+    pair = src_index * k + dst_index
+    if m * k <= _DENSE_PAIRS:
+        present = np.zeros(m * k, bool)
+        present[pair] = True
+        pairs = np.flatnonzero(present)
+        lut = np.cumsum(present, dtype=np.int64) - 1
+        rank = lut[pair]
+    else:
+        pairs, rank = np.unique(pair, return_inverse=True)
+        rank = rank.reshape(-1)
+    p_src, p_dst = pairs // k, pairs % k
+    offs = dst_chunks[p_dst] - anchors[p_src]  # (P, D)
+    off_lo = offs.min(axis=0)
+    ext = offs.max(axis=0) - off_lo + 1
+    code = np.ravel_multi_index(tuple((offs - off_lo).T), tuple(int(e) for e in ext)).astype(np.int64)
+    key = (code * m + p_src)[rank]
     if n > 1 and bool((key[1:] < key[:-1]).any()):
         order = stable_order(key)
         key = key[order]
@@ -169,8 +174,8 @@ def plan_link_cells(src_chunks: np.ndarray, src_index: np.ndarray, src_vi: np.nd
     rows = np.empty((n, LINK_WIDTH), np.int64)
     rows[:, 0] = src_vi if order is None else np.asarray(src_vi)[order]
     rows[:, 1] = dst_vi if order is None else np.asarray(dst_vi)[order]
-    cell_code = key[starts] // len(src_chunks)
-    cell_src = key[starts] % len(src_chunks)
+    cell_code = key[starts] // m
+    cell_src = key[starts] % m
     cell_off = np.stack(np.unravel_index(cell_code, tuple(int(e) for e in ext)), axis=1).astype(np.int64) + off_lo
     return LinkCells(cell_off.reshape(-1, ndim), src_chunks[cell_src].reshape(-1, ndim), splits, rows)
 

@@ -136,12 +136,13 @@ def write_group(pieces, grid: Grid, level: int, target, attr_names, group_index:
     zstore = worker_store(target)
     try:
         oids = None if batch.object_ids is None else np.asarray(batch.object_ids).astype(np.int64)
-        plan = plan_chunks(batch.positions, grid, oids)
+        plan = plan_chunks(batch.positions, grid, oids, batch.cells, batch.fragments)
         first = ".".join(map(str, plan.chunks[0])) if plan.n_chunks else None
         o = plan.order
-        level0 = LevelPoints.from_layout(np.take(batch.positions, o, axis=0),
-                                         {k: np.take(np.asarray(v), o, axis=0) for k, v in batch.attributes.items()},
-                                         None if oids is None else oids[o], plan.chunks, plan.row_splits)
+        level0 = LevelPoints.from_plan(np.take(batch.positions, o, axis=0),
+                                       {k: np.take(np.asarray(v), o, axis=0) for k, v in batch.attributes.items()},
+                                       None if oids is None else oids[o], plan, grid.bins_per_chunk,
+                                       (1,) * grid.ndim)
         del batch
         nbytes = write_chunk_payloads(zstore, level, grid, list(encode_level(level0, plan, grid.dtype)),
                                       list(attr_names))

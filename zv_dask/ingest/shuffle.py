@@ -207,7 +207,11 @@ def plan_groups(grid: Grid, occ: Occupancy, target_points: int, units: UnitGrid 
 
 def split_partition(batch: Batch, grid: Grid, starts: np.ndarray, drop_outside: bool,
                     units: UnitGrid | None = None) -> list:
-    """Pass 2 on one partition: cast, drop outside points if asked, and split by group (input order kept)."""
+    """Pass 2 on one partition: cast, drop outside points if asked, bin, and split by group (input order kept).
+
+    Each piece carries its points' cell ids and fragments, so the write task
+    does not bin them again.
+    """
     pos = grid.cast(batch.positions)
     b = Batch(pos, batch.attributes, batch.object_ids)
     keep = _keep_mask(pos, grid, drop_outside)
@@ -216,10 +220,14 @@ def split_partition(batch: Batch, grid: Grid, starts: np.ndarray, drop_outside: 
     n_groups = len(starts)
     if len(b) == 0:
         return [None] * n_groups
-    if units is None or (units.trivial and units.anchor == grid.origin):
-        ids = grid.assign(b.positions)[0]
+    trivial = units is None or (units.trivial and units.anchor == grid.origin)
+    if trivial:
+        cell, frag = grid.assign(b.positions)
+        ids = cell
     else:
-        ids = units.ids(grid.chunk_coords(b.positions))
+        cell, frag, ids = grid.assign(b.positions, units=units)
+    b.cells = cell.astype(np.int32) if grid.n_cells < 2**31 else cell
+    b.fragments = frag.astype(np.int32 if grid.fragments_per_chunk >= 2**15 else np.int16)
     group = np.searchsorted(starts, ids, side="right") - 1
     order = stable_order(group)
     bounds = np.searchsorted(group[order], np.arange(n_groups + 1))
@@ -237,6 +245,10 @@ def merge_pieces(pieces: list) -> Batch | None:
         return None
     if len(pieces) == 1:
         return pieces[0]
+
+    def cat(parts):
+        return None if parts[0] is None else np.concatenate(parts)
+
     attrs = {k: np.concatenate([p.attributes[k] for p in pieces]) for k in pieces[0].attributes}
-    oids = None if pieces[0].object_ids is None else np.concatenate([p.object_ids for p in pieces])
-    return Batch(np.concatenate([p.positions for p in pieces]), attrs, oids)
+    return Batch(cat([p.positions for p in pieces]), attrs, cat([p.object_ids for p in pieces]),
+                 cat([p.cells for p in pieces]), cat([p.fragments for p in pieces]))

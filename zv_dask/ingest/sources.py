@@ -36,13 +36,18 @@ class Batch:
     positions: np.ndarray
     attributes: dict = field(default_factory=dict)
     object_ids: np.ndarray | None = None
+    cells: np.ndarray | None = None  # grid cell id of every point, once the split has binned them
+    fragments: np.ndarray | None = None  # and its bin inside the chunk
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def take(self, idx) -> "Batch":
-        return Batch(self.positions[idx], {k: v[idx] for k, v in self.attributes.items()},
-                     None if self.object_ids is None else self.object_ids[idx])
+        def pick(a):
+            return None if a is None else np.take(a, idx, axis=0)
+
+        return Batch(pick(self.positions), {k: pick(v) for k, v in self.attributes.items()}, pick(self.object_ids),
+                     pick(self.cells), pick(self.fragments))
 
 
 @dataclass

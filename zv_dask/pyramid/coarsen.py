@@ -37,7 +37,7 @@ import numpy as np
 
 from zv_dask.errors import InputError
 from zv_dask.format.layout import ChunkPlan, order_by
-from zv_dask.pyramid.reduce import Groups, group_rows, reduce_rows
+from zv_dask.pyramid.reduce import Groups, group_rows, group_runs, reduce_rows
 
 __all__ = ["METHODS", "CoarsenParams", "Coarse", "coarsen_points", "plan_coarse", "bin_keys", "hash64"]
 
@@ -95,15 +95,25 @@ def hash64(seed: int, columns: list[np.ndarray], n: int) -> np.ndarray:
 
 # -- keys ------------------------------------------------------------------------------
 def bin_keys(bins: np.ndarray) -> np.ndarray:
-    """Non-negative int64 keys ordering integer rows lexicographically."""
+    """Non-negative int64 keys ordering integer rows lexicographically.
+
+    Column by column (strided reductions on an ``(N, D)`` array are fast, axis-0
+    reductions are not).
+    """
     bins = np.asarray(bins, np.int64)
     if len(bins) == 0:
         return np.zeros(0, np.int64)
-    lo = bins.min(axis=0)
-    ext = bins.max(axis=0) - lo + 1
-    if float(np.prod(ext.astype(np.float64))) < 2.0 ** 62:
-        return np.ravel_multi_index(tuple((bins - lo).T), tuple(int(e) for e in ext)).astype(np.int64)
-    return np.unique(bins, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    cols = [bins[:, d] for d in range(bins.shape[1])]
+    lo = [int(c.min()) for c in cols]
+    ext = [int(c.max()) - l + 1 for c, l in zip(cols, lo)]
+    if float(np.prod(np.asarray(ext, np.float64))) >= 2.0 ** 62:
+        return np.unique(bins, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    key = cols[0] - lo[0]
+    for c, l, e in zip(cols[1:], lo[1:], ext[1:]):
+        key *= e
+        key += c
+        key -= l
+    return key
 
 
 # -- coarsening ------------------------------------------------------------------------
@@ -119,20 +129,34 @@ def _count_totals(attributes: dict, params: CoarsenParams, g: Groups, sorted_row
     return out
 
 
-def coarsen_points(positions: np.ndarray, base_bins: np.ndarray, attributes: dict, params: CoarsenParams,
-                   object_ids: np.ndarray | None = None) -> Coarse:
-    """Coarsen points (rows in canonical order) into metavertices of the next level."""
+def coarsen_points(positions: np.ndarray, base_bins: np.ndarray | None, attributes: dict, params: CoarsenParams,
+                   object_ids: np.ndarray | None = None, runs: tuple[np.ndarray, np.ndarray] | None = None) -> Coarse:
+    """Coarsen points (rows in canonical order) into metavertices of the next level.
+
+    ``runs`` (plain points only) is ``(run_splits, run_coarse_bins)``: the rows
+    come in runs whose points share a coarse bin (a level's bin fragments), so
+    grouping sorts the runs, not the rows, and ``base_bins`` is not needed. The
+    groups, and so the result, are exactly those of the per-row path.
+    """
     if params.method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {params.method!r}")
     pos = np.asarray(positions)
-    cb = np.floor_divide(np.asarray(base_bins, np.int64), np.asarray(params.ratio, np.int64))
-    keys = bin_keys(cb)
-    if object_ids is not None:
-        obj_u, obj_rank = np.unique(np.asarray(object_ids, np.int64), return_inverse=True)
-        g = group_rows(keys, obj_rank.reshape(-1))
-    else:
+    if runs is not None and object_ids is None:
+        run_splits, run_cb = runs
+        run_cb = np.asarray(run_cb, np.int64)
+        g, first_run = group_runs(bin_keys(run_cb), run_splits)
+        group_cb = run_cb[first_run]
         obj_u = obj_rank = None
-        g = group_rows(keys)
+    else:
+        cb = np.floor_divide(np.asarray(base_bins, np.int64), np.asarray(params.ratio, np.int64))
+        keys = bin_keys(cb)
+        if object_ids is not None:
+            obj_u, obj_rank = np.unique(np.asarray(object_ids, np.int64), return_inverse=True)
+            g = group_rows(keys, obj_rank.reshape(-1))
+        else:
+            obj_u = obj_rank = None
+            g = group_rows(keys)
+        group_cb = cb[g.order[g.starts]] if g.n else cb[:0]
     cache: dict[str, np.ndarray] = {}
 
     def sorted_rows(name):
@@ -141,11 +165,10 @@ def coarsen_points(positions: np.ndarray, base_bins: np.ndarray, attributes: dic
         return cache[name]
 
     totals = _count_totals(attributes, params, g, sorted_rows)
-    group_cb = cb[g.order[g.starts]] if g.n else cb[:0]
     hash_cols = [np.full(g.n, params.level, np.int64)]
     if obj_u is not None:
         hash_cols.append(obj_u[obj_rank[g.order[g.starts]]] if g.n else np.zeros(0, np.int64))
-    hash_cols += [group_cb[:, d] for d in range(cb.shape[1])]
+    hash_cols += [group_cb[:, d] for d in range(group_cb.shape[1])]
     group_oids = hash_cols[1] if obj_u is not None else None
 
     if params.method == "centroid":

@@ -26,7 +26,7 @@ import numpy as np
 from zv_dask.errors import InputError
 from zv_dask.format.layout import order_by, stable_order
 
-__all__ = ["REDUCTIONS", "Groups", "group_rows", "reduce_rows", "default_reduction"]
+__all__ = ["REDUCTIONS", "Groups", "group_rows", "group_runs", "reduce_rows", "default_reduction"]
 
 REDUCTIONS = ("mean", "min", "max", "sum", "first", "mode", "count")
 
@@ -66,6 +66,33 @@ def group_rows(keys: np.ndarray, major: np.ndarray | None = None) -> Groups:
     counts = np.diff(np.r_[starts, len(sk)]).astype(np.int64)
     gid = np.repeat(np.arange(len(starts), dtype=np.int64), counts)
     return Groups(order, starts, counts, gid)
+
+
+def group_runs(run_keys: np.ndarray, run_splits: np.ndarray) -> tuple[Groups, np.ndarray]:
+    """The :class:`Groups` of :func:`group_rows`, when rows come in runs that share a key.
+
+    ``run_splits`` (R+1) cuts the rows into runs (in row order, none empty);
+    ``run_keys`` (R) are non-negative integer keys. Sorting R runs instead of N
+    rows gives exactly ``group_rows(keys)`` for the per-row keys (rows of a
+    group in row order). Also returns each group's key.
+    """
+    run_keys = np.asarray(run_keys)
+    run_splits = np.asarray(run_splits, np.int64)
+    lens = np.diff(run_splits)
+    if not len(lens):
+        z = np.zeros(0, np.int64)
+        return Groups(z, z, z, z), z
+    ro = stable_order(run_keys)
+    sk = run_keys[ro]
+    lens = lens[ro]
+    before = np.cumsum(lens) - lens  # where each (sorted) run starts among the sorted rows
+    n = int(before[-1] + lens[-1])
+    order = np.repeat(run_splits[:-1][ro] - before, lens) + np.arange(n, dtype=np.int64)
+    first = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+    starts = before[first].astype(np.int64)
+    counts = np.diff(np.r_[starts, n]).astype(np.int64)
+    gid = np.repeat(np.arange(len(starts), dtype=np.int64), counts)
+    return Groups(order, starts, counts, gid), ro[first]
 
 
 def _cast_float(values: np.ndarray, dtype: np.dtype) -> np.ndarray:

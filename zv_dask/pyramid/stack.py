@@ -29,7 +29,7 @@ from zv_dask.format.layout import ChunkPayload, ChunkPlan
 from zv_dask.format.links import LinkCells, plan_link_cells
 from zv_dask.pyramid.coarsen import CoarsenParams, coarsen_points, plan_coarse
 
-__all__ = ["LevelPoints", "StepGeometry", "coarsen_level", "level_links", "encode_level"]
+__all__ = ["LevelPoints", "StepGeometry", "bin_runs", "coarsen_level", "level_links", "encode_level"]
 
 
 @dataclass
@@ -46,19 +46,26 @@ class LevelPoints:
     chunks: np.ndarray  # (m, D) absolute chunk coordinates
     chunk_index: np.ndarray  # (n,) row -> index into chunks
     vi: np.ndarray  # (n,) row inside its chunk's cells
+    runs: tuple | None = None  # (splits, first base bin (R, D), width (D,)): rows of a run share a bin
 
     def __len__(self) -> int:
         return len(self.positions)
 
     @classmethod
-    def from_layout(cls, positions, attributes, object_ids, chunks, row_splits) -> "LevelPoints":
+    def from_layout(cls, positions, attributes, object_ids, chunks, row_splits, runs=None) -> "LevelPoints":
         """Points already in storage order, ``row_splits`` (m+1) cutting them into ``chunks``."""
         row_splits = np.asarray(row_splits, np.int64)
         counts = np.diff(row_splits)
         idx = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
         vi = np.arange(int(row_splits[-1]) if len(row_splits) else 0, dtype=np.int64) - row_splits[:-1][idx]
         return cls(positions, attributes, object_ids, np.asarray(chunks, np.int64).reshape(len(counts), -1),
-                   idx, vi)
+                   idx, vi, runs)
+
+    @classmethod
+    def from_plan(cls, positions, attributes, object_ids, plan: ChunkPlan, bins_per_chunk, scale) -> "LevelPoints":
+        """Points in the storage order of ``plan`` (a bins layout also gives the rows' bin runs)."""
+        return cls.from_layout(positions, attributes, object_ids, plan.chunks, plan.row_splits,
+                               bin_runs(plan, bins_per_chunk, scale) if plan.fragment_objects is None else None)
 
     @classmethod
     def from_chunk_data(cls, data: list, chunks: np.ndarray, ndim: int, dtype: str, names) -> "LevelPoints":
@@ -70,7 +77,7 @@ class LevelPoints:
         return cls.from_layout(pos, attrs, None, np.asarray(chunks, np.int64).reshape(-1, ndim), splits)
 
     def take(self, rows: np.ndarray) -> "LevelPoints":
-        """A subset of rows (their ``vi`` stay those of the cells they came from)."""
+        """A subset of rows (their ``vi`` stay those of the cells they came from; runs are dropped)."""
         return LevelPoints(self.positions[rows], {k: v[rows] for k, v in self.attributes.items()},
                            None if self.object_ids is None else self.object_ids[rows], self.chunks,
                            self.chunk_index[rows], self.vi[rows])
@@ -101,16 +108,45 @@ class CoarseLevel:
     parent_rows: np.ndarray  # per fine row, the storage row of its metavertex
 
 
+def bin_runs(plan: ChunkPlan, bins_per_chunk, scale) -> tuple:
+    """The runs of rows sharing a bin in a bins layout: ``(splits, first base bin, width)``.
+
+    Fragment ``f`` of a chunk is the ``scale``-wide bin at ``local = unravel(f)``
+    (base bins for ``scale`` 1); its rows are consecutive in storage order.
+    """
+    bpc = np.asarray(bins_per_chunk, np.int64)
+    sc = np.asarray(scale, np.int64)
+    f = int(np.prod(bpc))
+    counts = plan.fragment_counts
+    nz = np.flatnonzero(counts)
+    splits = np.r_[0, np.cumsum(counts[nz])].astype(np.int64)
+    local = np.stack(np.unravel_index(nz % f, tuple(int(b) for b in bpc)), axis=1).astype(np.int64)
+    first = (np.asarray(plan.chunks, np.int64).reshape(-1, len(bpc))[nz // f] * bpc + local) * sc
+    return splits, first.reshape(-1, len(bpc)), sc
+
+
+def _coarse_runs(fine: LevelPoints, ratio) -> tuple | None:
+    """``(splits, coarse bins)`` of the fine runs when each run lies in one coarse bin."""
+    if fine.runs is None or fine.object_ids is not None:
+        return None
+    splits, first, width = fine.runs
+    ratio = np.asarray(ratio, np.int64)
+    if (ratio % width).any():
+        return None
+    return splits, np.floor_divide(first, ratio)
+
+
 def coarsen_level(fine: LevelPoints, step: StepGeometry) -> CoarseLevel:
     """Coarsen ``fine`` (whole regions, storage order) into the next level, laid out in storage order."""
-    coarse = coarsen_points(fine.positions, step.fine_grid.base_bins(fine.positions), fine.attributes,
-                            step.params, fine.object_ids)
+    runs = _coarse_runs(fine, step.params.ratio)
+    bins = None if runs is not None else step.fine_grid.base_bins(fine.positions)
+    coarse = coarsen_points(fine.positions, bins, fine.attributes, step.params, fine.object_ids, runs=runs)
     plan = plan_coarse(step.grid.base_bins(coarse.positions), step.bins_per_chunk, step.scale, coarse.object_ids)
     o = plan.order
-    points = LevelPoints.from_layout(np.take(coarse.positions, o, axis=0),
-                                     {k: np.take(v, o, axis=0) for k, v in coarse.attributes.items()},
-                                     None if coarse.object_ids is None else coarse.object_ids[o],
-                                     plan.chunks, plan.row_splits)
+    points = LevelPoints.from_plan(np.take(coarse.positions, o, axis=0),
+                                   {k: np.take(v, o, axis=0) for k, v in coarse.attributes.items()},
+                                   None if coarse.object_ids is None else coarse.object_ids[o], plan,
+                                   step.bins_per_chunk, step.scale)
     where = np.empty(len(o), np.int64)
     where[o] = np.arange(len(o), dtype=np.int64)
     return CoarseLevel(points, plan, where[coarse.parents] if len(o) else np.zeros(0, np.int64))
