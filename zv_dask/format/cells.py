@@ -32,6 +32,7 @@ __all__ = [
     "decode_vertices",
     "encode_attribute",
     "decode_attribute",
+    "raw_view",
     "encode_fragments",
     "decode_fragments",
     "encode_manifest",
@@ -89,6 +90,19 @@ def decode_attribute(payload: bytes, dtype, n_rows: int, channels: int | None = 
                           f"expected {n_rows} rows x {width} channels")
     out = flat.astype(np.dtype(dtype).newbyteorder("="))
     return out if channels is None else out.reshape(n_rows, channels)
+
+
+def raw_view(values: np.ndarray, dtype=None):
+    """The little-endian bytes of an array as a flat ``memoryview`` when no copy is needed, else ``bytes``.
+
+    The encoders' zero-copy form: a contiguous slice of a sorted array is
+    written as it sits in memory.
+    """
+    v = np.asarray(values)
+    dt = _le(v.dtype if dtype is None else dtype)
+    if v.dtype == dt and v.flags.c_contiguous:
+        return memoryview(v).cast("B") if v.size else b""
+    return np.ascontiguousarray(v, dtype=dt).tobytes()
 
 
 # -- fragment index v1 ---------------------------------------------------------------

@@ -47,6 +47,7 @@ __all__ = [
 LINK_WIDTH = 2
 _DENSE_PAIRS = 1 << 22  # (source, target) chunk pairs looked up in a table up to this many
 _HEADER = np.array([1, 0], "<i8")
+_HEADER_BYTES = _HEADER.tobytes()
 
 
 def anchor(chunks: np.ndarray, scale_src, scale_trg) -> np.ndarray:
@@ -120,6 +121,11 @@ class LinkCells:
     def payload(self, i: int) -> bytes:
         """The encoded payload of cell ``i``."""
         return encode_link_rows(self.rows[self.splits[i]:self.splits[i + 1]])
+
+    def payload_parts(self, i: int) -> tuple:
+        """The payload of cell ``i`` as buffers (header, rows as they sit in memory): no copy."""
+        rows = self.rows[self.splits[i]:self.splits[i + 1]]
+        return _HEADER_BYTES, memoryview(np.ascontiguousarray(rows, "<i8")).cast("B")
 
     def segments(self) -> list[str]:
         """The offsets segment of every cell."""

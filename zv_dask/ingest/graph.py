@@ -93,10 +93,10 @@ def auto_partition_rows(points, partition_rows: int | None, slots: int) -> int |
 
 
 def auto_group_points(group_points: int | None, n_points: int, slots: int) -> int:
-    """Points per write group: as given, else at most DEFAULT_GROUP_POINTS and ~2 groups per worker thread."""
+    """Points per write group: as given, else at most DEFAULT_GROUP_POINTS and ~4 groups per worker thread."""
     if group_points is not None:
         return int(group_points)
-    return min(DEFAULT_GROUP_POINTS, max(MIN_AUTO_ROWS, -(-n_points // (2 * slots))))
+    return min(DEFAULT_GROUP_POINTS, max(MIN_AUTO_ROWS, -(-n_points // (4 * slots))))
 
 
 def task_slots(client) -> int:
@@ -272,7 +272,8 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         units = UnitGrid.of(grid, shard_shape) if shard_shape is not None else None
         if pyramid_opts is not None:
             builder, fused, units = _plan_fused_levels(zs, job, cl, progress, pyramid_opts, grid, specs, occ,
-                                                       src.has_object_ids, shard_shape, target_points, units, slots)
+                                                       src.has_object_ids, shard_shape, target_points, units, slots,
+                                                       group_points)
         groups = plan_groups(grid, occ, target_points, units)
         target = job.target()
         splits = [delayed(_split_task, nout=groups.n_groups)(p, grid, groups.starts, drop, units)
@@ -395,7 +396,7 @@ def pyramid_builder(zs, job, client, progress, opts, slots, meta=None):
     return PyramidBuilder(zs, job, client=client, progress=progress, slots=slots, meta=meta, **kw)
 
 
-def fused_steps(builder, grid, occ, shard_shape, target_points):
+def fused_steps(builder, grid, occ, shard_shape, target_points, explicit=None):
     """The coarse levels the write tasks can build, and the write units that makes (``([], None)``: none).
 
     The first levels are built in the write tasks when a write group can hold
@@ -407,7 +408,10 @@ def fused_steps(builder, grid, occ, shard_shape, target_points):
     n_points = int(occ.counts.sum())
     if builder.first_reason(n_points, len(occ.counts)):
         return [], None
-    steps = builder.choose_steps(occ.chunks, occ.counts, (1,) * grid.ndim, budget=max(target_points, 1))
+    # a write group holds whole regions of the top fused level: up to DEFAULT_GROUP_POINTS (or the
+    # group_points asked for) whatever the balancing target
+    budget = max(target_points, DEFAULT_GROUP_POINTS if explicit is None else int(explicit))
+    steps = builder.choose_steps(occ.chunks, occ.counts, (1,) * grid.ndim, budget=budget)
     while steps:
         block = tuple(r // b for r, b in zip(region_shape(steps[-1], builder.bpc), builder.bpc))
         units = UnitGrid.of(grid, shard_shape, block)
@@ -418,14 +422,14 @@ def fused_steps(builder, grid, occ, shard_shape, target_points):
 
 
 def _plan_fused_levels(zs, job, client, progress, opts, grid, specs, occ, has_objects, shard_shape, target_points,
-                       units, slots):
+                       units, slots, group_points=None):
     """The pyramid builder of an ingest job and the batch its write tasks build (``None``: none); arrays created."""
     from zv_dask.pyramid.graph import LevelSource, drop_coarse_levels
 
     builder = pyramid_builder(zs, job, client, progress, opts, slots)
     builder.check_attributes(specs)
     drop_coarse_levels(zs)
-    steps, fused_units = fused_steps(builder, grid, occ, shard_shape, target_points)
+    steps, fused_units = fused_steps(builder, grid, occ, shard_shape, target_points, group_points)
     if not steps:
         return builder, None, units
     src = LevelSource(0, grid, (1,) * grid.ndim, occ.chunks, occ.counts, int(occ.counts.sum()), specs,

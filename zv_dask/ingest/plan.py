@@ -204,7 +204,7 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
             chunk_shape=tuple(plan.chunk_shape), bounds=(tuple(final_bounds[0]), tuple(final_bounds[1])),
             base_bin_shape=tuple(plan.base_bin_shape) if plan.base_bin_shape else None)
         builder = pyramid_builder(None, None, cl, False, pyramid_opts, slots, meta=meta)
-        steps, fused_units = fused_steps(builder, grid, occ, shard_shape, target_points)
+        steps, fused_units = fused_steps(builder, grid, occ, shard_shape, target_points, group_points)
         if steps:
             fused, units = [st.level for st in steps], fused_units
     groups = plan_groups(grid, occ, target_points, units)

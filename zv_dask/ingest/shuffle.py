@@ -195,7 +195,7 @@ def plan_groups(grid: Grid, occ: Occupancy, target_points: int, units: UnitGrid 
     total = int(per_unit.sum())
     target = max(int(target_points), -(-total // max_groups), 1)
     csum = np.cumsum(per_unit)
-    gid = (csum - per_unit) // target  # group by where each unit starts
+    gid = (csum - (per_unit + 1) // 2) // target  # group by where each unit's middle falls
     starts_idx = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]]) if len(gid) else np.zeros(0, np.int64)
     starts = uu[starts_idx]
     if len(starts):

@@ -58,7 +58,8 @@ from zv_dask.store.api import (
     ZVStore,
     as_store,
     create_resolution_level,
-    create_vlen_array,
+    create_vlen_arrays,
+    update_node_attrs,
     list_resolution_levels,
     remove_resolution_level,
     write_root_metadata,
@@ -419,11 +420,9 @@ class PyramidBuilder:
                 if fam_name in links:
                     del links[fam_name]
                 fam = links.create_group(fam_name, attributes=link_family_attrs(delta, self.ndim, 0))
-                if not self.eager_links:
-                    continue
-                for off in offsets:
-                    create_vlen_array(fam, offset_segment(off), grid, link_array_attrs(delta, off, [], grid.origin),
-                                      compressors=self.compressors)
+                if self.eager_links:
+                    create_vlen_arrays(fam, grid, [(offset_segment(off), link_array_attrs(delta, off, [], grid.origin))
+                                                   for off in offsets], compressors=self.compressors)
         self.job.absorb([])  # the next target must see the arrays just created
 
     def finish_batch(self, batch: Batch, results: list, src: LevelSource, t0: float, n_tasks: int):
@@ -500,6 +499,7 @@ class PyramidBuilder:
                 if lvl == owner and d == delta:
                     per_seg.setdefault(seg, []).append((chunks, counts))
         total = 0
+        create, update = [], {}
         for off in offsets:
             seg = offset_segment(off)
             parts = per_seg.get(seg, [])
@@ -508,17 +508,19 @@ class PyramidBuilder:
             attrs = link_array_attrs(delta, off, sorted(chunk_keys(chunks)), grid.origin)
             if not self.eager_links:
                 if n:  # the cells are there already: create the array around them
-                    create_vlen_array(fam, seg, grid, attrs, compressors=self.compressors, overwrite=False)
+                    create.append((seg, attrs))
             elif n == 0:
                 del fam[seg]
             else:
-                fam[seg].attrs.update(attrs)
+                update[f"{fam.path}/{seg}"] = attrs
             total += n
+        create_vlen_arrays(fam, grid, create, compressors=self.compressors)
+        update_node_attrs(fam.store, update)
         unknown = set(per_seg) - {offset_segment(o) for o in offsets}
         if unknown:  # a record outside the offsets the geometry allows: a bug, never silently dropped
             raise StoreError(f"links {owner}/{delta:+d}: cells written under unexpected offsets {sorted(unknown)}")
         if total:
-            fam.attrs.update(link_family_attrs(delta, self.ndim, total))
+            update_node_attrs(fam.store, {fam.path: link_family_attrs(delta, self.ndim, total)})
         else:
             del links[f"{delta:+d}"]
             if not list(links.keys()):

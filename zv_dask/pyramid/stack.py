@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zv_dask.format.cells import encode_attribute, encode_fragments, encode_vertices
+from zv_dask.format.cells import encode_fragments, raw_view
 from zv_dask.format.grid import Grid
 from zv_dask.format.layout import ChunkPayload, ChunkPlan
 from zv_dask.format.links import LinkCells, plan_link_cells
@@ -168,7 +168,10 @@ def level_links(fine: LevelPoints, coarse: CoarseLevel, step: StepGeometry) -> t
 
 
 def encode_level(points: LevelPoints, plan: ChunkPlan, dtype: str):
-    """Yield a :class:`~zv_dask.format.layout.ChunkPayload` per chunk of a level in storage order."""
+    """Yield a :class:`~zv_dask.format.layout.ChunkPayload` per chunk of a level in storage order.
+
+    Payloads are views of ``points`` where the layout allows (no copy until the write).
+    """
     pos = points.positions
     rs = plan.row_splits
     for m in range(plan.n_chunks):
@@ -177,7 +180,7 @@ def encode_level(points: LevelPoints, plan: ChunkPlan, dtype: str):
         yield ChunkPayload(
             chunk=tuple(int(x) for x in plan.chunks[m]),
             n_rows=b - a,
-            vertices=encode_vertices(pos[a:b], dtype),
+            vertices=raw_view(pos[a:b], dtype),
             fragments=encode_fragments(counts),
-            attributes={k: encode_attribute(v[a:b]) for k, v in points.attributes.items()},
+            attributes={k: raw_view(v[a:b]) for k, v in points.attributes.items()},
         )

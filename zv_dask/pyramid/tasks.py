@@ -49,7 +49,7 @@ def link_targets(cells: LinkCells, owner: int, delta: int, grid, out: BatchResul
             idx = np.arange(start, i)
             chunks = cells.chunks[idx]
             targets.append((f"{owner}/links/{delta:+d}/{segs[start]}", grid.cells(chunks),
-                            [cells.payload(j) for j in idx]))
+                            [cells.payload_parts(j) for j in idx]))
             key = (owner, delta, segs[start])
             prev = out.links.get(key)
             c = counts[idx]

@@ -107,20 +107,20 @@ class ChunkSummary:
 def prepare_level(root: zarr.Group, level: int, grid: Grid, attributes: list[AttributeSpec], *,
                   shards=None, compressors=None) -> zarr.Group:
     """(Re)create the arrays of a level with empty presence lists."""
-    from zv_dask.store.api import create_vlen_array
+    from zv_dask.store.api import create_vlen_arrays
 
     g = root.require_group(str(level))
     for name in list(g.keys()):
         if name in ("vertices", "vertex_fragments", "vertex_attributes", "object_index", "links"):
             del g[name]
     kw = dict(shards=shards, compressors=compressors)
-    create_vlen_array(g, "vertices", grid, vertices_attrs(grid.dtype, [], grid.origin), **kw)
-    create_vlen_array(g, "vertex_fragments", grid, fragments_attrs([], grid.origin), **kw)
+    create_vlen_arrays(g, grid, [("vertices", vertices_attrs(grid.dtype, [], grid.origin)),
+                                 ("vertex_fragments", fragments_attrs([], grid.origin))], **kw)
     if attributes:
         va = g.create_group("vertex_attributes")
-        for spec in attributes:
-            create_vlen_array(va, spec.name, grid, attribute_attrs(spec.name, spec.dtype, spec.channels, [],
-                                                                    grid.origin, spec.unit, spec.description), **kw)
+        create_vlen_arrays(va, grid, [(spec.name, attribute_attrs(spec.name, spec.dtype, spec.channels, [], grid.origin,
+                                                                  spec.unit, spec.description))
+                                      for spec in attributes], **kw)
     return g
 
 
@@ -142,6 +142,21 @@ def _plain_vlen(arr: zarr.Array) -> bool:
 def vlen_frame(payload: bytes) -> bytes:
     """A one-item vlen-bytes frame (ZV format 5.1): ``u32 1``, ``u32 len``, payload."""
     return np.array([1, len(payload)], "<u4").tobytes() + payload
+
+
+def payload_parts(payload) -> tuple:
+    """A payload (bytes, a flat memoryview, or a tuple of such) as a tuple of buffers."""
+    return payload if isinstance(payload, tuple) else (payload,)
+
+
+def payload_size(payload) -> int:
+    return sum(memoryview(p).nbytes for p in payload_parts(payload))
+
+
+def frame_parts(payload) -> tuple:
+    """The vlen-bytes frame of a payload as buffers (frame header first), without joining them."""
+    parts = payload_parts(payload)
+    return (np.array([1, sum(memoryview(p).nbytes for p in parts)], "<u4").tobytes(),) + parts
 
 
 def write_chunk_payloads(zstore, level: int, grid: Grid, payloads: list[ChunkPayload],
@@ -175,12 +190,13 @@ def write_cells(zstore, targets: list[tuple[str, np.ndarray, list[bytes]]], *, p
         if not len(values):
             continue
         arr = None if plain else zarr.open_array(zstore, path=path, mode="r+", zarr_format=3)
-        total += sum(len(v) for v in values)
+        total += sum(payload_size(v) for v in values)
         if arr is None or _plain_vlen(arr):
             cell_paths = ["/".join(map(str, c)) for c in np.asarray(cells).tolist()]
-            direct.extend((f"{path}/c/{cp}", vlen_frame(v)) for cp, v in zip(cell_paths, values))
+            direct.extend((f"{path}/c/{cp}", frame_parts(v)) for cp, v in zip(cell_paths, values))
         else:
-            arr.set_coordinate_selection(tuple(np.asarray(cells).T), _object_array(values))
+            joined = [b"".join(payload_parts(v)) for v in values]
+            arr.set_coordinate_selection(tuple(np.asarray(cells).T), _object_array(joined))
     put_cells(zstore, direct)
     return total
 
@@ -196,21 +212,25 @@ def finalize_level(root: zarr.Group, level: int, grid: Grid, summary: ChunkSumma
     ``all_object_ids`` lists every object the index must have a row for (a
     coarse level keeps its parent's objects; absent ones get empty manifests).
     """
+    from zv_dask.store.api import update_node_attrs
+
     g = root[str(level)]
     keys = _sorted_keys(summary.chunks[summary.rows > 0]) if len(summary.chunks) else []
     origin = grid.origin
-    g["vertices"].attrs.update(vertices_attrs(grid.dtype, keys, origin))
-    g["vertex_fragments"].attrs.update(fragments_attrs(keys, origin))
+    base = g.path
+    updates = {f"{base}/vertices": vertices_attrs(grid.dtype, keys, origin),
+               f"{base}/vertex_fragments": fragments_attrs(keys, origin)}
     for spec in attributes:
-        g[f"vertex_attributes/{spec.name}"].attrs.update(
-            attribute_attrs(spec.name, spec.dtype, spec.channels, keys, origin, spec.unit, spec.description))
+        updates[f"{base}/vertex_attributes/{spec.name}"] = attribute_attrs(
+            spec.name, spec.dtype, spec.channels, keys, origin, spec.unit, spec.description)
+    update_node_attrs(g.store, updates)
     present = ["vertices", "vertex_fragments"] + (["vertex_attributes"] if attributes else [])
     if summary.object_ids is not None:
         write_object_index(g, summary, grid.ndim, all_ids=all_object_ids)
         present.append("object_index")
     meta.vertex_count = int(summary.rows.sum()) if len(summary.rows) else 0
     meta.arrays_present = present
-    g.attrs.update(meta.to_dict())
+    update_node_attrs(g.store, {base: meta.to_dict()})
     return meta
 
 
