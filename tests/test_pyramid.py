@@ -351,14 +351,14 @@ def test_icechunk_failure_discards_everything(tmp_path, monkeypatch):
 
     rng = np.random.default_rng(6)
     path, zs = _icechunk_store(tmp_path, rng)
-    real = stack.coarsen_points
+    real = stack.coarsen_level
 
-    def flaky(*a, **kw):
-        if a[3].level == 2:
+    def flaky(fine, step):
+        if step.level == 2:
             raise RuntimeError("boom")
-        return real(*a, **kw)
+        return real(fine, step)
 
-    monkeypatch.setattr(stack, "coarsen_points", flaky)
+    monkeypatch.setattr(stack, "coarsen_level", flaky)
     with dask.config.set(SYNC), pytest.raises(IngestError, match="pyramid level 2"):
         zv_dask.build_pyramid(zs, levels=2, links=True)
     assert not zs.session.has_uncommitted_changes
@@ -373,9 +373,9 @@ def test_plain_failure_keeps_finished_levels(tmp_path, monkeypatch, levels_per_t
     rng = np.random.default_rng(6)
     path = tmp_path / "s.zarr"
     write_points(str(path), rng.uniform(0, 99, (2000, 3)), chunk_shape=(50,) * 3, base_bin_shape=(25,) * 3)
-    real = stack.coarsen_points
-    monkeypatch.setattr(stack, "coarsen_points",
-                        lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("x")) if a[3].level == 2 else real(*a, **kw))
+    real = stack.coarsen_level
+    monkeypatch.setattr(stack, "coarsen_level",
+                        lambda fine, step: (_ for _ in ()).throw(RuntimeError("x")) if step.level == 2 else real(fine, step))
     with dask.config.set(SYNC), pytest.raises(IngestError, match="pyramid level 2"):
         zv_dask.build_pyramid(str(path), levels=3, links="explicit", levels_per_task=levels_per_task)
     zs = open_store(str(path))

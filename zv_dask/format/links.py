@@ -39,6 +39,7 @@ __all__ = [
     "encode_link_rows",
     "decode_link_rows",
     "plan_link_cells",
+    "plan_link_runs",
     "possible_offsets",
     "link_family_attrs",
     "link_array_attrs",
@@ -137,23 +138,47 @@ def plan_link_cells(src_chunks: np.ndarray, src_index: np.ndarray, src_vi: np.nd
     """Group records ``(src chunk, src row) -> (dst chunk, dst row)`` into offsets-array cells.
 
     Chunks come as small tables of distinct chunks (``src_chunks (m, D)``,
-    ``dst_chunks (k, D)``) and per-record indices into them. A record lands in the cell of its source
-    chunk, in the array of ``offset = dst chunk - anchor(src chunk)``. Cells come
-    out sorted by (offset, source chunk index); rows inside a cell keep their
-    input order. Vectorised: one radix sort over the records, no loop.
+    ``dst_chunks (k, D)``) and per-record indices into them. A record lands in the
+    cell of its source chunk, in the array of ``offset = dst chunk - anchor(src
+    chunk)``. Cells come out sorted by (offset, source chunk index); rows inside a
+    cell keep their input order. Vectorised: one radix sort over the records, no loop.
+    """
+    n = len(np.asarray(src_index))
+    return plan_link_runs(src_chunks, src_index, src_vi, 0, dst_chunks, dst_index, dst_vi, 0,
+                          np.ones(n, np.int64), scale_src, scale_trg)
+
+
+def plan_link_runs(src_chunks: np.ndarray, src_index: np.ndarray, src_vi: np.ndarray, src_step: int,
+                   dst_chunks: np.ndarray, dst_index: np.ndarray, dst_vi: np.ndarray, dst_step: int,
+                   lengths: np.ndarray, scale_src, scale_trg) -> LinkCells:
+    """:func:`plan_link_cells` for records that come in runs.
+
+    Run ``j`` stands for ``lengths[j]`` records ``(src_vi[j] + i * src_step,
+    dst_vi[j] + i * dst_step)``, ``i = 0..lengths[j]-1``, between one source
+    chunk and one target chunk (steps are 0 or 1): a fine bin's points and
+    their shared metavertex are one run. The cells are planned over runs and
+    the rows written once.
     """
     src_chunks = np.asarray(src_chunks, np.int64)
     ndim = src_chunks.shape[1]
     src_index = np.asarray(src_index, np.int64)
-    n = len(src_index)
+    lengths = np.asarray(lengths, np.int64)
+    r = len(src_index)
+    n = int(lengths.sum())
     if n == 0:
         z = np.zeros((0, ndim), np.int64)
         return LinkCells(z, z, np.zeros(1, np.int64), np.zeros((0, LINK_WIDTH), np.int64))
+    keep = lengths > 0
+    if not keep.all():
+        src_index, lengths = src_index[keep], lengths[keep]
+        dst_index = np.asarray(dst_index, np.int64)[keep]
+        src_vi, dst_vi = np.asarray(src_vi)[keep], np.asarray(dst_vi)[keep]
+        r = len(src_index)
     anchors = anchor(src_chunks, scale_src, scale_trg)
     dst_chunks = np.asarray(dst_chunks, np.int64).reshape(-1, ndim)
     dst_index = np.asarray(dst_index, np.int64)
     m, k = len(src_chunks), len(dst_chunks)
-    # the cell of a record is a function of its (source chunk, target chunk) pair: work on the few pairs
+    # the cell of a run is a function of its (source chunk, target chunk) pair: work on the few pairs
     pair = src_index * k + dst_index
     if m * k <= _DENSE_PAIRS:
         present = np.zeros(m * k, bool)
@@ -170,18 +195,26 @@ def plan_link_cells(src_chunks: np.ndarray, src_index: np.ndarray, src_vi: np.nd
     ext = offs.max(axis=0) - off_lo + 1
     code = np.ravel_multi_index(tuple((offs - off_lo).T), tuple(int(e) for e in ext)).astype(np.int64)
     key = (code * m + p_src)[rank]
-    if n > 1 and bool((key[1:] < key[:-1]).any()):
-        order = stable_order(key)
-        key = key[order]
+    if r > 1 and bool((key[1:] < key[:-1]).any()):
+        ro = stable_order(key)
+        key = key[ro]
     else:
-        order = None
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    splits = np.r_[starts, n].astype(np.int64)
+        ro = None
+    lens = lengths if ro is None else lengths[ro]
+    before = np.cumsum(lens) - lens
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    splits = np.r_[before[first], n].astype(np.int64)
     rows = np.empty((n, LINK_WIDTH), np.int64)
-    rows[:, 0] = src_vi if order is None else np.asarray(src_vi)[order]
-    rows[:, 1] = dst_vi if order is None else np.asarray(dst_vi)[order]
-    cell_code = key[starts] // m
-    cell_src = key[starts] % m
+    for col, vi, step in ((0, src_vi, src_step), (1, dst_vi, dst_step)):
+        vi = np.asarray(vi, np.int64) if ro is None else np.asarray(vi, np.int64)[ro]
+        if n == r:  # one record per run
+            rows[:, col] = vi
+        elif step:
+            rows[:, col] = np.repeat(vi - before, lens) + np.arange(n, dtype=np.int64)
+        else:
+            rows[:, col] = np.repeat(vi, lens)
+    cell_code = key[first] // m
+    cell_src = key[first] % m
     cell_off = np.stack(np.unravel_index(cell_code, tuple(int(e) for e in ext)), axis=1).astype(np.int64) + off_lo
     return LinkCells(cell_off.reshape(-1, ndim), src_chunks[cell_src].reshape(-1, ndim), splits, rows)
 

@@ -39,7 +39,8 @@ from zv_dask.errors import InputError
 from zv_dask.format.layout import ChunkPlan, order_by
 from zv_dask.pyramid.reduce import Groups, group_rows, group_runs, reduce_rows
 
-__all__ = ["METHODS", "CoarsenParams", "Coarse", "coarsen_points", "plan_coarse", "bin_keys", "hash64"]
+__all__ = ["METHODS", "CoarsenParams", "Coarse", "coarsen_points", "coarsen_runs", "plan_coarse", "bin_keys",
+           "hash64"]
 
 METHODS = ("centroid", "first", "random", "sample")
 
@@ -70,6 +71,7 @@ class Coarse:
     attributes: dict
     object_ids: np.ndarray | None = None
     parents: np.ndarray | None = None  # per input row, the index of its metavertex (cross-level links)
+    run_parents: np.ndarray | None = None  # per input run (coarsen_runs), the index of its metavertex
 
 
 # -- hashing -------------------------------------------------------------------------
@@ -225,6 +227,87 @@ def _row_parents(g: Groups, mv_of_sorted: np.ndarray) -> np.ndarray:
     out = np.empty(len(g.order), np.int64)
     out[g.order] = mv_of_sorted
     return out
+
+
+def coarsen_runs(positions: np.ndarray, attributes: dict, params: CoarsenParams, run_splits: np.ndarray,
+                 run_cb: np.ndarray, bins_of=None) -> Coarse:
+    """``centroid`` coarsening of plain points that come in runs sharing a coarse bin.
+
+    The bins layout keeps a level's points in runs (one per occupied bin), so
+    sums go run by run over the rows as they lie (no gather) and then over the
+    runs of each coarse bin, float64 throughout. A mean that float rounding
+    puts outside its bin (``bins_of`` maps positions to coarse bins) is clipped
+    to the group's ``[min, max]``. Returns per-run parents, not per-row ones.
+    """
+    from zv_dask.format.layout import stable_order
+    from zv_dask.pyramid.reduce import _cast_float
+
+    if params.method != "centroid":
+        raise InputError(f"coarsen_runs makes centroids only, not {params.method!r}")
+    pos = np.asarray(positions)
+    run_splits = np.asarray(run_splits, np.int64)
+    run_cb = np.asarray(run_cb, np.int64)
+    starts = run_splits[:-1]
+    lens = np.diff(run_splits)
+    n_runs = len(lens)
+    if n_runs == 0:
+        attrs = {n: np.zeros((0,) + np.asarray(attributes[n]).shape[1:], np.asarray(attributes[n]).dtype)
+                 if how != "count" else np.zeros(0, np.int64)
+                 for n, how in params.reductions.items() if how == "count" or n in attributes}
+        return Coarse(pos[:0], attrs, None, None, np.zeros(0, np.int64))
+    keys = bin_keys(run_cb)
+    ro = stable_order(keys)
+    sk = keys[ro]
+    gfirst = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])  # in ro: each group's first run
+    n_groups = len(gfirst)
+    run_group = np.empty(n_runs, np.int64)
+    run_group[ro] = np.repeat(np.arange(n_groups, dtype=np.int64), np.diff(np.r_[gfirst, n_runs]))
+
+    def two_stage(values: np.ndarray, ufunc, dtype=None) -> np.ndarray:
+        per_run = ufunc.reduceat(values, starts, axis=0, dtype=dtype) if dtype else ufunc.reduceat(values, starts, axis=0)
+        return ufunc.reduceat(per_run[ro], gfirst, axis=0)
+
+    counts = np.add.reduceat(lens[ro], gfirst)
+    sums = two_stage(pos, np.add, np.float64)
+    out = (sums / counts[:, None]).astype(pos.dtype)
+    group_cb = run_cb[ro[gfirst]]
+    if bins_of is not None:
+        bad = np.flatnonzero((bins_of(out) != group_cb).any(axis=1))
+        for g in bad.tolist():  # rare: float rounding at a bin edge
+            runs = ro[gfirst[g]:(gfirst[g + 1] if g + 1 < n_groups else n_runs)]
+            rows = pos[np.concatenate([np.arange(starts[j], starts[j] + lens[j]) for j in runs])]
+            out[g] = np.clip(out[g], rows.min(axis=0), rows.max(axis=0))
+    attrs = {}
+    groups = None
+    for name, how in params.reductions.items():
+        if how == "count":
+            attrs[name] = (two_stage(np.asarray(attributes[name]).astype(np.int64), np.add) if name in attributes
+                           else counts.astype(np.int64))
+            continue
+        v = np.asarray(attributes[name])
+        dt = v.dtype
+        if how == "mean":
+            c = counts.reshape((-1,) + (1,) * (v.ndim - 1))
+            attrs[name] = _cast_float(two_stage(v, np.add, np.float64) / c, dt)
+        elif how == "sum" and dt.kind == "f":
+            attrs[name] = two_stage(v, np.add, np.float64).astype(dt)
+        elif how == "sum" and dt.kind == "b":
+            attrs[name] = two_stage(v, np.maximum)
+        elif how == "sum":
+            wide = np.uint64 if dt.kind == "u" else np.int64
+            info = np.iinfo(dt)
+            attrs[name] = np.clip(two_stage(v.astype(wide), np.add), info.min, info.max).astype(dt)
+        elif how == "min":
+            attrs[name] = two_stage(v, np.minimum)
+        elif how == "max":
+            attrs[name] = two_stage(v, np.maximum)
+        elif how == "first":
+            attrs[name] = v[starts[ro[gfirst]]]
+        else:  # mode: needs the rows of each group
+            if groups is None:
+                groups, _ = group_runs(keys, run_splits)
+            attrs[name] = reduce_rows(v[groups.order], groups, how)
+    return Coarse(out, attrs, None, None, run_group)
 
 
 # -- layout ----------------------------------------------------------------------------

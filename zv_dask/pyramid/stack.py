@@ -26,10 +26,10 @@ import numpy as np
 from zv_dask.format.cells import encode_fragments, raw_view
 from zv_dask.format.grid import Grid
 from zv_dask.format.layout import ChunkPayload, ChunkPlan
-from zv_dask.format.links import LinkCells, plan_link_cells
-from zv_dask.pyramid.coarsen import CoarsenParams, coarsen_points, plan_coarse
+from zv_dask.format.links import LinkCells, plan_link_cells, plan_link_runs
+from zv_dask.pyramid.coarsen import CoarsenParams, coarsen_points, coarsen_runs, plan_coarse
 
-__all__ = ["LevelPoints", "StepGeometry", "bin_runs", "coarsen_level", "level_links", "encode_level"]
+__all__ = ["LevelPoints", "StepGeometry", "bin_runs", "stored_runs", "coarsen_level", "level_links", "encode_level"]
 
 
 @dataclass
@@ -68,13 +68,22 @@ class LevelPoints:
                                bin_runs(plan, bins_per_chunk, scale) if plan.fragment_objects is None else None)
 
     @classmethod
-    def from_chunk_data(cls, data: list, chunks: np.ndarray, ndim: int, dtype: str, names) -> "LevelPoints":
-        """Decoded chunks (:func:`~zv_dask.store.levels.read_chunks`, in the order of ``chunks``) as one block."""
+    def from_chunk_data(cls, data: list, chunks: np.ndarray, ndim: int, dtype: str, names, grid: Grid | None = None,
+                        bins_per_chunk=None, scale=None) -> "LevelPoints":
+        """Decoded chunks (:func:`~zv_dask.store.levels.read_chunks`, in the order of ``chunks``) as one block.
+
+        With ``grid``, ``bins_per_chunk`` and the level's chunk ``scale``, a bins
+        layout also gives its (checked) bin runs.
+        """
         counts = np.array([len(d.positions) for d in data], np.int64)
         splits = np.r_[0, np.cumsum(counts)].astype(np.int64)
         pos = np.concatenate([d.positions for d in data]) if data else np.zeros((0, ndim), dtype)
         attrs = {n: np.concatenate([d.attributes[n] for d in data]) for n in names} if data else {}
-        return cls.from_layout(pos, attrs, None, np.asarray(chunks, np.int64).reshape(-1, ndim), splits)
+        chunks = np.asarray(chunks, np.int64).reshape(-1, ndim)
+        runs = None
+        if grid is not None and bins_per_chunk is not None:
+            runs = stored_runs(data, chunks, pos, grid, bins_per_chunk, scale)
+        return cls.from_layout(pos, attrs, None, chunks, splits, runs)
 
     def take(self, rows: np.ndarray) -> "LevelPoints":
         """A subset of rows (their ``vi`` stay those of the cells they came from; runs are dropped)."""
@@ -105,7 +114,8 @@ class CoarseLevel:
 
     points: LevelPoints
     plan: ChunkPlan
-    parent_rows: np.ndarray  # per fine row, the storage row of its metavertex
+    parent_rows: np.ndarray | None  # per fine row, the storage row of its metavertex
+    run_parent_rows: np.ndarray | None = None  # or, when made from runs, per fine run
 
 
 def bin_runs(plan: ChunkPlan, bins_per_chunk, scale) -> tuple:
@@ -114,15 +124,45 @@ def bin_runs(plan: ChunkPlan, bins_per_chunk, scale) -> tuple:
     Fragment ``f`` of a chunk is the ``scale``-wide bin at ``local = unravel(f)``
     (base bins for ``scale`` 1); its rows are consecutive in storage order.
     """
+    return _runs_of(plan.chunks, plan.fragment_counts, bins_per_chunk, scale)
+
+
+def _runs_of(chunks, fragment_counts, bins_per_chunk, scale) -> tuple:
     bpc = np.asarray(bins_per_chunk, np.int64)
     sc = np.asarray(scale, np.int64)
     f = int(np.prod(bpc))
-    counts = plan.fragment_counts
+    counts = np.asarray(fragment_counts, np.int64)
     nz = np.flatnonzero(counts)
     splits = np.r_[0, np.cumsum(counts[nz])].astype(np.int64)
     local = np.stack(np.unravel_index(nz % f, tuple(int(b) for b in bpc)), axis=1).astype(np.int64)
-    first = (np.asarray(plan.chunks, np.int64).reshape(-1, len(bpc))[nz // f] * bpc + local) * sc
+    first = (np.asarray(chunks, np.int64).reshape(-1, len(bpc))[nz // f] * bpc + local) * sc
     return splits, first.reshape(-1, len(bpc)), sc
+
+
+def stored_runs(data: list, chunks: np.ndarray, positions: np.ndarray, grid: Grid, bins_per_chunk,
+                scale) -> tuple | None:
+    """The bin runs of decoded chunks whose fragments are the layout's bins, checked against the positions.
+
+    ``None`` when the fragments are not ``prod(bins_per_chunk)`` tiling ranges
+    (object levels, the reference's coarse levels) or when a row lies outside
+    the bin its fragment claims.
+    """
+    f = int(np.prod(np.asarray(bins_per_chunk, np.int64)))
+    for d in data:
+        c = d.fragment_counts
+        if len(c) != f or (c < 0).any() or d.fragment_starts[0] != 0 or \
+                (d.fragment_starts[1:] != np.cumsum(c)[:-1]).any():
+            return None
+    if not data:
+        return None
+    runs = _runs_of(chunks, np.concatenate([d.fragment_counts for d in data]), bins_per_chunk, scale)
+    splits, first, width = runs
+    if int(splits[-1]) != len(positions):
+        return None
+    claimed = np.repeat(np.floor_divide(first, width), np.diff(splits), axis=0)
+    if not np.array_equal(np.floor_divide(grid.base_bins(positions), width), claimed):
+        return None
+    return runs
 
 
 def _coarse_runs(fine: LevelPoints, ratio) -> tuple | None:
@@ -139,8 +179,13 @@ def _coarse_runs(fine: LevelPoints, ratio) -> tuple | None:
 def coarsen_level(fine: LevelPoints, step: StepGeometry) -> CoarseLevel:
     """Coarsen ``fine`` (whole regions, storage order) into the next level, laid out in storage order."""
     runs = _coarse_runs(fine, step.params.ratio)
-    bins = None if runs is not None else step.fine_grid.base_bins(fine.positions)
-    coarse = coarsen_points(fine.positions, bins, fine.attributes, step.params, fine.object_ids, runs=runs)
+    ratio = np.asarray(step.params.ratio, np.int64)
+    if runs is not None and step.params.method == "centroid":
+        coarse = coarsen_runs(fine.positions, fine.attributes, step.params, *runs,
+                              bins_of=lambda p: np.floor_divide(step.fine_grid.base_bins(p), ratio))
+    else:
+        bins = None if runs is not None else step.fine_grid.base_bins(fine.positions)
+        coarse = coarsen_points(fine.positions, bins, fine.attributes, step.params, fine.object_ids, runs=runs)
     plan = plan_coarse(step.grid.base_bins(coarse.positions), step.bins_per_chunk, step.scale, coarse.object_ids)
     o = plan.order
     points = LevelPoints.from_plan(np.take(coarse.positions, o, axis=0),
@@ -149,6 +194,8 @@ def coarsen_level(fine: LevelPoints, step: StepGeometry) -> CoarseLevel:
                                    step.bins_per_chunk, step.scale)
     where = np.empty(len(o), np.int64)
     where[o] = np.arange(len(o), dtype=np.int64)
+    if coarse.run_parents is not None:
+        return CoarseLevel(points, plan, None, where[coarse.run_parents] if len(o) else np.zeros(0, np.int64))
     return CoarseLevel(points, plan, where[coarse.parents] if len(o) else np.zeros(0, np.int64))
 
 
@@ -157,13 +204,26 @@ def level_links(fine: LevelPoints, coarse: CoarseLevel, step: StepGeometry) -> t
     if step.links == "none":
         return None, None
     c = coarse.points
+    if coarse.run_parent_rows is not None:  # one run of records per fine bin
+        splits = fine.runs[0]
+        first = splits[:-1]
+        lens = np.diff(splits)
+        s = coarse.run_parent_rows
+        f_idx, f_vi = fine.chunk_index[first], fine.vi[first]
+        c_idx, c_vi = c.chunk_index[s], c.vi[s]
+        up = plan_link_runs(fine.chunks, f_idx, f_vi, 1, c.chunks, c_idx, c_vi, 0, lens, step.fine_scale, step.scale)
+        if step.links != "explicit":
+            return up, None
+        down = plan_link_runs(c.chunks, c_idx, c_vi, 0, fine.chunks, f_idx, f_vi, 1, lens, step.scale,
+                              step.fine_scale)
+        return up, down
     s = coarse.parent_rows
-    up = plan_link_cells(fine.chunks, fine.chunk_index, fine.vi, c.chunks, c.chunk_index[s], c.vi[s],
-                         step.fine_scale, step.scale)
+    c_idx, c_vi = c.chunk_index[s], c.vi[s]
+    up = plan_link_cells(fine.chunks, fine.chunk_index, fine.vi, c.chunks, c_idx, c_vi, step.fine_scale, step.scale)
     if step.links != "explicit":
         return up, None
-    down = plan_link_cells(c.chunks, c.chunk_index[s], c.vi[s], fine.chunks, fine.chunk_index, fine.vi,
-                           step.scale, step.fine_scale)
+    down = plan_link_cells(c.chunks, c_idx, c_vi, fine.chunks, fine.chunk_index, fine.vi, step.scale,
+                           step.fine_scale)
     return up, down
 
 

@@ -94,7 +94,10 @@ def batch_task(target, geoms: tuple[StepGeometry, ...], fine_level: int, read_na
     try:
         zstore = worker_store(target)
         data = read_chunks(zstore, fine_level, chunks, list(read_names), ndim=ndim)
-        fine = LevelPoints.from_chunk_data(data, chunks, ndim, geoms[0].fine_grid.dtype, read_names)
+        g0 = geoms[0]
+        fine = LevelPoints.from_chunk_data(data, chunks, ndim, g0.fine_grid.dtype, read_names,
+                                           None if obj is not None else g0.fine_grid, g0.bins_per_chunk,
+                                           g0.fine_scale)
         if obj is not None:
             oids, ok = row_object_ids(data, *obj)
             fine.object_ids = oids

@@ -82,7 +82,7 @@ def _read_file(path: str):
         return None
 
 
-def _threads(fn, args, n_items, n_threads: int = 4):
+def _threads(fn, args, n_items, n_threads: int = 2):
     """``[fn(*a) for a in args]`` on a few threads, each taking one contiguous slice (file I/O releases the GIL)."""
     if n_items < 64:
         return [fn(*a) for a in args]
