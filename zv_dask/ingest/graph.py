@@ -45,9 +45,12 @@ DEFAULT_GROUP_POINTS = 1 << 21
 MIN_AUTO_ROWS = 1 << 17  # below this, per-task overhead outweighs balance
 
 
-def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False, sample: bool = True):
+def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False, sample: bool = True,
+              local: list | None = None):
     """Pass 1: statistics and per-chunk counts of every partition, reduced on the client.
 
+    ``local`` (in-memory input) are the partitions as they sit in this process:
+    they are scanned here, while the same data travel to the workers.
     Returns ``(stats, final_bounds, n_dropped, occupancy, rows_per_partition)``; raises before
     anything is written when the policy rejects the input.
     """
@@ -55,9 +58,14 @@ def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False, sam
     probe = Grid(tuple(map(float, probe_bounds[0])), tuple(map(float, probe_bounds[1])), plan.chunk_shape,
                  plan.base_bin_shape or plan.chunk_shape, plan.dtype)
     drop = out_of_bounds == "ignore" and plan.bounds is not None
-    scans = [delayed(_scan_task)(p, probe, plan.bounds, drop, 0, sample) for p in src.partitions]
+    scans = [delayed(_scan_task)(p, probe, plan.bounds, drop, 0, sample) for p in (local or src.partitions)]
     try:
-        scanned = run_tasks(scans, client, progress, "scan: statistics and chunk counts")
+        if local is not None:
+            import dask
+
+            scanned = list(dask.compute(*scans, scheduler="sync"))
+        else:
+            scanned = run_tasks(scans, client, progress, "scan: statistics and chunk counts")
     except Exception as e:
         if isinstance(e, ZVError):
             raise
@@ -245,10 +253,12 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     dt = plan.dtype
     drop = out_of_bounds == "ignore" and plan.bounds is not None
     pyramid_opts = _pyramid_options(pyramid, src.ndim)  # checked before anything is read or written
+    local = None
     if cl is not None and src.in_memory:
-        # numpy / pandas input: send it to the workers once, for both passes
+        # numpy / pandas input: on its way to the workers (once) while this process scans it
+        local = src.partitions
         src.partitions = cl.persist(src.partitions)
-    stats, final_bounds, dropped, occ, _ = scan_pass(src, plan, out_of_bounds, cl, progress)
+    stats, final_bounds, dropped, occ, _ = scan_pass(src, plan, out_of_bounds, cl, progress, local=local)
     seconds["scan"] = time.perf_counter() - t0
 
     warnings = precision_warnings(dt, stats, src)

@@ -114,10 +114,13 @@ def _las_slice(path, start, count, attr_names) -> Batch:
 
 # -- arrays ----------------------------------------------------------------------------
 def _from_arrays(points, attributes, object_ids, partition_rows, kind="array") -> Source:
-    import dask.array as da
     from dask import delayed
 
     n, d = check_positions(points)
+    if not _is_dask(points) and not any(_is_dask(v) for v in list((attributes or {}).values()) + [object_ids]):
+        return _from_numpy(np.asarray(points), attributes, object_ids, partition_rows, kind)
+    import dask.array as da
+
     is_dask = isinstance(points, da.Array)
     if is_dask:
         pts = points.rechunk({1: -1}) if len(points.chunks[1]) > 1 else points
@@ -147,6 +150,31 @@ def _from_arrays(points, attributes, object_ids, partition_rows, kind="array") -
     specs = {k: (np.dtype(v.dtype).name, int(v.shape[1]) if v.ndim == 2 else None) for k, v in attr_d.items()}
     return Source(parts, d, np.dtype(points.dtype), specs, oid_d is not None, kind=kind, n_rows=n,
                   description=f"{kind} of {n} points in {len(parts)} partitions", in_memory=not is_dask)
+
+
+def _is_dask(x) -> bool:
+    return type(x).__module__.split(".")[0] == "dask"
+
+
+def _from_numpy(points: np.ndarray, attributes, object_ids, partition_rows, kind) -> Source:
+    """In-memory arrays: partitions are row slices (views), with no dask.array graph in between."""
+    from dask import delayed
+
+    n, d = points.shape
+    attributes = check_attributes(attributes, n, None)
+    object_ids = check_object_ids(object_ids, n, None)
+    if n == 0:
+        raise InputError("the input holds no points")
+    attrs = {k: np.asarray(v) for k, v in attributes.items()}
+    oids = None if object_ids is None else np.asarray(object_ids)
+    parts = []
+    for s in range(0, n, partition_rows):
+        e = min(n, s + partition_rows)
+        parts.append(delayed(_batch_from_arrays, pure=False)(points[s:e], {k: v[s:e] for k, v in attrs.items()},
+                                                             None if oids is None else oids[s:e]))
+    specs = {k: (np.dtype(v.dtype).name, int(v.shape[1]) if v.ndim == 2 else None) for k, v in attrs.items()}
+    return Source(parts, d, np.dtype(points.dtype), specs, oids is not None, kind=kind, n_rows=n,
+                  description=f"{kind} of {n} points in {len(parts)} partitions", in_memory=True)
 
 
 # -- data frames -------------------------------------------------------------------------

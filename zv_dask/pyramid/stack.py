@@ -37,29 +37,49 @@ class LevelPoints:
     """Points of (part of) a level in storage order: chunk ``m`` holds rows ``row_splits[m]:row_splits[m+1]``.
 
     ``vi`` is each row's index inside its chunk's vertex buffer; it differs from
-    the running position only when rows were left out (see :meth:`take`).
+    the running position only when rows were left out (see :meth:`take`). Both
+    per-row maps are made on first use (the bin-run paths never need them).
     """
 
     positions: np.ndarray
     attributes: dict
     object_ids: np.ndarray | None
     chunks: np.ndarray  # (m, D) absolute chunk coordinates
-    chunk_index: np.ndarray  # (n,) row -> index into chunks
-    vi: np.ndarray  # (n,) row inside its chunk's cells
+    row_splits: np.ndarray | None  # (m+1,) when the rows are exactly the chunks' rows
     runs: tuple | None = None  # (splits, first base bin (R, D), width (D,)): rows of a run share a bin
+    _chunk_index: np.ndarray | None = None  # (n,) row -> index into chunks
+    _vi: np.ndarray | None = None  # (n,) row inside its chunk's cells
 
     def __len__(self) -> int:
         return len(self.positions)
+
+    @property
+    def chunk_index(self) -> np.ndarray:
+        if self._chunk_index is None:
+            counts = np.diff(self.row_splits)
+            self._chunk_index = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+        return self._chunk_index
+
+    @property
+    def vi(self) -> np.ndarray:
+        if self._vi is None:
+            self._vi = np.arange(len(self), dtype=np.int64) - self.row_splits[:-1][self.chunk_index]
+        return self._vi
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(chunk index, vi)`` of some rows, without the per-row maps when the rows are whole chunks."""
+        rows = np.asarray(rows, np.int64)
+        if self._chunk_index is None and self.row_splits is not None:
+            idx = np.searchsorted(self.row_splits, rows, side="right") - 1
+            return idx, rows - self.row_splits[idx]
+        return self.chunk_index[rows], self.vi[rows]
 
     @classmethod
     def from_layout(cls, positions, attributes, object_ids, chunks, row_splits, runs=None) -> "LevelPoints":
         """Points already in storage order, ``row_splits`` (m+1) cutting them into ``chunks``."""
         row_splits = np.asarray(row_splits, np.int64)
-        counts = np.diff(row_splits)
-        idx = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-        vi = np.arange(int(row_splits[-1]) if len(row_splits) else 0, dtype=np.int64) - row_splits[:-1][idx]
-        return cls(positions, attributes, object_ids, np.asarray(chunks, np.int64).reshape(len(counts), -1),
-                   idx, vi, runs)
+        return cls(positions, attributes, object_ids,
+                   np.asarray(chunks, np.int64).reshape(len(row_splits) - 1, -1), row_splits, runs)
 
     @classmethod
     def from_plan(cls, positions, attributes, object_ids, plan: ChunkPlan, bins_per_chunk, scale) -> "LevelPoints":
@@ -88,7 +108,7 @@ class LevelPoints:
     def take(self, rows: np.ndarray) -> "LevelPoints":
         """A subset of rows (their ``vi`` stay those of the cells they came from; runs are dropped)."""
         return LevelPoints(self.positions[rows], {k: v[rows] for k, v in self.attributes.items()},
-                           None if self.object_ids is None else self.object_ids[rows], self.chunks,
+                           None if self.object_ids is None else self.object_ids[rows], self.chunks, None, None,
                            self.chunk_index[rows], self.vi[rows])
 
 
@@ -209,8 +229,8 @@ def level_links(fine: LevelPoints, coarse: CoarseLevel, step: StepGeometry) -> t
         first = splits[:-1]
         lens = np.diff(splits)
         s = coarse.run_parent_rows
-        f_idx, f_vi = fine.chunk_index[first], fine.vi[first]
-        c_idx, c_vi = c.chunk_index[s], c.vi[s]
+        f_idx, f_vi = fine.locate(first)
+        c_idx, c_vi = c.locate(s)
         up = plan_link_runs(fine.chunks, f_idx, f_vi, 1, c.chunks, c_idx, c_vi, 0, lens, step.fine_scale, step.scale)
         if step.links != "explicit":
             return up, None
@@ -218,7 +238,7 @@ def level_links(fine: LevelPoints, coarse: CoarseLevel, step: StepGeometry) -> t
                               step.fine_scale)
         return up, down
     s = coarse.parent_rows
-    c_idx, c_vi = c.chunk_index[s], c.vi[s]
+    c_idx, c_vi = c.locate(s)
     up = plan_link_cells(fine.chunks, fine.chunk_index, fine.vi, c.chunks, c_idx, c_vi, step.fine_scale, step.scale)
     if step.links != "explicit":
         return up, None

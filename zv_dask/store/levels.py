@@ -14,6 +14,7 @@ Three steps, so that a distributed job can run the middle one on workers:
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -139,9 +140,7 @@ def _plain_vlen(arr: zarr.Array) -> bool:
         enc.get("configuration", {}).get("separator", "/") == "/"
 
 
-def vlen_frame(payload: bytes) -> bytes:
-    """A one-item vlen-bytes frame (ZV format 5.1): ``u32 1``, ``u32 len``, payload."""
-    return np.array([1, len(payload)], "<u4").tobytes() + payload
+_FRAME_HEADER = struct.Struct("<II")
 
 
 def payload_parts(payload) -> tuple:
@@ -150,13 +149,14 @@ def payload_parts(payload) -> tuple:
 
 
 def payload_size(payload) -> int:
-    return sum(memoryview(p).nbytes for p in payload_parts(payload))
+    """Bytes in a payload (its buffers are flat: ``len`` is their size)."""
+    return sum(len(p) for p in payload_parts(payload))
 
 
 def frame_parts(payload) -> tuple:
     """The vlen-bytes frame of a payload as buffers (frame header first), without joining them."""
     parts = payload_parts(payload)
-    return (np.array([1, sum(memoryview(p).nbytes for p in parts)], "<u4").tobytes(),) + parts
+    return (_FRAME_HEADER.pack(1, sum(len(p) for p in parts)),) + parts
 
 
 def write_chunk_payloads(zstore, level: int, grid: Grid, payloads: list[ChunkPayload],
