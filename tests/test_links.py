@@ -336,3 +336,43 @@ def test_every_offset_array_written_is_declared_and_non_empty(tmp_path):
             assert attrs["offsets"] == [list(parse_offset_segment(seg))] and attrs["level_delta"] == delta
             cells = sum(len(f) for _, _, f in os.walk(os.path.join(fam, seg, "c")))
             assert cells == len(attrs["nonempty_chunks"])
+
+
+# -- reading links back --------------------------------------------------------------------------
+def test_read_links_matches_the_reference_reader(tmp_path):
+    from zarr_vectors.core.arrays import read_link_arrays
+    from zarr_vectors.core.store import get_resolution_level, open_store as ref_open
+
+    rng = np.random.default_rng(13)
+    path = str(tmp_path / "r.zv")
+    write_points(path, rng.uniform(-40, 55, (2500, 3)), chunk_shape=(30,) * 3, base_bin_shape=(10,) * 3)
+    with dask.config.set(SYNC):
+        zv_dask.build_pyramid(path, levels=2, links="explicit", chunk_scale=[1, 2])
+    for level, delta in [(0, 1), (1, -1), (1, 1), (2, -1)]:
+        mine = zv_dask.read_links(path, level, delta)
+        chunks, vi = read_link_arrays(get_resolution_level(ref_open(path), level), delta=delta)
+        got = sorted(zip(map(tuple, mine["src_chunk"].tolist()), mine["src_vi"].tolist(),
+                         map(tuple, mine["dst_chunk"].tolist()), mine["dst_vi"].tolist()))
+        want = sorted(zip(map(tuple, chunks[:, 0].tolist()), vi[:, 0].tolist(),
+                          map(tuple, chunks[:, 1].tolist()), vi[:, 1].tolist()))
+        assert got == want and len(got) > 0, (level, delta)
+    with pytest.raises(zv_dask.MetadataError, match="no links/-1"):
+        zv_dask.read_links(path, 0, -1)
+
+
+def test_parent_rows_index_read_points(tmp_path):
+    rng = np.random.default_rng(14)
+    path = str(tmp_path / "p.zv")
+    pts = rng.uniform(0, 99, (4000, 3))
+    zv_dask.ingest(pts, path, chunk_shape=25, base_bin_shape=5, pyramid={"levels": 2, "links": True},
+                   client=None)
+    for level in (0, 1):
+        fine = zv_dask.read_points(path, level=level).compute()
+        coarse = zv_dask.read_points(path, level=level + 1).compute()
+        parents = zv_dask.parent_rows(path, level)
+        assert len(parents) == len(fine) and parents.min() >= 0 and parents.max() < len(coarse)
+        xyz = ["x", "y", "z"]
+        sums = np.zeros((len(coarse), 3))
+        np.add.at(sums, parents, fine[xyz].to_numpy(np.float64))
+        mean = sums / np.bincount(parents, minlength=len(coarse))[:, None]
+        np.testing.assert_allclose(coarse[xyz].to_numpy(), mean, rtol=1e-5, atol=1e-4)

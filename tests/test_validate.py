@@ -201,3 +201,50 @@ def test_icechunk_store(tmp_path, template):
     write_points(path, rng.uniform(0, 10, (500, 3)), chunk_shape=(5.0,) * 3, backend="icechunk")
     r = validate_store(path, backend="icechunk")
     assert r.ok and r.levels[0]["vertex_count"] == 500, repr(r)
+
+
+# -- cross-level links ---------------------------------------------------------------------------
+@pytest.fixture
+def linked(tmp_path):
+    rng = np.random.default_rng(8)
+    path = tmp_path / "l.zv"
+    write_points(path, rng.uniform(0, 100, (3000, 3)), chunk_shape=(25.0,) * 3, base_bin_shape=(12.5,) * 3)
+    with dask.config.set(scheduler="sync"):
+        zv_dask.build_pyramid(str(path), levels=2, links="explicit")
+    return path
+
+
+def test_links_of_a_clean_pyramid_validate(linked):
+    rep = validate_store(linked)
+    assert rep.ok and not rep.warnings, (rep.errors, rep.warnings)
+
+
+def test_wrong_link_count_is_an_error(linked):
+    g = zarr.open_group(str(linked / "0" / "links" / "+1"), mode="r+")
+    g.attrs["num_links"] = 7
+    rep = validate_store(linked)
+    assert not rep.ok and any("num_links is 7" in e for e in rep.errors)
+
+
+def test_link_to_a_missing_row_is_an_error(linked):
+    from zv_dask.format.links import decode_link_rows, encode_link_rows
+
+    root = zarr.open_group(str(linked), mode="r")
+    fam = root["0/links/+1"]
+    seg, arr = sorted(fam.arrays())[0]
+    key = arr.attrs["nonempty_chunks"][0]
+    cell = tuple(int(v) for v in key.split("."))
+    rows = decode_link_rows(get_cell(linked, f"0/links/+1/{seg}", cell))
+    rows[0, 1] = 10**6
+    set_cell(linked, f"0/links/+1/{seg}", cell, encode_link_rows(rows))
+    rep = validate_store(linked)
+    assert not rep.ok and any("past the end of its chunk" in e for e in rep.errors), rep.errors
+
+
+def test_missing_mirror_is_a_warning(linked):
+    shutil.rmtree(linked / "2" / "links")
+    g = zarr.open_group(str(linked / "2"), mode="r+")
+    lm = g.attrs["zarr_vectors_level"]
+    g.attrs["zarr_vectors_level"] = {**lm, "arrays_present": [a for a in lm["arrays_present"] if a != "links"]}
+    rep = validate_store(linked)
+    assert rep.ok and any("no links/-1" in w for w in rep.warnings), rep.warnings

@@ -12,6 +12,7 @@ from zv_dask.errors import (
 from zv_dask.format.metadata import ZV_VERSION
 from zv_dask.pyramid import PyramidReport, build_pyramid
 from zv_dask.read import open_level, read_points
+from zv_dask.read_links import parent_rows, read_links
 from zv_dask.ingest.graph import PendingIngest, ingest
 from zv_dask.ingest.report import IngestReport
 from zv_dask.ingest.plan import IngestPlan, plan_ingest
@@ -46,6 +47,8 @@ __all__ = [
     "PyramidReport",
     "read_points",
     "open_level",
+    "read_links",
+    "parent_rows",
     "ingest",
     "IngestReport",
     "PendingIngest",

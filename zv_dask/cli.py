@@ -220,6 +220,12 @@ def _add_pyramid(p, include_flag: bool) -> None:
                    help="how a bin's points become its coarse points (default: centroid)")
     g.add_argument("--min-points", type=_non_negative, default=1024, metavar="N",
                    help="stop adding levels once a level holds at most N points (default: 1024)")
+    g.add_argument("--links", choices=("explicit", "implicit", "none"),
+                   help="cross-level links from each point to its coarse point: +1 and the -1 mirror (explicit), "
+                        "+1 only (implicit) or none (default: what the store declares; new stores: none)")
+    g.add_argument("--levels-per-task", type=_count, metavar="N",
+                   help="at most N levels per round of tasks (default: as many as a task's region holds; 1 makes "
+                        "every level durable on its own on a plain store)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,7 +415,7 @@ def _cluster(args):
         finally:
             client.close()
         return
-    from distributed import LocalCluster
+    from zv_dask.scheduling import local_cluster
 
     n = args.workers or max(1, os.cpu_count() or 1)
     if args.command == "demo" and not args.workers:
@@ -417,8 +423,7 @@ def _cluster(args):
     memory = None if args.memory_limit == "none" else (0 if args.memory_limit == "0" else args.memory_limit)
     _status(args, f"starting a LocalCluster: {n} worker process{'es' if n > 1 else ''} x "
                   f"{args.threads_per_worker} thread(s) on 127.0.0.1, memory limit {args.memory_limit}")
-    cluster = LocalCluster(n_workers=n, threads_per_worker=args.threads_per_worker, processes=True,
-                           host="127.0.0.1", dashboard_address=None, memory_limit=memory)
+    cluster = local_cluster(n, threads_per_worker=args.threads_per_worker, memory_limit=memory)
     try:
         client = Client(cluster)
         try:
@@ -436,13 +441,14 @@ def _one_line(e: BaseException) -> str:
 
 def _pyramid_kwargs(args) -> dict:
     return {"levels": args.levels, "bin_ratio": _ratio(args.bin_ratio), "chunk_scale": _ratio(args.chunk_scale),
-            "method": args.method, "min_points": args.min_points}
+            "method": args.method, "min_points": args.min_points, "links": args.links,
+            "levels_per_task": args.levels_per_task}
 
 
 def _check_pyramid_steps(ndim: int, kw: dict) -> None:
-    from zv_dask.pyramid.plan import level_steps
+    from zv_dask.ingest.graph import _pyramid_options
 
-    level_steps(ndim, kw["levels"], kw["bin_ratio"], kw["chunk_scale"])
+    _pyramid_options(kw, ndim)
 
 
 def _sources(args):
@@ -487,7 +493,9 @@ def _pyramid_dict(store: str, rep) -> dict:
         {"level": k, "vertex_count": rep.vertex_counts.get(k), "chunks": rep.chunk_counts.get(k),
          "bin_shape": list(rep.bin_shapes[k]) if k in rep.bin_shapes else None, "tasks": rep.tasks.get(k),
          "seconds": rep.level_seconds.get(k)} for k in [0] + list(rep.levels)],
-        "seconds": rep.seconds, "stop_reason": rep.stop_reason, "snapshot_id": rep.snapshot_id}
+        "links": rep.links, "link_counts": rep.link_counts, "rounds": rep.batches,
+        "seconds": rep.seconds, "stop_reason": rep.stop_reason, "snapshot_id": rep.snapshot_id,
+        "warnings": rep.warnings}
 
 
 def cmd_pyramid(args, out) -> int:
@@ -519,8 +527,13 @@ def cmd_pyramid(args, out) -> int:
     for lv in d["levels"]:
         extra = "" if lv["level"] == 0 else f", bin {lv['bin_shape']}, {lv['tasks']} tasks, {lv['seconds']:.2f}s"
         lines.append(f"  level {lv['level']:<3} {lv['vertex_count']:,} vertices in {lv['chunks']:,} chunks{extra}")
+    if any(rep.link_counts.values()):
+        lines.append(f"  links     {rep.links}: {sum(rep.link_counts.values()):,} records "
+                     f"({', '.join(f'{k} {v:,}' for k, v in rep.link_counts.items())})")
     if rep.snapshot_id:
         lines.append(f"  snapshot  {rep.snapshot_id}")
+    for w in rep.warnings:
+        lines.append(f"  warning   {w}")
     print("\n".join(lines), file=out)
     return 0
 
@@ -581,17 +594,24 @@ def format_info(info: dict) -> str:
              f"  attributes   {attr_text}"]
     if "num_objects" in lv0:
         lines.append(f"  objects      {lv0['num_objects']:,}")
+    xl = info.get("cross_level_links") or {}
+    if xl.get("storage", "none") != "none":
+        n = sum(v for lv in info["levels"] for v in (lv.get("links") or {}).values())
+        lines.append(f"  links        {xl['storage']} cross-level links, depth {xl['depth']}: {n:,} records")
     if sizes.get("total") is not None:
         lines.append(f"  on disk      {_fmt_bytes(sizes['total'])}" + (f" ({sizes['note']})" if sizes.get("note")
                                                                        else ""))
-    lines.append(f"  {'level':<6} {'vertices':>12} {'chunks':>8}  {'bin_shape':<24} {'ratio':<12} {'on disk':>10}")
+    links = any(lv.get("links") for lv in info["levels"])
+    lines.append(f"  {'level':<6} {'vertices':>12} {'chunks':>8}  {'bin_shape':<24} {'ratio':<12} {'on disk':>10}"
+                 + ("  links" if links else ""))
     for lv in info["levels"]:
         size = (sizes.get("levels") or {}).get(str(lv["level"]))
         ratio = lv["bin_ratio"]
         ratio_text = f"{ratio[0]:g}" if len(set(ratio)) == 1 else "x".join(f"{r:g}" for r in ratio)
+        fams = ", ".join(f"{k} {v:,}" for k, v in (lv.get("links") or {}).items())
         lines.append(f"  {lv['level']:<6} {lv['vertex_count']:>12,} {lv['nonempty_chunks']:>8,}  "
                      f"{str([float(f'{b:g}') for b in lv['bin_shape']]):<24} {ratio_text:<12} "
-                     f"{_fmt_bytes(size) if size is not None else '-':>10}")
+                     f"{_fmt_bytes(size) if size is not None else '-':>10}" + (f"  {fams}" if fams else ""))
     return "\n".join(lines)
 
 

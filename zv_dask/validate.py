@@ -16,7 +16,10 @@ everything a reader relies on holds:
 * row counts add up to the level's ``vertex_count``, and vertex counts never
   grow from one level to the next; bins never shrink;
 * object manifests decode and point at chunks that exist and fragments those
-  chunks have.
+  chunks have;
+* cross-level links: family and offsets-array metadata, record counts, and
+  both endpoints of every record (chunk present, row inside it); each vertex
+  of a linked level has one parent.
 
 Problems are collected, not raised: the result is a :class:`ValidationReport`
 with ``errors`` (the store is wrong) and ``warnings`` (legal but suspicious).
@@ -344,7 +347,83 @@ def _check_level(zs: ZVStore, k: int, bins: dict, found: _Found, bar) -> dict | 
     elif "object_index" in lm.arrays_present:
         pass  # reported above as a missing array
     return {"level": k, "vertex_count": lm.vertex_count, "chunks": int(len(chunks)), "rows": total,
-            "objects": n_objects}
+            "objects": n_objects, "_rows_by_chunk": dict(zip(map(tuple, chunks.tolist()), rows.tolist()))}
+
+
+def _check_links(zs: ZVStore, infos: dict[int, dict], found: _Found) -> None:
+    """Cross-level link families: metadata, counts, every record's two endpoints, and coverage."""
+    from zv_dask.format.links import parse_offset_segment
+    from zv_dask.read_links import read_links
+
+    meta = zs.metadata
+    ndim = meta.ndim
+    any_links = False
+    for k, info in sorted(infos.items()):
+        g = zs.root[str(k)]
+        if "links" not in g:
+            if meta.cross_level_storage != "none" and int(meta.cross_level_depth) > 0:
+                if k + 1 in infos:
+                    found.warning(f"level {k}: the root declares {meta.cross_level_storage} cross-level links "
+                                  f"but the level has no links/+1")
+                if meta.cross_level_storage == "explicit" and k > 0 and k - 1 in infos:
+                    found.warning(f"level {k}: the root declares explicit cross-level links but the level has no "
+                                  f"links/-1")
+            continue
+        for name, fam in sorted(g["links"].groups()):
+            lk = f"level {k} links/{name}"
+            any_links = True
+            try:
+                delta = int(name)
+            except ValueError:
+                found.error(f"level {k}: a links family named {name!r} (expected +N or -N)")
+                continue
+            if k + delta not in infos:
+                found.error(f"{lk}: links to level {k + delta}, which the store does not have")
+                continue
+            a = fam.attrs.asdict()
+            if a.get("level_delta") != delta or a.get("link_width") != 2 or a.get("sid_ndim") != ndim:
+                found.error(f"{lk}: family attributes", f"level_delta {a.get('level_delta')}, link_width "
+                                                        f"{a.get('link_width')}, sid_ndim {a.get('sid_ndim')}")
+            for seg, arr in fam.arrays():
+                try:
+                    off = parse_offset_segment(seg)
+                except FormatError as e:
+                    found.error(f"{lk}: offsets arrays with a malformed name", str(e))
+                    continue
+                if len(off) != ndim or arr.attrs.get("offsets") != [list(off)]:
+                    found.error(f"{lk}: offsets arrays whose attributes disagree with their name",
+                                f"{seg}: offsets {arr.attrs.get('offsets')}")
+            try:
+                rec = read_links(zs, k, delta)
+            except (FormatError, MetadataError, ValueError) as e:
+                found.error(f"{lk}: cells that do not decode", str(e))
+                continue
+            n = len(rec["src_vi"])
+            for key in ("num_links", "num_physical_records"):
+                if key in a and int(a[key]) != n:
+                    found.error(f"{lk}: record counts", f"{key} is {a[key]:,} but the cells hold {n:,} records")
+            for side, level in (("src", k), ("dst", k + delta)):
+                rows = infos[level]["_rows_by_chunk"]
+                chunks = map(tuple, rec[f"{side}_chunk"].tolist())
+                have = np.array([rows.get(c, -1) for c in chunks], np.int64)
+                vi = rec[f"{side}_vi"]
+                if (have < 0).any():
+                    found.error(f"{lk}: records naming a chunk level {level} does not have",
+                                f"chunk {_key(rec[f'{side}_chunk'][np.argmax(have < 0)])}", int((have < 0).sum()))
+                bad = (have >= 0) & ((vi < 0) | (vi >= have))
+                if bad.any():
+                    found.error(f"{lk}: records naming a row past the end of its chunk",
+                                f"row {int(vi[bad][0])} of chunk {_key(rec[f'{side}_chunk'][bad][0])}",
+                                int(bad.sum()))
+            if delta == 1 and n:  # each vertex of the finer level should have one parent
+                key = np.concatenate([rec["src_chunk"], rec["src_vi"][:, None]], axis=1)
+                uniq = len(np.unique(key, axis=0))
+                if uniq != n:
+                    found.warning(f"{lk}: vertices with more than one parent", n=n - uniq)
+                if uniq != infos[k]["rows"]:
+                    found.warning(f"{lk}: vertices without a parent", n=infos[k]["rows"] - uniq)
+    if any_links and meta.cross_level_storage == "none":
+        found.warning("the root declares cross_level_storage 'none' but levels hold cross-level links")
 
 
 def _check_objects(g, k, ndim, chunks, rows, nfrag, frag_idx, lm, found: _Found) -> int | None:
@@ -474,19 +553,22 @@ def validate_store(store, *, backend: str | None = None, storage_options: dict |
             except KeyError:
                 pass
         bar = tqdm(total=total, desc="validate: decoding chunks", unit="chunk", file=sys.stderr)
+    infos = {}
     try:
         prev = None
         for k in levels:
             info = _check_level(zs, k, bins, found, bar)
             if info is None:
                 continue
-            report.levels.append(info)
+            infos[k] = info
+            report.levels.append({kk: v for kk, v in info.items() if not kk.startswith("_")})
             report.chunks_checked += info["chunks"]
             if prev is not None and info["vertex_count"] > prev["vertex_count"]:
                 found.error("vertex counts grow with the level",
                             f"level {k} has {info['vertex_count']:,}, level {prev['level']} "
                             f"{prev['vertex_count']:,}")
             prev = info
+        _check_links(zs, infos, found)
     finally:
         if bar is not None:
             bar.close()

@@ -147,12 +147,16 @@ class Grid:
             out[:, d] = self._bin_column(positions, d)
         return out
 
-    def _bin_column(self, positions: np.ndarray, d: int) -> np.ndarray:
-        """Base-bin index along axis ``d`` (int64), computed column-wise to stay cache friendly."""
+    def _bin_floats(self, positions: np.ndarray, d: int) -> np.ndarray:
+        """``floor(p / base_bin)`` along axis ``d`` as float64 (exact integers), column-wise."""
         col = np.asarray(positions[:, d]).astype(self.dtype, copy=False).astype(np.float64)
         np.divide(col, self.base_bin_shape[d], out=col)
         np.floor(col, out=col)
-        return col.astype(np.int64)
+        return col
+
+    def _bin_column(self, positions: np.ndarray, d: int, dtype=np.int64) -> np.ndarray:
+        """Base-bin index along axis ``d``, computed column-wise to stay cache friendly."""
+        return self._bin_floats(positions, d).astype(dtype)
 
     def chunk_coords(self, positions: np.ndarray) -> np.ndarray:
         """``(N, D)`` absolute chunk coordinates (bounds-free), as :meth:`chunks_of_bins` of :meth:`base_bins`."""
@@ -164,36 +168,58 @@ class Grid:
     def assign(self, positions: np.ndarray, units=None):
         """Linear cell id and fragment (bin inside chunk, row-major) of every point.
 
-        The hot path of every layout: one pass per axis over contiguous columns.
-        With ``units`` (a :class:`~zv_dask.ingest.shuffle.UnitGrid`) also returns
-        each point's write-unit id. Raises :class:`InputError` if a point falls
-        outside the grid.
+        The hot path of every layout: one pass per axis over contiguous columns,
+        in 32-bit integers when the grid allows. With ``units`` (a
+        :class:`~zv_dask.ingest.shuffle.UnitGrid`) also returns each point's
+        write-unit id. Raises :class:`InputError` if a point falls outside the grid.
         """
         n = len(positions)
-        cell = np.zeros(n, np.int64)
-        frag = np.zeros(n, np.int64)
-        unit = np.zeros(n, np.int64) if units is not None else None
-        cstride = fstride = ustride = 1
         shape, origin, bpc = self.shape, self.origin, self.bins_per_chunk
+        small = self._int32_bins()
+        it = np.int32 if small else np.int64
+        cell = np.zeros(n, np.int32 if small and self.n_cells < 2**31 else np.int64)
+        frag = np.zeros(n, np.int32 if self.fragments_per_chunk < 2**31 else np.int64)
+        unit = None
+        if units is not None:
+            unit = np.zeros(n, np.int32 if int(np.prod(units.shape)) < 2**31 and small else np.int64)
+        cstride = fstride = ustride = 1
         for d in reversed(range(self.ndim)):
-            b = self._bin_column(positions, d)
-            c = np.floor_divide(b, bpc[d])
-            b -= c * bpc[d]
+            x = self._bin_floats(positions, d)
+            if n:  # the grid check, on the float bins: out-of-grid values never meet a 32-bit cast
+                first, last = origin[d] * bpc[d], (origin[d] + shape[d]) * bpc[d] - 1
+                lo, hi = float(x.min()), float(x.max())
+                if not (lo >= first and hi <= last):
+                    bad = lo if not lo >= first else hi
+                    chunk = int(np.floor_divide(bad, bpc[d])) if np.isfinite(bad) else bad
+                    raise InputError(f"a point falls in chunk {chunk} on axis {d}, outside the grid of "
+                                     f"bounds {[list(self.bounds_min), list(self.bounds_max)]}")
+            c, b = np.divmod(x.astype(it), it(bpc[d]))  # chunk and bin inside it (floor semantics)
             if unit is not None:
-                u = np.floor_divide(c - units.anchor[d], units.size[d])
-                u *= ustride
+                u = np.floor_divide(c - it(units.anchor[d]), it(units.size[d]))
+                if ustride != 1:
+                    u *= it(ustride)
                 unit += u
                 ustride *= units.shape[d]
-            c -= origin[d]
-            if n and (int(c.min()) < 0 or int(c.max()) >= shape[d]):
-                bad = int(c.min()) if int(c.min()) < 0 else int(c.max())
-                raise InputError(f"a point falls in chunk {bad + origin[d]} on axis {d}, outside the grid of bounds "
-                                 f"{[list(self.bounds_min), list(self.bounds_max)]}")
-            cell += c * cstride
-            frag += b * fstride
+            if origin[d]:
+                c -= it(origin[d])
+            if cstride != 1:
+                c *= it(cstride)
+            cell += c
+            if fstride != 1:
+                b *= it(fstride)
+            frag += b
             cstride *= shape[d]
             fstride *= bpc[d]
-        return (cell, frag) if units is None else (cell, frag, unit)
+        cell = cell.astype(np.int64, copy=False)
+        frag = frag.astype(np.int64, copy=False)
+        return (cell, frag) if units is None else (cell, frag, unit.astype(np.int64, copy=False))
+
+    def _int32_bins(self) -> bool:
+        """Whether every base-bin index of the grid (and the products assign forms) fits in 32 bits."""
+        o = np.asarray(self.origin, np.int64)
+        top = (o + np.asarray(self.shape, np.int64)) * np.asarray(self.bins_per_chunk, np.int64)
+        lo = o * np.asarray(self.bins_per_chunk, np.int64)
+        return bool(np.abs(np.r_[lo, top]).max() < 2**30 and self.n_cells < 2**31)
 
     def chunks_of_bins(self, bins: np.ndarray) -> np.ndarray:
         return np.floor_divide(bins, np.asarray(self.bins_per_chunk, np.int64))

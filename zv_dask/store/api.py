@@ -514,6 +514,8 @@ def store_info(store) -> dict[str, Any]:
             }
         if "object_index" in g:
             entry["num_objects"] = int(g["object_index"].attrs.get("num_objects", 0))
+        if "links" in g:
+            entry["links"] = {name: int(fam.attrs.get("num_links", 0)) for name, fam in sorted(g["links"].groups())}
         levels.append(entry)
     return {
         "zv_version": meta.zv_version,
@@ -525,6 +527,7 @@ def store_info(store) -> dict[str, Any]:
         "bins_per_chunk": list(meta.bins_per_chunk),
         "bounds": [list(meta.bounds[0]), list(meta.bounds[1])],
         "format_capabilities": meta.format_capabilities,
+        "cross_level_links": {"depth": int(meta.cross_level_depth), "storage": meta.cross_level_storage},
         "backend": store.backend.kind,
         "levels": levels,
         "parametric_types": read_parametric_types(store),
