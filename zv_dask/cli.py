@@ -446,9 +446,9 @@ def _pyramid_kwargs(args) -> dict:
 
 
 def _check_pyramid_steps(ndim: int, kw: dict) -> None:
-    from zv_dask.ingest.graph import _pyramid_options
+    from zv_dask.ingest.fused import pyramid_options
 
-    _pyramid_options(kw, ndim)
+    pyramid_options(kw, ndim)
 
 
 def _sources(args):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["resolve_client", "run_tasks", "local_cluster"]
+__all__ = ["resolve_client", "run_tasks", "task_slots", "local_cluster"]
 
 
 def resolve_client(client):
@@ -15,6 +15,18 @@ def resolve_client(client):
         return default_client()
     except (ImportError, ValueError):
         return None
+
+
+def task_slots(client) -> int:
+    """Worker threads that will run the tasks (this machine's cores for local schedulers)."""
+    import os
+
+    if client is None:
+        return os.cpu_count() or 1
+    try:
+        return max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
+    except Exception:  # noqa: BLE001 - an unusual client: fall back to the defaults
+        return 1
 
 
 def run_tasks(objs, client, progress: bool = False, label: str = "") -> list:

@@ -1,14 +1,19 @@
-"""``ingest``: the level-0 job, wired as two Dask passes and a coordinator.
+"""``ingest``: the level-0 job (and its pyramid), wired as two Dask passes and a coordinator.
 
-1. *scan*: per partition, statistics and per-chunk counts; a tree reduction on
-   the client settles bounds (the out-of-bounds policy) before anything is written;
-2. the coordinator creates (or resets) the store with the final bounds and cuts
-   the occupied chunks into write groups;
-3. *shuffle + write*: each partition is split by group with a radix sort; each
-   group task concatenates its pieces in input order, lays them out, encodes and
-   writes its own chunks (no two tasks share a chunk or a shard);
-4. the coordinator writes the metadata last, builds the pyramid if asked, and
-   commits once on icechunk. Any failure discards the job's changes.
+1. *scan*: per partition, statistics and (sampled) per-chunk counts, reduced on
+   the client, which settles the bounds (the out-of-bounds policy) before
+   anything is written; in-memory input is scanned in the client while it
+   travels to the workers;
+2. the coordinator creates (or resets) the store with the final bounds, plans
+   which coarse levels the write tasks can build (:mod:`zv_dask.ingest.fused`),
+   creates their arrays, and cuts the occupied write units into groups;
+3. *shuffle + write*: each partition is binned and split by group with a radix
+   sort; each group task concatenates its pieces in input order, lays them out,
+   writes its level-0 cells and builds the fused coarse levels and their links
+   (no two tasks share a chunk, a shard or a pyramid region);
+4. the coordinator writes the metadata last, builds the remaining levels in
+   rounds, and commits once on icechunk. Any failure discards the job's changes
+   (:mod:`zv_dask.ingest.recovery`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 from dask import delayed
 
 from zv_dask.errors import IngestError, InputError, ZVError
-from zv_dask.format.grid import Grid, chunk_key
+from zv_dask.format.grid import Grid
 from zv_dask.format.layout import plan_chunks
 from zv_dask.format.metadata import LevelMetadata, attribute_spec
 from zv_dask.ingest.bounds import POLICIES, combine_stats, settle_bounds
@@ -36,12 +41,13 @@ from zv_dask.ingest.shuffle import (
 from zv_dask.ingest.sources import DEFAULT_PARTITION_ROWS
 from zv_dask.ingest.target import materialize_target
 from zv_dask.store.levels import AttributeSpec, ChunkSummary, finalize_level, prepare_level, write_chunk_payloads
-from zv_dask.scheduling import resolve_client, run_tasks
+from zv_dask.ingest.fused import DEFAULT_GROUP_POINTS, level0_source, plan_fused_levels, pyramid_options
+from zv_dask.ingest.recovery import metadata_docs, remove_new_store, restore_metadata, stage_error, write_task_names
+from zv_dask.scheduling import resolve_client, run_tasks, task_slots
 from zv_dask.transaction import WriteJob, returned_fork, worker_store
 
 __all__ = ["ingest", "PendingIngest"]
 
-DEFAULT_GROUP_POINTS = 1 << 21
 MIN_AUTO_ROWS = 1 << 17  # below this, per-task overhead outweighs balance
 
 
@@ -69,7 +75,7 @@ def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False, sam
     except Exception as e:
         if isinstance(e, ZVError):
             raise
-        raise _stage_error("scan", e, {s.key: (f"input partition {p}", None) for p, s in enumerate(scans)}) from e
+        raise stage_error("scan", e, {s.key: (f"input partition {p}", None) for p, s in enumerate(scans)}) from e
     offsets = np.r_[0, np.cumsum([s.stats.count for s in scanned])[:-1]].astype(np.int64)
     for s, off in zip(scanned, offsets):
         if s.stats.first_nonfinite >= 0:
@@ -105,18 +111,6 @@ def auto_group_points(group_points: int | None, n_points: int, slots: int) -> in
     if group_points is not None:
         return int(group_points)
     return min(DEFAULT_GROUP_POINTS, max(MIN_AUTO_ROWS, -(-n_points // (4 * slots))))
-
-
-def task_slots(client) -> int:
-    """Worker threads that will run the tasks (this machine's cores for local schedulers)."""
-    import os
-
-    if client is None:
-        return os.cpu_count() or 1
-    try:
-        return max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
-    except Exception:  # noqa: BLE001 - an unusual client: fall back to the defaults
-        return 1
 
 
 # -- task bodies (top level: workers import them) ----------------------------------------
@@ -252,7 +246,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
                                          branch=branch)
     dt = plan.dtype
     drop = out_of_bounds == "ignore" and plan.bounds is not None
-    pyramid_opts = _pyramid_options(pyramid, src.ndim)  # checked before anything is read or written
+    pyramid_opts = pyramid_options(pyramid, src.ndim)  # checked before anything is read or written
     local = None
     if cl is not None and src.in_memory:
         # numpy / pandas input: on its way to the workers (once) while this process scans it
@@ -268,7 +262,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     specs = [AttributeSpec(name, dtype_, ch) for name, (dtype_, ch) in src.attributes.items()]
     attr_specs = {"vertex": {s.name: attribute_spec(s.dtype, s.channels) for s in specs}} if specs else None
     # a plain store that exists gets its metadata back byte for byte if the job fails
-    old_metadata = (_metadata_docs(plan.existing) if plan.existing is not None and not plan.overwrite
+    old_metadata = (metadata_docs(plan.existing) if plan.existing is not None and not plan.overwrite
                     and plan.existing.session is None else None)
     zs = materialize_target(plan, final_bounds, attr_specs)
     job = WriteJob(zs, message or "zv-dask ingest")
@@ -281,7 +275,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         prepare_level(zs.root, 0, grid, specs, shards=shard_shape)
         units = UnitGrid.of(grid, shard_shape) if shard_shape is not None else None
         if pyramid_opts is not None:
-            builder, fused, units = _plan_fused_levels(zs, job, cl, progress, pyramid_opts, grid, specs, occ,
+            builder, fused, units = plan_fused_levels(zs, job, cl, progress, pyramid_opts, grid, specs, occ,
                                                        src.has_object_ids, shard_shape, target_points, units, slots,
                                                        group_points)
         groups = plan_groups(grid, occ, target_points, units)
@@ -295,9 +289,9 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     except BaseException:
         job.abort()
         if created_here and not job.transactional:
-            _remove_new_store(zs, settle=0)
+            remove_new_store(zs, settle=0)
         elif old_metadata is not None:
-            _restore_metadata(zs, old_metadata)
+            restore_metadata(zs, old_metadata)
         raise
     seconds["prepare"] = time.perf_counter() - t1
     report = IngestReport(store=str(zs.url or zs.backend.kind), points_read=int(stats.count),
@@ -330,7 +324,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
                 pr = builder.report
                 pr.vertex_counts[0] = meta.vertex_count
                 pr.chunk_counts[0] = report.chunks_written
-                src0 = _level0_source(zs, grid, summary, meta.vertex_count, specs)
+                src0 = level0_source(zs, grid, summary, meta.vertex_count, specs)
                 reason = builder.first_reason(meta.vertex_count, report.chunks_written)
                 if fused is not None:
                     src_k, reason = builder.finish_batch(fused, [(r, None) for _, r, _ in results], src0, t2,
@@ -354,14 +348,14 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         except BaseException as e:
             job.abort()
             if created_here and not job.transactional:
-                _remove_new_store(zs)
+                remove_new_store(zs)
             elif old_metadata is not None:
-                _restore_metadata(zs, old_metadata)
+                restore_metadata(zs, old_metadata)
             if isinstance(e, Exception) and not isinstance(e, ZVError):
-                tasks = _write_tasks(writes, splits, groups, grid) if stage == "write" else None
+                tasks = write_task_names(writes, splits, groups, grid) if stage == "write" else None
                 if stage == "pyramid" and builder is not None and builder.building:
                     stage = f"pyramid level {builder.building[0]}"
-                raise _stage_error(stage, e, tasks) from e
+                raise stage_error(stage, e, tasks) from e
             raise
         report.seconds = seconds
         return report
@@ -369,194 +363,3 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     if not compute:
         return PendingIngest(run, writes, report)
     return run()
-
-
-_PYRAMID_KEYS = ("levels", "bin_ratio", "chunk_scale", "method", "attribute_reduction", "sample_size", "seed",
-                 "min_points", "links", "points_per_task", "levels_per_task")
-
-
-def _pyramid_options(pyramid, ndim: int) -> dict | None:
-    """``ingest(pyramid=...)`` as :func:`~zv_dask.build_pyramid` keyword arguments, checked up front."""
-    if not pyramid:
-        return None
-    opts = dict(pyramid) if isinstance(pyramid, dict) else {}
-    unknown = sorted(set(opts) - set(_PYRAMID_KEYS))
-    if unknown:
-        raise InputError(f"pyramid options {unknown} are not build_pyramid options; choose from {list(_PYRAMID_KEYS)}")
-    from zv_dask.pyramid.coarsen import METHODS
-    from zv_dask.pyramid.graph import LINK_STORAGE
-    from zv_dask.pyramid.plan import level_steps
-
-    level_steps(ndim, opts.get("levels"), opts.get("bin_ratio", 2), opts.get("chunk_scale", 1))
-    if opts.get("method", "centroid") not in METHODS:
-        raise InputError(f"method must be one of {METHODS}, got {opts['method']!r}")
-    links = opts.get("links")
-    if links is not None and not isinstance(links, bool) and links not in LINK_STORAGE:
-        raise InputError(f"links must be one of {LINK_STORAGE}, True, False or None, got {links!r}")
-    return opts
-
-
-def pyramid_builder(zs, job, client, progress, opts, slots, meta=None):
-    """A :class:`~zv_dask.pyramid.graph.PyramidBuilder` for ``ingest(pyramid=opts)`` (``zs=None``: plan only)."""
-    from zv_dask.pyramid.graph import DEFAULT_POINTS_PER_TASK, PyramidBuilder
-
-    kw = dict(levels=None, bin_ratio=2, chunk_scale=1, method="centroid", attribute_reduction=None, sample_size=8,
-              seed=0, min_points=1024, links=None, points_per_task=DEFAULT_POINTS_PER_TASK, levels_per_task=None)
-    kw.update(opts)
-    return PyramidBuilder(zs, job, client=client, progress=progress, slots=slots, meta=meta, **kw)
-
-
-def fused_steps(builder, grid, occ, shard_shape, target_points, explicit=None):
-    """The coarse levels the write tasks can build, and the write units that makes (``([], None)``: none).
-
-    The first levels are built in the write tasks when a write group can hold
-    whole regions of them (units of whole regions, and whole shards when
-    sharded) within ``target_points``; the others in rounds of their own.
-    """
-    from zv_dask.pyramid.plan import region_shape
-
-    n_points = int(occ.counts.sum())
-    if builder.first_reason(n_points, len(occ.counts)):
-        return [], None
-    # a write group holds whole regions of the top fused level: up to DEFAULT_GROUP_POINTS (or the
-    # group_points asked for) whatever the balancing target
-    budget = max(target_points, DEFAULT_GROUP_POINTS if explicit is None else int(explicit))
-    steps = builder.choose_steps(occ.chunks, occ.counts, (1,) * grid.ndim, budget=budget)
-    while steps:
-        block = tuple(r // b for r, b in zip(region_shape(steps[-1], builder.bpc), builder.bpc))
-        units = UnitGrid.of(grid, shard_shape, block)
-        if units is not None:
-            return steps, units
-        steps = steps[:-1]
-    return [], None
-
-
-def _plan_fused_levels(zs, job, client, progress, opts, grid, specs, occ, has_objects, shard_shape, target_points,
-                       units, slots, group_points=None):
-    """The pyramid builder of an ingest job and the batch its write tasks build (``None``: none); arrays created."""
-    from zv_dask.pyramid.graph import LevelSource, drop_coarse_levels
-
-    builder = pyramid_builder(zs, job, client, progress, opts, slots)
-    builder.check_attributes(specs)
-    drop_coarse_levels(zs)
-    steps, fused_units = fused_steps(builder, grid, occ, shard_shape, target_points, group_points)
-    if not steps:
-        return builder, None, units
-    src = LevelSource(0, grid, (1,) * grid.ndim, occ.chunks, occ.counts, int(occ.counts.sum()), specs,
-                      (np.zeros(0, np.int64),) * 3 if has_objects else None, None)
-    batch = builder.plan_batch(src, steps)
-    builder.building = batch.numbers
-    builder.prepare(batch)
-    return builder, batch, fused_units
-
-
-def _level0_source(zs, grid, summary: ChunkSummary, vertex_count: int, specs):
-    """The :class:`~zv_dask.pyramid.graph.LevelSource` of the level 0 just written."""
-    from zv_dask.pyramid.graph import LevelSource
-
-    nonempty = summary.rows > 0
-    objects = all_ids = None
-    if summary.object_ids is not None:
-        objects = (summary.object_ids, summary.object_chunks, summary.object_fragments)
-        all_ids = np.unique(summary.object_ids)
-    return LevelSource(0, grid, (1,) * grid.ndim, summary.chunks[nonempty], summary.rows[nonempty], vertex_count,
-                       specs, objects, all_ids)
-
-
-def _stage_error(stage: str, e: Exception, tasks: dict | None = None) -> IngestError:
-    """A failure that is not a zv-dask error, as an :class:`IngestError` naming the stage.
-
-    ``tasks`` maps task keys to ``(what, chunk)``: a ``KilledWorker`` names the
-    task whose workers died, which says the partition, or the group and chunk.
-    """
-    what, chunk = tasks.get(getattr(e, "task", None), (None, None)) if tasks else (None, None)
-    where = f" ({what})" if what else ""
-    first = (str(e).strip().splitlines() or [""])[0]
-    return IngestError(f"ingest failed in the {stage} stage{where}: {type(e).__name__}: {first}",
-                       stage=stage, chunk=chunk)
-
-
-def _write_tasks(writes, splits, groups, grid) -> dict:
-    """Task key -> (what, first chunk) for the write stage's tasks, to name a dead one."""
-    out = {s.key: (f"splitting input partition {p}", None) for p, s in enumerate(splits)}
-    for g, w in enumerate(writes):
-        start = int(groups.starts[g])
-        if groups.units is None:
-            first = grid.chunks_of_cell_ids(np.array([start]))[0]
-        else:
-            first = np.maximum(groups.units.first_chunk(start), np.asarray(grid.origin))
-        out[w.key] = (f"writing group {g} (first chunk {chunk_key(first)})", chunk_key(first))
-        for p, s in enumerate(splits):  # the piece of partition p that group g gathers
-            out[s[g].key] = (f"group {g} (first chunk {chunk_key(first)}) gathering input partition {p}",
-                             chunk_key(first))
-    return out
-
-
-def _metadata_docs(zs) -> dict[str, bytes]:
-    """Every ``zarr.json`` of a plain store, by key (a job's target is an empty store: a few documents)."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    async def collect():
-        out = {}
-        async for key in zs.store.list():
-            if key == "zarr.json" or key.endswith("/zarr.json"):
-                buf = await zs.store.get(key, default_buffer_prototype())
-                if buf is not None:
-                    out[key] = buf.to_bytes()
-        return out
-
-    return sync(collect())
-
-
-def _restore_metadata(zs, docs: dict[str, bytes]) -> None:
-    """Put a failed job's target back as it was: its metadata documents, and no node the job added.
-
-    Cells the job wrote in existing arrays stay, unclaimed by any metadata.
-    """
-    import zarr
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    async def restore():
-        added = sorted(k for k in await _keys(zs.store) if k.endswith("/zarr.json") and k not in docs)
-        for key in added:  # outermost first; deleting a node takes its children
-            node = key[: -len("/zarr.json")]
-            if await zs.store.exists(f"{node}/zarr.json"):
-                await zs.store.delete_dir(node)
-        proto = default_buffer_prototype()
-        for key, raw in docs.items():
-            await zs.store.set(key, proto.buffer.from_bytes(raw))
-
-    async def _keys(store):
-        return [k async for k in store.list()]
-
-    try:
-        sync(restore())
-        zs.root = zarr.open_group(zs.store, mode="r+", zarr_format=3)
-    except Exception:  # noqa: BLE001 - best effort (the storage may be what failed); the job's error matters more
-        pass
-
-
-def _remove_new_store(zs, settle: float = 0.6) -> None:
-    """A store this job created and failed to fill is removed, so a retry starts clean.
-
-    The task that failed may have had other puts in flight in its zarr I/O loop,
-    which land just after it raised: the removal looks again for ``settle`` seconds.
-    """
-    from zarr.core.sync import sync
-
-    async def anything_left() -> bool:
-        async for _ in zs.store.list():
-            return True
-        return False
-
-    try:
-        sync(zs.store.delete_dir(""))
-        deadline = time.monotonic() + settle
-        while time.monotonic() < deadline:
-            time.sleep(0.2)
-            if sync(anything_left()):
-                sync(zs.store.delete_dir(""))
-    except Exception:  # noqa: BLE001 - best effort; the original error matters more
-        pass

@@ -177,8 +177,9 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
         chunks, write groups, estimated bytes and per-task memory.
     """
     from zv_dask.ingest.graph import (
-        _pyramid_options, auto_group_points, auto_partition_rows, fused_steps, precision_warnings, pyramid_builder,
-        scan_pass, task_slots)
+        auto_group_points, auto_partition_rows, precision_warnings, scan_pass)
+    from zv_dask.ingest.fused import fused_steps, pyramid_builder, pyramid_options
+    from zv_dask.scheduling import task_slots
 
     cl = resolve_client(client)
     slots = task_slots(cl)
@@ -196,7 +197,7 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
     target_points = auto_group_points(group_points, int(occ.counts.sum()), slots)
     units = UnitGrid.of(grid, shard_shape) if shard_shape is not None else None
     fused = []
-    pyramid_opts = _pyramid_options(pyramid, src.ndim)
+    pyramid_opts = pyramid_options(pyramid, src.ndim)
     if pyramid_opts is not None:
         from zv_dask.format.metadata import RootMetadata
 

@@ -22,8 +22,12 @@ from typing import Iterator
 import numpy as np
 
 from zv_dask.errors import InputError
+from zv_dask.pyramid.reduce import REDUCTIONS, default_reduction
 
-__all__ = ["LevelStep", "level_steps", "region_shape", "region_loads", "plan_tasks"]
+__all__ = ["LevelStep", "level_steps", "region_shape", "region_loads", "plan_tasks", "resolve_attributes",
+           "resolve_links", "LINK_STORAGE"]
+
+LINK_STORAGE = ("none", "implicit", "explicit")
 
 
 @dataclass(frozen=True)
@@ -147,3 +151,66 @@ def plan_tasks(chunks: np.ndarray, fine_bins_per_chunk: tuple[int, ...], region:
             tasks.append(idx[np.lexsort(tuple(chunks[idx].T[::-1]))])
             first, acc = i + 1, 0.0
     return tasks
+
+
+def resolve_attributes(parent: list, attribute_reduction, method: str):
+    """Reductions of the coarse level's attributes, the explicit ones, and the coarse level's specs.
+
+    ``parent`` are the parent level's :class:`~zv_dask.store.levels.AttributeSpec`; raises
+    :class:`InputError` for an unknown reduction or attribute.
+    """
+    asked = dict(attribute_reduction or {})
+    for name, how in asked.items():
+        if how is not None and how not in REDUCTIONS:
+            raise InputError(f"attribute_reduction[{name!r}] = {how!r}; choose one of {REDUCTIONS} (or None to drop)")
+    names = {s.name for s in parent}
+    unknown = [n for n, how in asked.items() if n not in names and how != "count"]
+    if unknown:
+        raise InputError(f"attribute_reduction names {unknown}, which level 0 does not have "
+                         f"(it has {sorted(names)}); only 'count' may create a new attribute")
+    from zv_dask.store.levels import AttributeSpec
+
+    reductions, explicit, specs = {}, set(), []
+    for s in parent:
+        how = asked.get(s.name, default_reduction(s.dtype))
+        if s.name in asked and how is None:
+            continue
+        if s.name in asked:
+            explicit.add(s.name)
+        reductions[s.name] = how
+        if how == "count":
+            specs.append(AttributeSpec(s.name, "int64", None, s.unit, s.description))
+        else:
+            specs.append(s)
+    for n, how in asked.items():
+        if n not in names and how == "count":
+            reductions[n] = "count"
+            explicit.add(n)
+            specs.append(AttributeSpec(n, "int64", None, None, "number of level-0 points"))
+    return reductions, frozenset(explicit), specs
+
+
+def resolve_links(links, meta) -> tuple[str, list[str]]:
+    """The link storage a build writes (``"none"``, ``"implicit"`` or ``"explicit"``) and any warnings.
+
+    ``links=None`` follows the store's declaration (``cross_level_storage``, off
+    when ``cross_level_depth`` is 0); ``True`` means ``"explicit"``, ``False``
+    ``"none"``.
+    """
+    warnings = []
+    if links is None:
+        mode = meta.cross_level_storage if int(meta.cross_level_depth) != 0 else "none"
+        if mode not in LINK_STORAGE:
+            mode = "explicit"
+        if mode != "none" and int(meta.cross_level_depth) not in (0, 1):
+            warnings.append(f"the store declares cross_level_depth={meta.cross_level_depth}; zv-dask writes the "
+                            "+-1 links only and records cross_level_depth=1")
+        return mode, warnings
+    if links is True:
+        return "explicit", warnings
+    if links is False:
+        return "none", warnings
+    if links not in LINK_STORAGE:
+        raise InputError(f"links must be one of {LINK_STORAGE}, True, False or None (the store's declaration), "
+                         f"got {links!r}")
+    return links, warnings

@@ -1,0 +1,115 @@
+"""The coarse levels an ingest job builds inside its level-0 write tasks.
+
+A write task holds whole chunks of level 0 in memory, sorted into storage
+order. When its write group also holds whole pyramid *regions* of the first
+coarse levels (:func:`~zv_dask.pyramid.plan.region_shape`), the task builds
+those levels (and their cross-level links) on the spot instead of a later
+round of tasks reading level 0 back. :func:`fused_steps` picks how many levels
+fit (a group holds whole regions of the top one, within the group budget) and
+the write units that makes; the rest of the pyramid runs in rounds as usual.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zv_dask.errors import InputError
+from zv_dask.ingest.shuffle import UnitGrid
+from zv_dask.store.levels import ChunkSummary
+
+__all__ = ["pyramid_options", "pyramid_builder", "fused_steps", "plan_fused_levels", "level0_source"]
+
+DEFAULT_GROUP_POINTS = 1 << 21
+
+_PYRAMID_KEYS = ("levels", "bin_ratio", "chunk_scale", "method", "attribute_reduction", "sample_size", "seed",
+                 "min_points", "links", "points_per_task", "levels_per_task")
+
+
+def pyramid_options(pyramid, ndim: int) -> dict | None:
+    """``ingest(pyramid=...)`` as :func:`~zv_dask.build_pyramid` keyword arguments, checked up front."""
+    if not pyramid:
+        return None
+    opts = dict(pyramid) if isinstance(pyramid, dict) else {}
+    unknown = sorted(set(opts) - set(_PYRAMID_KEYS))
+    if unknown:
+        raise InputError(f"pyramid options {unknown} are not build_pyramid options; choose from {list(_PYRAMID_KEYS)}")
+    from zv_dask.pyramid.coarsen import METHODS
+    from zv_dask.pyramid.plan import LINK_STORAGE
+    from zv_dask.pyramid.plan import level_steps
+
+    level_steps(ndim, opts.get("levels"), opts.get("bin_ratio", 2), opts.get("chunk_scale", 1))
+    if opts.get("method", "centroid") not in METHODS:
+        raise InputError(f"method must be one of {METHODS}, got {opts['method']!r}")
+    links = opts.get("links")
+    if links is not None and not isinstance(links, bool) and links not in LINK_STORAGE:
+        raise InputError(f"links must be one of {LINK_STORAGE}, True, False or None, got {links!r}")
+    return opts
+
+
+def pyramid_builder(zs, job, client, progress, opts, slots, meta=None):
+    """A :class:`~zv_dask.pyramid.builder.PyramidBuilder` for ``ingest(pyramid=opts)`` (``zs=None``: plan only)."""
+    from zv_dask.pyramid.builder import DEFAULT_POINTS_PER_TASK, PyramidBuilder
+
+    kw = dict(levels=None, bin_ratio=2, chunk_scale=1, method="centroid", attribute_reduction=None, sample_size=8,
+              seed=0, min_points=1024, links=None, points_per_task=DEFAULT_POINTS_PER_TASK, levels_per_task=None)
+    kw.update(opts)
+    return PyramidBuilder(zs, job, client=client, progress=progress, slots=slots, meta=meta, **kw)
+
+
+def fused_steps(builder, grid, occ, shard_shape, target_points, explicit=None):
+    """The coarse levels the write tasks can build, and the write units that makes (``([], None)``: none).
+
+    The first levels are built in the write tasks when a write group can hold
+    whole regions of them (units of whole regions, and whole shards when
+    sharded) within ``target_points``; the others in rounds of their own.
+    """
+    from zv_dask.pyramid.plan import region_shape
+
+    n_points = int(occ.counts.sum())
+    if builder.first_reason(n_points, len(occ.counts)):
+        return [], None
+    # a write group holds whole regions of the top fused level: up to DEFAULT_GROUP_POINTS (or the
+    # group_points asked for) whatever the balancing target
+    budget = max(target_points, DEFAULT_GROUP_POINTS if explicit is None else int(explicit))
+    steps = builder.choose_steps(occ.chunks, occ.counts, (1,) * grid.ndim, budget=budget)
+    while steps:
+        block = tuple(r // b for r, b in zip(region_shape(steps[-1], builder.bpc), builder.bpc))
+        units = UnitGrid.of(grid, shard_shape, block)
+        if units is not None:
+            return steps, units
+        steps = steps[:-1]
+    return [], None
+
+
+def plan_fused_levels(zs, job, client, progress, opts, grid, specs, occ, has_objects, shard_shape, target_points,
+                       units, slots, group_points=None):
+    """The pyramid builder of an ingest job and the batch its write tasks build (``None``: none); arrays created."""
+    from zv_dask.pyramid.builder import LevelSource, drop_coarse_levels
+
+    builder = pyramid_builder(zs, job, client, progress, opts, slots)
+    builder.check_attributes(specs)
+    drop_coarse_levels(zs)
+    steps, fused_units = fused_steps(builder, grid, occ, shard_shape, target_points, group_points)
+    if not steps:
+        return builder, None, units
+    src = LevelSource(0, grid, (1,) * grid.ndim, occ.chunks, occ.counts, int(occ.counts.sum()), specs,
+                      (np.zeros(0, np.int64),) * 3 if has_objects else None, None)
+    batch = builder.plan_batch(src, steps)
+    builder.building = batch.numbers
+    builder.prepare(batch)
+    return builder, batch, fused_units
+
+
+def level0_source(zs, grid, summary: ChunkSummary, vertex_count: int, specs):
+    """The :class:`~zv_dask.pyramid.builder.LevelSource` of the level 0 just written."""
+    from zv_dask.pyramid.builder import LevelSource
+
+    nonempty = summary.rows > 0
+    objects = all_ids = None
+    if summary.object_ids is not None:
+        objects = (summary.object_ids, summary.object_chunks, summary.object_fragments)
+        all_ids = np.unique(summary.object_ids)
+    return LevelSource(0, grid, (1,) * grid.ndim, summary.chunks[nonempty], summary.rows[nonempty], vertex_count,
+                       specs, objects, all_ids)
+
+

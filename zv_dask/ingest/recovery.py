@@ -1,0 +1,117 @@
+"""When an ingest job fails: naming the stage and task, and putting the target back as it was.
+
+A store the job created is removed (looking again for cells a failed task
+still had in flight); a plain store that existed gets its metadata documents
+back byte for byte and loses every node the job added; icechunk needs none of
+this (the job's session is discarded).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from zv_dask.errors import IngestError
+from zv_dask.format.grid import chunk_key
+
+__all__ = ["stage_error", "write_task_names", "metadata_docs", "restore_metadata", "remove_new_store"]
+
+
+def stage_error(stage: str, e: Exception, tasks: dict | None = None) -> IngestError:
+    """A failure that is not a zv-dask error, as an :class:`IngestError` naming the stage.
+
+    ``tasks`` maps task keys to ``(what, chunk)``: a ``KilledWorker`` names the
+    task whose workers died, which says the partition, or the group and chunk.
+    """
+    what, chunk = tasks.get(getattr(e, "task", None), (None, None)) if tasks else (None, None)
+    where = f" ({what})" if what else ""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return IngestError(f"ingest failed in the {stage} stage{where}: {type(e).__name__}: {first}",
+                       stage=stage, chunk=chunk)
+
+
+def write_task_names(writes, splits, groups, grid) -> dict:
+    """Task key -> (what, first chunk) for the write stage's tasks, to name a dead one."""
+    out = {s.key: (f"splitting input partition {p}", None) for p, s in enumerate(splits)}
+    for g, w in enumerate(writes):
+        start = int(groups.starts[g])
+        if groups.units is None:
+            first = grid.chunks_of_cell_ids(np.array([start]))[0]
+        else:
+            first = np.maximum(groups.units.first_chunk(start), np.asarray(grid.origin))
+        out[w.key] = (f"writing group {g} (first chunk {chunk_key(first)})", chunk_key(first))
+        for p, s in enumerate(splits):  # the piece of partition p that group g gathers
+            out[s[g].key] = (f"group {g} (first chunk {chunk_key(first)}) gathering input partition {p}",
+                             chunk_key(first))
+    return out
+
+
+def metadata_docs(zs) -> dict[str, bytes]:
+    """Every ``zarr.json`` of a plain store, by key (a job's target is an empty store: a few documents)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def collect():
+        out = {}
+        async for key in zs.store.list():
+            if key == "zarr.json" or key.endswith("/zarr.json"):
+                buf = await zs.store.get(key, default_buffer_prototype())
+                if buf is not None:
+                    out[key] = buf.to_bytes()
+        return out
+
+    return sync(collect())
+
+
+def restore_metadata(zs, docs: dict[str, bytes]) -> None:
+    """Put a failed job's target back as it was: its metadata documents, and no node the job added.
+
+    Cells the job wrote in existing arrays stay, unclaimed by any metadata.
+    """
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def restore():
+        added = sorted(k for k in await _keys(zs.store) if k.endswith("/zarr.json") and k not in docs)
+        for key in added:  # outermost first; deleting a node takes its children
+            node = key[: -len("/zarr.json")]
+            if await zs.store.exists(f"{node}/zarr.json"):
+                await zs.store.delete_dir(node)
+        proto = default_buffer_prototype()
+        for key, raw in docs.items():
+            await zs.store.set(key, proto.buffer.from_bytes(raw))
+
+    async def _keys(store):
+        return [k async for k in store.list()]
+
+    try:
+        sync(restore())
+        zs.root = zarr.open_group(zs.store, mode="r+", zarr_format=3)
+    except Exception:  # noqa: BLE001 - best effort (the storage may be what failed); the job's error matters more
+        pass
+
+
+def remove_new_store(zs, settle: float = 0.6) -> None:
+    """A store this job created and failed to fill is removed, so a retry starts clean.
+
+    The task that failed may have had other puts in flight in its zarr I/O loop,
+    which land just after it raised: the removal looks again for ``settle`` seconds.
+    """
+    from zarr.core.sync import sync
+
+    async def anything_left() -> bool:
+        async for _ in zs.store.list():
+            return True
+        return False
+
+    try:
+        sync(zs.store.delete_dir(""))
+        deadline = time.monotonic() + settle
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if sync(anything_left()):
+                sync(zs.store.delete_dir(""))
+    except Exception:  # noqa: BLE001 - best effort; the original error matters more
+        pass
