@@ -376,3 +376,58 @@ def test_parent_rows_index_read_points(tmp_path):
         np.add.at(sums, parents, fine[xyz].to_numpy(np.float64))
         mean = sums / np.bincount(parents, minlength=len(coarse))[:, None]
         np.testing.assert_allclose(coarse[xyz].to_numpy(), mean, rtol=1e-5, atol=1e-4)
+
+
+def _link_records(zs, level, delta):
+    """A family's records as one sorted set of ``(src chunk, src vi, dst chunk, dst vi)`` tuples."""
+    r = zv_dask.read_links(zs, level, delta)
+    return sorted(map(tuple, np.column_stack([r["src_chunk"], r["src_vi"], r["dst_chunk"], r["dst_vi"]]).tolist()))
+
+
+def test_links_when_coarse_bins_span_many_chunks(tmp_path, dask_client):
+    """Coarse bins 4 chunks wide: hundreds of possible offsets arrays per family, only the used ones made.
+
+    On icechunk (arrays must exist before cells are written) the tasks hand such
+    families' cells back and the coordinator writes them; on a plain store the
+    arrays are made around the cells. Both give the same records, and the
+    reference validates and reads them.
+    """
+    import icechunk
+    import zarr_vectors as zvr
+
+    from zv_dask.format.links import offset_axes, offsets_count
+    from zv_dask.pyramid.builder import EAGER_LINK_ARRAYS
+
+    rng = np.random.default_rng(12)
+    centres = rng.uniform(0, 320, (30, 3))  # sparse tight clusters: a metavertex often far from its children
+    pts = np.clip(np.repeat(centres, 50, axis=0) + rng.normal(0, 1.0, (1500, 3)), 0, 319.9)
+    kw = dict(chunk_shape=(20,) * 3, base_bin_shape=(2.5,) * 3, bounds=([0] * 3, [320] * 3))
+    assert offsets_count(offset_axes((8,) * 3, (8,) * 3, (32,) * 3, 1)) == 343 > EAGER_LINK_ARRAYS  # level 5
+    plain = str(tmp_path / "plain.zv")
+    write_points(plain, pts, **kw)
+    with dask.config.set(SYNC):
+        rep_p = zv_dask.build_pyramid(plain, levels=5, links="explicit")
+    ice = tmp_path / "ice"
+    zs = write_points(str(ice), pts, backend="icechunk", **kw)
+    repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(ice)))
+    before = len(list(repo.ancestry(branch="main")))
+    rep_i = zv_dask.build_pyramid(zs, levels=5, client=dask_client, links="explicit")
+    assert len(list(repo.ancestry(branch="main"))) == before + 1
+    assert rep_i.link_counts == rep_p.link_counts and rep_i.vertex_counts == rep_p.vertex_counts
+
+    assert reference_validate(plain) == []
+    for k in range(1, 6):
+        check_links(plain, k, (2.5,) * 3, np.array((2 ** k,) * 3))
+    ds = zvr.open(str(ice), storage=zvr.StorageOptions(backend="icechunk"))
+    assert ds.validate(level=5).ok and "multiscale_links" in ds.capabilities
+    ro = zv_dask.open_store(str(ice), backend="icechunk")
+    far = set()
+    for k, delta in [(k, d) for k in range(5) for d in (1, -1)][1:]:
+        if (k, delta) == (0, -1):
+            continue
+        segs_p = sorted(open_store(plain).root[f"{k}/links/{delta:+d}"].array_keys())
+        segs_i = sorted(ro.root[f"{k}/links/{delta:+d}"].array_keys())
+        assert segs_i == segs_p, f"{k}/{delta:+d}: the same offsets arrays, only those with records"
+        far |= {s for s in segs_i if max(abs(o) for o in parse_offset_segment(s)) > 1}
+        assert _link_records(ro, k, delta) == _link_records(plain, k, delta)
+    assert far, "some metavertex landed more than one chunk away from its children (the wide-bin case)"

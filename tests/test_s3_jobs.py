@@ -20,7 +20,8 @@ from helpers import canon
 CHUNK = (50.0, 50.0, 50.0)
 BIN = (6.25, 6.25, 6.25)
 N = 30_000
-JOB = dict(chunk_shape=CHUNK, base_bin_shape=BIN, partition_rows=6000, group_points=2500, pyramid={"levels": 3})
+JOB = dict(chunk_shape=CHUNK, base_bin_shape=BIN, partition_rows=6000, group_points=2500,
+           pyramid={"levels": 3, "links": "explicit"})
 
 
 @pytest.fixture
@@ -75,6 +76,7 @@ def test_ingest_with_pyramid_on_s3(s3_server, s3_prefix, s3_options, dask_client
     assert len(writers) == 2, "both worker processes write (the storage options reached each of them)"
     assert rep.points_written == N and rep.snapshot_id is None
     assert [lv["level"] for lv in rep.levels] == list(range(len(rep.levels))) and len(rep.levels) == 4
+    assert rep.links == "explicit" and rep.link_counts["0/+1"] == rep.link_counts["1/-1"] == N
     _no_secret(secret, rep, rep.to_dict(), pending)
 
     store = zarr.storage.ObjectStore(s3_server.obstore(prefix=f"{s3_prefix}/x.zv"), read_only=True)

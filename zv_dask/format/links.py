@@ -40,7 +40,10 @@ __all__ = [
     "decode_link_rows",
     "plan_link_cells",
     "plan_link_runs",
+    "offset_axes",
     "possible_offsets",
+    "offsets_count",
+    "offset_allowed",
     "link_family_attrs",
     "link_array_attrs",
 ]
@@ -238,19 +241,36 @@ def _axis_offsets(src_edge: int, trg_edge: int, bin_edge: int, src_origin_mod: i
     return out
 
 
-def possible_offsets(fine_chunk: tuple[int, ...], coarse_chunk: tuple[int, ...], coarse_bin: tuple[int, ...],
-                     delta: int) -> list[tuple[int, ...]]:
-    """Every offsets segment a ``+1`` (``delta=1``) or ``-1`` family can need, before any data is seen.
+def offset_axes(fine_chunk: tuple[int, ...], coarse_chunk: tuple[int, ...], coarse_bin: tuple[int, ...],
+                delta: int) -> tuple[tuple[int, ...], ...]:
+    """Per axis, every offset a ``+1`` (``delta=1``) or ``-1`` family can need, before any data is seen.
 
     Arguments are edges in base bins per axis: the fine level's chunk, the
     coarse level's chunk and the coarse bin. A fine vertex and its metavertex
     share a coarse bin, so this is exact up to which bins the data occupies.
+    The family's possible offsets segments are the product of the axes.
     """
     axes = []
     for f, c, b in zip(fine_chunk, coarse_chunk, coarse_bin):
         src, trg = (f, c) if delta > 0 else (c, f)
-        axes.append(sorted(_axis_offsets(int(src), int(trg), int(b), 0)))
-    return [tuple(o) for o in itertools.product(*axes)]
+        axes.append(tuple(sorted(_axis_offsets(int(src), int(trg), int(b), 0))))
+    return tuple(axes)
+
+
+def possible_offsets(fine_chunk: tuple[int, ...], coarse_chunk: tuple[int, ...], coarse_bin: tuple[int, ...],
+                     delta: int) -> list[tuple[int, ...]]:
+    """Every offsets segment of a family (the product of :func:`offset_axes`)."""
+    return [tuple(o) for o in itertools.product(*offset_axes(fine_chunk, coarse_chunk, coarse_bin, delta))]
+
+
+def offsets_count(axes: tuple[tuple[int, ...], ...]) -> int:
+    """How many offsets segments the per-axis offsets ``axes`` allow."""
+    return int(np.prod([len(a) for a in axes], dtype=np.int64))
+
+
+def offset_allowed(offset, axes: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether ``offset`` lies in the product of the per-axis offsets ``axes``."""
+    return len(offset) == len(axes) and all(int(o) in a for o, a in zip(offset, axes))
 
 
 def link_family_attrs(delta: int, ndim: int, num_links: int) -> dict:

@@ -11,9 +11,10 @@ level-0 write tasks build the first batch.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -22,8 +23,11 @@ from zv_dask.format.grid import Grid, chunk_keys, parse_chunk_key
 from zv_dask.format.links import (
     link_array_attrs,
     link_family_attrs,
+    offset_allowed,
+    offset_axes,
     offset_segment,
-    possible_offsets,
+    offsets_count,
+    parse_offset_segment,
 )
 from zv_dask.format.metadata import LevelMetadata
 from zv_dask.pyramid.coarsen import METHODS, CoarsenParams
@@ -55,6 +59,7 @@ from zv_dask.store.levels import (
     level_chunk_keys,
     level_grid,
     prepare_level,
+    write_cells,
 )
 from zv_dask.transaction import WriteJob, gather_or_stop
 
@@ -63,6 +68,10 @@ __all__ = ["PyramidBuilder", "PyramidReport", "LevelSource", "Batch", "source_fr
 
 DEFAULT_POINTS_PER_TASK = 2_000_000
 MAX_BATCH_LEVELS = 8
+# On stores whose link arrays must exist before tasks write cells (icechunk, compressed), a family with
+# up to this many possible offsets gets all its arrays up front; past it (coarse bins many chunks wide)
+# tasks return the family's cells, which are few there, and only the arrays used are made.
+EAGER_LINK_ARRAYS = 27
 
 
 @dataclass
@@ -107,7 +116,8 @@ class _Level:
     geom: StepGeometry
     specs: list[AttributeSpec]
     bin_shape: tuple[float, ...]
-    link_offsets: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # delta -> offsets created
+    link_axes: dict[int, tuple] = field(default_factory=dict)  # delta -> the offsets each axis allows
+    link_created: dict[int, list[tuple[int, ...]]] = field(default_factory=dict)  # delta -> arrays made up front
 
 
 @dataclass
@@ -324,9 +334,17 @@ class PyramidBuilder:
             if self.links != "none":
                 fine_c = tuple(b * s for b, s in zip(self.bpc, parent_scale))
                 coarse_c = tuple(b * s for b, s in zip(self.bpc, step.total_scale))
-                lv.link_offsets[1] = possible_offsets(fine_c, coarse_c, step.total_ratio, 1)
-                if self.links == "explicit":
-                    lv.link_offsets[-1] = possible_offsets(fine_c, coarse_c, step.total_ratio, -1)
+                returned = []
+                for delta in (1, -1) if self.links == "explicit" else (1,):
+                    axes = offset_axes(fine_c, coarse_c, step.total_ratio, delta)
+                    lv.link_axes[delta] = axes
+                    if not self.eager_links:
+                        continue  # cells first, arrays around them at the end
+                    if offsets_count(axes) <= EAGER_LINK_ARRAYS:
+                        lv.link_created[delta] = list(itertools.product(*axes))
+                    else:  # bins much wider than chunks: too many possible arrays, make only those used
+                        returned.append(delta)
+                lv.geom = replace(geom, returned_links=tuple(returned))
             levels.append(lv)
             parent_specs, parent_grid, parent_scale = specs, grid, step.total_scale
         return Batch(src.level, levels, read_names or (), region_shape(steps[-1], self.bpc))
@@ -338,7 +356,8 @@ class PyramidBuilder:
         for lv in batch.levels:
             k = lv.step.level
             prepare_level(root, k, lv.geom.grid, lv.specs, compressors=self.compressors)
-            for delta, offsets in lv.link_offsets.items():
+            for delta in lv.link_axes:
+                offsets = lv.link_created.get(delta)
                 owner = k - 1 if delta > 0 else k
                 grid = lv.geom.fine_grid if delta > 0 else lv.geom.grid
                 g = root[str(owner)]
@@ -347,7 +366,7 @@ class PyramidBuilder:
                 if fam_name in links:
                     del links[fam_name]
                 fam = links.create_group(fam_name, attributes=link_family_attrs(delta, self.ndim, 0))
-                if self.eager_links:
+                if offsets:
                     create_vlen_arrays(fam, grid, [(offset_segment(off), link_array_attrs(delta, off, [], grid.origin))
                                                    for off in offsets], compressors=self.compressors)
         self.job.absorb([])  # the next target must see the arrays just created
@@ -394,10 +413,9 @@ class PyramidBuilder:
                            inherited_num_objects=0 if src.all_ids is None else len(src.all_ids),
                            preserves_object_ids=True if src.objects is not None else None)
         finalize_level(zs.root, k, grid, summary, lm, lv.specs, all_object_ids=src.all_ids)
-        for delta in lv.link_offsets:
+        for delta in lv.link_axes:
             owner = k - 1 if delta > 0 else k
-            n = self._finish_links(owner, delta, lv.geom.fine_grid if delta > 0 else grid, lv.link_offsets[delta],
-                                   summaries)
+            n = self._finish_links(owner, delta, lv.geom.fine_grid if delta > 0 else grid, lv, summaries)
             self.report.link_counts[f"{owner}/{delta:+d}"] = n
             if n and owner == k:
                 lm.arrays_present = list(lm.arrays_present) + ["links"]
@@ -415,26 +433,39 @@ class PyramidBuilder:
         return LevelSource(k, grid, lv.step.total_scale, summary.chunks[nonempty], summary.rows[nonempty],
                            lm.vertex_count, lv.specs, objects, src.all_ids)
 
-    def _finish_links(self, owner: int, delta: int, grid: Grid, offsets: list, summaries: list) -> int:
-        """Presence lists and record counts of one link family; empty offset arrays are removed."""
+    def _finish_links(self, owner: int, delta: int, grid: Grid, lv: _Level, summaries: list) -> int:
+        """Presence lists and record counts of one link family; only arrays with records remain.
+
+        Arrays are there already when they were made before the tasks ran
+        (``lv.link_created``, empty ones are removed now); otherwise they are
+        made now around the cells the tasks wrote (plain stores) or returned
+        (``StepGeometry.returned_links``), which are written after them.
+        """
         root = self.zs.root
         links = root[f"{owner}/links"]
         fam = links[f"{delta:+d}"]
         per_seg: dict[str, list] = {}
+        returned = []
         for s in summaries:
             for (lvl, d, seg), (chunks, counts) in s.links.items():
                 if lvl == owner and d == delta:
                     per_seg.setdefault(seg, []).append((chunks, counts))
+            returned += s.link_cells.get((owner, delta), [])
+        axes = lv.link_axes[delta]
+        unknown = [seg for seg in per_seg if not offset_allowed(parse_offset_segment(seg), axes)]
+        if unknown:  # a record outside the offsets the geometry allows: a bug, never silently dropped
+            raise StoreError(f"links {owner}/{delta:+d}: cells written under unexpected offsets {sorted(unknown)}")
+        created = lv.link_created.get(delta)
+        segments = [offset_segment(o) for o in created] if created is not None else sorted(per_seg)
         total = 0
         create, update = [], {}
-        for off in offsets:
-            seg = offset_segment(off)
+        for seg in segments:
             parts = per_seg.get(seg, [])
             chunks = np.concatenate([c for c, _ in parts]) if parts else np.zeros((0, self.ndim), np.int64)
             n = int(sum(int(np.sum(c)) for _, c in parts))
-            attrs = link_array_attrs(delta, off, sorted(chunk_keys(chunks)), grid.origin)
-            if not self.eager_links:
-                if n:  # the cells are there already: create the array around them
+            attrs = link_array_attrs(delta, parse_offset_segment(seg), sorted(chunk_keys(chunks)), grid.origin)
+            if created is None:
+                if n:
                     create.append((seg, attrs))
             elif n == 0:
                 del fam[seg]
@@ -443,9 +474,7 @@ class PyramidBuilder:
             total += n
         create_vlen_arrays(fam, grid, create, compressors=self.compressors)
         update_node_attrs(fam.store, update)
-        unknown = set(per_seg) - {offset_segment(o) for o in offsets}
-        if unknown:  # a record outside the offsets the geometry allows: a bug, never silently dropped
-            raise StoreError(f"links {owner}/{delta:+d}: cells written under unexpected offsets {sorted(unknown)}")
+        write_cells(fam.store, returned, plain=self.plain or None)
         if total:
             update_node_attrs(fam.store, {fam.path: link_family_attrs(delta, self.ndim, total)})
         else:

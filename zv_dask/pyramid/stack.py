@@ -126,6 +126,7 @@ class StepGeometry:
     links: str  # "none", "implicit" (+1 only) or "explicit" (+1 and -1)
     write_names: tuple[str, ...] = ()  # the level's attributes, in the order its arrays were created
     plain: bool = False  # every array of the level (and its links) is plain vlen-bytes: PUT cells directly
+    returned_links: tuple[int, ...] = ()  # link families (deltas) whose cells go back to the coordinator
 
 
 @dataclass

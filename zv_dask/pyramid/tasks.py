@@ -28,11 +28,14 @@ __all__ = ["BatchResult", "build_levels", "link_targets", "batch_task"]
 class BatchResult:
     """What one task wrote: per level a :class:`ChunkSummary`, per link cell group its chunks and record counts.
 
-    ``links`` maps ``(owner level, delta, offsets segment)`` to ``(chunks (K, D), records (K,))``.
+    ``links`` maps ``(owner level, delta, offsets segment)`` to ``(chunks (K, D), records (K,))``;
+    ``link_cells`` maps ``(owner level, delta)`` to the ``write_cells`` targets of
+    the families the task returns instead of writing (``StepGeometry.returned_links``).
     """
 
     levels: dict[int, ChunkSummary] = field(default_factory=dict)
     links: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    link_cells: dict[tuple[int, int], list] = field(default_factory=dict)
     bytes_written: int = 0
 
 
@@ -75,7 +78,12 @@ def build_levels(zstore, fine: LevelPoints, geoms: tuple[StepGeometry, ...],
                        (f"{k}/vertex_fragments", cells, [p.fragments for p in payloads])]
             targets += [(f"{k}/vertex_attributes/{n}", cells, [p.attributes[n] for p in payloads])
                         for n in geom.write_names]
-            targets += link_targets(up, k - 1, 1, geom.fine_grid, out) + link_targets(down, k, -1, geom.grid, out)
+            for delta, owner, cells_, grid in ((1, k - 1, up, geom.fine_grid), (-1, k, down, geom.grid)):
+                family = link_targets(cells_, owner, delta, grid, out)
+                if delta in geom.returned_links:
+                    out.link_cells.setdefault((owner, delta), []).extend(family)
+                else:
+                    targets += family
             nbytes = write_cells(zstore, targets, plain=geom.plain or None)
         except ZVError:
             raise
