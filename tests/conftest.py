@@ -23,7 +23,8 @@ def dask_client(tmp_path_factory):
     """A real distributed cluster: 2 worker processes, 1 thread each, loopback only."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=":0",
+                      scheduler_kwargs={"dashboard": False},
                       host="127.0.0.1", memory_limit="3GiB",
                       local_directory=str(tmp_path_factory.mktemp("dask"))) as cluster, Client(cluster) as client:
         yield client

@@ -91,7 +91,8 @@ def fragile_client(tmp_path_factory):
     from distributed import Client, LocalCluster
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
-            LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None,
+            LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=":0",
+                         scheduler_kwargs={"dashboard": False},
                          host="127.0.0.1", memory_limit="2GiB",
                          local_directory=str(tmp_path_factory.mktemp("fragile"))) as cluster, \
             Client(cluster, set_as_default=False) as client:

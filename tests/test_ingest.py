@@ -65,7 +65,8 @@ def test_one_vs_two_workers_same_bytes(tmp_path, cloud, dask_client):
     zv_dask.ingest(pts, tmp_path / "two.zv", attributes=attrs, chunk_shape=CS, client=dask_client,
                    partition_rows=5000, group_points=3000)
     from distributed import Client, LocalCluster
-    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=None,
+    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=":0",
+                      scheduler_kwargs={"dashboard": False},
                       host="127.0.0.1") as cluster, Client(cluster, set_as_default=False) as one:
         zv_dask.ingest(pts, tmp_path / "one.zv", attributes=attrs, chunk_shape=CS, client=one,
                        partition_rows=7000, group_points=100_000)
