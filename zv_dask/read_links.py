@@ -18,18 +18,9 @@ from zv_dask.format.cells import decode_fragments
 from zv_dask.format.grid import parse_chunk_key
 from zv_dask.format.links import anchor, decode_link_rows, parse_offset_segment
 from zv_dask.store.api import as_store, get_resolution_level
-from zv_dask.store.cellio import get_cells
-from zv_dask.store.levels import _plain_vlen, level_chunk_keys, level_grid, unframe
+from zv_dask.store.levels import _read_cells, level_chunk_keys, level_grid
 
-__all__ = ["read_links", "parent_rows"]
-
-
-def _cells(zs, arr, chunks: np.ndarray, origin) -> list[bytes]:
-    cells = chunks - np.asarray(origin, np.int64)
-    if _plain_vlen(arr):
-        keys = [f"{arr.path}/c/" + "/".join(map(str, c)) for c in cells.tolist()]
-        return [unframe(f) for f in get_cells(zs.store, keys)]
-    return [bytes(b) for b in arr.get_coordinate_selection(tuple(cells.T))]
+__all__ = ["read_links", "parent_rows", "locate_chunks"]
 
 
 def _scale(zs, level: int) -> np.ndarray:
@@ -62,7 +53,7 @@ def read_links(store, level: int, delta: int = 1) -> dict[str, np.ndarray]:
             continue
         chunks = np.array([parse_chunk_key(k) for k in keys], np.int64).reshape(-1, ndim)
         origin = arr.attrs.get("chunk_grid_origin", [0] * ndim)
-        for c, payload in zip(chunks, _cells(zs, arr, chunks, origin)):
+        for c, payload in zip(chunks, _read_cells(zs.store, arr, chunks - np.asarray(origin, np.int64))):
             rows = decode_link_rows(payload)
             dst = anchor(c[None, :], s_src, s_trg)[0] + offset
             parts["src_chunk"].append(np.repeat(c[None, :], len(rows), axis=0))
@@ -84,22 +75,30 @@ def _row_offsets(zs, level: int) -> tuple[np.ndarray, np.ndarray]:
     if len(chunks):
         chunks = chunks[np.lexsort(chunks.T[::-1])]
     origin = g["vertex_fragments"].attrs.get("chunk_grid_origin", [0] * ndim)
-    counts = np.array([decode_fragments(p).vertex_extent for p in _cells(zs, g["vertex_fragments"], chunks, origin)],
-                      np.int64)
+    cells = _read_cells(zs.store, g["vertex_fragments"], chunks - np.asarray(origin, np.int64))
+    counts = np.array([decode_fragments(p).vertex_extent for p in cells], np.int64)
     return chunks, np.r_[0, np.cumsum(counts)].astype(np.int64)
+
+
+def locate_chunks(table: np.ndarray, chunks: np.ndarray) -> np.ndarray:
+    """Position of each of ``chunks`` (N, D) in ``table`` (M, D), ``-1`` where absent; vectorised."""
+    from zv_dask.pyramid.coarsen import bin_keys
+
+    table, chunks = np.asarray(table, np.int64), np.asarray(chunks, np.int64)
+    if not len(chunks) or not len(table):
+        return np.full(len(chunks), -1, np.int64)
+    both = bin_keys(np.concatenate([table, chunks]))
+    keys, want = both[:len(table)], both[len(table):]
+    order = np.argsort(keys, kind="stable")
+    at = np.minimum(np.searchsorted(keys, want, sorter=order), len(keys) - 1)
+    pos = order[at]
+    return np.where(keys[pos] == want, pos, -1)
 
 
 def _rows(chunks: np.ndarray, first: np.ndarray, which: np.ndarray, vi: np.ndarray) -> np.ndarray:
     """Global rows of ``(chunk, vi)`` endpoints given the chunks in order and their first rows."""
-    from zv_dask.pyramid.coarsen import bin_keys
-
-    if not len(which):
-        return np.zeros(0, np.int64)
-    both = bin_keys(np.concatenate([chunks, which]))
-    table, idx = both[:len(chunks)], both[len(chunks):]
-    order = np.argsort(table)
-    pos = order[np.searchsorted(table, idx, sorter=order)]
-    if not (table[pos] == idx).all():
+    pos = locate_chunks(chunks, which)
+    if (pos < 0).any():
         raise MetadataError("a link names a chunk the level does not have")
     return first[pos] + vi
 

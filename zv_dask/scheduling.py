@@ -33,18 +33,32 @@ def run_tasks(objs, client, progress: bool = False, label: str = "") -> list:
     """Compute dask objects and return their results in order, with a progress bar if asked.
 
     On a client a failure stops the stage's other tasks before the error propagates.
+    Without one, inside a task on a distributed worker (a lazy job computed there)
+    the objects run on that worker's cluster; elsewhere on dask's current scheduler.
     """
     import dask
 
+    objs = list(objs)
+    if not objs:
+        return []
     if client is not None:
         from zv_dask.transaction import gather_or_stop
 
-        futures = client.compute(list(objs))
+        futures = client.compute(objs)
         if progress:
             from zv_dask.progress import show_progress
 
             show_progress(futures, label)
         return gather_or_stop(client, futures)
+    try:
+        from distributed import get_worker, worker_client
+
+        get_worker()
+    except (ImportError, ValueError):
+        pass
+    else:
+        with worker_client() as c:
+            return c.gather(c.compute(objs))
     if progress:
         from dask.diagnostics import ProgressBar
 

@@ -347,13 +347,13 @@ def _check_level(zs: ZVStore, k: int, bins: dict, found: _Found, bar) -> dict | 
     elif "object_index" in lm.arrays_present:
         pass  # reported above as a missing array
     return {"level": k, "vertex_count": lm.vertex_count, "chunks": int(len(chunks)), "rows": total,
-            "objects": n_objects, "_rows_by_chunk": dict(zip(map(tuple, chunks.tolist()), rows.tolist()))}
+            "objects": n_objects, "_chunks": chunks, "_rows": np.asarray(rows, np.int64)}
 
 
 def _check_links(zs: ZVStore, infos: dict[int, dict], found: _Found) -> None:
     """Cross-level link families: metadata, counts, every record's two endpoints, and coverage."""
     from zv_dask.format.links import parse_offset_segment
-    from zv_dask.read_links import read_links
+    from zv_dask.read_links import locate_chunks, read_links
 
     meta = zs.metadata
     ndim = meta.ndim
@@ -403,9 +403,9 @@ def _check_links(zs: ZVStore, infos: dict[int, dict], found: _Found) -> None:
                 if key in a and int(a[key]) != n:
                     found.error(f"{lk}: record counts", f"{key} is {a[key]:,} but the cells hold {n:,} records")
             for side, level in (("src", k), ("dst", k + delta)):
-                rows = infos[level]["_rows_by_chunk"]
-                chunks = map(tuple, rec[f"{side}_chunk"].tolist())
-                have = np.array([rows.get(c, -1) for c in chunks], np.int64)
+                pos = locate_chunks(infos[level]["_chunks"], rec[f"{side}_chunk"])
+                have = np.full(len(pos), -1, np.int64)  # rows of each record's chunk, -1: no such chunk
+                have[pos >= 0] = infos[level]["_rows"][pos[pos >= 0]]
                 vi = rec[f"{side}_vi"]
                 if (have < 0).any():
                     found.error(f"{lk}: records naming a chunk level {level} does not have",

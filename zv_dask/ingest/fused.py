@@ -33,25 +33,22 @@ def pyramid_options(pyramid, ndim: int) -> dict | None:
     unknown = sorted(set(opts) - set(_PYRAMID_KEYS))
     if unknown:
         raise InputError(f"pyramid options {unknown} are not build_pyramid options; choose from {list(_PYRAMID_KEYS)}")
-    from zv_dask.pyramid.coarsen import METHODS
-    from zv_dask.pyramid.plan import LINK_STORAGE
-    from zv_dask.pyramid.plan import level_steps
+    from zv_dask.pyramid.plan import check_build_options, level_steps
 
     level_steps(ndim, opts.get("levels"), opts.get("bin_ratio", 2), opts.get("chunk_scale", 1))
-    if opts.get("method", "centroid") not in METHODS:
-        raise InputError(f"method must be one of {METHODS}, got {opts['method']!r}")
-    links = opts.get("links")
-    if links is not None and not isinstance(links, bool) and links not in LINK_STORAGE:
-        raise InputError(f"links must be one of {LINK_STORAGE}, True, False or None, got {links!r}")
+    check_build_options(**{k: opts[k] for k in ("method", "points_per_task", "levels_per_task", "links") if k in opts})
     return opts
 
 
 def pyramid_builder(zs, job, client, progress, opts, slots, meta=None):
     """A :class:`~zv_dask.pyramid.builder.PyramidBuilder` for ``ingest(pyramid=opts)`` (``zs=None``: plan only)."""
-    from zv_dask.pyramid.builder import DEFAULT_POINTS_PER_TASK, PyramidBuilder
+    import inspect
 
-    kw = dict(levels=None, bin_ratio=2, chunk_scale=1, method="centroid", attribute_reduction=None, sample_size=8,
-              seed=0, min_points=1024, links=None, points_per_task=DEFAULT_POINTS_PER_TASK, levels_per_task=None)
+    from zv_dask.pyramid import build_pyramid
+    from zv_dask.pyramid.builder import PyramidBuilder
+
+    params = inspect.signature(build_pyramid).parameters
+    kw = {k: params[k].default for k in _PYRAMID_KEYS}  # build_pyramid's defaults, the single source
     kw.update(opts)
     return PyramidBuilder(zs, job, client=client, progress=progress, slots=slots, meta=meta, **kw)
 

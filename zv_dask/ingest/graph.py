@@ -42,7 +42,7 @@ from zv_dask.ingest.sources import DEFAULT_PARTITION_ROWS
 from zv_dask.ingest.target import materialize_target
 from zv_dask.store.levels import AttributeSpec, ChunkSummary, finalize_level, prepare_level, write_chunk_payloads
 from zv_dask.ingest.fused import DEFAULT_GROUP_POINTS, level0_source, plan_fused_levels, pyramid_options
-from zv_dask.ingest.recovery import metadata_docs, remove_new_store, restore_metadata, stage_error, write_task_names
+from zv_dask.ingest.recovery import metadata_docs, put_back, stage_error, write_task_names
 from zv_dask.scheduling import resolve_client, run_tasks, task_slots
 from zv_dask.transaction import WriteJob, returned_fork, worker_store
 
@@ -287,11 +287,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         writes = [delayed(write_group)([splits[p][g] for p in range(len(splits))], grid, 0, target, names, g, geoms)
                   for g in range(groups.n_groups)]
     except BaseException:
-        job.abort()
-        if created_here and not job.transactional:
-            remove_new_store(zs, settle=0)
-        elif old_metadata is not None:
-            restore_metadata(zs, old_metadata)
+        put_back(job, zs, created_here, old_metadata, settle=0)  # no task has run yet
         raise
     seconds["prepare"] = time.perf_counter() - t1
     report = IngestReport(store=str(zs.url or zs.backend.kind), points_read=int(stats.count),
@@ -346,11 +342,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
             stage = "commit"
             report.snapshot_id = job.commit()
         except BaseException as e:
-            job.abort()
-            if created_here and not job.transactional:
-                remove_new_store(zs)
-            elif old_metadata is not None:
-                restore_metadata(zs, old_metadata)
+            put_back(job, zs, created_here, old_metadata)
             if isinstance(e, Exception) and not isinstance(e, ZVError):
                 tasks = write_task_names(writes, splits, groups, grid) if stage == "write" else None
                 if stage == "pyramid" and builder is not None and builder.building:

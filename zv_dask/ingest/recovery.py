@@ -15,7 +15,7 @@ import numpy as np
 from zv_dask.errors import IngestError
 from zv_dask.format.grid import chunk_key
 
-__all__ = ["stage_error", "write_task_names", "metadata_docs", "restore_metadata", "remove_new_store"]
+__all__ = ["stage_error", "write_task_names", "metadata_docs", "restore_metadata", "remove_new_store", "put_back"]
 
 
 def stage_error(stage: str, e: Exception, tasks: dict | None = None) -> IngestError:
@@ -115,3 +115,15 @@ def remove_new_store(zs, settle: float = 0.6) -> None:
                 sync(zs.store.delete_dir(""))
     except Exception:  # noqa: BLE001 - best effort; the original error matters more
         pass
+
+
+def put_back(job, zs, created_here: bool, old_metadata: dict | None, settle: float = 0.6) -> None:
+    """Undo a failed job: its icechunk changes, the plain store it created, or its metadata changes.
+
+    ``old_metadata`` are the documents of the plain store the job found (:func:`metadata_docs`).
+    """
+    job.abort()
+    if created_here and not job.transactional:
+        remove_new_store(zs, settle=settle)
+    elif old_metadata is not None:
+        restore_metadata(zs, old_metadata)

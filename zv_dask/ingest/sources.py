@@ -147,9 +147,7 @@ def _from_arrays(points, attributes, object_ids, partition_rows, kind="array") -
     oblocks = oid_d.to_delayed().reshape(-1) if oid_d is not None else [None] * len(pblocks)
     parts = [delayed(_batch_from_arrays, pure=True)(pblocks[i], {k: b[i] for k, b in ablocks.items()}, oblocks[i])
              for i in range(len(pblocks))]
-    specs = {k: (np.dtype(v.dtype).name, int(v.shape[1]) if v.ndim == 2 else None) for k, v in attr_d.items()}
-    return Source(parts, d, np.dtype(points.dtype), specs, oid_d is not None, kind=kind, n_rows=n,
-                  description=f"{kind} of {n} points in {len(parts)} partitions", in_memory=not is_dask)
+    return _array_source(parts, n, d, points.dtype, attr_d, oid_d is not None, kind, in_memory=not is_dask)
 
 
 def _is_dask(x) -> bool:
@@ -172,9 +170,15 @@ def _from_numpy(points: np.ndarray, attributes, object_ids, partition_rows, kind
         e = min(n, s + partition_rows)
         parts.append(delayed(_batch_from_arrays, pure=False)(points[s:e], {k: v[s:e] for k, v in attrs.items()},
                                                              None if oids is None else oids[s:e]))
-    specs = {k: (np.dtype(v.dtype).name, int(v.shape[1]) if v.ndim == 2 else None) for k, v in attrs.items()}
-    return Source(parts, d, np.dtype(points.dtype), specs, oids is not None, kind=kind, n_rows=n,
-                  description=f"{kind} of {n} points in {len(parts)} partitions", in_memory=True)
+    return _array_source(parts, n, d, points.dtype, attrs, oids is not None, kind, in_memory=True)
+
+
+def _array_source(parts, n: int, d: int, dtype, attributes: dict, has_ids: bool, kind: str,
+                  in_memory: bool) -> Source:
+    """The :class:`Source` of array partitions (``attributes``: name -> array, numpy or dask)."""
+    specs = {k: (np.dtype(v.dtype).name, int(v.shape[1]) if v.ndim == 2 else None) for k, v in attributes.items()}
+    return Source(parts, d, np.dtype(dtype), specs, has_ids, kind=kind, n_rows=n,
+                  description=f"{kind} of {n} points in {len(parts)} partitions", in_memory=in_memory)
 
 
 # -- data frames -------------------------------------------------------------------------

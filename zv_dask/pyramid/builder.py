@@ -14,11 +14,11 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from zv_dask.errors import InputError, StoreError
+from zv_dask.errors import StoreError
 from zv_dask.format.grid import Grid, chunk_keys, parse_chunk_key
 from zv_dask.format.links import (
     link_array_attrs,
@@ -30,9 +30,10 @@ from zv_dask.format.links import (
     parse_offset_segment,
 )
 from zv_dask.format.metadata import LevelMetadata
-from zv_dask.pyramid.coarsen import METHODS, CoarsenParams
+from zv_dask.pyramid.coarsen import CoarsenParams
 from zv_dask.pyramid.plan import (
     LevelStep,
+    check_build_options,
     level_steps,
     plan_tasks,
     region_loads,
@@ -61,7 +62,8 @@ from zv_dask.store.levels import (
     prepare_level,
     write_cells,
 )
-from zv_dask.transaction import WriteJob, gather_or_stop
+from zv_dask.scheduling import run_tasks, task_slots
+from zv_dask.transaction import WriteJob
 
 __all__ = ["PyramidBuilder", "PyramidReport", "LevelSource", "Batch", "source_from_store",
            "drop_coarse_levels", "drop_up_links", "DEFAULT_POINTS_PER_TASK"]
@@ -106,6 +108,12 @@ class LevelSource:
     specs: list[AttributeSpec]
     objects: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # (oid, chunk, fragment) entries
     all_ids: np.ndarray | None
+
+    def weights(self) -> np.ndarray:
+        """Points per chunk (spread evenly when only the level's total is known)."""
+        if self.rows is not None:
+            return self.rows
+        return np.full(len(self.chunks), self.vertex_count / max(len(self.chunks), 1))
 
 
 @dataclass
@@ -175,37 +183,6 @@ def _compressors(zs: ZVStore):
     return comp or None
 
 
-def _run(tasks, client, progress: bool = False, label: str = ""):
-    import dask
-
-    if not tasks:
-        return []
-    if client is None:
-        try:
-            from distributed import get_worker, worker_client
-
-            get_worker()
-        except (ImportError, ValueError):
-            if progress:
-                from dask.diagnostics import ProgressBar
-
-                print(label, flush=True)
-                with ProgressBar():
-                    return list(dask.compute(*tasks))
-            return list(dask.compute(*tasks))
-        with worker_client() as c:  # a lazy build computed on a worker
-            return c.gather(c.compute(tasks))
-    futures = client.compute(tasks)
-    if progress:
-        try:
-            from zv_dask.progress import show_progress
-        except ImportError:  # pragma: no cover - progress display is optional
-            show_progress = None
-        if show_progress is not None:
-            show_progress(futures, label)
-    return gather_or_stop(client, futures)
-
-
 def _unique(forks):
     return list({id(f): f for f in forks if f is not None}.values())
 
@@ -240,12 +217,8 @@ class PyramidBuilder:
     def __init__(self, zs: ZVStore, job: WriteJob, *, levels, bin_ratio, chunk_scale, method, attribute_reduction,
                  sample_size, seed, min_points, client, points_per_task, levels_per_task, links, progress,
                  slots: int | None = None, meta=None):
-        if method not in METHODS:
-            raise InputError(f"method must be one of {METHODS}, got {method!r}")
-        if int(points_per_task) < 1:
-            raise InputError(f"points_per_task must be >= 1, got {points_per_task!r}")
-        if levels_per_task is not None and (isinstance(levels_per_task, bool) or int(levels_per_task) < 1):
-            raise InputError(f"levels_per_task must be None or an integer >= 1, got {levels_per_task!r}")
+        check_build_options(method=method, points_per_task=points_per_task, levels_per_task=levels_per_task,
+                            links=links)
         self.zs, self.job = zs, job
         meta = meta if meta is not None else zs.metadata
         self.ndim = meta.ndim
@@ -256,7 +229,7 @@ class PyramidBuilder:
         self.points_per_task = int(points_per_task)
         self.levels_per_task = None if levels_per_task is None else int(levels_per_task)
         self.progress = progress
-        self.slots = slots if slots is not None else _slots(client)
+        self.slots = slots if slots is not None else task_slots(client)
         self.links, warns = resolve_links(links, meta)
         self.report = PyramidReport(links=self.links, warnings=warns)
         self._steps = level_steps(self.ndim, levels, bin_ratio, chunk_scale)  # checks every parameter
@@ -268,6 +241,7 @@ class PyramidBuilder:
         # created at the end, only where cells were written (icechunk wants every array to exist first)
         self.plain = self.compressors is None
         self.eager_links = (job is not None and job.transactional) or not self.plain
+        self.building: list[int] | None = None  # the levels of the batch under way (removed if it fails)
 
     # -- steps -----------------------------------------------------------------------------
     def _peek(self, i: int) -> LevelStep | None:
@@ -327,27 +301,37 @@ class PyramidBuilder:
             grid = Grid(meta.bounds[0], meta.bounds[1], cs, meta.effective_bin_shape, src.grid.dtype)
             params = CoarsenParams(step.total_ratio, self.opts["method"], reductions, explicit,
                                    self.opts["sample_size"], self.opts["seed"], step.level)
+            axes, created, returned = self._plan_links(parent_scale, step)
             geom = StepGeometry(step.level, parent_grid, grid, self.bpc, tuple(parent_scale), step.total_scale,
-                                params, self.links, tuple(s.name for s in specs), self.plain)
+                                params, self.links, tuple(s.name for s in specs), self.plain, returned)
             bin_shape = tuple(float(b) * r for b, r in zip(meta.effective_bin_shape, step.total_ratio))
-            lv = _Level(step, geom, specs, bin_shape)
-            if self.links != "none":
-                fine_c = tuple(b * s for b, s in zip(self.bpc, parent_scale))
-                coarse_c = tuple(b * s for b, s in zip(self.bpc, step.total_scale))
-                returned = []
-                for delta in (1, -1) if self.links == "explicit" else (1,):
-                    axes = offset_axes(fine_c, coarse_c, step.total_ratio, delta)
-                    lv.link_axes[delta] = axes
-                    if not self.eager_links:
-                        continue  # cells first, arrays around them at the end
-                    if offsets_count(axes) <= EAGER_LINK_ARRAYS:
-                        lv.link_created[delta] = list(itertools.product(*axes))
-                    else:  # bins much wider than chunks: too many possible arrays, make only those used
-                        returned.append(delta)
-                lv.geom = replace(geom, returned_links=tuple(returned))
+            lv = _Level(step, geom, specs, bin_shape, axes, created)
             levels.append(lv)
             parent_specs, parent_grid, parent_scale = specs, grid, step.total_scale
         return Batch(src.level, levels, read_names or (), region_shape(steps[-1], self.bpc))
+
+    def _plan_links(self, parent_scale, step: LevelStep) -> tuple[dict, dict, tuple[int, ...]]:
+        """Link families of a level and its parent: ``(offsets per axis, arrays made up front, returned)``.
+
+        Per delta, the offsets each axis allows and the offsets arrays made before
+        the tasks run; and the deltas whose cells the tasks return. Plain stores make no array up front (the cells come first, the arrays around them at the
+        end); other stores make a family's arrays up front unless there are more than
+        ``EAGER_LINK_ARRAYS`` of them (coarse bins many chunks wide), when only those used are made.
+        """
+        axes, created, returned = {}, {}, []
+        if self.links == "none":
+            return axes, created, ()
+        fine_c = tuple(b * s for b, s in zip(self.bpc, parent_scale))
+        coarse_c = tuple(b * s for b, s in zip(self.bpc, step.total_scale))
+        for delta in (1, -1) if self.links == "explicit" else (1,):
+            axes[delta] = offset_axes(fine_c, coarse_c, step.total_ratio, delta)
+            if not self.eager_links:
+                continue
+            if offsets_count(axes[delta]) <= EAGER_LINK_ARRAYS:
+                created[delta] = list(itertools.product(*axes[delta]))
+            else:
+                returned.append(delta)
+        return axes, created, tuple(returned)
 
     # -- preparing and finishing -------------------------------------------------------------
     def prepare(self, batch: Batch) -> None:
@@ -499,9 +483,7 @@ class PyramidBuilder:
 
         target = self.job.target()
         fine_bpc = tuple(b * s for b, s in zip(self.bpc, src.scale))
-        weights = src.rows if src.rows is not None else np.full(len(src.chunks),
-                                                                src.vertex_count / max(len(src.chunks), 1))
-        groups = plan_tasks(src.chunks, fine_bpc, batch.region, weights, self.points_per_task)
+        groups = plan_tasks(src.chunks, fine_bpc, batch.region, src.weights(), self.points_per_task)
         task_fn = dask.delayed(batch_task, pure=False)
         token = uuid.uuid4().hex[:12]
         tasks = []
@@ -514,7 +496,7 @@ class PyramidBuilder:
             tasks.append(task_fn(target, batch.geoms, src.level, batch.read_names, self.ndim, chunks, obj,
                                  dask_key_name=f"zv-pyramid-{batch.numbers[0]}-{i}-{token}"))
         label = f"pyramid level {batch.numbers[0]}" + (f"-{batch.numbers[-1]}" if len(batch.levels) > 1 else "")
-        results = _run(tasks, self.client, self.progress, label)
+        results = run_tasks(tasks, self.client, self.progress, label)
         self.job.absorb(_unique([fork for _, fork in results]))
         return results
 
@@ -525,9 +507,7 @@ class PyramidBuilder:
                 reason = (f"{self.levels} levels built" if self.levels is not None
                           else "bin_ratio/chunk_scale lists exhausted")
                 break
-            weights = src.rows if src.rows is not None else np.full(len(src.chunks),
-                                                                    src.vertex_count / max(len(src.chunks), 1))
-            steps = self.choose_steps(src.chunks, weights, src.scale)
+            steps = self.choose_steps(src.chunks, src.weights(), src.scale)
             batch = self.plan_batch(src, steps)
             self.building = batch.numbers
             t0 = time.perf_counter()
@@ -537,8 +517,6 @@ class PyramidBuilder:
             self.building = None
         self.report.stop_reason = reason
         return src
-
-    building: list[int] | None = None
 
     def finish_root(self, has_objects: bool) -> None:
         """Capabilities and cross-level declaration, then the root metadata (last)."""
@@ -579,11 +557,4 @@ def _mark_links_present(group) -> None:
     if lm and "links" not in present:
         lm["arrays_present"] = present + ["links"]
         group.attrs["zarr_vectors_level"] = lm
-
-
-def _slots(client) -> int:
-    from zv_dask.scheduling import task_slots
-
-    return task_slots(client)
-
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import time
 
-from zv_dask.errors import InputError, IngestError, StoreError, ZVError
+from zv_dask.errors import IngestError, StoreError, ZVError
 from zv_dask.pyramid.builder import (
     DEFAULT_POINTS_PER_TASK,
     PyramidBuilder,
@@ -44,8 +44,7 @@ from zv_dask.pyramid.builder import (
     drop_up_links,
     source_from_store,
 )
-from zv_dask.pyramid.coarsen import METHODS
-from zv_dask.pyramid.plan import LINK_STORAGE
+from zv_dask.pyramid.plan import LINK_STORAGE, check_build_options
 from zv_dask.store.api import as_store
 from zv_dask.transaction import WriteJob
 
@@ -157,10 +156,8 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
     failure an own icechunk job is discarded; on plain stores the levels of the
     failed round are removed, earlier levels stay valid.
     """
-    if method not in METHODS:
-        raise InputError(f"method must be one of {METHODS}, got {method!r}")
-    if int(points_per_task) < 1:
-        raise InputError(f"points_per_task must be >= 1, got {points_per_task!r}")
+    check_build_options(method=method, points_per_task=points_per_task, levels_per_task=levels_per_task,
+                        links=links)  # raises now even when compute=False
     run = functools.partial(_build, store, levels=levels, bin_ratio=bin_ratio, chunk_scale=chunk_scale,
                             method=method, attribute_reduction=attribute_reduction, sample_size=sample_size,
                             seed=seed, min_points=min_points, client=client, job=job,

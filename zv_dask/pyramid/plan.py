@@ -22,10 +22,11 @@ from typing import Iterator
 import numpy as np
 
 from zv_dask.errors import InputError
+from zv_dask.pyramid.coarsen import METHODS
 from zv_dask.pyramid.reduce import REDUCTIONS, default_reduction
 
 __all__ = ["LevelStep", "level_steps", "region_shape", "region_loads", "plan_tasks", "resolve_attributes",
-           "resolve_links", "LINK_STORAGE"]
+           "resolve_links", "check_build_options", "LINK_STORAGE"]
 
 LINK_STORAGE = ("none", "implicit", "explicit")
 
@@ -190,6 +191,19 @@ def resolve_attributes(parent: list, attribute_reduction, method: str):
     return reductions, frozenset(explicit), specs
 
 
+def check_build_options(*, method: str = "centroid", points_per_task=1, levels_per_task=None, links=None) -> None:
+    """Raise :class:`InputError` for a pyramid option out of range (before anything is read or written)."""
+    if method not in METHODS:
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(points_per_task, bool) or int(points_per_task) < 1:
+        raise InputError(f"points_per_task must be >= 1, got {points_per_task!r}")
+    if levels_per_task is not None and (isinstance(levels_per_task, bool) or int(levels_per_task) < 1):
+        raise InputError(f"levels_per_task must be None or an integer >= 1, got {levels_per_task!r}")
+    if links is not None and not isinstance(links, bool) and links not in LINK_STORAGE:
+        raise InputError(f"links must be one of {LINK_STORAGE}, True, False or None (the store's declaration), "
+                         f"got {links!r}")
+
+
 def resolve_links(links, meta) -> tuple[str, list[str]]:
     """The link storage a build writes (``"none"``, ``"implicit"`` or ``"explicit"``) and any warnings.
 
@@ -197,6 +211,7 @@ def resolve_links(links, meta) -> tuple[str, list[str]]:
     when ``cross_level_depth`` is 0); ``True`` means ``"explicit"``, ``False``
     ``"none"``.
     """
+    check_build_options(links=links)
     warnings = []
     if links is None:
         mode = meta.cross_level_storage if int(meta.cross_level_depth) != 0 else "none"
@@ -210,7 +225,4 @@ def resolve_links(links, meta) -> tuple[str, list[str]]:
         return "explicit", warnings
     if links is False:
         return "none", warnings
-    if links not in LINK_STORAGE:
-        raise InputError(f"links must be one of {LINK_STORAGE}, True, False or None (the store's declaration), "
-                         f"got {links!r}")
     return links, warnings
