@@ -437,3 +437,14 @@ def test_links_when_coarse_bins_span_many_chunks(tmp_path, dask_client):
                 far |= {s for s in segs_i if max(abs(o) for o in parse_offset_segment(s)) > 1}
                 assert _link_records(store, k, delta) == _link_records(plain, k, delta)
     assert far, "some metavertex landed more than one chunk away from its children (the wide-bin case)"
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.integers(-5, 5), st.integers(-5, 5)), max_size=30, unique=True),
+       st.lists(st.tuples(st.integers(-6, 6), st.integers(-6, 6)), max_size=30))
+def test_locate_chunks_matches_a_dict(table, query):
+    from zv_dask.read_links import locate_chunks
+
+    where = {c: i for i, c in enumerate(table)}
+    got = locate_chunks(np.array(table, np.int64).reshape(-1, 2), np.array(query, np.int64).reshape(-1, 2))
+    assert got.tolist() == [where.get(c, -1) for c in query]
