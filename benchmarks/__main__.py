@@ -25,75 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from benchmarks.common import HERE, RSSMonitor, machine
+
 CHUNK = 125.0
 BINS = {"realistic": 12.5, "one-per-chunk": None}  # 1000 bins per chunk vs the reference's default
 LEVELS = 3
 MODES = ("links", "no links", "level 0", "rounds")
-
-
-class RSSMonitor:
-    """Samples the RSS of this process and of every descendant (Dask workers) every 50 ms."""
-
-    def __init__(self):
-        import psutil
-
-        self._psutil = psutil
-        self.peak: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        me = self._psutil.Process()
-        while not self._stop.is_set():
-            try:
-                procs = [me] + me.children(recursive=True)
-            except self._psutil.Error:
-                procs = [me]
-            for p in procs:
-                try:
-                    rss = p.memory_info().rss
-                except self._psutil.Error:
-                    continue
-                if rss > self.peak.get(p.pid, 0):
-                    self.peak[p.pid] = rss
-            self._stop.wait(0.05)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
-def machine() -> dict:
-    import dask
-    import psutil
-    import zarr
-
-    import zv_dask
-
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "zv_dask": zv_dask.__version__, "dask": dask.__version__,
-            "zarr": zarr.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
 def run_reference(kind, n, bin_, links, work) -> dict:

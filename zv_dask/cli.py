@@ -138,6 +138,23 @@ def _memory(text: str) -> str:
     return text
 
 
+def _size(text: str) -> str:
+    from zv_dask.budget import parse_size
+    from zv_dask.errors import InputError
+
+    try:
+        parse_size(text, "--memory-budget")
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--memory-budget must be ", "expected ")) from None
+    return text
+
+
+def _add_budget(g) -> None:
+    g.add_argument("--memory-budget", type=_size, metavar="SIZE",
+                   help="memory the job may use per worker, e.g. 2GiB (default: half the workers' memory limit); "
+                        "tasks are sized to it, and a shuffle that would not fit waits on scratch storage")
+
+
 def _scalar(value: str):
     low = value.strip().lower()
     if low in ("true", "yes", "on"):
@@ -274,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true",
                    help="scan the input and print the plan (partitions, chunks, grid, bytes, memory); write nothing")
     g.add_argument("--message", "-m", help="icechunk commit message")
+    _add_budget(g)
+    g.add_argument("--scratch", metavar="PATH_OR_URL",
+                   help="where a staged shuffle keeps its pieces: a path or URL every worker reaches "
+                        "(default: a .zv-scratch directory inside the store, beside an icechunk repository)")
     _add_pyramid(p, True)
     _add_storage(p)
     _add_cluster(p)
@@ -287,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-size", type=_count, default=8, metavar="N", help="points per bin for --method sample")
     p.add_argument("--seed", type=int, default=0, help="seed of --method random/sample (default: 0)")
     p.add_argument("--message", "-m", help="icechunk commit message")
+    _add_budget(p)
     _add_pyramid(p, False)
     _add_storage(p)
     _add_cluster(p)
@@ -472,6 +494,7 @@ def cmd_ingest(args, out) -> int:
     if args.pyramid:
         _check_pyramid_steps(src.ndim, kw["pyramid"])
     with _cluster(args) as client:
+        kw.update(memory_budget=args.memory_budget, scratch=args.scratch)
         if args.dry_run:
             plan = plan_ingest(_sources(args), args.store, client=client, progress=not args.quiet, **kw)
             if args.json:
@@ -511,7 +534,7 @@ def cmd_pyramid(args, out) -> int:
         job = WriteJob(zs, args.message) if args.message else None
         try:
             rep = zv_dask.build_pyramid(zs, client=client, progress=not args.quiet, sample_size=args.sample_size,
-                                        seed=args.seed, job=job, **kw)
+                                        seed=args.seed, job=job, memory_budget=args.memory_budget, **kw)
             if job is not None:
                 rep.snapshot_id = job.commit(args.message)
         except BaseException:

@@ -22,11 +22,14 @@ __all__ = ["pyramid_options", "pyramid_builder", "fused_steps", "plan_fused_leve
 DEFAULT_GROUP_POINTS = 1 << 21
 
 _PYRAMID_KEYS = ("levels", "bin_ratio", "chunk_scale", "method", "attribute_reduction", "sample_size", "seed",
-                 "min_points", "links", "points_per_task", "levels_per_task")
+                 "min_points", "links", "points_per_task", "levels_per_task", "memory_budget")
 
 
-def pyramid_options(pyramid, ndim: int) -> dict | None:
-    """``ingest(pyramid=...)`` as :func:`~zv_dask.build_pyramid` keyword arguments, checked up front."""
+def pyramid_options(pyramid, ndim: int, budget=None) -> dict | None:
+    """``ingest(pyramid=...)`` as :func:`~zv_dask.build_pyramid` keyword arguments, checked up front.
+
+    The pyramid's tasks plan within the job's memory ``budget``.
+    """
     if not pyramid:
         return None
     opts = dict(pyramid) if isinstance(pyramid, dict) else {}
@@ -37,6 +40,8 @@ def pyramid_options(pyramid, ndim: int) -> dict | None:
 
     level_steps(ndim, opts.get("levels"), opts.get("bin_ratio", 2), opts.get("chunk_scale", 1))
     check_build_options(**{k: opts[k] for k in ("method", "points_per_task", "levels_per_task", "links") if k in opts})
+    if budget is not None:
+        opts["memory_budget"] = budget
     return opts
 
 
@@ -53,22 +58,26 @@ def pyramid_builder(zs, job, client, progress, opts, slots, meta=None):
     return PyramidBuilder(zs, job, client=client, progress=progress, slots=slots, meta=meta, **kw)
 
 
-def fused_steps(builder, grid, occ, shard_shape, target_points, explicit=None):
+def fused_steps(builder, grid, occ, shard_shape, fused_points: int = DEFAULT_GROUP_POINTS):
     """The coarse levels the write tasks can build, and the write units that makes (``([], None)``: none).
 
     The first levels are built in the write tasks when a write group can hold
     whole regions of them (units of whole regions, and whole shards when
-    sharded) within ``target_points``; the others in rounds of their own.
+    sharded) within ``fused_points`` (what the memory budget allows a write
+    task, or the ``group_points`` asked for); the others in rounds of their own.
     """
-    from zv_dask.pyramid.plan import region_shape
+    from zv_dask.pyramid.plan import region_loads, region_shape
 
     n_points = int(occ.counts.sum())
     if builder.first_reason(n_points, len(occ.counts)):
         return [], None
-    # a write group holds whole regions of the top fused level: up to DEFAULT_GROUP_POINTS (or the
-    # group_points asked for) whatever the balancing target
-    budget = max(target_points, DEFAULT_GROUP_POINTS if explicit is None else int(explicit))
-    steps = builder.choose_steps(occ.chunks, occ.counts, (1,) * grid.ndim, budget=budget)
+    steps = builder.choose_steps(occ.chunks, occ.counts, (1,) * grid.ndim, budget=fused_points)
+    if steps:  # a batch takes its first step whatever its regions hold; regions wider than a chunk must fit a task
+        region = region_shape(steps[0], builder.bpc)
+        if any(r != b for r, b in zip(region, builder.bpc)):
+            _, biggest = region_loads(occ.chunks, occ.counts, builder.bpc, region)
+            if biggest > fused_points:
+                return [], None
     while steps:
         block = tuple(r // b for r, b in zip(region_shape(steps[-1], builder.bpc), builder.bpc))
         units = UnitGrid.of(grid, shard_shape, block)
@@ -78,15 +87,15 @@ def fused_steps(builder, grid, occ, shard_shape, target_points, explicit=None):
     return [], None
 
 
-def plan_fused_levels(zs, job, client, progress, opts, grid, specs, occ, has_objects, shard_shape, target_points,
-                       units, slots, group_points=None):
+def plan_fused_levels(zs, job, client, progress, opts, grid, specs, occ, has_objects, shard_shape, units, slots,
+                      fused_points: int):
     """The pyramid builder of an ingest job and the batch its write tasks build (``None``: none); arrays created."""
     from zv_dask.pyramid.builder import LevelSource, drop_coarse_levels
 
     builder = pyramid_builder(zs, job, client, progress, opts, slots)
-    builder.check_attributes(specs)
+    builder.check_attributes(specs, grid.dtype)
     drop_coarse_levels(zs)
-    steps, fused_units = fused_steps(builder, grid, occ, shard_shape, target_points, group_points)
+    steps, fused_units = fused_steps(builder, grid, occ, shard_shape, fused_points)
     if not steps:
         return builder, None, units
     src = LevelSource(0, grid, (1,) * grid.ndim, occ.chunks, occ.counts, int(occ.counts.sum()), specs,

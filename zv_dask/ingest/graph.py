@@ -24,32 +24,24 @@ from functools import reduce
 import numpy as np
 from dask import delayed
 
-from zv_dask.errors import IngestError, InputError, ZVError
+from zv_dask.budget import resolve_budget
+from zv_dask.errors import InputError, ZVError
 from zv_dask.format.grid import Grid
-from zv_dask.format.layout import plan_chunks
 from zv_dask.format.metadata import LevelMetadata, attribute_spec
 from zv_dask.ingest.bounds import POLICIES, combine_stats, settle_bounds
-from zv_dask.ingest.report import IngestReport
-from zv_dask.ingest.shuffle import (
-    UnitGrid,
-    combine_occupancy,
-    merge_pieces,
-    plan_groups,
-    scan_partition,
-    split_partition,
-)
-from zv_dask.ingest.sources import DEFAULT_PARTITION_ROWS
-from zv_dask.ingest.target import materialize_target
-from zv_dask.store.levels import AttributeSpec, ChunkSummary, finalize_level, prepare_level, write_chunk_payloads
-from zv_dask.ingest.fused import DEFAULT_GROUP_POINTS, level0_source, plan_fused_levels, pyramid_options
+from zv_dask.ingest.fused import level0_source, plan_fused_levels, pyramid_options
+from zv_dask.ingest.level0 import plan_level0, scratch_for
 from zv_dask.ingest.recovery import metadata_docs, put_back, stage_error, write_task_names
+from zv_dask.ingest.report import IngestReport
+from zv_dask.ingest.shuffle import UnitGrid, combine_occupancy, plan_groups
+from zv_dask.ingest.staging import group_refs
+from zv_dask.ingest.target import materialize_target
+from zv_dask.ingest.tasks import scan_task, split_task, stage_task, write_group, write_staged_group
 from zv_dask.scheduling import resolve_client, run_tasks, task_slots
-from zv_dask.transaction import WriteJob, returned_fork, worker_store
+from zv_dask.store.levels import AttributeSpec, ChunkSummary, finalize_level, prepare_level
+from zv_dask.transaction import WriteJob
 
 __all__ = ["ingest", "PendingIngest"]
-
-MIN_AUTO_ROWS = 1 << 17  # below this, per-task overhead outweighs balance
-
 
 def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False, sample: bool = True,
               local: list | None = None):
@@ -64,7 +56,7 @@ def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False, sam
     probe = Grid(tuple(map(float, probe_bounds[0])), tuple(map(float, probe_bounds[1])), plan.chunk_shape,
                  plan.base_bin_shape or plan.chunk_shape, plan.dtype)
     drop = out_of_bounds == "ignore" and plan.bounds is not None
-    scans = [delayed(_scan_task)(p, probe, plan.bounds, drop, 0, sample) for p in (local or src.partitions)]
+    scans = [delayed(scan_task)(p, probe, plan.bounds, drop, 0, sample) for p in (local or src.partitions)]
     try:
         if local is not None:
             import dask
@@ -97,65 +89,6 @@ def precision_warnings(dtype: str, stats, src) -> list[str]:
         return [f"float32 positions round to {step:.3g} at coordinate magnitude {mag:.3g}; "
                 "pass dtype='float64' to keep the source's precision"]
     return []
-
-
-def auto_partition_rows(points, partition_rows: int | None, slots: int) -> int | None:
-    """Rows per partition: as given, else for an in-memory array ~4 partitions per worker thread."""
-    if partition_rows is None and hasattr(points, "shape") and not hasattr(points, "dask") and len(points.shape) == 2:
-        return int(min(DEFAULT_PARTITION_ROWS, max(MIN_AUTO_ROWS, -(-points.shape[0] // (4 * slots)))))
-    return partition_rows
-
-
-def auto_group_points(group_points: int | None, n_points: int, slots: int) -> int:
-    """Points per write group: as given, else at most DEFAULT_GROUP_POINTS and ~4 groups per worker thread."""
-    if group_points is not None:
-        return int(group_points)
-    return min(DEFAULT_GROUP_POINTS, max(MIN_AUTO_ROWS, -(-n_points // (4 * slots))))
-
-
-# -- task bodies (top level: workers import them) ----------------------------------------
-def _scan_task(batch, grid, bounds, drop_outside, offset, sample=True):
-    return scan_partition(batch, grid, bounds, drop_outside, offset, sample)
-
-
-def _split_task(batch, grid, starts, drop_outside, units):
-    return tuple(split_partition(batch, grid, starts, drop_outside, units))
-
-
-def write_group(pieces, grid: Grid, level: int, target, attr_names, group_index: int, geoms=()):
-    """Write one group's chunks, and the coarse levels ``geoms`` describe (whole regions).
-
-    Returns ``(ChunkSummary, BatchResult or None, fork or None)``.
-    """
-    from zv_dask.pyramid.stack import LevelPoints, encode_level
-    from zv_dask.pyramid.tasks import BatchResult, build_levels
-
-    batch = merge_pieces(list(pieces))
-    if batch is None:
-        empty = ChunkSummary(np.zeros((0, grid.ndim), np.int64), np.zeros(0, np.int64))
-        return empty, (BatchResult() if geoms else None), returned_fork(target)
-    first = None
-    zstore = worker_store(target)
-    try:
-        oids = None if batch.object_ids is None else np.asarray(batch.object_ids).astype(np.int64)
-        plan = plan_chunks(batch.positions, grid, oids, batch.cells, batch.fragments)
-        first = ".".join(map(str, plan.chunks[0])) if plan.n_chunks else None
-        o = plan.order
-        level0 = LevelPoints.from_plan(np.take(batch.positions, o, axis=0),
-                                       {k: np.take(np.asarray(v), o, axis=0) for k, v in batch.attributes.items()},
-                                       None if oids is None else oids[o], plan, grid.bins_per_chunk,
-                                       (1,) * grid.ndim)
-        del batch
-        nbytes = write_chunk_payloads(zstore, level, grid, list(encode_level(level0, plan, grid.dtype)),
-                                      list(attr_names))
-    except ZVError:
-        raise
-    except Exception as e:  # noqa: BLE001 - name the stage and chunk, keep the cause
-        raise IngestError(f"writing group {group_index} (first chunk {first}) failed: {type(e).__name__}: {e}",
-                          stage="write", chunk=first) from e
-    summary = ChunkSummary.from_plan(plan, nbytes)
-    coarse = build_levels(zstore, level0, tuple(geoms)) if geoms else None
-    return summary, coarse, returned_fork(target)
 
 
 def _choose_dtype(dtype, src) -> tuple[str, str]:
@@ -192,7 +125,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
            base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, pyramid=None,
            backend=None, storage_options=None, client=None, compute: bool = True, overwrite: bool = False,
            axes=None, message: str | None = None, progress: bool = False, partition_rows: int | None = None,
-           group_points: int | None = None, branch: str = "main"):
+           group_points: int | None = None, branch: str = "main", memory_budget=None, scratch=None):
     """Ingest a point cloud into level 0 of a ZV store, in parallel, and optionally build its pyramid.
 
     Parameters
@@ -224,6 +157,17 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         A ``distributed.Client``; by default the current one, else Dask's local scheduler.
     compute
         ``False`` returns a :class:`PendingIngest` (bounds settled, store created, graph built).
+    memory_budget
+        Bytes (or a size like ``"2GiB"``) of data the job may hold per worker, on
+        top of the worker process itself; by default half the workers' memory
+        limit. It caps the points per task, and when the shuffle's pieces would
+        not fit beside the running tasks they wait on ``scratch`` storage instead
+        of in memory (the same bytes are written either way).
+    scratch
+        Where a staged shuffle keeps its pieces: a path or an object-store URL
+        every worker reaches (``storage_options`` apply). By default a
+        ``.zv-scratch`` prefix inside the store (beside an icechunk repository);
+        removed when the job ends.
 
     Returns
     -------
@@ -235,7 +179,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     seconds: dict[str, float] = {}
     cl = resolve_client(client)
     slots = task_slots(cl)
-    partition_rows = auto_partition_rows(points, partition_rows, slots)
+    budget = resolve_budget(memory_budget, cl)
     from zv_dask.ingest.plan import preflight  # the same checks a dry run makes
 
     src, plan, dt, dt_reason = preflight(points, store, attributes=attributes, object_ids=object_ids,
@@ -243,19 +187,25 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
                                          base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,
                                          shard_shape=shard_shape, backend=backend, storage_options=storage_options,
                                          overwrite=overwrite, axes=axes, partition_rows=partition_rows,
-                                         branch=branch)
+                                         branch=branch, budget=budget, slots=slots)
     dt = plan.dtype
     drop = out_of_bounds == "ignore" and plan.bounds is not None
-    pyramid_opts = pyramid_options(pyramid, src.ndim)  # checked before anything is read or written
+    pyramid_opts = pyramid_options(pyramid, src.ndim, budget)  # checked before anything is read or written
     local = None
     if cl is not None and src.in_memory:
         # numpy / pandas input: on its way to the workers (once) while this process scans it
         local = src.partitions
         src.partitions = cl.persist(src.partitions)
-    stats, final_bounds, dropped, occ, _ = scan_pass(src, plan, out_of_bounds, cl, progress, local=local)
+    stats, final_bounds, dropped, occ, counts = scan_pass(src, plan, out_of_bounds, cl, progress, local=local)
     seconds["scan"] = time.perf_counter() - t0
 
-    warnings = precision_warnings(dt, stats, src)
+    # the shuffle's plan, and its scratch space, before anything is written ------------------
+    grid0 = Grid(tuple(map(float, final_bounds[0])), tuple(map(float, final_bounds[1])), plan.chunk_shape,
+                 plan.base_bin_shape or plan.chunk_shape, dt)
+    l0 = plan_level0(src, grid0, occ, counts, budget, group_points=group_points, slots=slots,
+                     shard_shape=shard_shape, shipped=local is not None)
+    staging = scratch_for(plan, cl, scratch, l0) if l0.staged else None
+    warnings = precision_warnings(dt, stats, src) + l0.warnings
 
     # coordinator: the store, the grid, the groups ------------------------------------------
     t1 = time.perf_counter()
@@ -270,43 +220,68 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     builder = fused = None
     try:
         grid = zs.grid(0)
-        n_points = int(occ.counts.sum())
-        target_points = auto_group_points(group_points, n_points, slots)
         prepare_level(zs.root, 0, grid, specs, shards=shard_shape)
         units = UnitGrid.of(grid, shard_shape) if shard_shape is not None else None
         if pyramid_opts is not None:
             builder, fused, units = plan_fused_levels(zs, job, cl, progress, pyramid_opts, grid, specs, occ,
-                                                       src.has_object_ids, shard_shape, target_points, units, slots,
-                                                       group_points)
-        groups = plan_groups(grid, occ, target_points, units)
+                                                       src.has_object_ids, shard_shape, units, slots,
+                                                       l0.fused_points)
+        groups = plan_groups(grid, occ, l0.target_points, units)
         target = job.target()
-        splits = [delayed(_split_task, nout=groups.n_groups)(p, grid, groups.starts, drop, units)
-                  for p in src.partitions]
         names = [s.name for s in specs]
         geoms = fused.geoms if fused is not None else ()
-        writes = [delayed(write_group)([splits[p][g] for p in range(len(splits))], grid, 0, target, names, g, geoms)
-                  for g in range(groups.n_groups)]
+        layout = l0.layout
+        if staging is None:
+            splits = [delayed(split_task, nout=groups.n_groups)(p, grid, groups.starts, drop, units, layout)
+                      for p in src.partitions]
+            writes = [delayed(write_group)([splits[p][g] for p in range(len(splits))], grid, 0, target, names, g,
+                                           geoms) for g in range(groups.n_groups)]
+        else:
+            splits = [delayed(stage_task)(p, grid, groups.starts, drop, units, layout, staging, i)
+                      for i, p in enumerate(src.partitions)]
+            writes = None  # made from where the pieces landed, once they are staged
     except BaseException:
         put_back(job, zs, created_here, old_metadata, settle=0)  # no task has run yet
+        if staging is not None:
+            staging.remove()
         raise
     seconds["prepare"] = time.perf_counter() - t1
     report = IngestReport(store=str(zs.url or zs.backend.kind), points_read=int(stats.count),
                           points_dropped=int(dropped), bounds=[list(map(float, b)) for b in final_bounds],
                           dtype=dt, dtype_reason=dt_reason, chunk_shape=list(plan.chunk_shape),
                           base_bin_shape=list(plan.base_bin_shape) if plan.base_bin_shape else None,
-                          partitions=len(src.partitions), groups=groups.n_groups, warnings=warnings)
+                          partitions=len(src.partitions), groups=groups.n_groups, warnings=warnings,
+                          memory_budget=budget.per_worker, shuffle=l0.shuffle.mode,
+                          scratch=staging.url if staging is not None else None)
+    level_label = ("shuffle and write level 0" if staging is None else "write level 0") + (
+        f" and levels 1-{fused.numbers[-1]}" if fused is not None and len(fused.levels) > 1
+        else " and level 1" if fused is not None else "")
+
+    def write_level0() -> list:
+        """Run the shuffle and the write tasks; returns their results in group order."""
+        nonlocal writes
+        if staging is None:
+            return run_tasks(writes, cl, progress, level_label)
+        t = time.perf_counter()
+        staged = run_tasks(splits, cl, progress, "shuffle: stage the pieces on scratch")
+        seconds["stage"] = time.perf_counter() - t
+        report.bytes_staged = int(sum(p.nbytes for p in staged))
+        refs = group_refs(staged, groups.n_groups)
+        writes = [delayed(write_staged_group)(refs[g], staging, layout, grid, 0, target, names, g, geoms)
+                  for g in range(groups.n_groups)]
+        return run_tasks(writes, cl, progress, level_label)
 
     def run() -> IngestReport:
         t2 = time.perf_counter()
         stage = "write"
         try:
-            results = run_tasks(writes, cl, progress, "shuffle and write level 0" +
-                                (f" and levels 1-{fused.numbers[-1]}" if fused is not None and len(fused.levels) > 1
-                                 else " and level 1" if fused is not None else ""))
+            results = write_level0()
+            if staging is not None:
+                staging.remove()  # the pieces are written: free the scratch space before the pyramid
             job.absorb([fork for _, _, fork in results])
             summary = ChunkSummary.concat([s for s, _, _ in results], grid.ndim)
             t3 = time.perf_counter()
-            seconds["write"] = t3 - t2
+            seconds["write"] = t3 - t2 - seconds.get("stage", 0.0)
             stage = "finalize"
             meta = finalize_level(zs.root, 0, grid, summary, LevelMetadata(level=0, fragments_tile=True), specs)
             seconds["finalize"] = time.perf_counter() - t3
@@ -343,8 +318,11 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
             report.snapshot_id = job.commit()
         except BaseException as e:
             put_back(job, zs, created_here, old_metadata)
+            if staging is not None:
+                staging.remove()
             if isinstance(e, Exception) and not isinstance(e, ZVError):
-                tasks = write_task_names(writes, splits, groups, grid) if stage == "write" else None
+                tasks = write_task_names(writes, splits, groups, grid, staged=staging is not None) \
+                    if stage == "write" else None
                 if stage == "pyramid" and builder is not None and builder.building:
                     stage = f"pyramid level {builder.building[0]}"
                 raise stage_error(stage, e, tasks) from e
@@ -353,5 +331,5 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         return report
 
     if not compute:
-        return PendingIngest(run, writes, report)
+        return PendingIngest(run, writes if writes is not None else splits, report)
     return run()

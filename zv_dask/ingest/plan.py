@@ -17,19 +17,17 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from zv_dask.budget import MemoryBudget, fmt_bytes, resolve_budget, split_bytes_per_point, write_bytes_per_point
 from zv_dask.errors import InputError
 from zv_dask.format.grid import Grid
 from zv_dask.ingest.bounds import POLICIES
-from zv_dask.ingest.report import _fmt_bytes
+from zv_dask.ingest.level0 import auto_partition_rows, partition_cap, plan_level0, row_bytes, scratch_for
 from zv_dask.ingest.shuffle import UnitGrid, plan_groups
-from zv_dask.ingest.sources import as_source
+from zv_dask.ingest.sources import DEFAULT_PARTITION_ROWS, as_source
 from zv_dask.ingest.target import plan_target
 from zv_dask.scheduling import resolve_client
 
-__all__ = ["IngestPlan", "plan_ingest", "preflight", "WORKING_COPIES"]
-
-#: A task holds its input plus about this many working copies (cast, sort, encode) at its peak.
-WORKING_COPIES = 3
+__all__ = ["IngestPlan", "plan_ingest", "preflight"]
 _FRAGMENT_HEADER = 16 + 4  # fragment index v1 header and the empty CSR offsets
 
 
@@ -69,6 +67,15 @@ class IngestPlan:
     estimated_partition_memory: int
     estimated_group_memory: int
     estimated_task_memory: int
+    memory_budget: int = 0
+    memory_budget_origin: str = ""
+    workers: int = 1
+    threads_per_worker: int = 1
+    shuffle: str = "memory"
+    shuffle_reason: str = ""
+    estimated_peak_worker_memory: int = 0
+    estimated_scratch_bytes: int = 0
+    scratch: str | None = None
     pyramid: dict | None = None
     levels_in_write_tasks: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
@@ -102,10 +109,15 @@ class IngestPlan:
             f"base_bin_shape {self.base_bin_shape or self.chunk_shape}",
             f"  tasks       {self.partitions} scan + {self.partitions} split tasks -> {self.write_groups} write groups "
             f"(largest {pts(self.largest_group_points)} points)",
-            f"  bytes       ~{_fmt_bytes(self.estimated_bytes)} of level-0 cells before compression "
+            f"  bytes       ~{fmt_bytes(self.estimated_bytes)} of level-0 cells before compression "
             f"({self.bytes_per_point} B per point)",
-            f"  memory      ~{_fmt_bytes(self.estimated_task_memory)} per task at peak (largest partition "
-            f"{_fmt_bytes(self.estimated_partition_memory)}, largest group {_fmt_bytes(self.estimated_group_memory)})",
+            f"  memory      ~{fmt_bytes(self.estimated_task_memory)} per task at peak (largest partition "
+            f"{fmt_bytes(self.estimated_partition_memory)}, largest group {fmt_bytes(self.estimated_group_memory)})",
+            f"  budget      {fmt_bytes(self.memory_budget)} per worker ({self.memory_budget_origin}); "
+            f"{self.workers} worker(s) x {self.threads_per_worker} thread(s)",
+            f"  shuffle     {self.shuffle}: {self.shuffle_reason}; ~{fmt_bytes(self.estimated_peak_worker_memory)} "
+            "per worker at peak" + (f"; ~{fmt_bytes(self.estimated_scratch_bytes)} staged on {self.scratch}"
+                                    if self.shuffle == "staged" else ""),
         ]
         if self.pyramid is not None:
             opts = ", ".join(f"{k}={v}" for k, v in self.pyramid.items()) or "defaults"
@@ -132,20 +144,26 @@ def _describe_target(store) -> str:
 def preflight(points, store, *, attributes=None, object_ids=None, columns=None, chunk_shape=None, bounds=None,
               base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, backend=None,
               storage_options=None, overwrite: bool = False, axes=None, partition_rows: int | None = None,
-              branch: str = "main"):
+              branch: str = "main", budget: MemoryBudget | None = None, slots: int = 1):
     """The checks an ingest job makes before reading any point: input, target store and geometry.
 
     Cheap (file headers and store metadata only) and writes nothing. Raises the
     errors :func:`zv_dask.ingest` would raise at this stage; returns
-    ``(source, target_plan, dtype, dtype_reason)``.
+    ``(source, target_plan, dtype, dtype_reason)``. Unless ``partition_rows`` is
+    given, partitions hold at most what the memory ``budget`` lets a task hold.
     """
     from zv_dask.ingest.graph import _choose_dtype
 
     if out_of_bounds not in POLICIES:
         raise InputError(f"out_of_bounds={out_of_bounds!r} is not one of {POLICIES}")
-    src = as_source(points, attributes=attributes, object_ids=object_ids, columns=columns,
-                    partition_rows=partition_rows)
+    kw = dict(attributes=attributes, object_ids=object_ids, columns=columns)
+    rows = auto_partition_rows(points, partition_rows, slots)
+    src = as_source(points, partition_rows=rows, **kw)
     dt, dt_reason = _choose_dtype(dtype, src)
+    if partition_rows is None and budget is not None:
+        cap = partition_cap(budget, src, dt)
+        if cap < (rows or DEFAULT_PARTITION_ROWS):
+            src = as_source(points, partition_rows=cap, **kw)
     plan = plan_target(store, ndim=src.ndim, chunk_shape=chunk_shape, bounds=bounds, base_bin_shape=base_bin_shape,
                        dtype=dt, axes=axes if axes is not None else src.axes, backend=backend,
                        storage_options=storage_options, overwrite=overwrite, branch=branch)
@@ -162,42 +180,44 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
                 base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, pyramid=None,
                 backend=None, storage_options=None, client=None, overwrite: bool = False, axes=None,
                 progress: bool = False, partition_rows: int | None = None, group_points: int | None = None,
-                branch: str = "main") -> IngestPlan:
+                branch: str = "main", memory_budget=None, scratch=None) -> IngestPlan:
     """Plan an ingest job without writing: the scan pass runs, the store is only inspected.
 
     Takes the arguments of :func:`zv_dask.ingest` (those that change what is
     written) and raises the same errors it would raise before writing: bad
     input, a store that already holds points, points outside the bounds under
-    ``out_of_bounds="raise"``.
+    ``out_of_bounds="raise"``, a memory budget too small for one chunk.
 
     Returns
     -------
     IngestPlan
         Partitions, the settled bounds and dtype, the chunk grid and occupied
-        chunks, write groups, estimated bytes and per-task memory.
+        chunks, write groups, estimated bytes and per-task memory, the memory
+        budget and how the shuffle holds its pieces within it.
     """
-    from zv_dask.ingest.graph import (
-        auto_group_points, auto_partition_rows, precision_warnings, scan_pass)
+    from zv_dask.ingest.graph import precision_warnings, scan_pass
     from zv_dask.ingest.fused import fused_steps, pyramid_builder, pyramid_options
     from zv_dask.scheduling import task_slots
 
     cl = resolve_client(client)
     slots = task_slots(cl)
-    partition_rows = auto_partition_rows(points, partition_rows, slots)
+    budget = resolve_budget(memory_budget, cl)
     t0 = time.perf_counter()
     src, plan, dt, dt_reason = preflight(points, store, attributes=attributes, object_ids=object_ids,
                                          columns=columns, chunk_shape=chunk_shape, bounds=bounds,
                                          base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,
                                          shard_shape=shard_shape, backend=backend, storage_options=storage_options,
                                          overwrite=overwrite, axes=axes, partition_rows=partition_rows,
-                                         branch=branch)
+                                         branch=branch, budget=budget, slots=slots)
     stats, final_bounds, dropped, occ, counts = scan_pass(src, plan, out_of_bounds, cl, progress, sample=False)
     grid = Grid(tuple(map(float, final_bounds[0])), tuple(map(float, final_bounds[1])), plan.chunk_shape,
                 plan.base_bin_shape or plan.chunk_shape, dt)
-    target_points = auto_group_points(group_points, int(occ.counts.sum()), slots)
+    l0 = plan_level0(src, grid, occ, counts, budget, group_points=group_points, slots=slots, shard_shape=shard_shape,
+                     shipped=cl is not None and src.in_memory)
+    staging = scratch_for(plan, cl, scratch, l0) if l0.staged else None
     units = UnitGrid.of(grid, shard_shape) if shard_shape is not None else None
     fused = []
-    pyramid_opts = pyramid_options(pyramid, src.ndim)
+    pyramid_opts = pyramid_options(pyramid, src.ndim, budget)
     if pyramid_opts is not None:
         from zv_dask.format.metadata import RootMetadata
 
@@ -205,16 +225,14 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
             chunk_shape=tuple(plan.chunk_shape), bounds=(tuple(final_bounds[0]), tuple(final_bounds[1])),
             base_bin_shape=tuple(plan.base_bin_shape) if plan.base_bin_shape else None)
         builder = pyramid_builder(None, None, cl, False, pyramid_opts, slots, meta=meta)
-        steps, fused_units = fused_steps(builder, grid, occ, shard_shape, target_points, group_points)
+        steps, fused_units = fused_steps(builder, grid, occ, shard_shape, l0.fused_points)
         if steps:
             fused, units = [st.level for st in steps], fused_units
-    groups = plan_groups(grid, occ, target_points, units)
+    groups = plan_groups(grid, occ, l0.target_points, units)
 
     n_points = int(stats.count) - int(dropped)
-    itemsize = np.dtype(dt).itemsize
-    attr_bytes = sum(np.dtype(d).itemsize * (c or 1) for d, c in src.attributes.values())
-    per_point = src.ndim * itemsize + attr_bytes
-    in_per_point = src.ndim * np.dtype(src.position_dtype).itemsize + attr_bytes + (8 if src.has_object_ids else 0)
+    in_row, per_point = row_bytes(src, dt)
+    per_point -= 8 if src.has_object_ids else 0  # ids are stored in the object index, not in the cells
     f = grid.fragments_per_chunk
     n_chunks = int(len(occ.counts))
     frag_bytes = n_chunks * (_FRAGMENT_HEADER + -(-((f + 7) // 8) // 8) * 8 + 16 * f)
@@ -224,9 +242,10 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
     est_bytes = n_points * per_point + frag_bytes + manifest_bytes
     largest_part = max(counts) if counts else 0
     largest_group = int(groups.points.max()) if groups.n_groups else 0
-    part_mem = largest_part * in_per_point
-    group_mem = largest_group * (per_point + (8 if src.has_object_ids else 0))
-    warnings = precision_warnings(dt, stats, src)
+    piece_row = l0.layout.row_bytes
+    part_mem = largest_part * split_bytes_per_point(in_row, piece_row)
+    group_mem = largest_group * write_bytes_per_point(piece_row, per_point)
+    warnings = precision_warnings(dt, stats, src) + l0.warnings
     if grid.n_cells > 50 * max(n_chunks, 1) and grid.n_cells > 1_000_000:
         warnings.append(f"the grid has {grid.n_cells:,} cells for {n_chunks:,} occupied chunks: the data is sparse "
                         "in its bounds; a larger chunk_shape would give fewer, fuller chunks")
@@ -251,6 +270,10 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
         largest_group_points=largest_group,
         attributes={k: [d, c] for k, (d, c) in src.attributes.items()}, object_ids=bool(src.has_object_ids),
         bytes_per_point=int(per_point), estimated_bytes=int(est_bytes), estimated_partition_memory=int(part_mem),
-        estimated_group_memory=int(group_mem),
-        estimated_task_memory=int(WORKING_COPIES * max(part_mem, group_mem)),
+        estimated_group_memory=int(group_mem), estimated_task_memory=int(max(part_mem, group_mem)),
+        memory_budget=budget.per_worker, memory_budget_origin=budget.origin, workers=budget.workers,
+        threads_per_worker=budget.threads_per_worker, shuffle=l0.shuffle.mode, shuffle_reason=l0.shuffle.reason,
+        estimated_peak_worker_memory=l0.shuffle.peak_per_worker,
+        estimated_scratch_bytes=l0.shuffle.staged_bytes if staging is not None else 0,
+        scratch=staging.url if staging is not None else None,
         pyramid=pyr, levels_in_write_tasks=fused, warnings=warnings, seconds=time.perf_counter() - t0)

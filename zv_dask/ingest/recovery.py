@@ -31,17 +31,18 @@ def stage_error(stage: str, e: Exception, tasks: dict | None = None) -> IngestEr
                        stage=stage, chunk=chunk)
 
 
-def write_task_names(writes, splits, groups, grid) -> dict:
+def write_task_names(writes, splits, groups, grid, staged: bool = False) -> dict:
     """Task key -> (what, first chunk) for the write stage's tasks, to name a dead one."""
-    out = {s.key: (f"splitting input partition {p}", None) for p, s in enumerate(splits)}
-    for g, w in enumerate(writes):
+    verb = "staging" if staged else "splitting"
+    out = {s.key: (f"{verb} input partition {p}", None) for p, s in enumerate(splits)}
+    for g, w in enumerate(writes or []):
         start = int(groups.starts[g])
         if groups.units is None:
             first = grid.chunks_of_cell_ids(np.array([start]))[0]
         else:
             first = np.maximum(groups.units.first_chunk(start), np.asarray(grid.origin))
         out[w.key] = (f"writing group {g} (first chunk {chunk_key(first)})", chunk_key(first))
-        for p, s in enumerate(splits):  # the piece of partition p that group g gathers
+        for p, s in enumerate(splits if not staged else ()):  # the piece of partition p that group g gathers
             out[s[g].key] = (f"group {g} (first chunk {chunk_key(first)}) gathering input partition {p}",
                              chunk_key(first))
     return out

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from zv_dask.budget import fmt_bytes as _fmt_bytes
+
 __all__ = ["IngestReport"]
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 @dataclass
@@ -36,6 +30,10 @@ class IngestReport:
     links: str = "none"  # cross-level links written: "none", "implicit" or "explicit"
     link_counts: dict = field(default_factory=dict)  # "<level>/<+1|-1>" -> records
     bytes_written: int = 0
+    memory_budget: int = 0  # bytes per worker the job planned within
+    shuffle: str = "memory"  # where the pieces waited: "memory" or "staged" (on scratch)
+    scratch: str | None = None  # the scratch location of a staged shuffle (removed when the job ended)
+    bytes_staged: int = 0  # bytes of pieces written to (and read back from) scratch
     seconds: dict = field(default_factory=dict)
     snapshot_id: str | None = None
     warnings: list = field(default_factory=list)
@@ -64,7 +62,10 @@ class IngestReport:
                  f"  bounds      {self.bounds}",
                  f"  chunks      {self.chunks_written:,} written, chunk_shape {self.chunk_shape}",
                  f"  tasks       {self.partitions} input partitions -> {self.groups} write groups",
-                 f"  bytes       {_fmt_bytes(self.bytes_written)}"]
+                 f"  bytes       {_fmt_bytes(self.bytes_written)}",
+                 f"  shuffle     {self.shuffle}" + (
+                     f", {_fmt_bytes(self.bytes_staged)} staged on {self.scratch}" if self.shuffle == "staged" else "")
+                 + (f" (memory budget {_fmt_bytes(self.memory_budget)} per worker)" if self.memory_budget else "")]
         for lv in self.levels:
             lines.append(f"  level {lv['level']:<5} {lv['vertex_count']:,} vertices in {lv.get('chunks', '?')} chunks"
                          + (" (built by the write tasks)" if lv["level"] in self.levels_in_write_tasks else ""))

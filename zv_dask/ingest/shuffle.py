@@ -22,7 +22,7 @@ from zv_dask.ingest.bounds import PartitionStats, partition_stats
 from zv_dask.ingest.sources import Batch
 
 __all__ = ["Occupancy", "ScanResult", "scan_partition", "combine_occupancy", "plan_groups", "GroupPlan",
-           "split_partition", "merge_pieces", "unit_ids", "UnitGrid"]
+           "key_dtypes", "sort_by_group", "split_partition", "merge_pieces", "unit_ids", "UnitGrid"]
 
 
 @dataclass
@@ -205,32 +205,54 @@ def plan_groups(grid: Grid, occ: Occupancy, target_points: int, units: UnitGrid 
     return GroupPlan(starts.astype(np.int64), pts.astype(np.int64), chunks_per_group.astype(np.int64), units)
 
 
-def split_partition(batch: Batch, grid: Grid, starts: np.ndarray, drop_outside: bool,
-                    units: UnitGrid | None = None) -> list:
-    """Pass 2 on one partition: cast, drop outside points if asked, bin, and split by group (input order kept).
+def key_dtypes(grid: Grid) -> tuple[type, type]:
+    """The narrowest dtypes of the cell ids and fragments a split hands its write tasks."""
+    return (np.int32 if grid.n_cells < 2**31 else np.int64,
+            np.int32 if grid.fragments_per_chunk >= 2**15 else np.int16)
 
-    Each piece carries its points' cell ids and fragments, so the write task
-    does not bin them again.
+
+def sort_by_group(batch: Batch, grid: Grid, starts: np.ndarray, drop_outside: bool,
+                  units: UnitGrid | None = None) -> tuple[Batch, np.ndarray, np.ndarray] | None:
+    """Cast, drop outside points if asked, bin, and order a partition by write group (input order kept).
+
+    Returns ``(batch, order, bounds)``: the kept points with their cell ids and
+    fragments, the stable permutation that sorts them by group, and group ``g``'s
+    rows as ``order[bounds[g]:bounds[g + 1]]``; ``None`` when no point is kept.
     """
     pos = grid.cast(batch.positions)
     b = Batch(pos, batch.attributes, batch.object_ids)
     keep = _keep_mask(pos, grid, drop_outside)
     if keep is not None and not keep.all():
         b = b.take(np.flatnonzero(keep))
-    n_groups = len(starts)
     if len(b) == 0:
-        return [None] * n_groups
+        return None
     trivial = units is None or (units.trivial and units.anchor == grid.origin)
     if trivial:
         cell, frag = grid.assign(b.positions)
         ids = cell
     else:
         cell, frag, ids = grid.assign(b.positions, units=units)
-    b.cells = cell.astype(np.int32) if grid.n_cells < 2**31 else cell
-    b.fragments = frag.astype(np.int32 if grid.fragments_per_chunk >= 2**15 else np.int16)
+    cell_dtype, frag_dtype = key_dtypes(grid)
+    b.cells = cell.astype(cell_dtype, copy=False)
+    b.fragments = frag.astype(frag_dtype, copy=False)
     group = np.searchsorted(starts, ids, side="right") - 1
     order = stable_order(group)
-    bounds = np.searchsorted(group[order], np.arange(n_groups + 1))
+    bounds = np.searchsorted(group[order], np.arange(len(starts) + 1))
+    return b, order, bounds
+
+
+def split_partition(batch: Batch, grid: Grid, starts: np.ndarray, drop_outside: bool,
+                    units: UnitGrid | None = None) -> list:
+    """Pass 2 on one partition: its piece of every write group (``None`` where it has none).
+
+    Each piece carries its points' cell ids and fragments, so the write task
+    does not bin them again.
+    """
+    n_groups = len(starts)
+    sorted_ = sort_by_group(batch, grid, starts, drop_outside, units)
+    if sorted_ is None:
+        return [None] * n_groups
+    b, order, bounds = sorted_
     out = []
     for g in range(n_groups):
         lo, hi = bounds[g], bounds[g + 1]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from zv_dask.budget import MemoryBudget, pyramid_bytes_per_point, resolve_budget, rows_within
 from zv_dask.errors import StoreError
 from zv_dask.format.grid import Grid, chunk_keys, parse_chunk_key
 from zv_dask.format.links import (
@@ -216,9 +217,10 @@ class PyramidBuilder:
 
     def __init__(self, zs: ZVStore, job: WriteJob, *, levels, bin_ratio, chunk_scale, method, attribute_reduction,
                  sample_size, seed, min_points, client, points_per_task, levels_per_task, links, progress,
-                 slots: int | None = None, meta=None):
+                 slots: int | None = None, meta=None, memory_budget=None):
         check_build_options(method=method, points_per_task=points_per_task, levels_per_task=levels_per_task,
                             links=links)
+        budget = memory_budget if isinstance(memory_budget, MemoryBudget) else resolve_budget(memory_budget, client)
         self.zs, self.job = zs, job
         meta = meta if meta is not None else zs.metadata
         self.ndim = meta.ndim
@@ -226,7 +228,9 @@ class PyramidBuilder:
         self.min_points = min_points
         self.opts = dict(method=method, attribute_reduction=attribute_reduction, sample_size=sample_size, seed=seed)
         self.client = client
-        self.points_per_task = int(points_per_task)
+        self.budget = budget
+        self._asked_points = None if points_per_task is None else int(points_per_task)
+        self.points_per_task = self._asked_points or DEFAULT_POINTS_PER_TASK
         self.levels_per_task = None if levels_per_task is None else int(levels_per_task)
         self.progress = progress
         self.slots = slots if slots is not None else task_slots(client)
@@ -253,9 +257,18 @@ class PyramidBuilder:
                 self._pending.append(nxt)
         return self._pending[i] if i < len(self._pending) else None
 
-    def check_attributes(self, specs: list[AttributeSpec]) -> None:
-        """Raise now (before anything changes) if ``attribute_reduction`` does not fit the level-0 attributes."""
+    def check_attributes(self, specs: list[AttributeSpec], dtype: str = "float64") -> None:
+        """Raise now (before anything changes) if ``attribute_reduction`` does not fit the level-0 attributes.
+
+        Also sizes the tasks: unless ``points_per_task`` was given, as many points
+        as the memory budget lets a task hold (at most ``DEFAULT_POINTS_PER_TASK``).
+        """
         resolve_attributes(specs, self.opts["attribute_reduction"], self.opts["method"])
+        if self._asked_points is None:
+            row = self.ndim * np.dtype(dtype).itemsize + sum(np.dtype(s.dtype).itemsize * (s.channels or 1)
+                                                              for s in specs)
+            self.points_per_task = rows_within(self.budget.per_task, pyramid_bytes_per_point(row),
+                                               DEFAULT_POINTS_PER_TASK, 1)
 
     # -- planning --------------------------------------------------------------------------
     def first_reason(self, count: int, n_chunks: int) -> str:

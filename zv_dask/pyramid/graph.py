@@ -35,9 +35,9 @@ from __future__ import annotations
 import functools
 import time
 
+from zv_dask.budget import MemoryBudget, parse_size
 from zv_dask.errors import IngestError, StoreError, ZVError
 from zv_dask.pyramid.builder import (
-    DEFAULT_POINTS_PER_TASK,
     PyramidBuilder,
     PyramidReport,
     drop_coarse_levels,
@@ -52,7 +52,7 @@ __all__ = ["build_pyramid", "PyramidReport", "PyramidBuilder", "LINK_STORAGE"]
 
 
 def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction, sample_size, seed, min_points,
-           client, job, points_per_task, levels_per_task, links, progress) -> PyramidReport:
+           client, job, points_per_task, levels_per_task, links, progress, memory_budget) -> PyramidReport:
     t0 = time.perf_counter()
     zs = job.store if job is not None else as_store(store, "r+")
     if zs.read_only:
@@ -64,9 +64,10 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
         builder = PyramidBuilder(zs, job, levels=levels, bin_ratio=bin_ratio, chunk_scale=chunk_scale, method=method,
                                  attribute_reduction=attribute_reduction, sample_size=sample_size, seed=seed,
                                  min_points=min_points, client=client, points_per_task=points_per_task,
-                                 levels_per_task=levels_per_task, links=links, progress=progress)
+                                 levels_per_task=levels_per_task, links=links, progress=progress,
+                                 memory_budget=memory_budget)
         src = source_from_store(zs, 0)
-        builder.check_attributes(src.specs)  # raises before anything changes
+        builder.check_attributes(src.specs, src.grid.dtype)  # raises before anything changes
         drop_coarse_levels(zs)
         report = builder.report
         report.vertex_counts[0] = src.vertex_count
@@ -96,8 +97,8 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
 def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=1, method: str = "centroid",
                   attribute_reduction: dict | None = None, sample_size: int = 8, seed: int = 0,
                   min_points: int = 1024, links=None, client=None, compute: bool = True, job: WriteJob | None = None,
-                  points_per_task: int = DEFAULT_POINTS_PER_TASK, levels_per_task: int | None = None,
-                  progress: bool = False):
+                  points_per_task: int | None = None, levels_per_task: int | None = None,
+                  progress: bool = False, memory_budget=None):
     """Build coarse levels 1..L of a store from its level 0.
 
     Parameters
@@ -144,13 +145,17 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
         The :class:`~zv_dask.transaction.WriteJob` of an enclosing job (ingest):
         the pyramid then joins that job's single commit instead of committing.
     points_per_task
-        A task owns whole regions of about this many fine points; a round of
-        tasks builds as many consecutive levels as such regions hold.
+        A task owns whole regions of about this many fine points (default: what
+        ``memory_budget`` lets a task hold, at most 2,000,000); a round of tasks
+        builds as many consecutive levels as such regions hold.
     levels_per_task
         At most this many levels per round of tasks (``None``: as many as fit).
         ``1`` makes every level durable on its own on a plain store.
     progress
         Show a progress bar per round of tasks.
+    memory_budget
+        Bytes (or a size like ``"2GiB"``) the build may hold per worker; by
+        default half the workers' memory limit (see :func:`zv_dask.ingest`).
 
     Existing coarse levels (and level-0 cross-level links) are replaced. On
     failure an own icechunk job is discarded; on plain stores the levels of the
@@ -158,11 +163,13 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
     """
     check_build_options(method=method, points_per_task=points_per_task, levels_per_task=levels_per_task,
                         links=links)  # raises now even when compute=False
+    if memory_budget is not None and not isinstance(memory_budget, MemoryBudget):
+        parse_size(memory_budget)
     run = functools.partial(_build, store, levels=levels, bin_ratio=bin_ratio, chunk_scale=chunk_scale,
                             method=method, attribute_reduction=attribute_reduction, sample_size=sample_size,
                             seed=seed, min_points=min_points, client=client, job=job,
                             points_per_task=points_per_task, levels_per_task=levels_per_task, links=links,
-                            progress=progress)
+                            progress=progress, memory_budget=memory_budget)
     if compute:
         return run()
     import dask

@@ -195,7 +195,7 @@ def check_build_options(*, method: str = "centroid", points_per_task=1, levels_p
     """Raise :class:`InputError` for a pyramid option out of range (before anything is read or written)."""
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(points_per_task, bool) or int(points_per_task) < 1:
+    if points_per_task is not None and (isinstance(points_per_task, bool) or int(points_per_task) < 1):
         raise InputError(f"points_per_task must be >= 1, got {points_per_task!r}")
     if levels_per_task is not None and (isinstance(levels_per_task, bool) or int(levels_per_task) < 1):
         raise InputError(f"levels_per_task must be None or an integer >= 1, got {levels_per_task!r}")

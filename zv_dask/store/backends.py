@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlparse
 
 from zv_dask.errors import StoreError
 
-__all__ = ["Backend", "resolve_backend", "local_path", "url_scheme"]
+__all__ = ["Backend", "resolve_backend", "local_path", "url_scheme", "object_store"]
 
 OBJECT_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "azure", "abfs", "abfss", "http", "https", "memory"}
 BACKENDS = (None, "local", "obstore", "fsspec", "icechunk")
@@ -156,6 +156,14 @@ def _obstore_store(url: str, scheme: str, options: dict, read_only: bool):
         raise StoreError(f"cannot configure the obstore {scheme}:// store for {url!r} from storage_options "
                          f"{sorted(options)}: {type(e).__name__}: {_first_line(e)}") from None
     return ObjectStore(obs, read_only=read_only)
+
+
+def object_store(url: str, options: dict | None = None):
+    """The obstore store of an object-storage URL (``s3://bucket/prefix``...), configured by ``options``."""
+    scheme = url_scheme(url)
+    if scheme not in OBJECT_SCHEMES:
+        raise StoreError(f"{url!r} is not an object-storage URL (s3://, gs://, az://, http(s)://, memory://)")
+    return _obstore_store(url, scheme, dict(options or {}), read_only=False).store
 
 
 def _first_line(e: BaseException) -> str:

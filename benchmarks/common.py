@@ -1,0 +1,80 @@
+"""What every benchmark shares: the machine's description, an RSS sampler, where a path lives."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class RSSMonitor:
+    """Samples the RSS of this process and of every descendant (Dask workers) every 50 ms."""
+
+    def __init__(self):
+        import psutil
+
+        self._psutil = psutil
+        self.peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = self._psutil.Process()
+        while not self._stop.is_set():
+            try:
+                procs = [me] + me.children(recursive=True)
+            except self._psutil.Error:
+                procs = [me]
+            for p in procs:
+                try:
+                    rss = p.memory_info().rss
+                except self._psutil.Error:
+                    continue
+                if rss > self.peak.get(p.pid, 0):
+                    self.peak[p.pid] = rss
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def machine() -> dict:
+    import dask
+    import psutil
+    import zarr
+
+    import zv_dask
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "zv_dask": zv_dask.__version__, "dask": dask.__version__,
+            "zarr": zarr.__version__, "date": time.strftime("%Y-%m-%d")}
+
+
+def disk_of(path: str) -> str:
+    """The file system a path is on, for the record: ``"tmpfs"``, ``"disk (ext4)"``..."""
+    path = os.path.abspath(path)
+    best, kind = "", "unknown"
+    try:
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                _, mnt, fstype = line.split()[:3]
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                    best, kind = mnt, fstype
+    except OSError:
+        return kind
+    return "tmpfs" if kind in ("tmpfs", "ramfs") else f"disk ({kind})"
+

@@ -1,0 +1,85 @@
+"""What the tasks of an ingest job do on a worker: scan, split (or stage), write a group.
+
+Top-level functions, so that they pickle by reference. The coordinator side is
+:mod:`zv_dask.ingest.graph`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zv_dask.errors import IngestError, ZVError
+from zv_dask.format.grid import Grid
+from zv_dask.format.layout import plan_chunks
+from zv_dask.ingest.shuffle import merge_pieces, scan_partition, split_partition
+from zv_dask.ingest.staging import PieceLayout, Scratch, load_group, stage_partition
+from zv_dask.pyramid.stack import LevelPoints, encode_level
+from zv_dask.pyramid.tasks import BatchResult, build_levels
+from zv_dask.store.levels import ChunkSummary, write_chunk_payloads
+from zv_dask.transaction import returned_fork, worker_store
+
+__all__ = ["scan_task", "split_task", "stage_task", "write_group", "write_staged_group"]
+
+
+def scan_task(batch, grid, bounds, drop_outside, offset, sample=True):
+    """Pass 1 on one partition (:func:`~zv_dask.ingest.shuffle.scan_partition`)."""
+    return scan_partition(batch, grid, bounds, drop_outside, offset, sample)
+
+
+def split_task(batch, grid, starts, drop_outside, units, layout: PieceLayout):
+    """Pass 2, in-memory shuffle: the partition's piece of every write group."""
+    return tuple(split_partition(layout.conform(batch), grid, starts, drop_outside, units))
+
+
+def stage_task(batch, grid, starts, drop_outside, units, layout: PieceLayout, scratch: Scratch, index: int):
+    """Pass 2, staged shuffle: the partition's pieces put on scratch; returns where they are."""
+    return stage_partition(layout.conform(batch), grid, starts, drop_outside, units, layout, scratch, index)
+
+
+def write_staged_group(refs, scratch: Scratch, layout: PieceLayout, grid: Grid, level: int, target, attr_names,
+                       group_index: int, geoms=()):
+    """:func:`write_group` of a group whose pieces are on scratch (``refs``: where, in input order)."""
+    try:
+        batch = load_group(scratch, layout, refs)
+    except ZVError:
+        raise
+    except Exception as e:  # noqa: BLE001 - name the stage and the group, keep the cause
+        raise IngestError(f"reading the staged pieces of group {group_index} from {scratch.where()} failed: "
+                          f"{type(e).__name__}: {e}", stage="write") from e
+    return _write_batch(batch, grid, level, target, attr_names, group_index, geoms)
+
+
+def write_group(pieces, grid: Grid, level: int, target, attr_names, group_index: int, geoms=()):
+    """Write one group's chunks, and the coarse levels ``geoms`` describe (whole regions).
+
+    Returns ``(ChunkSummary, BatchResult or None, fork or None)``.
+    """
+    return _write_batch(merge_pieces(list(pieces)), grid, level, target, attr_names, group_index, geoms)
+
+
+def _write_batch(batch, grid: Grid, level: int, target, attr_names, group_index: int, geoms=()):
+    if batch is None:
+        empty = ChunkSummary(np.zeros((0, grid.ndim), np.int64), np.zeros(0, np.int64))
+        return empty, (BatchResult() if geoms else None), returned_fork(target)
+    first = None
+    zstore = worker_store(target)
+    try:
+        oids = None if batch.object_ids is None else np.asarray(batch.object_ids).astype(np.int64)
+        plan = plan_chunks(batch.positions, grid, oids, batch.cells, batch.fragments)
+        first = ".".join(map(str, plan.chunks[0])) if plan.n_chunks else None
+        o = plan.order
+        level0 = LevelPoints.from_plan(np.take(batch.positions, o, axis=0),
+                                       {k: np.take(np.asarray(v), o, axis=0) for k, v in batch.attributes.items()},
+                                       None if oids is None else oids[o], plan, grid.bins_per_chunk,
+                                       (1,) * grid.ndim)
+        del batch
+        nbytes = write_chunk_payloads(zstore, level, grid, list(encode_level(level0, plan, grid.dtype)),
+                                      list(attr_names))
+    except ZVError:
+        raise
+    except Exception as e:  # noqa: BLE001 - name the stage and chunk, keep the cause
+        raise IngestError(f"writing group {group_index} (first chunk {first}) failed: {type(e).__name__}: {e}",
+                          stage="write", chunk=first) from e
+    summary = ChunkSummary.from_plan(plan, nbytes)
+    coarse = build_levels(zstore, level0, tuple(geoms)) if geoms else None
+    return summary, coarse, returned_fork(target)
