@@ -49,3 +49,22 @@ def write_parquet(kind: str, n: int, directory: str, rows_per_file: int = 2_000_
                 os.path.join(directory, f"part-{i:05d}.parquet"), row_group_size=m)
         open(done, "w").close()
     return os.path.join(directory, "part-*.parquet")
+
+
+def parquet_files(kind: str, n: int, directory: str, rows_per_file: int = 2_000_000) -> list[str]:
+    """The first ``n`` points of one growing Parquet set (file ``i`` holds block ``i``, seeded as in
+    :func:`write_parquet`): files already there are reused, so every N shares the smaller N's files."""
+    import pandas as pd
+
+    os.makedirs(directory, exist_ok=True)
+    out = []
+    for i, s in enumerate(range(0, n, rows_per_file)):
+        m = min(rows_per_file, n - s)
+        path = os.path.join(directory, f"{kind}-{i:05d}-{m}.parquet")
+        if not os.path.exists(path):
+            pts, attrs = make_block(kind, m, seed=1000 + i)
+            tmp = path + ".partial"
+            pd.DataFrame({"x": pts[:, 0], "y": pts[:, 1], "z": pts[:, 2], **attrs}).to_parquet(tmp, row_group_size=m)
+            os.replace(tmp, path)
+        out.append(path)
+    return out

@@ -5,7 +5,7 @@
 
 For each N the harness generates uniform 3-D float32 points with two float32
 attributes as Parquet files of 2,000,000 rows (``benchmarks/data.py``; kept on
-disk under ``--data``, reused across runs), then runs one ``zv_dask.ingest``
+disk under ``--data``, shared by every N and reused across runs), then runs one ``zv_dask.ingest``
 job on ``local_cluster(2)`` (two worker processes, one thread each, memory limit
 auto) into a store on disk (``--work``): chunk 125, bin 12.5, 3 coarse levels,
 bin ratio 2, no cross-level links (the CLI's default). It prints and records
@@ -28,23 +28,25 @@ from benchmarks.common import HERE, RSSMonitor, disk_of, machine
 CHUNK, BIN, LEVELS = 125.0, 12.5, 3
 
 
-def run_one(client, source: str, n: int, store: str, budget) -> dict:
+def run_one(client, source: list[str], n: int, store: str, budget, label: str) -> dict:
     import zv_dask
 
     shutil.rmtree(store, ignore_errors=True)
+    extra = {} if budget is None else {"memory_budget": budget}  # none: the default (or a build from before budgets)
     worker_pids = set(client.run(os.getpid).values())
     with RSSMonitor() as mon:
         t0 = time.perf_counter()
         rep = zv_dask.ingest(source, store, chunk_shape=CHUNK, base_bin_shape=BIN,
-                             bounds=([0, 0, 0], [1000, 1000, 1000]), client=client, memory_budget=budget,
+                             bounds=([0, 0, 0], [1000, 1000, 1000]), client=client, **extra,
                              pyramid={"levels": LEVELS, "bin_ratio": 2, "links": "none"})
         wall = time.perf_counter() - t0
     store_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(store) for f in fs)
     shutil.rmtree(store, ignore_errors=True)
     rss = sorted((v for p, v in mon.peak.items() if p in worker_pids), reverse=True)
-    return {"n": n, "budget": budget or "default", "memory_budget_bytes": rep.memory_budget, "wall_s": wall,
-            "points_per_s": rep.points_written / wall, "points": rep.points_written, "shuffle": rep.shuffle,
-            "bytes_staged": rep.bytes_staged, "store_bytes": store_bytes, "stages": rep.seconds,
+    return {"n": n, "series": label, "budget": budget or "default",
+            "memory_budget_bytes": getattr(rep, "memory_budget", 0), "wall_s": wall,
+            "points_per_s": rep.points_written / wall, "points": rep.points_written, "shuffle": getattr(rep, "shuffle", "memory"),
+            "bytes_staged": getattr(rep, "bytes_staged", 0), "store_bytes": store_bytes, "stages": rep.seconds,
             "levels": {lv["level"]: lv["vertex_count"] for lv in rep.levels},
             "levels_in_write_tasks": rep.levels_in_write_tasks, "groups": rep.groups, "partitions": rep.partitions,
             "peak_worker_rss": rss, "peak_client_rss": mon.peak.get(os.getpid(), 0)}
@@ -63,7 +65,8 @@ def write_report(result: dict, out: str) -> str:
              " client RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         rss = ", ".join(f"{v / 2**30:.2f}" for v in r["peak_worker_rss"])
-        lines.append(f"| {r['n']:.0e} | {r['budget']} ({r['memory_budget_bytes'] / 2**30:.1f} GiB) | {r['shuffle']} | "
+        budget = f"{r['budget']} ({r['memory_budget_bytes'] / 2**30:.1f} GiB)" if r["memory_budget_bytes"] else r["series"]
+        lines.append(f"| {r['n']:.0e} | {budget} | {r['shuffle']} | "
                      f"{r['wall_s']:.1f} | {r['points_per_s'] / 1e6:.2f} | {r['bytes_staged'] / 2**30:.1f} | "
                      f"{r['store_bytes'] / 2**30:.1f} | {rss} | {r['peak_client_rss'] / 2**30:.2f} |")
     lines += ["", "Stage seconds per row: " + "; ".join(
@@ -85,11 +88,14 @@ def _plot(rows, path):
     except ImportError:  # pragma: no cover - the plot extra is optional
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for budget in dict.fromkeys(r["budget"] for r in rows):
-        rs = sorted((r for r in rows if r["budget"] == budget), key=lambda r: r["n"])
+    for series in dict.fromkeys(r["series"] for r in rows):
+        rs = sorted((r for r in rows if r["series"] == series), key=lambda r: r["n"])
         ns = [r["n"] for r in rs]
-        a.plot(ns, [max(r["peak_worker_rss"]) / 2**30 for r in rs], "o-", label=f"budget {budget}")
-        b.plot(ns, [r["wall_s"] for r in rs], "o-", label=f"budget {budget}")
+        rss = [max(r["peak_worker_rss"]) / 2**30 for r in rs]
+        a.plot(ns, rss, "o-", label=series)
+        b.plot(ns, [r["wall_s"] for r in rs], "o-", label=series)
+        for x, y, r in zip(ns, rss, rs):
+            a.annotate(r["shuffle"], (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
     a.axhline(3, color="grey", ls=":", lw=1)
     a.set(xscale="log", xlabel="points", ylabel="peak RSS of the largest worker (GiB)", ylim=(0, None),
           title="worker memory against N")
@@ -111,10 +117,11 @@ def main(argv=None):
     ap.add_argument("--work", default=os.path.join(HERE, "work"), help="where stores and scratch go (disk)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--append", action="store_true", help="add these rows to results/scale.json")
+    ap.add_argument("--label", help="the series name in the table and plot (default: 'budget <budget>')")
     args = ap.parse_args(argv)
     from distributed import Client
 
-    from benchmarks.data import write_parquet
+    from benchmarks.data import parquet_files
     from zv_dask.scheduling import local_cluster
 
     os.makedirs(args.work, exist_ok=True)
@@ -122,14 +129,15 @@ def main(argv=None):
     rows = []
     for n in [int(s) for s in args.sizes]:
         t = time.perf_counter()
-        source = write_parquet("uniform", n, os.path.join(args.data, f"parquet-uniform-{n}"))
-        print(f"input N={n:.0e}: {source} ready in {time.perf_counter() - t:.0f}s", flush=True)
+        source = parquet_files("uniform", n, os.path.join(args.data, "scale"))
+        print(f"input N={n:.0e}: {len(source)} files ready in {time.perf_counter() - t:.0f}s", flush=True)
         for budget in args.budgets:
             budget = None if budget == "none" else budget
             with local_cluster(2, local_directory=os.path.join(args.work, "dask")) as cluster, \
                     Client(cluster) as client:
                 client.run(lambda: __import__("zv_dask"))  # imports are not what we measure
-                r = run_one(client, source, n, os.path.join(args.work, "scale.zv"), budget)
+                r = run_one(client, source, n, os.path.join(args.work, "scale.zv"), budget,
+                            args.label or f"budget {budget or 'default'}")
             rows.append(r)
             print(f"N={n:.0e} budget={r['budget']}: {r['wall_s']:.1f}s, {r['points_per_s'] / 1e6:.2f} M points/s, "
                   f"shuffle {r['shuffle']}, staged {r['bytes_staged'] / 2**30:.1f} GiB, worker RSS "
