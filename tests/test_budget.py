@@ -20,11 +20,17 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import (
+    canon,
+    reference_points,
+    reference_validate,
+    store_contents,
+    tree_bytes,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import zv_dask
-from helpers import canon, reference_points, reference_validate, store_contents, tree_bytes
 from zv_dask.budget import MemoryBudget, parse_size, plan_shuffle, resolve_budget
 from zv_dask.errors import InputError, StoreError
 from zv_dask.format.grid import Grid
@@ -173,7 +179,7 @@ def test_staged_parquet_on_the_local_scheduler(tmp_path, rng):
         b = zv_dask.ingest(str(src / "*.parquet"), stg, memory_budget=TINY, scratch="my-scratch", **job)
     finally:
         os.chdir(cwd)
-    assert b.shuffle == "staged" and b.scratch == str(tmp_path / "my-scratch")
+    assert a.shuffle == "memory" and b.shuffle == "staged" and b.scratch == str(tmp_path / "my-scratch")
     assert list((tmp_path / "my-scratch").iterdir()) == [], "the job's own prefix is gone, the user's directory stays"
     assert tree_bytes(mem) == tree_bytes(stg)
 

@@ -19,88 +19,44 @@
 from __future__ import annotations
 
 import time
-from functools import reduce
 
-import numpy as np
 from dask import delayed
 
 from zv_dask.budget import resolve_budget
 from zv_dask.errors import InputError, ZVError
 from zv_dask.format.grid import Grid
 from zv_dask.format.metadata import LevelMetadata, attribute_spec
-from zv_dask.ingest.bounds import POLICIES, combine_stats, settle_bounds
+from zv_dask.ingest.bounds import POLICIES
 from zv_dask.ingest.fused import level0_source, plan_fused_levels, pyramid_options
 from zv_dask.ingest.level0 import plan_level0, scratch_for
-from zv_dask.ingest.recovery import metadata_docs, put_back, stage_error, write_task_names
+from zv_dask.ingest.plan import preflight
+from zv_dask.ingest.recovery import (
+    metadata_docs,
+    put_back,
+    stage_error,
+    write_task_names,
+)
 from zv_dask.ingest.report import IngestReport
-from zv_dask.ingest.shuffle import UnitGrid, combine_occupancy, plan_groups
+from zv_dask.ingest.scan import precision_warnings, scan_pass
+from zv_dask.ingest.shuffle import UnitGrid, plan_groups
 from zv_dask.ingest.staging import group_refs
 from zv_dask.ingest.target import materialize_target
-from zv_dask.ingest.tasks import scan_task, split_task, stage_task, write_group, write_staged_group
+from zv_dask.ingest.tasks import (
+    split_task,
+    stage_task,
+    write_group,
+    write_staged_group,
+)
 from zv_dask.scheduling import resolve_client, run_tasks, task_slots
-from zv_dask.store.levels import AttributeSpec, ChunkSummary, finalize_level, prepare_level
+from zv_dask.store.levels import (
+    AttributeSpec,
+    ChunkSummary,
+    finalize_level,
+    prepare_level,
+)
 from zv_dask.transaction import WriteJob
 
 __all__ = ["ingest", "PendingIngest"]
-
-def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False, sample: bool = True,
-              local: list | None = None):
-    """Pass 1: statistics and per-chunk counts of every partition, reduced on the client.
-
-    ``local`` (in-memory input) are the partitions as they sit in this process:
-    they are scanned here, while the same data travel to the workers.
-    Returns ``(stats, final_bounds, n_dropped, occupancy, rows_per_partition)``; raises before
-    anything is written when the policy rejects the input.
-    """
-    probe_bounds = plan.bounds if plan.bounds is not None else ([0.0] * src.ndim, [0.0] * src.ndim)
-    probe = Grid(tuple(map(float, probe_bounds[0])), tuple(map(float, probe_bounds[1])), plan.chunk_shape,
-                 plan.base_bin_shape or plan.chunk_shape, plan.dtype)
-    drop = out_of_bounds == "ignore" and plan.bounds is not None
-    scans = [delayed(scan_task)(p, probe, plan.bounds, drop, 0, sample) for p in (local or src.partitions)]
-    try:
-        if local is not None:
-            import dask
-
-            scanned = list(dask.compute(*scans, scheduler="sync"))
-        else:
-            scanned = run_tasks(scans, client, progress, "scan: statistics and chunk counts")
-    except Exception as e:
-        if isinstance(e, ZVError):
-            raise
-        raise stage_error("scan", e, {s.key: (f"input partition {p}", None) for p, s in enumerate(scans)}) from e
-    offsets = np.r_[0, np.cumsum([s.stats.count for s in scanned])[:-1]].astype(np.int64)
-    for s, off in zip(scanned, offsets):
-        if s.stats.first_nonfinite >= 0:
-            s.stats.first_nonfinite += int(off)
-    stats = reduce(combine_stats, [s.stats for s in scanned])
-    final_bounds, dropped = settle_bounds(stats, plan.bounds, out_of_bounds)
-    counts = [int(s.stats.count) for s in scanned]
-    return stats, final_bounds, dropped, combine_occupancy([s.occupancy for s in scanned], src.ndim), counts
-
-
-def precision_warnings(dtype: str, stats, src) -> list[str]:
-    """A warning when float32 storage would round double-precision input coarser than 1e-6 of its extent."""
-    if dtype != "float32" or src.position_dtype != np.float64:
-        return []
-    mag = float(np.max(np.abs(np.r_[stats.lo, stats.hi])))
-    extent = float(np.max(stats.hi - stats.lo)) or 1.0
-    step = float(np.spacing(np.float32(mag)))
-    if step > 1e-6 * extent:
-        return [f"float32 positions round to {step:.3g} at coordinate magnitude {mag:.3g}; "
-                "pass dtype='float64' to keep the source's precision"]
-    return []
-
-
-def _choose_dtype(dtype, src) -> tuple[str, str]:
-    if dtype is not None:
-        dt = np.dtype(dtype)
-        if dt.kind != "f":
-            raise InputError(f"dtype must be float32 or float64 for stored positions, got {dtype!r}")
-        return dt.name, "as requested"
-    if src.kind == "las":
-        return "float64", "LAS coordinates are georeferenced; float32 would lose centimetres"
-    return "float32", "default; pass dtype='float64' to keep double precision"
-
 
 class PendingIngest:
     """A prepared ingest job: the store exists with its final bounds, the write graph is built.
@@ -180,8 +136,6 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     cl = resolve_client(client)
     slots = task_slots(cl)
     budget = resolve_budget(memory_budget, cl)
-    from zv_dask.ingest.plan import preflight  # the same checks a dry run makes
-
     src, plan, dt, dt_reason = preflight(points, store, attributes=attributes, object_ids=object_ids,
                                          columns=columns, chunk_shape=chunk_shape, bounds=bounds,
                                          base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,

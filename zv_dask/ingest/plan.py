@@ -17,11 +17,24 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from zv_dask.budget import MemoryBudget, fmt_bytes, resolve_budget, split_bytes_per_point, write_bytes_per_point
+from zv_dask.budget import (
+    MemoryBudget,
+    fmt_bytes,
+    resolve_budget,
+    split_bytes_per_point,
+    write_bytes_per_point,
+)
 from zv_dask.errors import InputError
 from zv_dask.format.grid import Grid
 from zv_dask.ingest.bounds import POLICIES
-from zv_dask.ingest.level0 import auto_partition_rows, partition_cap, plan_level0, row_bytes, scratch_for
+from zv_dask.ingest.level0 import (
+    auto_partition_rows,
+    partition_cap,
+    plan_level0,
+    row_bytes,
+    scratch_for,
+)
+from zv_dask.ingest.scan import choose_dtype, precision_warnings, scan_pass
 from zv_dask.ingest.shuffle import UnitGrid, plan_groups
 from zv_dask.ingest.sources import DEFAULT_PARTITION_ROWS, as_source
 from zv_dask.ingest.target import plan_target
@@ -152,14 +165,12 @@ def preflight(points, store, *, attributes=None, object_ids=None, columns=None, 
     ``(source, target_plan, dtype, dtype_reason)``. Unless ``partition_rows`` is
     given, partitions hold at most what the memory ``budget`` lets a task hold.
     """
-    from zv_dask.ingest.graph import _choose_dtype
-
     if out_of_bounds not in POLICIES:
         raise InputError(f"out_of_bounds={out_of_bounds!r} is not one of {POLICIES}")
     kw = dict(attributes=attributes, object_ids=object_ids, columns=columns)
     rows = auto_partition_rows(points, partition_rows, slots)
     src = as_source(points, partition_rows=rows, **kw)
-    dt, dt_reason = _choose_dtype(dtype, src)
+    dt, dt_reason = choose_dtype(dtype, src)
     if partition_rows is None and budget is not None:
         cap = partition_cap(budget, src, dt)
         if cap < (rows or DEFAULT_PARTITION_ROWS):
@@ -195,7 +206,6 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
         chunks, write groups, estimated bytes and per-task memory, the memory
         budget and how the shuffle holds its pieces within it.
     """
-    from zv_dask.ingest.graph import precision_warnings, scan_pass
     from zv_dask.ingest.fused import fused_steps, pyramid_builder, pyramid_options
     from zv_dask.scheduling import task_slots
 
