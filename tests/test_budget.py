@@ -223,6 +223,10 @@ def test_budget_too_small_for_one_chunk_is_refused_before_writing(tmp_path, rng)
     with pytest.raises(InputError, match=r"too small: chunk \d+\.\d+\.\d+ holds .* smallest budget that works is"):
         zv_dask.ingest(pts, target, attributes=attrs, chunk_shape=1000.0, memory_budget="1MiB")  # one chunk
     assert not target.exists()
+    with pytest.raises(InputError, match=r"too small: shard holds .* smallest budget .* or shard shape"):
+        zv_dask.ingest(pts, target, attributes=attrs, chunk_shape=250.0, shard_shape=(4, 4, 4),
+                       memory_budget="1MiB")  # one shard of 64 chunks holds everything
+    assert not target.exists()
     empty = tmp_path / "empty.zv"
     zv_dask.create_store(empty, bounds=([0] * 3, [1000] * 3), chunk_shape=(1000.0,) * 3)
     before = tree_bytes(empty)
@@ -246,7 +250,7 @@ def test_scratch_too_small_is_refused_before_writing(tmp_path, rng, small_tmpfs)
     pts, attrs, _ = _cloud(rng, 400_000)
     target = tmp_path / "x.zv"
     with pytest.raises(StoreError, match=r"needs ~.* of scratch space at .* only .* is free"):
-        zv_dask.ingest(pts, target, attributes=attrs, memory_budget=TINY, scratch=small_tmpfs, **JOB)
+        zv_dask.ingest(pts, target, attributes=attrs, memory_budget="3MiB", scratch=small_tmpfs, **JOB)
     assert not target.exists() and list(small_tmpfs.iterdir()) == []
 
 
