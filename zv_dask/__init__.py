@@ -7,6 +7,7 @@ from zv_dask.errors import (
     MetadataError,
     OutOfBoundsError,
     StoreError,
+    UnfinishedJobWarning,
     ZVError,
 )
 from zv_dask.format.metadata import ZV_VERSION
@@ -41,6 +42,12 @@ from zv_dask.validate import ValidationReport, validate_store
 
 __version__ = "0.1.0"
 
+# zarr warns about every directory of a store that is not a zarr node; a running (or unfinished) job's
+# journal and scratch are such directories, and say so themselves (ZVStore.unfinished_job)
+import warnings as _warnings
+
+_warnings.filterwarnings("ignore", message=r"Object at \.zv-(job|scratch) is not recognized")
+
 __all__ = [
     "ZV_VERSION",
     "build_pyramid",
@@ -58,6 +65,7 @@ __all__ = [
     "ValidationReport",
     "ZVStore",
     "ZVError",
+    "UnfinishedJobWarning",
     "StoreError",
     "MetadataError",
     "FormatError",

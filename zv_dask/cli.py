@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "parse_storage_option", "demo_points"]
@@ -243,6 +244,8 @@ def _add_pyramid(p, include_flag: bool) -> None:
     g.add_argument("--levels-per-task", type=_count, metavar="N",
                    help="at most N levels per round of tasks (default: as many as a task's region holds; 1 makes "
                         "every level durable on its own on a plain store)")
+    g.add_argument("--points-per-task", type=_count, metavar="N",
+                   help="fine points per pyramid task (default: what the memory budget allows)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,8 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attribute columns to keep (default: every other numeric column)")
     g.add_argument("--object-ids", metavar="COLUMN", help="integer column of object ids (e.g. cell_id)")
     g.add_argument("--partition-rows", type=_count, metavar="N", help="points per input partition (arrays, NPY, LAS)")
+    g.add_argument("--group-points", type=_count, metavar="N",
+                   help="points per level-0 write task (default: what the memory budget allows)")
     g = p.add_argument_group("job")
-    g.add_argument("--overwrite", action="store_true", help="replace a store that already holds points")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a store that already holds points (or discard an unfinished job in it)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the unfinished job in STORE (killed or failed) with the same input and options: "
+                        "finished groups and pyramid tasks are not redone")
     g.add_argument("--dry-run", action="store_true",
                    help="scan the input and print the plan (partitions, chunks, grid, bytes, memory); write nothing")
     g.add_argument("--message", "-m", help="icechunk commit message")
@@ -308,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-size", type=_count, default=8, metavar="N", help="points per bin for --method sample")
     p.add_argument("--seed", type=int, default=0, help="seed of --method random/sample (default: 0)")
     p.add_argument("--message", "-m", help="icechunk commit message")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished build in STORE (killed or failed) with the same options: "
+                        "finished levels and tasks are not redone")
     _add_budget(p)
     _add_pyramid(p, False)
     _add_storage(p)
@@ -464,7 +476,7 @@ def _one_line(e: BaseException) -> str:
 def _pyramid_kwargs(args) -> dict:
     return {"levels": args.levels, "bin_ratio": _ratio(args.bin_ratio), "chunk_scale": _ratio(args.chunk_scale),
             "method": args.method, "min_points": args.min_points, "links": args.links,
-            "levels_per_task": args.levels_per_task}
+            "levels_per_task": args.levels_per_task, "points_per_task": args.points_per_task}
 
 
 def _check_pyramid_steps(ndim: int, kw: dict) -> None:
@@ -489,12 +501,14 @@ def cmd_ingest(args, out) -> int:
               backend=_backend(args), storage_options=_options(args), overwrite=args.overwrite,
               partition_rows=args.partition_rows, branch=args.branch,
               pyramid=_pyramid_kwargs(args) if args.pyramid else None)
+    job_kw = dict(group_points=args.group_points)
     # Check the input, the store and the parameters before starting a cluster: bad input fails fast.
-    src, _, _, _ = preflight(_sources(args), args.store, **{k: v for k, v in kw.items() if k != "pyramid"})
+    src, _, _, _ = preflight(_sources(args), args.store, resume=args.resume,
+                             **{k: v for k, v in kw.items() if k != "pyramid"})
     if args.pyramid:
         _check_pyramid_steps(src.ndim, kw["pyramid"])
     with _cluster(args) as client:
-        kw.update(memory_budget=args.memory_budget, scratch=args.scratch)
+        kw.update(memory_budget=args.memory_budget, scratch=args.scratch, **job_kw)
         if args.dry_run:
             plan = plan_ingest(_sources(args), args.store, client=client, progress=not args.quiet, **kw)
             if args.json:
@@ -503,7 +517,7 @@ def cmd_ingest(args, out) -> int:
                 print(repr(plan), file=out)
             return 0
         report = zv_dask.ingest(_sources(args), args.store, client=client, progress=not args.quiet,
-                                message=args.message, **kw)
+                                message=args.message, resume=args.resume, **kw)
     if args.json:
         _print_json(report.to_dict(), out)
     else:
@@ -516,7 +530,8 @@ def _pyramid_dict(store: str, rep) -> dict:
         {"level": k, "vertex_count": rep.vertex_counts.get(k), "chunks": rep.chunk_counts.get(k),
          "bin_shape": list(rep.bin_shapes[k]) if k in rep.bin_shapes else None, "tasks": rep.tasks.get(k),
          "seconds": rep.level_seconds.get(k)} for k in [0] + list(rep.levels)],
-        "links": rep.links, "link_counts": rep.link_counts, "rounds": rep.batches,
+        "links": rep.links, "link_counts": rep.link_counts, "rounds": rep.batches, "resumed": rep.resumed,
+        "tasks_resumed": rep.tasks_resumed, "rounds_resumed": rep.rounds_resumed,
         "seconds": rep.seconds, "stop_reason": rep.stop_reason, "snapshot_id": rep.snapshot_id,
         "warnings": rep.warnings}
 
@@ -534,7 +549,8 @@ def cmd_pyramid(args, out) -> int:
         job = WriteJob(zs, args.message) if args.message else None
         try:
             rep = zv_dask.build_pyramid(zs, client=client, progress=not args.quiet, sample_size=args.sample_size,
-                                        seed=args.seed, job=job, memory_budget=args.memory_budget, **kw)
+                                        seed=args.seed, job=job, memory_budget=args.memory_budget,
+                                        resume=args.resume, **kw)
             if job is not None:
                 rep.snapshot_id = job.commit(args.message)
         except BaseException:
@@ -615,6 +631,8 @@ def format_info(info: dict) -> str:
              f"  chunk_shape  {info['chunk_shape']}; base_bin_shape {info['base_bin_shape'] or info['chunk_shape']} "
              f"({' x '.join(map(str, info['bins_per_chunk']))} bins per chunk)",
              f"  attributes   {attr_text}"]
+    if info.get("unfinished_job"):
+        lines.insert(1, f"  UNFINISHED   {info['unfinished_job']}")
     if "num_objects" in lv0:
         lines.append(f"  objects      {lv0['num_objects']:,}")
     xl = info.get("cross_level_links") or {}
@@ -642,8 +660,10 @@ def cmd_info(args, out) -> int:
     """``zv-dask info``: levels, counts, bounds, attributes and sizes of a store."""
     import zv_dask
 
-    zs = zv_dask.open_store(args.store, "r", backend=_backend(args, args.store), storage_options=_options(args),
-                            branch=args.branch)
+    with warnings.catch_warnings():  # an unfinished job is the first line of the summary
+        warnings.simplefilter("ignore", zv_dask.UnfinishedJobWarning)
+        zs = zv_dask.open_store(args.store, "r", backend=_backend(args, args.store), storage_options=_options(args),
+                                branch=args.branch)
     info = info_dict(zs)
     if args.json:
         _print_json(info, out)
@@ -784,7 +804,9 @@ def main(argv: list[str] | None = None) -> int:
         with _result_stream() as out:
             return int(args.func(args, out))
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        kept = " (what the job finished is kept: run the same command with --resume to continue)" \
+            if getattr(args, "func", None) in (cmd_ingest, cmd_pyramid) else ""
+        print(f"{prog}: interrupted{kept}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI's job is to turn errors into one line and an exit code
         if args.debug:

@@ -16,6 +16,7 @@ __all__ = [
     "InputError",
     "OutOfBoundsError",
     "IngestError",
+    "UnfinishedJobWarning",
 ]
 
 
@@ -75,3 +76,7 @@ def _rebuild_ingest_error(cls, message, stage, chunk, cause):
     err = cls(message, stage=stage, chunk=chunk)
     err.__cause__ = cause
     return err
+
+
+class UnfinishedJobWarning(UserWarning):
+    """The store holds an unfinished job (killed or failed): resume it or discard it."""

@@ -6,9 +6,18 @@ __all__ = ["resolve_client", "run_tasks", "task_slots", "local_cluster"]
 
 
 def resolve_client(client):
-    """``client`` if given, else the current ``distributed`` client, else ``None`` (local scheduler)."""
+    """``client`` if given, else the current ``distributed`` client, else ``None`` (local scheduler).
+
+    A local scheduler set with ``dask.config.set(scheduler="sync")`` (or
+    ``"threads"`` / ``"processes"``) wins over a current client, as in Dask.
+    """
     if client is not None:
         return client
+    import dask
+
+    if dask.config.get("scheduler", None) in ("sync", "synchronous", "single-threaded", "threads", "threading",
+                                              "processes", "multiprocessing"):
+        return None
     try:
         from distributed import default_client
 
@@ -29,15 +38,15 @@ def task_slots(client) -> int:
         return 1
 
 
-def run_tasks(objs, client, progress: bool = False, label: str = "") -> list:
+def run_tasks(objs, client, progress: bool = False, label: str = "", on_result=None) -> list:
     """Compute dask objects and return their results in order, with a progress bar if asked.
 
     On a client a failure stops the stage's other tasks before the error propagates.
     Without one, inside a task on a distributed worker (a lazy job computed there)
     the objects run on that worker's cluster; elsewhere on dask's current scheduler.
+    ``on_result(i, result)`` is called in this process as each task finishes (on a
+    client) or after them all (elsewhere): how a job checkpoints its progress.
     """
-    import dask
-
     objs = list(objs)
     if not objs:
         return []
@@ -49,7 +58,17 @@ def run_tasks(objs, client, progress: bool = False, label: str = "") -> list:
             from zv_dask.progress import show_progress
 
             show_progress(futures, label)
-        return gather_or_stop(client, futures)
+        return gather_or_stop(client, futures, on_result=on_result)
+    results = _run_local(objs, progress, label)
+    for i, r in enumerate(results):
+        if on_result is not None:
+            on_result(i, r)
+    return results
+
+
+def _run_local(objs, progress: bool, label: str) -> list:
+    import dask
+
     try:
         from distributed import get_worker, worker_client
 

@@ -115,7 +115,7 @@ def _conflict_message(branch: str, message: str, err) -> str:
 
 
 # -- stopping a failed stage ---------------------------------------------------------------
-def gather_or_stop(client, futures, grace: float = 60.0) -> list:
+def gather_or_stop(client, futures, grace: float = 60.0, on_result=None) -> list:
     """``client.gather(futures)``; on the first failure, stop the stage before raising.
 
     Tasks that have not started are cancelled; tasks already running are waited
@@ -123,10 +123,21 @@ def gather_or_stop(client, futures, grace: float = 60.0) -> list:
     or remove what the stage wrote. Only the scheduler is asked (workers may be
     dead or dying). Two things can still land a moment later: puts the failed
     task itself had in flight in its zarr I/O loop, and a task that started
-    between the scheduler's answer and the cancel.
+    between the scheduler's answer and the cancel. ``on_result(i, result)`` is
+    called as each task finishes.
     """
     try:
-        return client.gather(futures)
+        if on_result is None:
+            return client.gather(futures)
+        from distributed import as_completed
+
+        index = {f.key: i for i, f in enumerate(futures)}
+        results: list = [None] * len(futures)
+        for fut, res in as_completed(futures, with_results=True):
+            i = index[fut.key]
+            results[i] = res
+            on_result(i, res)
+        return results
     except BaseException:
         try:
             from distributed import wait

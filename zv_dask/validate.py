@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
 
-from zv_dask.errors import FormatError, MetadataError
+from zv_dask.errors import FormatError, MetadataError, UnfinishedJobWarning
 from zv_dask.format.cells import decode_attribute, decode_fragments, decode_vertices
 from zv_dask.format.grid import Grid, parse_chunk_key
 from zv_dask.format.metadata import ZV_VERSION, LevelMetadata, level_bins_from_multiscales
@@ -529,12 +530,16 @@ def validate_store(store, *, backend: str | None = None, storage_options: dict |
     t0 = time.perf_counter()
     found = _Found()
     try:
-        zs = as_store(store, "r", backend=backend, storage_options=storage_options, branch=branch)
+        with warnings.catch_warnings():  # reported below as an error
+            warnings.simplefilter("ignore", UnfinishedJobWarning)
+            zs = as_store(store, "r", backend=backend, storage_options=storage_options, branch=branch)
     except MetadataError as e:
         report = ValidationReport(_label(store, None), errors=[f"root metadata does not parse: {e}"])
         report.seconds = time.perf_counter() - t0
         return report
     report = ValidationReport(_label(store, zs))
+    if zs.unfinished_job:
+        found.error("unfinished job", zs.unfinished_job)
     levels = list_resolution_levels(zs)
     bins = _check_root(zs, found, levels)
     if not levels or levels[0] != 0:

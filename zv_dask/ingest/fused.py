@@ -79,30 +79,46 @@ def fused_steps(builder, grid, occ, shard_shape, fused_points: int = DEFAULT_GRO
             if biggest > fused_points:
                 return [], None
     while steps:
-        block = tuple(r // b for r, b in zip(region_shape(steps[-1], builder.bpc), builder.bpc))
-        units = UnitGrid.of(grid, shard_shape, block)
+        units = _units_for(builder, grid, shard_shape, steps)
         if units is not None:
             return steps, units
         steps = steps[:-1]
     return [], None
 
 
+def _units_for(builder, grid, shard_shape, steps):
+    """The write units holding whole regions of the last of ``steps`` (``None``: shards and regions do not nest)."""
+    from zv_dask.pyramid.plan import region_shape
+
+    block = tuple(r // b for r, b in zip(region_shape(steps[-1], builder.bpc), builder.bpc))
+    return UnitGrid.of(grid, shard_shape, block)
+
+
 def plan_fused_levels(zs, job, client, progress, opts, grid, specs, occ, has_objects, shard_shape, units, slots,
-                      fused_points: int):
-    """The pyramid builder of an ingest job and the batch its write tasks build (``None``: none); arrays created."""
+                      fused_points: int, fused_levels: int | None = None):
+    """The pyramid builder of an ingest job and the batch its write tasks build (``None``: none); arrays created.
+
+    ``fused_levels`` (a resumed job) is how many levels the interrupted job's
+    write tasks were building: the same batch, its arrays already made.
+    """
     from zv_dask.pyramid.builder import LevelSource, drop_coarse_levels
 
     builder = pyramid_builder(zs, job, client, progress, opts, slots)
     builder.check_attributes(specs, grid.dtype)
-    drop_coarse_levels(zs)
-    steps, fused_units = fused_steps(builder, grid, occ, shard_shape, fused_points)
+    if fused_levels is None:
+        drop_coarse_levels(zs)
+        steps, fused_units = fused_steps(builder, grid, occ, shard_shape, fused_points)
+    else:
+        steps = [builder._peek(i) for i in range(fused_levels)]
+        fused_units = _units_for(builder, grid, shard_shape, steps) if steps else None
     if not steps:
         return builder, None, units
     src = LevelSource(0, grid, (1,) * grid.ndim, occ.chunks, occ.counts, int(occ.counts.sum()), specs,
                       (np.zeros(0, np.int64),) * 3 if has_objects else None, None)
     batch = builder.plan_batch(src, steps)
     builder.building = batch.numbers
-    builder.prepare(batch)
+    if fused_levels is None:
+        builder.prepare(batch)
     return builder, batch, fused_units
 
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 from dask import delayed
 
 from zv_dask.budget import resolve_budget
 from zv_dask.errors import InputError, ZVError
+from zv_dask.faults import kill_point
 from zv_dask.format.grid import Grid
 from zv_dask.format.metadata import LevelMetadata, attribute_spec
 from zv_dask.ingest.bounds import POLICIES
@@ -38,7 +40,8 @@ from zv_dask.ingest.recovery import (
 )
 from zv_dask.ingest.report import IngestReport
 from zv_dask.ingest.scan import precision_warnings, scan_pass
-from zv_dask.ingest.shuffle import UnitGrid, plan_groups
+from zv_dask.ingest.resume import JobRecorder, input_fingerprint, job_options, scan_fingerprint
+from zv_dask.ingest.shuffle import GroupPlan, UnitGrid, plan_groups
 from zv_dask.ingest.staging import group_refs
 from zv_dask.ingest.target import materialize_target
 from zv_dask.ingest.tasks import (
@@ -48,6 +51,8 @@ from zv_dask.ingest.tasks import (
     write_staged_group,
 )
 from zv_dask.scheduling import resolve_client, run_tasks, task_slots
+from zv_dask.store.cellio import sweep_partials
+from zv_dask.store.journal import with_resume_hint
 from zv_dask.store.levels import (
     AttributeSpec,
     ChunkSummary,
@@ -81,7 +86,8 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
            base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, pyramid=None,
            backend=None, storage_options=None, client=None, compute: bool = True, overwrite: bool = False,
            axes=None, message: str | None = None, progress: bool = False, partition_rows: int | None = None,
-           group_points: int | None = None, branch: str = "main", memory_budget=None, scratch=None):
+           group_points: int | None = None, branch: str = "main", memory_budget=None, scratch=None,
+           resume: bool = False):
     """Ingest a point cloud into level 0 of a ZV store, in parallel, and optionally build its pyramid.
 
     Parameters
@@ -124,6 +130,12 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         every worker reaches (``storage_options`` apply). By default a
         ``.zv-scratch`` prefix inside the store (beside an icechunk repository);
         removed when the job ends.
+    resume
+        Continue the unfinished job in ``store`` (killed, or failed after it
+        wrote something): the same input and options, checked against the job's
+        journal; the groups and pyramid tasks it finished are not redone, and the
+        store ends byte-identical to an uninterrupted run's. Without an
+        unfinished job the whole job runs.
 
     Returns
     -------
@@ -141,17 +153,52 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
                                          base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,
                                          shard_shape=shard_shape, backend=backend, storage_options=storage_options,
                                          overwrite=overwrite, axes=axes, partition_rows=partition_rows,
-                                         branch=branch, budget=budget, slots=slots)
+                                         branch=branch, budget=budget, slots=slots, resume=resume)
     dt = plan.dtype
-    drop = out_of_bounds == "ignore" and plan.bounds is not None
     pyramid_opts = pyramid_options(pyramid, src.ndim, budget)  # checked before anything is read or written
+    rec = JobRecorder(plan.resume_state, job_options(
+        attributes=sorted(src.attributes), object_ids=src.has_object_ids, columns=columns, chunk_shape=chunk_shape,
+        bounds=bounds, base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,
+        shard_shape=shard_shape, axes=axes, pyramid=_pyramid_identity(pyramid)), input_fingerprint(points, src))
+    try:
+        return _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt_reason,
+                       out_of_bounds=out_of_bounds, shard_shape=shard_shape, group_points=group_points,
+                       scratch=scratch, message=message, progress=progress, compute=compute)
+    except BaseException:
+        rec.release()
+        raise
+
+
+def _pyramid_identity(pyramid):
+    """The pyramid options that decide what is written (not how the tasks are sized)."""
+    if not pyramid:
+        return None
+    opts = dict(pyramid) if isinstance(pyramid, dict) else {}
+    for k in ("points_per_task", "levels_per_task", "memory_budget", "progress"):
+        opts.pop(k, None)
+    return opts
+
+
+def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt_reason, *, out_of_bounds,
+            shard_shape, group_points, scratch, message, progress, compute):
+    drop = out_of_bounds == "ignore" and plan.bounds is not None
+    state = plan.resume_state
     local = None
-    if cl is not None and src.in_memory:
-        # numpy / pandas input: on its way to the workers (once) while this process scans it
-        local = src.partitions
-        src.partitions = cl.persist(src.partitions)
-    stats, final_bounds, dropped, occ, counts = scan_pass(src, plan, out_of_bounds, cl, progress, local=local)
+    recorded = rec.recorded_scan()
+    if recorded is not None:  # a resumed job over files that did not change: its scan stands
+        stats, final_bounds, dropped, occ, counts = recorded
+    else:
+        if cl is not None and src.in_memory:
+            # numpy / pandas input: on its way to the workers (once) while this process scans it
+            local = src.partitions
+            src.partitions = cl.persist(src.partitions)
+        stats, final_bounds, dropped, occ, counts = scan_pass(src, plan, out_of_bounds, cl, progress, local=local)
+    if state is not None:
+        final_bounds = [list(b) for b in state.doc["scan"]["bounds"]]
+        dropped = int(state.doc["scan"]["dropped"])
+    scanned = scan_fingerprint(stats, final_bounds, dropped)
     seconds["scan"] = time.perf_counter() - t0
+    kill_point("scan")
 
     # the shuffle's plan, and its scratch space, before anything is written ------------------
     grid0 = Grid(tuple(map(float, final_bounds[0])), tuple(map(float, final_bounds[1])), plan.chunk_shape,
@@ -159,7 +206,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     l0 = plan_level0(src, grid0, occ, counts, budget, group_points=group_points, slots=slots,
                      shard_shape=shard_shape, shipped=local is not None)
     staging = scratch_for(plan, cl, scratch, l0) if l0.staged else None
-    warnings = precision_warnings(dt, stats, src) + l0.warnings
+    warnings = precision_warnings(dt, stats, src) + l0.warnings + list(plan.notes or [])
 
     # coordinator: the store, the grid, the groups ------------------------------------------
     t1 = time.perf_counter()
@@ -167,35 +214,57 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     attr_specs = {"vertex": {s.name: attribute_spec(s.dtype, s.channels) for s in specs}} if specs else None
     # a plain store that exists gets its metadata back byte for byte if the job fails
     old_metadata = (metadata_docs(plan.existing) if plan.existing is not None and not plan.overwrite
-                    and plan.existing.session is None else None)
-    zs = materialize_target(plan, final_bounds, attr_specs)
+                    and plan.existing.session is None and state is None else None)
+    zs = plan.existing if state is not None else materialize_target(plan, final_bounds, attr_specs)
+    if state is not None:
+        sweep_partials(zs.store)  # cells the killed job's tasks were writing
     job = WriteJob(zs, message or "zv-dask ingest")
     created_here = plan.existing is None
     builder = fused = None
     try:
         grid = zs.grid(0)
-        prepare_level(zs.root, 0, grid, specs, shards=shard_shape)
+        if state is None:
+            prepare_level(zs.root, 0, grid, specs, shards=shard_shape)
         units = UnitGrid.of(grid, shard_shape) if shard_shape is not None else None
         if pyramid_opts is not None:
-            builder, fused, units = plan_fused_levels(zs, job, cl, progress, pyramid_opts, grid, specs, occ,
-                                                       src.has_object_ids, shard_shape, units, slots,
-                                                       l0.fused_points)
-        groups = plan_groups(grid, occ, l0.target_points, units)
+            builder, fused, units = plan_fused_levels(
+                zs, job, cl, progress, pyramid_opts, grid, specs, occ, src.has_object_ids, shard_shape, units, slots,
+                l0.fused_points, None if state is None else int(state.doc["plan"]["fused_levels"]))
+        if state is not None:
+            groups = GroupPlan(state.starts, np.zeros(len(state.starts), np.int64),
+                               np.zeros(len(state.starts), np.int64), units)
+        else:
+            groups = plan_groups(grid, occ, l0.target_points, units)
+        rec.start(zs.backend, scanned, {"groups": groups.n_groups, "starts": groups.starts.tolist(),
+                                        "fused_levels": len(fused.levels) if fused is not None else 0},
+                  (stats, final_bounds, dropped, occ, counts))
+        if builder is not None:
+            builder.journal = rec.journal
+        journal = rec.journal
+        todo = [g for g in range(groups.n_groups) if g not in rec.done]
+        skip = None
+        if rec.done:
+            skip = np.zeros(groups.n_groups, bool)
+            skip[sorted(rec.done)] = True
         target = job.target()
         names = [s.name for s in specs]
         geoms = fused.geoms if fused is not None else ()
         layout = l0.layout
-        if staging is None:
-            splits = [delayed(split_task, nout=groups.n_groups)(p, grid, groups.starts, drop, units, layout)
+        splits, writes = [], []
+        if todo and staging is None:
+            splits = [delayed(split_task, nout=groups.n_groups)(p, grid, groups.starts, drop, units, layout, skip)
                       for p in src.partitions]
             writes = [delayed(write_group)([splits[p][g] for p in range(len(splits))], grid, 0, target, names, g,
-                                           geoms) for g in range(groups.n_groups)]
-        else:
-            splits = [delayed(stage_task)(p, grid, groups.starts, drop, units, layout, staging, i)
+                                           geoms, journal) for g in todo]
+        elif todo:
+            splits = [delayed(stage_task)(p, grid, groups.starts, drop, units, layout, staging, i, skip)
                       for i, p in enumerate(src.partitions)]
             writes = None  # made from where the pieces landed, once they are staged
     except BaseException:
+        if rec.progress():
+            raise
         put_back(job, zs, created_here, old_metadata, settle=0)  # no task has run yet
+        rec.abandon()
         if staging is not None:
             staging.remove()
         raise
@@ -206,24 +275,35 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
                           base_bin_shape=list(plan.base_bin_shape) if plan.base_bin_shape else None,
                           partitions=len(src.partitions), groups=groups.n_groups, warnings=warnings,
                           memory_budget=budget.per_worker, shuffle=l0.shuffle.mode,
-                          scratch=staging.url if staging is not None else None)
+                          scratch=staging.url if staging is not None else None,
+                          resumed=state is not None, groups_resumed=len(rec.done))
     level_label = ("shuffle and write level 0" if staging is None else "write level 0") + (
         f" and levels 1-{fused.numbers[-1]}" if fused is not None and len(fused.levels) > 1
         else " and level 1" if fused is not None else "")
 
     def write_level0() -> list:
-        """Run the shuffle and the write tasks; returns their results in group order."""
+        """Run the shuffle and the write tasks of the groups not written yet; returns every group's result."""
         nonlocal writes
-        if staging is None:
-            return run_tasks(writes, cl, progress, level_label)
-        t = time.perf_counter()
-        staged = run_tasks(splits, cl, progress, "shuffle: stage the pieces on scratch")
-        seconds["stage"] = time.perf_counter() - t
-        report.bytes_staged = int(sum(p.nbytes for p in staged))
-        refs = group_refs(staged, groups.n_groups)
-        writes = [delayed(write_staged_group)(refs[g], staging, layout, grid, 0, target, names, g, geoms)
-                  for g in range(groups.n_groups)]
-        return run_tasks(writes, cl, progress, level_label)
+        if not todo:
+            new = []
+        elif staging is None:
+            new = run_tasks(writes, cl, progress, level_label, on_result=rec.on_group)
+        else:
+            t = time.perf_counter()
+            staged = run_tasks(splits, cl, progress, "shuffle: stage the pieces on scratch")
+            seconds["stage"] = time.perf_counter() - t
+            report.bytes_staged = int(sum(p.nbytes for p in staged))
+            refs = group_refs(staged, groups.n_groups)
+            writes = [delayed(write_staged_group)(refs[g], staging, layout, grid, 0, target, names, g, geoms, journal)
+                      for g in todo]
+            new = run_tasks(writes, cl, progress, level_label, on_result=rec.on_group)
+        results: list = [None] * groups.n_groups
+        for g, r in zip(todo, new):
+            results[g] = r
+        for g in sorted(rec.done):
+            summary, coarse = journal.load("level0", f"{g:07d}")
+            results[g] = (summary, coarse, None)
+        return results
 
     def run() -> IngestReport:
         t2 = time.perf_counter()
@@ -239,6 +319,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
             stage = "finalize"
             meta = finalize_level(zs.root, 0, grid, summary, LevelMetadata(level=0, fragments_tile=True), specs)
             seconds["finalize"] = time.perf_counter() - t3
+            kill_point("level0")
             report.points_written = meta.vertex_count
             report.chunks_written = int((summary.rows > 0).sum())
             report.bytes_written = int(summary.bytes_written)
@@ -252,34 +333,51 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
                 src0 = level0_source(zs, grid, summary, meta.vertex_count, specs)
                 reason = builder.first_reason(meta.vertex_count, report.chunks_written)
                 if fused is not None:
-                    src_k, reason = builder.finish_batch(fused, [(r, None) for _, r, _ in results], src0, t2,
-                                                         len(results))
+                    replayed = builder.replay_round(fused.numbers[0])
+                    if replayed is None:
+                        src_k, reason = builder.finish_batch(fused, [(r, None) for _, r, _ in results], src0, t2,
+                                                             len(results))
+                        builder.record_round(fused, src_k, reason)
+                    else:
+                        src_k, reason = replayed
                     builder.building = None
+                    pr = builder.report
                     report.levels_in_write_tasks = [k for k in fused.numbers if k in pr.vertex_counts]
                     report.bytes_written += int(sum(r.bytes_written for _, r, _ in results))
                 else:
                     src_k = src0
                 src_k = builder.run(src_k, reason)
+                pr = builder.report
                 builder.finish_root(src_k.objects is not None)
                 seconds["pyramid"] = time.perf_counter() - t4
                 for lv in pr.levels:
                     report.levels.append({"level": lv, "vertex_count": pr.vertex_counts[lv],
                                           "chunks": pr.chunk_counts[lv]})
+                report.pyramid_tasks_resumed = builder.tasks_reused
                 report.links = pr.links if any(pr.link_counts.values()) else "none"
                 report.link_counts = dict(pr.link_counts)
-                report.warnings += pr.warnings
+                report.warnings += [w for w in pr.warnings if w not in report.warnings]
             stage = "commit"
+            kill_point("commit")
             report.snapshot_id = job.commit()
+            rec.finish()
         except BaseException as e:
-            put_back(job, zs, created_here, old_metadata)
             if staging is not None:
                 staging.remove()
+            if rec.progress():  # finished work stays: the job resumes from it
+                job.abort()
+                rec.release()
+                if isinstance(e, Exception) and not isinstance(e, ZVError):
+                    raise with_resume_hint(stage_error(_stage_name(stage, builder), e,
+                                                        _task_names(stage, writes, splits, groups, grid, staging))) from e
+                if isinstance(e, ZVError):
+                    raise with_resume_hint(e) from e
+                raise
+            put_back(job, zs, created_here, old_metadata)
+            rec.abandon()
             if isinstance(e, Exception) and not isinstance(e, ZVError):
-                tasks = write_task_names(writes, splits, groups, grid, staged=staging is not None) \
-                    if stage == "write" else None
-                if stage == "pyramid" and builder is not None and builder.building:
-                    stage = f"pyramid level {builder.building[0]}"
-                raise stage_error(stage, e, tasks) from e
+                raise stage_error(_stage_name(stage, builder), e,
+                                  _task_names(stage, writes, splits, groups, grid, staging)) from e
             raise
         report.seconds = seconds
         return report
@@ -287,3 +385,13 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     if not compute:
         return PendingIngest(run, writes if writes is not None else splits, report)
     return run()
+
+
+def _stage_name(stage: str, builder) -> str:
+    if stage == "pyramid" and builder is not None and builder.building:
+        return f"pyramid level {builder.building[0]}"
+    return stage
+
+
+def _task_names(stage, writes, splits, groups, grid, staging):
+    return write_task_names(writes, splits, groups, grid, staged=staging is not None) if stage == "write" else None

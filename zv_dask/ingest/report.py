@@ -34,6 +34,9 @@ class IngestReport:
     shuffle: str = "memory"  # where the pieces waited: "memory" or "staged" (on scratch)
     scratch: str | None = None  # the scratch location of a staged shuffle (removed when the job ended)
     bytes_staged: int = 0  # bytes of pieces written to (and read back from) scratch
+    resumed: bool = False  # this run continued an interrupted job
+    groups_resumed: int = 0  # write groups the interrupted job had finished (not written again)
+    pyramid_tasks_resumed: int = 0  # pyramid tasks the interrupted job had finished (not run again)
     seconds: dict = field(default_factory=dict)
     snapshot_id: str | None = None
     warnings: list = field(default_factory=list)
@@ -61,7 +64,8 @@ class IngestReport:
                  f"  positions   {self.dtype} ({self.dtype_reason})" if self.dtype_reason else f"  positions   {self.dtype}",
                  f"  bounds      {self.bounds}",
                  f"  chunks      {self.chunks_written:,} written, chunk_shape {self.chunk_shape}",
-                 f"  tasks       {self.partitions} input partitions -> {self.groups} write groups",
+                 f"  tasks       {self.partitions} input partitions -> {self.groups} write groups"
+                 + (f" ({self.groups_resumed} finished before, resumed)" if self.resumed else ""),
                  f"  bytes       {_fmt_bytes(self.bytes_written)}",
                  f"  shuffle     {self.shuffle}" + (
                      f", {_fmt_bytes(self.bytes_staged)} staged on {self.scratch}" if self.shuffle == "staged" else "")

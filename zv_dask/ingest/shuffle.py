@@ -212,12 +212,15 @@ def key_dtypes(grid: Grid) -> tuple[type, type]:
 
 
 def sort_by_group(batch: Batch, grid: Grid, starts: np.ndarray, drop_outside: bool,
-                  units: UnitGrid | None = None) -> tuple[Batch, np.ndarray, np.ndarray] | None:
+                  units: UnitGrid | None = None, skip: np.ndarray | None = None
+                  ) -> tuple[Batch, np.ndarray, np.ndarray] | None:
     """Cast, drop outside points if asked, bin, and order a partition by write group (input order kept).
 
     Returns ``(batch, order, bounds)``: the kept points with their cell ids and
     fragments, the stable permutation that sorts them by group, and group ``g``'s
     rows as ``order[bounds[g]:bounds[g + 1]]``; ``None`` when no point is kept.
+    ``skip`` (one bool per group) leaves out the rows of groups a resumed job
+    has already written: their pieces come out empty.
     """
     pos = grid.cast(batch.positions)
     b = Batch(pos, batch.attributes, batch.object_ids)
@@ -238,18 +241,22 @@ def sort_by_group(batch: Batch, grid: Grid, starts: np.ndarray, drop_outside: bo
     group = np.searchsorted(starts, ids, side="right") - 1
     order = stable_order(group)
     bounds = np.searchsorted(group[order], np.arange(len(starts) + 1))
+    if skip is not None and skip.any():
+        counts = np.diff(bounds)
+        order = order[np.repeat(~skip, counts)]
+        bounds = np.r_[0, np.cumsum(np.where(skip, 0, counts))].astype(bounds.dtype)
     return b, order, bounds
 
 
 def split_partition(batch: Batch, grid: Grid, starts: np.ndarray, drop_outside: bool,
-                    units: UnitGrid | None = None) -> list:
+                    units: UnitGrid | None = None, skip: np.ndarray | None = None) -> list:
     """Pass 2 on one partition: its piece of every write group (``None`` where it has none).
 
     Each piece carries its points' cell ids and fragments, so the write task
     does not bin them again.
     """
     n_groups = len(starts)
-    sorted_ = sort_by_group(batch, grid, starts, drop_outside, units)
+    sorted_ = sort_by_group(batch, grid, starts, drop_outside, units, skip)
     if sorted_ is None:
         return [None] * n_groups
     b, order, bounds = sorted_

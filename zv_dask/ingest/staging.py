@@ -327,11 +327,11 @@ class StagedPartition:
 
 
 def stage_partition(batch: Batch, grid, starts: np.ndarray, drop_outside: bool, units, layout: PieceLayout,
-                    scratch: Scratch, index: int) -> StagedPartition:
+                    scratch: Scratch, index: int, skip: np.ndarray | None = None) -> StagedPartition:
     """Split a partition by write group and put its pieces on scratch (one object, group after group)."""
     n_groups = len(starts)
     name = f"p{index:07d}"
-    sorted_ = sort_by_group(batch, grid, starts, drop_outside, units)
+    sorted_ = sort_by_group(batch, grid, starts, drop_outside, units, skip)
     if sorted_ is None:
         return StagedPartition(name, np.zeros(n_groups + 1, np.int64), np.zeros(n_groups, np.int64))
     b, order, bounds = sorted_

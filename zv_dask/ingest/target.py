@@ -33,6 +33,8 @@ class TargetPlan:
     storage_options: dict | None
     overwrite: bool
     branch: str = "main"
+    resume_state: object = None  # the unfinished job a resuming ingest continues (ResumeState)
+    notes: list = None  # what the plan noticed (e.g. nothing to resume)
 
 
 def _probe(store, backend, storage_options, branch) -> ZVStore | None:
@@ -68,9 +70,31 @@ def _per_axis(name: str, value, ndim: int) -> tuple[float, ...]:
     return tuple(float(c) for c in np.broadcast_to(arr, (ndim,)))
 
 
+def _unfinished(existing: ZVStore | None, resume: bool, overwrite: bool):
+    """The unfinished job in ``existing`` to resume (``None``: none); refuses a plain job into an unfinished store."""
+    from zv_dask.ingest.resume import ResumeState
+    from zv_dask.store.journal import journal_for, unfinished_message
+
+    journal = journal_for(existing.backend) if existing is not None else None
+    doc = journal.job() if journal is not None else None
+    if doc is None or overwrite:
+        return None
+    if not resume:
+        where = existing.url or "the store"
+        if doc.get("kind") == "ingest":
+            raise StoreError(f"{where} has an {unfinished_message(doc, journal)}")
+        return None  # an unfinished pyramid build over finished points: the store holds points (refused below)
+    return ResumeState(journal, doc)
+
+
 def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_shape=None, dtype="float32",
-                axes=None, backend=None, storage_options=None, overwrite=False, branch="main") -> TargetPlan:
-    """Check the target and the geometry without writing anything."""
+                axes=None, backend=None, storage_options=None, overwrite=False, branch="main",
+                resume: bool = False) -> TargetPlan:
+    """Check the target and the geometry without writing anything.
+
+    With ``resume``, an unfinished ingest in the store is the job to continue
+    (its geometry applies); a store with no unfinished job is a new job.
+    """
     if bounds is not None:
         try:
             lo, hi = (np.asarray(b, dtype=np.float64).reshape(-1) for b in bounds)
@@ -91,7 +115,15 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
     existing = _probe(store, backend, storage_options, branch)
     if existing is not None:
         existing._require_writable()
-    if existing is not None and _has_points(existing) and not overwrite:
+    state = _unfinished(existing, resume, overwrite)
+    notes = []
+    if resume and state is None and not overwrite:
+        if existing is not None and _has_points(existing):
+            raise StoreError(f"nothing to resume at {existing.url or store!r}: the store holds points and no "
+                             "unfinished job (it finished, or was written by a job without a journal); pass "
+                             "overwrite=True (--overwrite) to replace it")
+        notes.append("nothing to resume: no unfinished job in the store, so the whole job ran")
+    if existing is not None and state is None and _has_points(existing) and not overwrite:
         raise StoreError(f"the store at {existing.url or store!r} already holds points; pass overwrite=True to "
                          "replace it (zv-dask does not append to or partly overwrite a store)")
     if existing is not None and not overwrite:
@@ -102,7 +134,7 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
             raise InputError(f"chunk_shape {list(chunk_shape)} differs from the store's {list(meta.chunk_shape)}")
         return TargetPlan(store, existing, ndim, meta.chunk_shape, meta.base_bin_shape,
                           bounds if bounds is not None else meta.bounds, existing.grid(0).dtype,
-                          meta.axes, backend, storage_options, overwrite, branch)
+                          meta.axes, backend, storage_options, overwrite, branch, state, notes)
     if chunk_shape is None:
         raise InputError("chunk_shape is required when creating a store (world units per chunk, one per axis)")
     cs = _per_axis("chunk_shape", chunk_shape, ndim)
@@ -112,7 +144,7 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
     from zv_dask.format.grid import Grid
     Grid((0.0,) * ndim, (0.0,) * ndim, cs, bb or cs, np.dtype(dtype).name)  # validate geometry early
     return TargetPlan(store, existing, ndim, cs, bb, bounds, np.dtype(dtype).name, axes, backend,
-                      storage_options, overwrite, branch)
+                      storage_options, overwrite, branch, None, notes)
 
 
 def materialize_target(plan: TargetPlan, final_bounds, attribute_specs: dict | None = None) -> ZVStore:

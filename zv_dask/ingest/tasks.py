@@ -9,12 +9,14 @@ from __future__ import annotations
 import numpy as np
 
 from zv_dask.errors import IngestError, ZVError
+from zv_dask.faults import fail_point
 from zv_dask.format.grid import Grid
 from zv_dask.format.layout import plan_chunks
 from zv_dask.ingest.shuffle import merge_pieces, scan_partition, split_partition
 from zv_dask.ingest.staging import PieceLayout, Scratch, load_group, stage_partition
 from zv_dask.pyramid.stack import LevelPoints, encode_level
 from zv_dask.pyramid.tasks import BatchResult, build_levels
+from zv_dask.store.journal import Journal
 from zv_dask.store.levels import ChunkSummary, write_chunk_payloads
 from zv_dask.transaction import returned_fork, worker_store
 
@@ -26,18 +28,27 @@ def scan_task(batch, grid, bounds, drop_outside, offset, sample=True):
     return scan_partition(batch, grid, bounds, drop_outside, offset, sample)
 
 
-def split_task(batch, grid, starts, drop_outside, units, layout: PieceLayout):
-    """Pass 2, in-memory shuffle: the partition's piece of every write group."""
-    return tuple(split_partition(layout.conform(batch), grid, starts, drop_outside, units))
+def split_task(batch, grid, starts, drop_outside, units, layout: PieceLayout, skip=None):
+    """Pass 2, in-memory shuffle: the partition's piece of every write group (none of the ``skip`` ones)."""
+    return tuple(split_partition(layout.conform(batch), grid, starts, drop_outside, units, skip))
 
 
-def stage_task(batch, grid, starts, drop_outside, units, layout: PieceLayout, scratch: Scratch, index: int):
+def stage_task(batch, grid, starts, drop_outside, units, layout: PieceLayout, scratch: Scratch, index: int,
+               skip=None):
     """Pass 2, staged shuffle: the partition's pieces put on scratch; returns where they are."""
-    return stage_partition(layout.conform(batch), grid, starts, drop_outside, units, layout, scratch, index)
+    return stage_partition(layout.conform(batch), grid, starts, drop_outside, units, layout, scratch, index, skip)
+
+
+def _recorded(result, journal: Journal | None, group_index: int):
+    """Mark the group finished in the job's journal (after its cells), and hand the result on."""
+    if journal is not None:
+        summary, coarse, _ = result
+        journal.record("level0", f"{group_index:07d}", (summary, coarse))
+    return result
 
 
 def write_staged_group(refs, scratch: Scratch, layout: PieceLayout, grid: Grid, level: int, target, attr_names,
-                       group_index: int, geoms=()):
+                       group_index: int, geoms=(), journal: Journal | None = None):
     """:func:`write_group` of a group whose pieces are on scratch (``refs``: where, in input order)."""
     try:
         batch = load_group(scratch, layout, refs)
@@ -46,15 +57,19 @@ def write_staged_group(refs, scratch: Scratch, layout: PieceLayout, grid: Grid, 
     except Exception as e:  # noqa: BLE001 - name the stage and the group, keep the cause
         raise IngestError(f"reading the staged pieces of group {group_index} from {scratch.where()} failed: "
                           f"{type(e).__name__}: {e}", stage="write") from e
-    return _write_batch(batch, grid, level, target, attr_names, group_index, geoms)
+    return _recorded(_write_batch(batch, grid, level, target, attr_names, group_index, geoms), journal,
+                     group_index)
 
 
-def write_group(pieces, grid: Grid, level: int, target, attr_names, group_index: int, geoms=()):
+def write_group(pieces, grid: Grid, level: int, target, attr_names, group_index: int, geoms=(),
+                journal: Journal | None = None):
     """Write one group's chunks, and the coarse levels ``geoms`` describe (whole regions).
 
-    Returns ``(ChunkSummary, BatchResult or None, fork or None)``.
+    Returns ``(ChunkSummary, BatchResult or None, fork or None)``; with a
+    ``journal``, records the group finished once its cells are written.
     """
-    return _write_batch(merge_pieces(list(pieces)), grid, level, target, attr_names, group_index, geoms)
+    return _recorded(_write_batch(merge_pieces(list(pieces)), grid, level, target, attr_names, group_index, geoms),
+                     journal, group_index)
 
 
 def _write_batch(batch, grid: Grid, level: int, target, attr_names, group_index: int, geoms=()):
@@ -64,6 +79,7 @@ def _write_batch(batch, grid: Grid, level: int, target, attr_names, group_index:
     first = None
     zstore = worker_store(target)
     try:
+        fail_point(f"group:{group_index}")
         oids = None if batch.object_ids is None else np.asarray(batch.object_ids).astype(np.int64)
         plan = plan_chunks(batch.positions, grid, oids, batch.cells, batch.fragments)
         first = ".".join(map(str, plan.chunks[0])) if plan.n_chunks else None

@@ -94,6 +94,9 @@ class PyramidReport:
     stop_reason: str = ""
     snapshot_id: str | None = None
     warnings: list[str] = field(default_factory=list)
+    resumed: bool = False  # this build continued an interrupted one
+    tasks_resumed: int = 0  # tasks the interrupted build had finished (not run again)
+    rounds_resumed: int = 0  # rounds of levels it had finished
 
 
 @dataclass
@@ -246,6 +249,9 @@ class PyramidBuilder:
         self.plain = self.compressors is None
         self.eager_links = (job is not None and job.transactional) or not self.plain
         self.building: list[int] | None = None  # the levels of the batch under way (removed if it fails)
+        self.journal = None  # the job's Journal: rounds and tasks are recorded there as they finish
+        self.tasks_done = 0  # pyramid tasks finished by this process
+        self.tasks_reused = 0  # pyramid tasks an interrupted job had finished (not run again)
 
     # -- steps -----------------------------------------------------------------------------
     def _peek(self, i: int) -> LevelStep | None:
@@ -439,6 +445,8 @@ class PyramidBuilder:
         (``StepGeometry.returned_links``), which are written after them.
         """
         root = self.zs.root
+        if "links" not in root[str(owner)] or f"{delta:+d}" not in root[f"{owner}/links"]:
+            return 0  # an interrupted finish of this round removed it already: it had no records
         links = root[f"{owner}/links"]
         fam = links[f"{delta:+d}"]
         per_seg: dict[str, list] = {}
@@ -461,11 +469,12 @@ class PyramidBuilder:
             chunks = np.concatenate([c for c, _ in parts]) if parts else np.zeros((0, self.ndim), np.int64)
             n = int(sum(int(np.sum(c)) for _, c in parts))
             attrs = link_array_attrs(delta, parse_offset_segment(seg), sorted(chunk_keys(chunks)), grid.origin)
-            if created is None:
+            if created is None and seg not in fam:  # (an interrupted finish may have made it already)
                 if n:
                     create.append((seg, attrs))
             elif n == 0:
-                del fam[seg]
+                if seg in fam:
+                    del fam[seg]
             else:
                 update[f"{fam.path}/{seg}"] = attrs
             total += n
@@ -496,22 +505,75 @@ class PyramidBuilder:
 
         target = self.job.target()
         fine_bpc = tuple(b * s for b, s in zip(self.bpc, src.scale))
-        groups = plan_tasks(src.chunks, fine_bpc, batch.region, src.weights(), self.points_per_task)
+        stage = _round_stage(batch)
+        chunks_all, weights = src.chunks, src.weights()
+        earlier = []
+        if self.journal is not None:  # a resumed round: the tasks that finished are not run again
+            for name in self.journal.finished(stage):
+                covered, res = self.journal.load(stage, name)
+                earlier.append((res, None))
+                self.tasks_reused += 1
+                self.report.tasks_resumed += 1
+                keep = ~chunks_in(chunks_all, np.asarray(covered).reshape(-1, self.ndim))
+                chunks_all, weights = chunks_all[keep], weights[keep]
+        groups = plan_tasks(chunks_all, fine_bpc, batch.region, weights, self.points_per_task) if len(chunks_all) \
+            else []
         task_fn = dask.delayed(batch_task, pure=False)
         token = uuid.uuid4().hex[:12]
         tasks = []
         for i, idx in enumerate(groups):
-            chunks = src.chunks[idx]
+            chunks = chunks_all[idx]
             obj = None
             if src.objects is not None:
                 m = chunks_in(src.objects[1], chunks)
                 obj = tuple(a[m] for a in src.objects)
+            record = (stage, "t" + "_".join(map(str, chunks[0])))
             tasks.append(task_fn(target, batch.geoms, src.level, batch.read_names, self.ndim, chunks, obj,
-                                 dask_key_name=f"zv-pyramid-{batch.numbers[0]}-{i}-{token}"))
+                                 self.journal, record, dask_key_name=f"zv-pyramid-{batch.numbers[0]}-{i}-{token}"))
         label = f"pyramid level {batch.numbers[0]}" + (f"-{batch.numbers[-1]}" if len(batch.levels) > 1 else "")
-        results = run_tasks(tasks, self.client, self.progress, label)
+        results = run_tasks(tasks, self.client, self.progress, label, on_result=self._task_finished)
         self.job.absorb(_unique([fork for _, fork in results]))
-        return results
+        return earlier + results
+
+    def _task_finished(self, i: int, result) -> None:
+        from zv_dask.faults import kill_point
+
+        self.tasks_done += 1
+        kill_point(f"pyramid:{self.tasks_done}")
+
+    # -- the journal ---------------------------------------------------------------------------
+    def replay_round(self, first: int):
+        """``(source, stop reason)`` of the round from level ``first`` if the journal has it finished, else ``None``."""
+        if self.journal is None:
+            return None
+        rec = self.journal.load("rounds", f"{first:03d}")
+        if rec is None:
+            return None
+        self._peek(rec["levels"] - 1)
+        self._pending = self._pending[rec["levels"]:]
+        old = self.report
+        self.report = rec["report"]
+        for name in ("warnings", "resumed", "tasks_resumed"):  # this run's, not the recorded run's
+            setattr(self.report, name, getattr(old, name))
+        self.report.rounds_resumed = old.rounds_resumed + 1
+        for key, n in self.report.link_counts.items():  # a rewritten fine level's metadata lists its links again
+            owner = key.split("/")[0]
+            if n and owner in self.zs.root:
+                _mark_links_present(self.zs.root[owner])
+        return rec["source"], rec["reason"]
+
+    def started_round(self, first: int) -> int | None:
+        """How many levels the round from level ``first`` builds, if it was started (its arrays made)."""
+        if self.journal is None:
+            return None
+        rec = self.journal.load("started", f"{first:03d}")
+        return None if rec is None else int(rec)
+
+    def record_round(self, batch: Batch, src: LevelSource, reason: str) -> None:
+        """The round's metadata is written: record what the next round starts from."""
+        if self.journal is not None:
+            self.journal.record("rounds", f"{batch.numbers[0]:03d}",
+                                {"levels": len(batch.levels), "source": src, "reason": reason, "report": self.report})
 
     def run(self, src: LevelSource, reason: str = "") -> LevelSource:
         """Build batches from ``src`` until the steps run out or a stop criterion holds."""
@@ -520,13 +582,24 @@ class PyramidBuilder:
                 reason = (f"{self.levels} levels built" if self.levels is not None
                           else "bin_ratio/chunk_scale lists exhausted")
                 break
-            steps = self.choose_steps(src.chunks, src.weights(), src.scale)
+            first = self._peek(0).level
+            replayed = self.replay_round(first)
+            if replayed is not None:  # finished before the job was interrupted
+                src, reason = replayed
+                continue
+            started = self.started_round(first)
+            steps = ([self._peek(i) for i in range(started)] if started is not None
+                     else self.choose_steps(src.chunks, src.weights(), src.scale))
             batch = self.plan_batch(src, steps)
             self.building = batch.numbers
             t0 = time.perf_counter()
-            self.prepare(batch)
+            if started is None:
+                self.prepare(batch)
+                if self.journal is not None:
+                    self.journal.record("started", f"{first:03d}", len(steps))
             results = self.build_batch(batch, src)
             src, reason = self.finish_batch(batch, results, src, t0, len(results))
+            self.record_round(batch, src, reason)
             self.building = None
         self.report.stop_reason = reason
         return src
@@ -544,6 +617,10 @@ class PyramidBuilder:
         meta.cross_level_depth = 1 if linked else 0
         meta.cross_level_storage = self.links if linked else "none"
         write_root_metadata(self.zs, meta)
+
+
+def _round_stage(batch: Batch) -> str:
+    return f"round-{batch.numbers[0]:03d}"
 
 
 def drop_up_links(root, level: int) -> None:

@@ -36,7 +36,8 @@ import functools
 import time
 
 from zv_dask.budget import MemoryBudget, parse_size
-from zv_dask.errors import IngestError, StoreError, ZVError
+from zv_dask.errors import IngestError, InputError, StoreError, ZVError
+from zv_dask.faults import kill_point
 from zv_dask.pyramid.builder import (
     PyramidBuilder,
     PyramidReport,
@@ -46,19 +47,32 @@ from zv_dask.pyramid.builder import (
 )
 from zv_dask.pyramid.plan import LINK_STORAGE, check_build_options
 from zv_dask.store.api import as_store
+from zv_dask.store.cellio import sweep_partials
+from zv_dask.store.journal import (
+    differences,
+    job_document,
+    job_options,
+    journal_for,
+    unfinished_message,
+    with_resume_hint,
+)
 from zv_dask.transaction import WriteJob
 
 __all__ = ["build_pyramid", "PyramidReport", "PyramidBuilder", "LINK_STORAGE"]
 
 
 def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction, sample_size, seed, min_points,
-           client, job, points_per_task, levels_per_task, links, progress, memory_budget) -> PyramidReport:
+           client, job, points_per_task, levels_per_task, links, progress, memory_budget, resume) -> PyramidReport:
     t0 = time.perf_counter()
     zs = job.store if job is not None else as_store(store, "r+")
     if zs.read_only:
         raise StoreError("build_pyramid needs a writable store; open it with mode='r+'")
     own = job is None
     job = job if job is not None else WriteJob(zs, "zv-dask build_pyramid")
+    options = {"levels": levels, "bin_ratio": bin_ratio, "chunk_scale": chunk_scale, "method": method,
+               "attribute_reduction": attribute_reduction, "sample_size": sample_size, "seed": seed,
+               "min_points": min_points, "links": links}
+    journal, doc, lock = _pyramid_journal(zs, options, resume)
     builder = None
     try:
         builder = PyramidBuilder(zs, job, levels=levels, bin_ratio=bin_ratio, chunk_scale=chunk_scale, method=method,
@@ -68,19 +82,34 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
                                  memory_budget=memory_budget)
         src = source_from_store(zs, 0)
         builder.check_attributes(src.specs, src.grid.dtype)  # raises before anything changes
-        drop_coarse_levels(zs)
+        if doc is None:
+            drop_coarse_levels(zs)
+            if journal is not None:
+                journal.write_json("job.json", pyramid_job(options, src))
+        else:
+            check_pyramid_resume(doc, options, src, journal)
+            sweep_partials(zs.store)  # cells the killed build's tasks were writing
+        builder.journal = journal
         report = builder.report
+        report.resumed = doc is not None
         report.vertex_counts[0] = src.vertex_count
         report.chunk_counts[0] = len(src.chunks)
         src = builder.run(src, builder.first_reason(src.vertex_count, len(src.chunks)))
         builder.finish_root(src.objects is not None)
+        report = builder.report
+        kill_point("commit")
         if own:
             report.snapshot_id = job.commit("zv-dask build_pyramid")
+        if lock is not None:
+            lock.check()
+        if journal is not None:
+            journal.remove()
     except BaseException as e:
         if own:
             job.abort()
         building = builder.building if builder is not None else None
-        if not job.transactional and building:
+        kept = journal is not None and not job.transactional
+        if not job.transactional and building and not kept:
             for k in building:  # levels without metadata would break readers
                 if str(k) in zs.root:
                     del zs.root[str(k)]
@@ -88,17 +117,61 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
         if isinstance(e, Exception) and not isinstance(e, ZVError):  # e.g. KilledWorker, a storage error
             stage = "pyramid" if not building else f"pyramid level {building[0]}"
             first = (str(e).strip().splitlines() or [""])[0]
-            raise IngestError(f"{stage} failed: {type(e).__name__}: {first}", stage=stage) from e
+            err = IngestError(f"{stage} failed: {type(e).__name__}: {first}", stage=stage)
+            raise (with_resume_hint(err, "build") if kept else err) from e
+        if kept and isinstance(e, IngestError):  # a task's own error
+            raise with_resume_hint(e, "build")
         raise
+    finally:
+        if lock is not None:
+            lock.release()
+            if not journal.exists():  # refused before the build began: no journal stays
+                journal.remove()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _pyramid_journal(zs, options: dict, resume: bool):
+    """``(journal, unfinished job document or None, lease)`` of a standalone build on a plain store."""
+    journal = journal_for(zs.backend) if not zs.backend.transactional else None
+    if journal is None:
+        if resume:
+            raise InputError("resume needs a store at a path or URL (its journal lives there); this store has none")
+        return None, None, None
+    doc = journal.job()
+    if doc is not None and doc.get("kind") == "ingest":
+        raise StoreError(f"{zs.url} has an {unfinished_message(doc, journal)}; build the pyramid after it")
+    if resume and doc is None:
+        raise InputError(f"no unfinished pyramid build to resume in {zs.url}; run the build without resume "
+                         "(--resume) to build the levels")
+    lock = journal.acquire("zv-dask pyramid" + (" (resuming)" if resume else ""))
+    if doc is not None and not resume:  # a new build replaces the unfinished one
+        journal.remove()
+        lock = journal.acquire("zv-dask pyramid")
+        doc = None
+    return journal, doc, lock
+
+
+def pyramid_job(options: dict, src) -> dict:
+    return job_document("pyramid", job_options(**options), {"level0_points": int(src.vertex_count),
+                                                           "level0_chunks": int(len(src.chunks))}, {}, {})
+
+
+def check_pyramid_resume(doc: dict, options: dict, src, journal) -> None:
+    diffs = differences(doc.get("options", {}), job_options(**options), "option ")
+    diffs += differences(doc.get("input", {}), {"level0_points": int(src.vertex_count),
+                                                "level0_chunks": int(len(src.chunks))}, "")
+    if diffs:
+        raise InputError(f"cannot resume the unfinished pyramid build (started {doc.get('started')}): it was started "
+                         f"with other options or another level 0: {'; '.join(diffs[:6])}. Resume with the same "
+                         "options, or run the build without resume to start again")
 
 
 def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=1, method: str = "centroid",
                   attribute_reduction: dict | None = None, sample_size: int = 8, seed: int = 0,
                   min_points: int = 1024, links=None, client=None, compute: bool = True, job: WriteJob | None = None,
                   points_per_task: int | None = None, levels_per_task: int | None = None,
-                  progress: bool = False, memory_budget=None):
+                  progress: bool = False, memory_budget=None, resume: bool = False):
     """Build coarse levels 1..L of a store from its level 0.
 
     Parameters
@@ -156,10 +229,14 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
     memory_budget
         Bytes (or a size like ``"2GiB"``) the build may hold per worker; by
         default half the workers' memory limit (see :func:`zv_dask.ingest`).
+    resume
+        Continue the unfinished build in the store (killed, or failed) with the
+        same options: its finished rounds of levels and finished tasks are not
+        redone. A build without ``resume`` replaces an unfinished one.
 
     Existing coarse levels (and level-0 cross-level links) are replaced. On
-    failure an own icechunk job is discarded; on plain stores the levels of the
-    failed round are removed, earlier levels stay valid.
+    failure an own icechunk job is discarded; on plain stores what the build
+    finished stays, with its journal, for ``resume=True``.
     """
     check_build_options(method=method, points_per_task=points_per_task, levels_per_task=levels_per_task,
                         links=links)  # raises now even when compute=False
@@ -169,7 +246,7 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
                             method=method, attribute_reduction=attribute_reduction, sample_size=sample_size,
                             seed=seed, min_points=min_points, client=client, job=job,
                             points_per_task=points_per_task, levels_per_task=levels_per_task, links=links,
-                            progress=progress, memory_budget=memory_budget)
+                            progress=progress, memory_budget=memory_budget, resume=resume)
     if compute:
         return run()
     import dask

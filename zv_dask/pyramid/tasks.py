@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zv_dask.errors import IngestError, ZVError
+from zv_dask.faults import fail_point
 from zv_dask.format.links import LinkCells
 from zv_dask.pyramid import stack
 from zv_dask.pyramid.stack import LevelPoints, StepGeometry
@@ -70,6 +71,7 @@ def build_levels(zstore, fine: LevelPoints, geoms: tuple[StepGeometry, ...],
         k = geom.level
         first = ".".join(map(str, fine.chunks[0])) if len(fine.chunks) else None
         try:
+            fail_point(f"level:{k}")
             coarse = stack.coarsen_level(fine, geom)
             up, down = stack.level_links(fine, coarse, geom)
             payloads = list(stack.encode_level(coarse.points, coarse.plan, geom.grid.dtype))
@@ -97,8 +99,12 @@ def build_levels(zstore, fine: LevelPoints, geoms: tuple[StepGeometry, ...],
 
 
 def batch_task(target, geoms: tuple[StepGeometry, ...], fine_level: int, read_names: tuple, ndim: int,
-               chunks: np.ndarray, obj):
-    """Read the fine chunks of whole regions, build the batch's levels; returns ``(results, fork)``."""
+               chunks: np.ndarray, obj, journal=None, record: tuple[str, str] | None = None):
+    """Read the fine chunks of whole regions, build the batch's levels; returns ``(results, fork)``.
+
+    With a ``journal``, the task is recorded finished (``record``: stage and
+    name) with the chunks it covered, once its cells are written.
+    """
     try:
         zstore = worker_store(target)
         data = read_chunks(zstore, fine_level, chunks, list(read_names), ndim=ndim)
@@ -118,4 +124,7 @@ def batch_task(target, geoms: tuple[StepGeometry, ...], fine_level: int, read_na
         raise IngestError(f"pyramid level {geoms[0].level}: reading {len(chunks)} level-{fine_level} chunks "
                           f"from {first} failed: {type(e).__name__}: {e}", stage=f"pyramid level {geoms[0].level}",
                           chunk=first) from e
-    return build_levels(zstore, fine, geoms), returned_fork(target)
+    out = build_levels(zstore, fine, geoms)
+    if journal is not None:
+        journal.record(record[0], record[1], (np.asarray(chunks), out))
+    return out, returned_fork(target)

@@ -126,6 +126,17 @@ class ZVStore:
         except Exception:  # pragma: no cover - repr must never raise
             return f"<ZVStore {self.url or self.backend.kind} mode={self.mode}>"
 
+    @property
+    def unfinished_job(self) -> str | None:
+        """What the unfinished job in this store is and how to go on, or ``None`` (checked once)."""
+        if not hasattr(self, "_unfinished"):
+            from zv_dask.store.journal import journal_for, unfinished_message
+
+            journal = journal_for(self.backend)
+            doc = journal.job() if journal is not None else None
+            self._unfinished = None if doc is None else unfinished_message(doc, journal)
+        return self._unfinished
+
     def _require_writable(self):
         if self.read_only:
             raise StoreError("the store is open read-only (mode='r'); open it with mode='r+' to change it")
@@ -339,6 +350,12 @@ def open_store(path, mode: str = "r", *, backend: str | None = None, storage_opt
         raise StoreError(f"not a ZV store at {be.url or path!r}: the root group has no 'zarr_vectors' attributes")
     zs = ZVStore(be, root, mode)
     zs.metadata  # parse strictly; raises MetadataError on malformed roots
+    if mode == "r" and zs.unfinished_job:
+        import warnings
+
+        from zv_dask.errors import UnfinishedJobWarning
+
+        warnings.warn(f"{zs.url or 'the store'} has an {zs.unfinished_job}", UnfinishedJobWarning, stacklevel=2)
     return zs
 
 
@@ -493,7 +510,10 @@ def store_info(store) -> dict[str, Any]:
     store = as_store(store)
     meta = store.metadata
     levels = []
+    unfinished = store.unfinished_job
     for k in list_resolution_levels(store):
+        if unfinished and "zarr_vectors_level" not in store.root[str(k)].attrs:
+            continue  # a level the unfinished job has not finished
         lm = read_level_metadata(store, k)
         g = get_resolution_level(store, k)
         entry: dict[str, Any] = {
@@ -531,6 +551,7 @@ def store_info(store) -> dict[str, Any]:
         "backend": store.backend.kind,
         "levels": levels,
         "parametric_types": read_parametric_types(store),
+        "unfinished_job": unfinished,
     }
 
 

@@ -18,7 +18,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["put_cells", "get_cells", "CONCURRENCY"]
+__all__ = ["put_cells", "get_cells", "sweep_partials", "CONCURRENCY"]
 
 CONCURRENCY = 64
 
@@ -85,6 +85,30 @@ def _write_files(root: str, items: list) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+
+
+def sweep_partials(zstore) -> int:
+    """Remove the temporary files of writes a killed process left half-done under a local store; returns how many.
+
+    Only names :func:`_write_files` makes (``<cell>.<pid>.<thread>.<n>.partial``)
+    are touched. A resumed job calls this before it writes again.
+    """
+    root = _local_root(zstore)
+    if root is None:
+        return 0
+    import re
+
+    pattern = re.compile(r"\.\d+\.\d+\.\d+\.partial$")
+    n = 0
+    for d, _, files in os.walk(root):
+        for f in files:
+            if pattern.search(f):
+                try:
+                    os.remove(os.path.join(d, f))
+                    n += 1
+                except FileNotFoundError:
+                    pass
+    return n
 
 
 def _read_file(path: str):

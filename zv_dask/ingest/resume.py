@@ -1,0 +1,158 @@
+"""What makes two ingest jobs the same job: their options and a fingerprint of their input.
+
+A resumed job must be the job that was interrupted, or its finished groups
+would be mixed with cells of another input. :func:`job_document` records, before
+the first cell is written, the options that decide what is written, the input's
+fingerprint (files: path, size and modification time; in-memory data: shape and
+dtype; every input: the point count and extent the scan found) and the plan of
+write groups; :func:`differences` names what a resuming job changed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from zv_dask.errors import InputError
+from zv_dask.store.journal import Journal, differences, job_document, job_options, unfinished_message
+
+__all__ = ["input_fingerprint", "scan_fingerprint", "check_resume", "ResumeState", "JobRecorder", "job_options"]
+
+
+def input_fingerprint(points, src) -> dict:
+    """What identifies the input before it is read: its files (size, mtime) or its shape and dtype."""
+    from zv_dask.ingest.sources import _expand  # the same expansion of paths and globs as the reader's
+
+    fp: dict = {"kind": src.kind, "ndim": int(src.ndim), "position_dtype": np.dtype(src.position_dtype).name,
+                "attributes": {k: [str(d), c] for k, (d, c) in sorted(src.attributes.items())},
+                "object_ids": bool(src.has_object_ids), "rows": src.n_rows}
+    if isinstance(points, (str, os.PathLike)) or (isinstance(points, (list, tuple)) and points
+                                                  and all(isinstance(p, (str, os.PathLike)) for p in points)):
+        files = []
+        for f in _expand(points):
+            for path in _walk(f):
+                st = os.stat(path)
+                files.append({"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        fp["files"] = files
+    return fp
+
+
+def _walk(path: str) -> list[str]:
+    if not os.path.isdir(path):
+        return [path]
+    out = []
+    for root, _, names in os.walk(path):
+        out += [os.path.join(root, n) for n in names]
+    return sorted(out)
+
+
+def scan_fingerprint(stats, final_bounds, dropped) -> dict:
+    """What the scan found: points, their extent, the settled bounds (a resumed job must find the same)."""
+    return {"points": int(stats.count), "lo": [float(v) for v in stats.lo], "hi": [float(v) for v in stats.hi],
+            "bounds": [[float(v) for v in b] for b in final_bounds], "dropped": int(dropped)}
+
+
+class ResumeState:
+    """The unfinished job a resuming ingest continues: its document and what it has finished."""
+
+    def __init__(self, journal: Journal, doc: dict):
+        self.journal, self.doc = journal, doc
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.asarray(self.doc["plan"]["starts"], np.int64)
+
+    def finished_groups(self) -> set[int]:
+        return {int(n) for n in self.journal.finished("level0") if n.isdigit()}
+
+    def describe(self) -> str:
+        return unfinished_message(self.doc, self.journal)
+
+
+def check_resume(state: ResumeState, options: dict, fingerprint: dict, scanned: dict | None = None) -> None:
+    """Refuse (:class:`InputError`) to resume a job with other options or another input, naming what differs."""
+    doc = state.doc
+    if doc.get("kind") != "ingest":
+        raise InputError(f"the unfinished job at {state.journal.where()} is a {doc.get('kind')} job, not an ingest; "
+                         "resume it with the command that started it")
+    diffs = differences(doc.get("options", {}), options, "option ")
+    diffs += differences(doc.get("input", {}), fingerprint, "input ")
+    if scanned is not None:
+        diffs += differences(doc.get("scan", {}), scanned, "scanned ")
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise InputError(f"cannot resume the unfinished ingest (started {doc.get('started')}): it was started with "
+                         f"other options or input: {shown}. Resume with the same input and options, or pass "
+                         "overwrite=True (--overwrite) to discard it and start again")
+
+
+class JobRecorder:
+    """The durable side of one ingest job: its journal, lease and finished groups.
+
+    ``journal`` is ``None`` for a store with no location (an object passed in):
+    such a job runs as before, without durable progress.
+    """
+
+    def __init__(self, state: ResumeState | None, options: dict, fingerprint: dict):
+        self.state = state
+        self.options, self.fingerprint = options, fingerprint
+        self.journal: Journal | None = state.journal if state is not None else None
+        self.lock = state.journal.acquire("zv-dask ingest (resuming)") if state is not None else None
+        self.done: set[int] = state.finished_groups() if state is not None else set()
+        self.written = 0  # groups finished by this run
+
+    @property
+    def resuming(self) -> bool:
+        return self.state is not None
+
+    def recorded_scan(self):
+        """The scan an interrupted job recorded, when its input are files that did not change (else ``None``)."""
+        if self.state is None or not self.fingerprint.get("files"):
+            return None
+        return self.journal.load("plan", "scan")
+
+    def start(self, backend, scanned: dict, plan: dict, scan) -> None:
+        """Before the first cell: the lease, and the job document (a new job) or the scan's check (a resumed one)."""
+        from zv_dask.store.journal import journal_for
+
+        if self.state is not None:
+            check_resume(self.state, self.options, self.fingerprint, scanned)
+            return
+        self.journal = journal_for(backend)
+        if self.journal is None:
+            return
+        self.lock = self.journal.acquire("zv-dask ingest")
+        self.journal.forget("level0")  # leftovers of a job discarded with overwrite
+        self.journal.record("plan", "scan", scan)
+        self.journal.write_json("job.json", job_document("ingest", self.options, self.fingerprint, scanned, plan))
+
+    def on_group(self, i: int, result) -> None:
+        """A write group finished (its record is in the journal already)."""
+        from zv_dask.faults import kill_point
+
+        self.written += 1
+        kill_point(f"write:{self.written}")
+
+    def progress(self) -> bool:
+        """True when finished work would be lost by undoing the job."""
+        return self.journal is not None and (self.resuming or self.written > 0 or bool(self.journal.finished("level0")))
+
+    def finish(self) -> None:
+        """The job is committed: its journal goes."""
+        if self.lock is not None:
+            self.lock.check()
+        if self.journal is not None:
+            self.journal.remove()
+        self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def abandon(self) -> None:
+        """A job undone before it finished anything: no journal stays."""
+        self.release()
+        if self.journal is not None and not self.resuming:
+            self.journal.remove()
