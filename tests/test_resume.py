@@ -325,3 +325,65 @@ def test_property_resume_equals_uninterrupted(tmp_path_factory, n, seed, fail_at
             rep = zv_dask.ingest(pts, store, client=None, resume=True, **job)
             assert rep.resumed == (done > 0) and rep.groups_resumed == done
     _same_tree(ref, store)
+
+
+# -- icechunk: progress on a job branch, one commit on the user's branch ------------------------------------
+def _repo_state(path):
+    """(every key -> bytes at main's tip, main's commit messages, branches) of a local icechunk repository."""
+    import asyncio
+
+    import icechunk
+    from zarr.core.buffer import default_buffer_prototype
+
+    repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(path)))
+    st = repo.readonly_session(branch="main").store
+
+    async def read():
+        return {k: (await st.get(k, default_buffer_prototype())).to_bytes() async for k in st.list()}
+
+    return asyncio.run(read()), [a.message for a in repo.ancestry(branch="main")], sorted(repo.list_branches())
+
+
+@pytest.fixture(scope="module")
+def icechunk_survey(survey):
+    src, _, _ = survey
+    ref = src.parent / "iref" / "x.zv"
+    ref.parent.mkdir()
+    r = _cli("ingest", src, ref, "--icechunk", *JOB, "--json")
+    assert r.returncode == 0, r.stderr
+    return src, ref, json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("point", ["write:5", "pyramid:1", "commit"])
+def test_icechunk_sigkill_then_resume_is_one_commit(point, icechunk_survey, tmp_path):
+    src, ref, full = icechunk_survey
+    store = tmp_path / "x.zv"
+    env = {"ZV_DASK_CHECKPOINT_SECONDS": "0"}  # a checkpoint after every group: the kill finds them durable
+    e = {**os.environ, "PYTHONWARNINGS": "ignore", "ZV_DASK_KILL_AT": point, **env}
+    proc = subprocess.Popen([str(BIN), "ingest", src, store, "--icechunk", *JOB], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=e, start_new_session=True)
+    proc.wait(timeout=300)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    assert proc.returncode == -signal.SIGKILL
+    journal = Path(str(store) + JOURNAL_DIR) / "main"
+    done = len(os.listdir(journal / "done" / "level0"))
+    assert done >= (5 if point == "write:5" else full["groups"])
+    _, history, branches = _repo_state(store)
+    assert history == ["Repository initialized"], "readers of main never see a partial job"
+    assert "zv-dask-job/main" in branches
+    r = _cli("info", store, "--icechunk")
+    assert r.returncode == 2 and "unfinished ingest job" in r.stderr
+
+    r = _cli("ingest", src, store, "--icechunk", *JOB, "--resume", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["resumed"] and rep["groups_resumed"] == done
+    got, history, branches = _repo_state(store)
+    want, want_history, _ = _repo_state(ref)
+    assert history == want_history == ["zv-dask ingest", "Repository initialized"], "one commit for the whole job"
+    assert branches == ["main"], "the job branch is gone"
+    assert got.keys() == want.keys() and all(got[k] == want[k] for k in want), "byte-identical to the uninterrupted"
+    assert not Path(str(store) + JOURNAL_DIR).exists()

@@ -19,13 +19,24 @@ nodes conflict (:meth:`WriteJob.commit`): nothing is lost either way.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 from zv_dask.errors import StoreError
 
-__all__ = ["WriteJob", "worker_store", "returned_fork", "gather_or_stop"]
+__all__ = ["WriteJob", "worker_store", "returned_fork", "gather_or_stop", "job_branch_name", "CHECKPOINT_SECONDS"]
 
 REBASE_TRIES = 10
+JOB_BRANCH_PREFIX = "zv-dask-job/"
+# How often a durable icechunk job commits its progress to its job branch (an amend: one snapshot, kept
+# short-lived); ZV_DASK_CHECKPOINT_SECONDS overrides it (the tests checkpoint at every group).
+CHECKPOINT_SECONDS = float(os.environ.get("ZV_DASK_CHECKPOINT_SECONDS", "30"))
+
+
+def job_branch_name(branch: str) -> str:
+    """The branch a durable job on ``branch`` writes its checkpoints to."""
+    return f"{JOB_BRANCH_PREFIX}{branch}"
 
 
 def worker_store(target):
@@ -48,6 +59,138 @@ class WriteJob:
         self.store = store
         self.message = message or "zv-dask job"
         self._fork = None
+        self.job_branch: str | None = None  # icechunk: the branch the job's checkpoints go to
+        self.base: str | None = None  # the snapshot of the user's branch the job started from
+        self._commits = 0
+        self._last = time.monotonic()
+
+    @property
+    def durable(self) -> bool:
+        """True when the job's progress is committed to a job branch as it goes (icechunk)."""
+        return self.job_branch is not None
+
+    # -- the job branch ---------------------------------------------------------------------
+    def on_job_branch(self, resume_from: str | None = None) -> None:
+        """Move the job onto a branch of its own: checkpoints land there, the user's branch moves once, at the end.
+
+        A new job branches from the snapshot its session is based on and takes
+        the changes made so far (metadata) along; ``resume_from`` (the base
+        snapshot an interrupted job recorded) continues that job's branch.
+        """
+        be = self.store.backend
+        repo = be.repository
+        if not self.transactional or repo is None:
+            return
+        user = be.branch
+        name = job_branch_name(user)
+        if resume_from is not None:
+            tip = repo.lookup_branch(user)
+            if tip != resume_from:
+                raise StoreError(f"branch {user!r} moved since the interrupted job started (from {resume_from} to "
+                                 f"{tip}); its progress is on branch {name!r}. Resume on a branch at {resume_from}, "
+                                 "or start again with overwrite")
+            if name not in repo.list_branches():
+                raise StoreError(f"the interrupted job's branch {name!r} is gone from the repository; start again "
+                                 "with overwrite")
+            self.base = resume_from
+            self._commits = 0 if repo.lookup_branch(name) == resume_from else 1
+            self._swap(repo.writable_session(name))
+        else:
+            main = be.session
+            self.base = main.snapshot_id
+            if name in repo.list_branches():
+                repo.delete_branch(name)
+            repo.create_branch(name, self.base)
+            js = repo.writable_session(name)
+            _copy_changes(main.status(), main.store, js.store)
+            main.discard_changes()
+            self._swap(js)
+        self.job_branch = name
+
+    def _swap(self, session) -> None:
+        import zarr
+
+        be = self.store.backend
+        be.session = session
+        be.store = session.store
+        self.store.root = zarr.open_group(session.store, mode="r+", zarr_format=3)
+        self._fork = None
+
+    def checkpoint(self, force: bool = False) -> bool:
+        """Commit the job's progress to its branch (at most every ``CHECKPOINT_SECONDS`` unless ``force``).
+
+        Returns True when everything merged so far is durable.
+        """
+        if not self.durable:
+            return False
+        now = time.monotonic()
+        if not force and now - self._last < CHECKPOINT_SECONDS:
+            return False
+        s = self.store.session
+        if s.has_uncommitted_changes:
+            if self._commits:
+                s.amend("zv-dask job in progress")
+            else:
+                s.commit("zv-dask job in progress")
+            self._commits += 1
+            self._swap(self.store.backend.repository.writable_session(self.job_branch))
+        self._last = time.monotonic()
+        return True
+
+    def _finish_branch(self, message: str) -> str:
+        """The last amend of the job branch, then the user's branch moved onto it; returns the snapshot."""
+        import icechunk
+
+        be = self.store.backend
+        repo = be.repository
+        s = self.store.session
+        if self._commits:
+            tip = s.amend(message, allow_empty=True)
+        else:
+            tip = s.commit(message, allow_empty=True)
+        try:
+            repo.reset_branch(be.branch, tip, from_snapshot_id=self.base)
+        except icechunk.IcechunkError as e:
+            if repo.lookup_branch(be.branch) == self.base:
+                raise
+            tip = self._replay_on_user_branch(tip, message, e)
+        repo.delete_branch(self.job_branch)
+        self.job_branch = None
+        fresh = repo.writable_session(be.branch)
+        self._swap(fresh)
+        return tip
+
+    def _replay_on_user_branch(self, tip: str, message: str, err) -> str:
+        """Another writer committed to the user's branch meanwhile: the job's changes on top of theirs.
+
+        Our changes (base -> tip) and theirs (base -> their tip) must touch
+        different nodes, as icechunk's ``ConflictDetector`` would require; then
+        ours are copied onto a session at their tip and committed there.
+        """
+        be = self.store.backend
+        repo = be.repository
+        for _ in range(REBASE_TRIES):
+            theirs_tip = repo.lookup_branch(be.branch)
+            ours = repo.diff(from_snapshot_id=self.base, to_snapshot_id=tip)
+            theirs = repo.diff(from_snapshot_id=self.base, to_snapshot_id=theirs_tip)
+            clash = sorted(_touched(ours) & _touched(theirs))
+            if clash:
+                shown = ", ".join(clash[:8]) + (f" and {len(clash) - 8} more" if len(clash) > 8 else "")
+                raise StoreError(f"commit {message!r} conflicts with a concurrent commit on branch {be.branch!r} "
+                                 f"(snapshot {theirs_tip}): both changed {shown}; nothing of this job was committed, "
+                                 f"the other writer's commit stands (the job's result is on branch "
+                                 f"{self.job_branch!r})") from err
+            session = repo.writable_session(be.branch)
+            _copy_changes(ours, repo.readonly_session(snapshot_id=tip).store, session.store)
+            try:
+                return session.commit(message)
+            except Exception as e:  # noqa: BLE001 - the branch moved again: look again
+                import icechunk
+
+                if not isinstance(e, icechunk.ConflictError):
+                    raise
+        raise StoreError(f"commit {message!r}: the branch {be.branch!r} kept moving; gave up after {REBASE_TRIES} "
+                         f"tries (the job's result is on branch {self.job_branch!r})")
 
     @property
     def transactional(self) -> bool:
@@ -82,6 +225,8 @@ class WriteJob:
         message = message or self.message
         if not self.transactional:
             return commit(self.store, message)
+        if self.durable:
+            return self._finish_branch(message)
         import icechunk
 
         for _ in range(REBASE_TRIES):
@@ -102,6 +247,59 @@ class WriteJob:
         self._fork = None
         if self.transactional:
             discard_changes(self.store)
+
+    def drop_job_branch(self) -> None:
+        """Forget a job branch (a job undone before it finished anything)."""
+        if self.durable:
+            repo = self.store.backend.repository
+            self._swap(repo.writable_session(self.store.backend.branch))
+            try:
+                repo.delete_branch(self.job_branch)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+            self.job_branch = None
+
+
+def _touched(diff) -> set[str]:
+    """The nodes a diff changes (groups, arrays, arrays whose chunks changed)."""
+    return (set(diff.new_groups) | set(diff.new_arrays) | set(diff.deleted_groups) | set(diff.deleted_arrays)
+            | set(diff.updated_groups) | set(diff.updated_arrays) | set(diff.updated_chunks))
+
+
+def _copy_changes(diff, source, target) -> None:
+    """Apply the changes a diff lists, reading their bytes from ``source``, onto the zarr store ``target``.
+
+    Nodes: their ``zarr.json`` (deleted ones removed); chunks: each changed
+    chunk's stored object, under the key the array's own chunk-key encoding
+    gives (zarr's ``encode_chunk_key``).
+    """
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    proto = default_buffer_prototype()
+
+    async def run():
+        for path in sorted(set(diff.deleted_groups) | set(diff.deleted_arrays), key=len, reverse=True):
+            await target.delete_dir(path.strip("/"))
+        nodes = sorted(set(diff.new_groups) | set(diff.new_arrays) | set(diff.updated_groups)
+                       | set(diff.updated_arrays), key=len)
+        for path in nodes:
+            key = (path.strip("/") + "/zarr.json").lstrip("/")
+            buf = await source.get(key, proto)
+            if buf is not None:
+                await target.set(key, buf)
+        for path, coords in diff.updated_chunks.items():
+            arr = zarr.open_array(source, path=path.strip("/"), mode="r")
+            for c in coords:
+                key = f"{path.strip('/')}/{arr.metadata.encode_chunk_key(tuple(c))}"
+                buf = await source.get(key, proto)
+                if buf is None:
+                    await target.delete(key)
+                else:
+                    await target.set(key, buf)
+
+    sync(run())
 
 
 def _conflict_message(branch: str, message: str, err) -> str:

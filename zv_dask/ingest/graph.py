@@ -52,7 +52,7 @@ from zv_dask.ingest.tasks import (
 )
 from zv_dask.scheduling import resolve_client, run_tasks, task_slots
 from zv_dask.store.cellio import sweep_partials
-from zv_dask.store.journal import with_resume_hint
+from zv_dask.store.journal import journal_for, with_resume_hint
 from zv_dask.store.levels import (
     AttributeSpec,
     ChunkSummary,
@@ -221,6 +221,9 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
     job = WriteJob(zs, message or "zv-dask ingest")
     created_here = plan.existing is None
     builder = fused = None
+    durable = zs.session is not None and journal_for(zs.backend) is not None  # icechunk with a location
+    if state is not None and durable:
+        job.on_job_branch(resume_from=state.doc["plan"]["base"])
     try:
         grid = zs.grid(0)
         if state is None:
@@ -235,13 +238,22 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
                                np.zeros(len(state.starts), np.int64), units)
         else:
             groups = plan_groups(grid, occ, l0.target_points, units)
+        if durable and state is None:  # icechunk: progress is committed to a job branch, the user's branch
+            job.on_job_branch()       # gains the whole job as one commit at the end
+            job.checkpoint(force=True)
         rec.start(zs.backend, scanned, {"groups": groups.n_groups, "starts": groups.starts.tolist(),
-                                        "fused_levels": len(fused.levels) if fused is not None else 0},
-                  (stats, final_bounds, dropped, occ, counts))
+                                        "fused_levels": len(fused.levels) if fused is not None else 0,
+                                        "base": job.base}, (stats, final_bounds, dropped, occ, counts))
+        rec.job = job
         if builder is not None:
             builder.journal = rec.journal
-        journal = rec.journal
+            builder.record_tasks = not job.durable
+            builder.before_record = lambda: job.checkpoint(force=True)
+        # tasks record their groups themselves, after their cells; on icechunk the coordinator does, after
+        # the checkpoint that makes the cells durable
+        journal = rec.journal if not job.durable else None
         todo = [g for g in range(groups.n_groups) if g not in rec.done]
+        rec.todo = todo  # on_group(i, ...) is about group todo[i]
         skip = None
         if rec.done:
             skip = np.zeros(groups.n_groups, bool)
@@ -264,6 +276,7 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
         if rec.progress():
             raise
         put_back(job, zs, created_here, old_metadata, settle=0)  # no task has run yet
+        job.drop_job_branch()
         rec.abandon()
         if staging is not None:
             staging.remove()
@@ -301,7 +314,7 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
         for g, r in zip(todo, new):
             results[g] = r
         for g in sorted(rec.done):
-            summary, coarse = journal.load("level0", f"{g:07d}")
+            summary, coarse = rec.journal.load("level0", f"{g:07d}")
             results[g] = (summary, coarse, None)
         return results
 
@@ -312,7 +325,8 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
             results = write_level0()
             if staging is not None:
                 staging.remove()  # the pieces are written: free the scratch space before the pyramid
-            job.absorb([fork for _, _, fork in results])
+            job.absorb([fork for _, _, fork in results] if not job.durable else [])  # (durable: merged as they came)
+            rec.checkpoint()
             summary = ChunkSummary.concat([s for s, _, _ in results], grid.ndim)
             t3 = time.perf_counter()
             seconds["write"] = t3 - t2 - seconds.get("stage", 0.0)
@@ -371,9 +385,10 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
                     raise with_resume_hint(stage_error(_stage_name(stage, builder), e,
                                                         _task_names(stage, writes, splits, groups, grid, staging))) from e
                 if isinstance(e, ZVError):
-                    raise with_resume_hint(e) from e
+                    raise with_resume_hint(e)
                 raise
             put_back(job, zs, created_here, old_metadata)
+            job.drop_job_branch()
             rec.abandon()
             if isinstance(e, Exception) and not isinstance(e, ZVError):
                 raise stage_error(_stage_name(stage, builder), e,

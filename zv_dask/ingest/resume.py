@@ -101,6 +101,9 @@ class JobRecorder:
         self.lock = state.journal.acquire("zv-dask ingest (resuming)") if state is not None else None
         self.done: set[int] = state.finished_groups() if state is not None else set()
         self.written = 0  # groups finished by this run
+        self.job = None  # the WriteJob: on icechunk, groups are recorded here after a checkpoint
+        self._pending: list = []  # (group, summary, coarse) merged but not yet checkpointed
+        self.todo: list[int] = []  # the groups this run writes, in task order
 
     @property
     def resuming(self) -> bool:
@@ -132,11 +135,36 @@ class JobRecorder:
         from zv_dask.faults import kill_point
 
         self.written += 1
+        job = self.job
+        if job is not None and job.durable:
+            summary, coarse, fork = result
+            job.absorb([fork])
+            self._pending.append((self.todo_index(i), summary, coarse))
+            self.checkpoint(force=False)
         kill_point(f"write:{self.written}")
+
+    def todo_index(self, i: int) -> int:
+        return self.todo[i]
+
+    def checkpoint(self, force: bool = True) -> None:
+        """Icechunk: commit what was merged to the job branch, then record the groups it made durable."""
+        job = self.job
+        if job is None or not job.durable or not job.checkpoint(force=force):
+            return
+        for g, summary, coarse in self._pending:
+            self.journal.record("level0", f"{g:07d}", (summary, coarse))
+        self._pending = []
 
     def progress(self) -> bool:
         """True when finished work would be lost by undoing the job."""
-        return self.journal is not None and (self.resuming or self.written > 0 or bool(self.journal.finished("level0")))
+        if self.journal is None:
+            return False
+        if self.resuming or self.written > 0:
+            return True
+        try:
+            return bool(self.journal.finished("level0"))
+        except Exception:  # noqa: BLE001 - storage unreachable (what failed, maybe): keep rather than guess
+            return True
 
     def finish(self) -> None:
         """The job is committed: its journal goes."""
@@ -155,4 +183,7 @@ class JobRecorder:
         """A job undone before it finished anything: no journal stays."""
         self.release()
         if self.journal is not None and not self.resuming:
-            self.journal.remove()
+            try:
+                self.journal.remove()
+            except Exception:  # noqa: BLE001 - best effort; the job's error matters more
+                pass

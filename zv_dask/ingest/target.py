@@ -52,6 +52,23 @@ def _probe(store, backend, storage_options, branch) -> ZVStore | None:
         raise StoreError(f"{store!r} exists and is not a ZV store; refusing to write into it") from None
 
 
+def _on_job_branch(store, storage_options, branch) -> ZVStore | None:
+    """An interrupted job's store on its job branch, when the user's branch holds no store yet (a new repository)."""
+    from zv_dask.store.journal import journal_at
+    from zv_dask.transaction import job_branch_name
+
+    journal = journal_at(store, icechunk=True, options=storage_options, branch=branch)
+    if journal is None or journal.job() is None:
+        return None
+    try:
+        zs = open_store(store, "r+", backend="icechunk", storage_options=storage_options,
+                        branch=job_branch_name(branch))
+    except StoreError:
+        return None
+    zs.backend.branch = branch  # the job's branch is where it goes on; the user's is where it ends
+    return zs
+
+
 def _has_points(zs: ZVStore) -> bool:
     if "0" not in zs.root or "vertices" not in zs.root["0"]:
         return False
@@ -113,6 +130,8 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
     if np.dtype(dtype).kind != "f":
         raise InputError(f"dtype must be float32 or float64 for positions, got {dtype!r}")
     existing = _probe(store, backend, storage_options, branch)
+    if existing is None and resume and backend == "icechunk":
+        existing = _on_job_branch(store, storage_options, branch)
     if existing is not None:
         existing._require_writable()
     state = _unfinished(existing, resume, overwrite)

@@ -250,6 +250,8 @@ class PyramidBuilder:
         self.eager_links = (job is not None and job.transactional) or not self.plain
         self.building: list[int] | None = None  # the levels of the batch under way (removed if it fails)
         self.journal = None  # the job's Journal: rounds and tasks are recorded there as they finish
+        self.record_tasks = True  # tasks record themselves (plain stores); icechunk records whole rounds only
+        self.before_record = None  # called before a round is recorded (icechunk: the checkpoint)
         self.tasks_done = 0  # pyramid tasks finished by this process
         self.tasks_reused = 0  # pyramid tasks an interrupted job had finished (not run again)
 
@@ -529,7 +531,7 @@ class PyramidBuilder:
                 obj = tuple(a[m] for a in src.objects)
             record = (stage, "t" + "_".join(map(str, chunks[0])))
             tasks.append(task_fn(target, batch.geoms, src.level, batch.read_names, self.ndim, chunks, obj,
-                                 self.journal, record, dask_key_name=f"zv-pyramid-{batch.numbers[0]}-{i}-{token}"))
+                                 self.journal if self.record_tasks else None, record, dask_key_name=f"zv-pyramid-{batch.numbers[0]}-{i}-{token}"))
         label = f"pyramid level {batch.numbers[0]}" + (f"-{batch.numbers[-1]}" if len(batch.levels) > 1 else "")
         results = run_tasks(tasks, self.client, self.progress, label, on_result=self._task_finished)
         self.job.absorb(_unique([fork for _, fork in results]))
@@ -572,6 +574,8 @@ class PyramidBuilder:
     def record_round(self, batch: Batch, src: LevelSource, reason: str) -> None:
         """The round's metadata is written: record what the next round starts from."""
         if self.journal is not None:
+            if self.before_record is not None:
+                self.before_record()
             self.journal.record("rounds", f"{batch.numbers[0]:03d}",
                                 {"levels": len(batch.levels), "source": src, "reason": reason, "report": self.report})
 
@@ -595,7 +599,7 @@ class PyramidBuilder:
             t0 = time.perf_counter()
             if started is None:
                 self.prepare(batch)
-                if self.journal is not None:
+                if self.journal is not None and self.record_tasks:
                     self.journal.record("started", f"{first:03d}", len(steps))
             results = self.build_batch(batch, src)
             src, reason = self.finish_batch(batch, results, src, t0, len(results))

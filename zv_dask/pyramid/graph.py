@@ -85,11 +85,19 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
         if doc is None:
             drop_coarse_levels(zs)
             if journal is not None:
-                journal.write_json("job.json", pyramid_job(options, src))
+                if job.transactional:  # icechunk: rounds are committed to a job branch as they finish
+                    job.on_job_branch()
+                    job.checkpoint(force=True)
+                journal.write_json("job.json", pyramid_job(options, src, job.base))
         else:
             check_pyramid_resume(doc, options, src, journal)
+            if job.transactional:
+                job.on_job_branch(resume_from=doc["plan"]["base"])
+                src = source_from_store(zs, 0)
             sweep_partials(zs.store)  # cells the killed build's tasks were writing
         builder.journal = journal
+        builder.record_tasks = not job.durable
+        builder.before_record = lambda: job.checkpoint(force=True)
         report = builder.report
         report.resumed = doc is not None
         report.vertex_counts[0] = src.vertex_count
@@ -108,7 +116,7 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
         if own:
             job.abort()
         building = builder.building if builder is not None else None
-        kept = journal is not None and not job.transactional
+        kept = journal is not None and (not job.transactional or job.durable)
         if not job.transactional and building and not kept:
             for k in building:  # levels without metadata would break readers
                 if str(k) in zs.root:
@@ -133,7 +141,9 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
 
 def _pyramid_journal(zs, options: dict, resume: bool):
     """``(journal, unfinished job document or None, lease)`` of a standalone build on a plain store."""
-    journal = journal_for(zs.backend) if not zs.backend.transactional else None
+    journal = journal_for(zs.backend)
+    if zs.backend.transactional and zs.backend.repository is None:
+        journal = None
     if journal is None:
         if resume:
             raise InputError("resume needs a store at a path or URL (its journal lives there); this store has none")
@@ -152,9 +162,10 @@ def _pyramid_journal(zs, options: dict, resume: bool):
     return journal, doc, lock
 
 
-def pyramid_job(options: dict, src) -> dict:
+def pyramid_job(options: dict, src, base: str | None = None) -> dict:
     return job_document("pyramid", job_options(**options), {"level0_points": int(src.vertex_count),
-                                                           "level0_chunks": int(len(src.chunks))}, {}, {})
+                                                           "level0_chunks": int(len(src.chunks))}, {},
+                        {"base": base})
 
 
 def check_pyramid_resume(doc: dict, options: dict, src, journal) -> None:

@@ -345,7 +345,8 @@ def open_store(path, mode: str = "r", *, backend: str | None = None, storage_opt
     try:
         root = zarr.open_group(be.store, mode="r" if mode == "r" else "r+", zarr_format=3)
     except (zarr.errors.GroupNotFoundError, FileNotFoundError, KeyError, ValueError) as e:
-        raise StoreError(f"not a ZV store at {be.url or path!r}: no zarr v3 group there ({type(e).__name__})") from None
+        raise StoreError(f"not a ZV store at {be.url or path!r}: no zarr v3 group there ({type(e).__name__})"
+                         + _unfinished_note(be)) from None
     if "zarr_vectors" not in root.attrs:
         raise StoreError(f"not a ZV store at {be.url or path!r}: the root group has no 'zarr_vectors' attributes")
     zs = ZVStore(be, root, mode)
@@ -357,6 +358,18 @@ def open_store(path, mode: str = "r", *, backend: str | None = None, storage_opt
 
         warnings.warn(f"{zs.url or 'the store'} has an {zs.unfinished_job}", UnfinishedJobWarning, stacklevel=2)
     return zs
+
+
+def _unfinished_note(be) -> str:
+    """``"; it has an unfinished ingest job (...)"`` when a job that would make it one was interrupted."""
+    from zv_dask.store.journal import journal_for, unfinished_message
+
+    try:
+        journal = journal_for(be)
+        doc = journal.job() if journal is not None else None
+    except Exception:  # noqa: BLE001 - only a hint
+        return ""
+    return "" if doc is None else f" yet; it has an {unfinished_message(doc, journal)}"
 
 
 def as_store(store, mode: str = "r", **kw) -> ZVStore:

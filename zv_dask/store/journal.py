@@ -42,7 +42,7 @@ from zv_dask.errors import StoreError
 from zv_dask.store.backends import local_path, object_store, url_scheme
 
 __all__ = ["Journal", "JOURNAL_DIR", "journal_for", "pack", "unpack", "unfinished_message", "JobLock",
-           "LEASE_SECONDS", "job_options", "job_document", "differences", "with_resume_hint"]
+           "LEASE_SECONDS", "journal_at", "job_options", "job_document", "differences", "with_resume_hint"]
 
 JOURNAL_DIR = ".zv-job"
 LEASE_SECONDS = 60.0  # a job on another host whose lease is older than this is taken for dead
@@ -202,7 +202,13 @@ class Journal:
         if self.local:
             import shutil
 
-            shutil.rmtree(os.path.join(str(local_path(self.url)), self.prefix), ignore_errors=True)
+            root = str(local_path(self.url))
+            shutil.rmtree(os.path.join(root, self.prefix), ignore_errors=True)
+            if self.url.endswith(JOURNAL_DIR):  # beside an icechunk repository: the directory is ours
+                try:
+                    os.rmdir(root)
+                except OSError:
+                    pass
             return
         store = self._store()
         for batch in obstore.list(store, prefix=self.prefix + "/", chunk_size=1000):
@@ -340,15 +346,21 @@ def with_resume_hint(e: Exception, kind: str = "job") -> Exception:
 # -- where, and what it says ---------------------------------------------------------------------
 def journal_for(backend) -> Journal | None:
     """The journal of a store's backend, or ``None`` when the store has no location (an object passed in)."""
-    url = getattr(backend, "url", None)
-    if url is None or url_scheme(url) == "memory":
+    icechunk = getattr(backend, "kind", None) == "icechunk" or getattr(backend, "session", None) is not None
+    return journal_at(getattr(backend, "url", None), icechunk=icechunk, options=getattr(backend, "options", None),
+                      branch=getattr(backend, "branch", "main"))
+
+
+def journal_at(url, *, icechunk: bool = False, options: dict | None = None, branch: str = "main") -> Journal | None:
+    """The journal of the store (or icechunk repository, for ``branch``) at ``url``; ``None`` without one."""
+    if not isinstance(url, (str, os.PathLike)) or url_scheme(os.fspath(url)) == "memory":
         return None
-    options = dict(getattr(backend, "options", {}) or {})
+    url = os.fspath(url)
     if url_scheme(url) in ("", "file"):
         url = os.path.abspath(str(local_path(url)))
-    if getattr(backend, "kind", None) == "icechunk" or getattr(backend, "session", None) is not None:
-        return Journal(url.rstrip("/") + JOURNAL_DIR, getattr(backend, "branch", "main"), options)
-    return Journal(url, JOURNAL_DIR, options)
+    if icechunk:
+        return Journal(url.rstrip("/") + JOURNAL_DIR, branch, dict(options or {}))
+    return Journal(url, JOURNAL_DIR, dict(options or {}))
 
 
 def unfinished_message(job: dict, journal: Journal) -> str:
