@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import zv_dask
+from helpers import tree_bytes
 from zv_dask.errors import InputError, IngestError
 from zv_dask.local import write_points
 from zv_dask.store.api import open_store, read_level_metadata
@@ -365,25 +366,33 @@ def test_icechunk_failure_discards_everything(tmp_path, monkeypatch):
     assert open_store(str(path), backend="icechunk").levels == [0]
 
 
-@pytest.mark.parametrize("levels_per_task,kept", [(1, [0, 1]), (None, [0])])
-def test_plain_failure_keeps_finished_levels(tmp_path, monkeypatch, levels_per_task, kept):
-    """A failure removes the levels of the failing round; levels finished in earlier rounds stay valid."""
+@pytest.mark.parametrize("levels_per_task,finished", [(1, [0, 1]), (None, [0])])
+def test_plain_failure_keeps_finished_levels_and_resumes(tmp_path, monkeypatch, levels_per_task, finished):
+    """A failure keeps what the build finished, says so, and ``resume=True`` completes it as an uninterrupted build."""
+    import shutil
+
     import zv_dask.pyramid.stack as stack
 
     rng = np.random.default_rng(6)
-    path = tmp_path / "s.zarr"
+    path, ref = tmp_path / "a" / "s.zarr", tmp_path / "b" / "s.zarr"
     write_points(str(path), rng.uniform(0, 99, (2000, 3)), chunk_shape=(50,) * 3, base_bin_shape=(25,) * 3)
+    shutil.copytree(path, ref)
+    opts = dict(levels=3, links="explicit", levels_per_task=levels_per_task)
+    with dask.config.set(SYNC):
+        zv_dask.build_pyramid(str(ref), **opts)
     real = stack.coarsen_level
     monkeypatch.setattr(stack, "coarsen_level",
                         lambda fine, step: (_ for _ in ()).throw(RuntimeError("x")) if step.level == 2 else real(fine, step))
-    with dask.config.set(SYNC), pytest.raises(IngestError, match="pyramid level 2"):
-        zv_dask.build_pyramid(str(path), levels=3, links="explicit", levels_per_task=levels_per_task)
-    zs = open_store(str(path))
-    assert zs.levels == kept
-    assert sorted(os.listdir(path)) == sorted(["zarr.json"] + [str(k) for k in kept])
-    assert not os.path.exists(path / str(kept[-1]) / "links" / "+1"), "no links to a level that was removed"
-    if kept[-1] > 0:  # its own links to the level below stay
-        assert os.path.isdir(path / str(kept[-1]) / "links" / "-1")
+    with dask.config.set(SYNC), pytest.raises(IngestError, match="pyramid level 2.*resume=True"):
+        zv_dask.build_pyramid(str(path), **opts)
+    with pytest.warns(zv_dask.UnfinishedJobWarning, match="unfinished pyramid job"):
+        zs = open_store(str(path))
+    assert [lv["level"] for lv in zv_dask.store_info(zs)["levels"]] == finished
+    monkeypatch.setattr(stack, "coarsen_level", real)
+    with dask.config.set(SYNC):
+        rep = zv_dask.build_pyramid(str(path), resume=True, **opts)
+    assert rep.resumed and rep.rounds_resumed == len(finished) - 1
+    assert tree_bytes(path) == tree_bytes(ref), "byte-identical to the uninterrupted build"
     assert_valid(path)
 
 

@@ -24,19 +24,16 @@ import time
 from typing import Any
 
 from zv_dask.errors import StoreError
+from zv_dask.store.journal import job_branch_name
 
-__all__ = ["WriteJob", "worker_store", "returned_fork", "gather_or_stop", "job_branch_name", "CHECKPOINT_SECONDS"]
+__all__ = ["WriteJob", "worker_store", "returned_fork", "gather_or_stop", "CHECKPOINT_SECONDS"]
 
 REBASE_TRIES = 10
-JOB_BRANCH_PREFIX = "zv-dask-job/"
 # How often a durable icechunk job commits its progress to its job branch (an amend: one snapshot, kept
 # short-lived); ZV_DASK_CHECKPOINT_SECONDS overrides it (the tests checkpoint at every group).
 CHECKPOINT_SECONDS = float(os.environ.get("ZV_DASK_CHECKPOINT_SECONDS", "30"))
 
 
-def job_branch_name(branch: str) -> str:
-    """The branch a durable job on ``branch`` writes its checkpoints to."""
-    return f"{JOB_BRANCH_PREFIX}{branch}"
 
 
 def worker_store(target):
@@ -139,8 +136,6 @@ class WriteJob:
 
     def _finish_branch(self, message: str) -> str:
         """The last amend of the job branch, then the user's branch moved onto it; returns the snapshot."""
-        import icechunk
-
         be = self.store.backend
         repo = be.repository
         s = self.store.session
@@ -150,7 +145,7 @@ class WriteJob:
             tip = s.commit(message, allow_empty=True)
         try:
             repo.reset_branch(be.branch, tip, from_snapshot_id=self.base)
-        except icechunk.IcechunkError as e:
+        except Exception as e:  # icechunk.ConflictError: another writer moved the branch
             if repo.lookup_branch(be.branch) == self.base:
                 raise
             tip = self._replay_on_user_branch(tip, message, e)
@@ -176,10 +171,13 @@ class WriteJob:
             clash = sorted(_touched(ours) & _touched(theirs))
             if clash:
                 shown = ", ".join(clash[:8]) + (f" and {len(clash) - 8} more" if len(clash) > 8 else "")
-                raise StoreError(f"commit {message!r} conflicts with a concurrent commit on branch {be.branch!r} "
-                                 f"(snapshot {theirs_tip}): both changed {shown}; nothing of this job was committed, "
-                                 f"the other writer's commit stands (the job's result is on branch "
-                                 f"{self.job_branch!r})") from err
+                conflict = StoreError(f"commit {message!r} conflicts with a concurrent commit on branch "
+                                      f"{be.branch!r} (snapshot {theirs_tip}): both changed {shown}; nothing of this "
+                                      "job was committed, the other writer's commit stands")
+                conflict.conflict = True  # the job is over: nothing to resume
+                repo.delete_branch(self.job_branch)
+                self.job_branch = None
+                raise conflict from err
             session = repo.writable_session(be.branch)
             _copy_changes(ours, repo.readonly_session(snapshot_id=tip).store, session.store)
             try:
@@ -245,7 +243,7 @@ class WriteJob:
         from zv_dask.store.api import discard_changes
 
         self._fork = None
-        if self.transactional:
+        if self.transactional and not getattr(self.store.session, "read_only", False):  # (spent by a commit)
             discard_changes(self.store)
 
     def drop_job_branch(self) -> None:
@@ -273,7 +271,7 @@ def _copy_changes(diff, source, target) -> None:
     chunk's stored object, under the key the array's own chunk-key encoding
     gives (zarr's ``encode_chunk_key``).
     """
-    import zarr
+    import zarr.api.asynchronous
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
@@ -290,7 +288,7 @@ def _copy_changes(diff, source, target) -> None:
             if buf is not None:
                 await target.set(key, buf)
         for path, coords in diff.updated_chunks.items():
-            arr = zarr.open_array(source, path=path.strip("/"), mode="r")
+            arr = await zarr.api.asynchronous.open_array(store=source, path=path.strip("/"), mode="r")
             for c in coords:
                 key = f"{path.strip('/')}/{arr.metadata.encode_chunk_key(tuple(c))}"
                 buf = await source.get(key, proto)

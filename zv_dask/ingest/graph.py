@@ -12,8 +12,13 @@
    writes its level-0 cells and builds the fused coarse levels and their links
    (no two tasks share a chunk, a shard or a pyramid region);
 4. the coordinator writes the metadata last, builds the remaining levels in
-   rounds, and commits once on icechunk. Any failure discards the job's changes
-   (:mod:`zv_dask.ingest.recovery`).
+   rounds, and commits once on icechunk.
+
+Each finished write group, pyramid task and round is recorded in the job's
+journal (:mod:`zv_dask.store.journal`, :mod:`zv_dask.ingest.resume`), so a
+killed or failed job keeps its finished work and ``resume=True`` continues it;
+a job that fails before finishing anything is undone
+(:mod:`zv_dask.ingest.recovery`).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from zv_dask.ingest.report import IngestReport
 from zv_dask.ingest.scan import precision_warnings, scan_pass
 from zv_dask.ingest.resume import JobRecorder, input_fingerprint, job_options, scan_fingerprint
 from zv_dask.ingest.shuffle import GroupPlan, UnitGrid, plan_groups
-from zv_dask.ingest.staging import group_refs
+from zv_dask.ingest.staging import group_refs, remove_stale_scratch
 from zv_dask.ingest.target import materialize_target
 from zv_dask.ingest.tasks import (
     split_task,
@@ -87,7 +92,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
            backend=None, storage_options=None, client=None, compute: bool = True, overwrite: bool = False,
            axes=None, message: str | None = None, progress: bool = False, partition_rows: int | None = None,
            group_points: int | None = None, branch: str = "main", memory_budget=None, scratch=None,
-           resume: bool = False):
+           resume: bool = False, durable: bool = True):
     """Ingest a point cloud into level 0 of a ZV store, in parallel, and optionally build its pyramid.
 
     Parameters
@@ -136,6 +141,10 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         journal; the groups and pyramid tasks it finished are not redone, and the
         store ends byte-identical to an uninterrupted run's. Without an
         unfinished job the whole job runs.
+    durable
+        Keep the job's journal (and on icechunk, its checkpoints on a job
+        branch) while it runs, so that a killed job can resume (default). With
+        ``False`` a failed job is undone as a whole and cannot resume.
 
     Returns
     -------
@@ -159,7 +168,8 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     rec = JobRecorder(plan.resume_state, job_options(
         attributes=sorted(src.attributes), object_ids=src.has_object_ids, columns=columns, chunk_shape=chunk_shape,
         bounds=bounds, base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,
-        shard_shape=shard_shape, axes=axes, pyramid=_pyramid_identity(pyramid)), input_fingerprint(points, src))
+        shard_shape=shard_shape, axes=axes, pyramid=_pyramid_identity(pyramid)), input_fingerprint(points, src),
+        enabled=durable)
     try:
         return _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt_reason,
                        out_of_bounds=out_of_bounds, shard_shape=shard_shape, group_points=group_points,
@@ -218,10 +228,11 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
     zs = plan.existing if state is not None else materialize_target(plan, final_bounds, attr_specs)
     if state is not None:
         sweep_partials(zs.store)  # cells the killed job's tasks were writing
+        remove_stale_scratch(zs.url, icechunk=zs.session is not None, options=zs.backend.options)
     job = WriteJob(zs, message or "zv-dask ingest")
     created_here = plan.existing is None
     builder = fused = None
-    durable = zs.session is not None and journal_for(zs.backend) is not None  # icechunk with a location
+    durable = rec.enabled and zs.session is not None and journal_for(zs.backend) is not None  # icechunk, located
     if state is not None and durable:
         job.on_job_branch(resume_from=state.doc["plan"]["base"])
     try:
@@ -378,6 +389,10 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
         except BaseException as e:
             if staging is not None:
                 staging.remove()
+            if getattr(e, "conflict", False):  # lost to a concurrent commit: the job is over
+                job.abort()
+                rec.discard()
+                raise
             if rec.progress():  # finished work stays: the job resumes from it
                 job.abort()
                 rec.release()

@@ -94,7 +94,10 @@ class JobRecorder:
     such a job runs as before, without durable progress.
     """
 
-    def __init__(self, state: ResumeState | None, options: dict, fingerprint: dict):
+    def __init__(self, state: ResumeState | None, options: dict, fingerprint: dict, enabled: bool = True):
+        if state is not None and not enabled:
+            raise InputError("resume needs the job's journal: resume=True and durable=False contradict each other")
+        self.enabled = enabled
         self.state = state
         self.options, self.fingerprint = options, fingerprint
         self.journal: Journal | None = state.journal if state is not None else None
@@ -122,7 +125,7 @@ class JobRecorder:
         if self.state is not None:
             check_resume(self.state, self.options, self.fingerprint, scanned)
             return
-        self.journal = journal_for(backend)
+        self.journal = journal_for(backend) if self.enabled else None
         if self.journal is None:
             return
         self.lock = self.journal.acquire("zv-dask ingest")
@@ -178,6 +181,15 @@ class JobRecorder:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+    def discard(self) -> None:
+        """The job is over without a result (its commit lost a conflict): no journal stays, resumed or not."""
+        self.release()
+        if self.journal is not None:
+            try:
+                self.journal.remove()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
 
     def abandon(self) -> None:
         """A job undone before it finished anything: no journal stays."""

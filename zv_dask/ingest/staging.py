@@ -33,7 +33,7 @@ from zv_dask.ingest.sources import Batch
 from zv_dask.store.backends import object_store, url_scheme
 
 __all__ = ["PieceLayout", "Scratch", "StagedPartition", "stage_partition", "load_group", "group_refs",
-           "default_scratch", "SCRATCH_DIR"]
+           "default_scratch", "remove_stale_scratch", "SCRATCH_DIR"]
 
 SCRATCH_DIR = ".zv-scratch"
 CONCURRENCY = 32  # range reads in flight per write task
@@ -310,6 +310,14 @@ def default_scratch(url: str | None, *, icechunk: bool = False, options: dict | 
         return Scratch(os.path.join(tempfile.gettempdir(), "zv-dask-scratch"), job, {}, own_root=True)
     raise InputError("the store has no location the workers can reach for staging the shuffle; pass a scratch "
                      "location every worker reaches (scratch='s3://bucket/tmp' or a shared path; CLI --scratch)")
+
+
+def remove_stale_scratch(url: str | None, *, icechunk: bool = False, options: dict | None = None) -> None:
+    """Remove the default scratch space of a store (pieces an interrupted job left behind): resumed jobs stage anew."""
+    if url is None or url_scheme(url) == "memory":
+        return
+    s = default_scratch(url, icechunk=icechunk, options=options)
+    Scratch(s.url, "", s.options, own_root=True).remove()
 
 
 # -- the tasks' side ----------------------------------------------------------------------------

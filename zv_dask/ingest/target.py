@@ -54,8 +54,7 @@ def _probe(store, backend, storage_options, branch) -> ZVStore | None:
 
 def _on_job_branch(store, storage_options, branch) -> ZVStore | None:
     """An interrupted job's store on its job branch, when the user's branch holds no store yet (a new repository)."""
-    from zv_dask.store.journal import journal_at
-    from zv_dask.transaction import job_branch_name
+    from zv_dask.store.journal import job_branch_name, journal_at
 
     journal = journal_at(store, icechunk=True, options=storage_options, branch=branch)
     if journal is None or journal.job() is None:

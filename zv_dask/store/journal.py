@@ -41,12 +41,14 @@ import numpy as np
 from zv_dask.errors import StoreError
 from zv_dask.store.backends import local_path, object_store, url_scheme
 
-__all__ = ["Journal", "JOURNAL_DIR", "journal_for", "pack", "unpack", "unfinished_message", "JobLock",
-           "LEASE_SECONDS", "journal_at", "job_options", "job_document", "differences", "with_resume_hint"]
+__all__ = ["Journal", "JOURNAL_DIR", "journal_for", "journal_at", "job_branch_name", "pack", "unpack",
+           "unfinished_message", "with_resume_hint", "JobLock", "LEASE_SECONDS", "job_options", "job_document",
+           "differences"]
 
 JOURNAL_DIR = ".zv-job"
 LEASE_SECONDS = 60.0  # a job on another host whose lease is older than this is taken for dead
 HEARTBEAT_SECONDS = 10.0
+JOB_BRANCH_PREFIX = "zv-dask-job/"
 _STORES: dict = {}
 
 
@@ -344,6 +346,11 @@ def with_resume_hint(e: Exception, kind: str = "job") -> Exception:
 
 
 # -- where, and what it says ---------------------------------------------------------------------
+def job_branch_name(branch: str) -> str:
+    """The icechunk branch a durable job on ``branch`` commits its progress to."""
+    return f"{JOB_BRANCH_PREFIX}{branch}"
+
+
 def journal_for(backend) -> Journal | None:
     """The journal of a store's backend, or ``None`` when the store has no location (an object passed in)."""
     icechunk = getattr(backend, "kind", None) == "icechunk" or getattr(backend, "session", None) is not None
