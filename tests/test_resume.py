@@ -209,6 +209,7 @@ def test_failed_task_then_resume(point, stage, failing_cluster, dask_client, tmp
     assert reference_validate(store) == []
 
 
+@pytest.mark.timeout(300)  # a few seconds normally; fail fast with the stacks if it ever hangs
 def test_failed_pyramid_build_then_resume(failing_cluster, dask_client, tmp_path):
     pts, attrs = _points(60_000, seed=5)
     stores = []

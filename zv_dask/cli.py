@@ -539,24 +539,15 @@ def _pyramid_dict(store: str, rep) -> dict:
 def cmd_pyramid(args, out) -> int:
     """``zv-dask pyramid``: :func:`zv_dask.build_pyramid` on an existing store."""
     import zv_dask
-    from zv_dask.transaction import WriteJob
 
     zs = zv_dask.open_store(args.store, "r+", backend=_backend(args, args.store), storage_options=_options(args),
                             branch=args.branch)
     kw = _pyramid_kwargs(args)
     _check_pyramid_steps(zs.metadata.ndim, kw)
     with _cluster(args) as client:
-        job = WriteJob(zs, args.message) if args.message else None
-        try:
-            rep = zv_dask.build_pyramid(zs, client=client, progress=not args.quiet, sample_size=args.sample_size,
-                                        seed=args.seed, job=job, memory_budget=args.memory_budget,
-                                        resume=args.resume, **kw)
-            if job is not None:
-                rep.snapshot_id = job.commit(args.message)
-        except BaseException:
-            if job is not None:
-                job.abort()
-            raise
+        rep = zv_dask.build_pyramid(zs, client=client, progress=not args.quiet, sample_size=args.sample_size,
+                                    seed=args.seed, memory_budget=args.memory_budget, resume=args.resume,
+                                    message=args.message, **kw)
     d = _pyramid_dict(args.store, rep)
     if args.json:
         _print_json(d, out)

@@ -152,6 +152,8 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     """
     if out_of_bounds not in POLICIES:
         raise InputError(f"out_of_bounds={out_of_bounds!r} is not one of {POLICIES}")
+    if resume and not durable:
+        raise InputError("resume needs the job's journal: resume=True and durable=False contradict each other")
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     cl = resolve_client(client)

@@ -101,6 +101,8 @@ class JobRecorder:
         self.state = state
         self.options, self.fingerprint = options, fingerprint
         self.journal: Journal | None = state.journal if state is not None else None
+        if state is not None:
+            check_resume(state, options, fingerprint)  # refused before the store is even leased
         self.lock = state.journal.acquire("zv-dask ingest (resuming)") if state is not None else None
         self.done: set[int] = state.finished_groups() if state is not None else set()
         self.written = 0  # groups finished by this run

@@ -62,13 +62,14 @@ __all__ = ["build_pyramid", "PyramidReport", "PyramidBuilder", "LINK_STORAGE"]
 
 
 def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction, sample_size, seed, min_points,
-           client, job, points_per_task, levels_per_task, links, progress, memory_budget, resume) -> PyramidReport:
+           client, job, points_per_task, levels_per_task, links, progress, memory_budget, resume,
+           message=None) -> PyramidReport:
     t0 = time.perf_counter()
     zs = job.store if job is not None else as_store(store, "r+")
     if zs.read_only:
         raise StoreError("build_pyramid needs a writable store; open it with mode='r+'")
     own = job is None
-    job = job if job is not None else WriteJob(zs, "zv-dask build_pyramid")
+    job = job if job is not None else WriteJob(zs, message or "zv-dask build_pyramid")
     options = {"levels": levels, "bin_ratio": bin_ratio, "chunk_scale": chunk_scale, "method": method,
                "attribute_reduction": attribute_reduction, "sample_size": sample_size, "seed": seed,
                "min_points": min_points, "links": links}
@@ -85,13 +86,13 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
         if doc is None:
             drop_coarse_levels(zs)
             if journal is not None:
-                if job.transactional:  # icechunk: rounds are committed to a job branch as they finish
+                if job.transactional and own:  # icechunk: rounds are committed to a job branch as they finish
                     job.on_job_branch()
                     job.checkpoint(force=True)
                 journal.write_json("job.json", pyramid_job(options, src, job.base))
         else:
             check_pyramid_resume(doc, options, src, journal)
-            if job.transactional:
+            if job.transactional and own:
                 job.on_job_branch(resume_from=doc["plan"]["base"])
                 src = source_from_store(zs, 0)
             sweep_partials(zs.store)  # cells the killed build's tasks were writing
@@ -107,7 +108,7 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
         report = builder.report
         kill_point("commit")
         if own:
-            report.snapshot_id = job.commit("zv-dask build_pyramid")
+            report.snapshot_id = job.commit()
         if lock is not None:
             lock.check()
         if journal is not None:
@@ -182,7 +183,7 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
                   attribute_reduction: dict | None = None, sample_size: int = 8, seed: int = 0,
                   min_points: int = 1024, links=None, client=None, compute: bool = True, job: WriteJob | None = None,
                   points_per_task: int | None = None, levels_per_task: int | None = None,
-                  progress: bool = False, memory_budget=None, resume: bool = False):
+                  progress: bool = False, memory_budget=None, resume: bool = False, message: str | None = None):
     """Build coarse levels 1..L of a store from its level 0.
 
     Parameters
@@ -240,6 +241,8 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
     memory_budget
         Bytes (or a size like ``"2GiB"``) the build may hold per worker; by
         default half the workers' memory limit (see :func:`zv_dask.ingest`).
+    message
+        The icechunk commit message of the build's own job (default ``"zv-dask build_pyramid"``).
     resume
         Continue the unfinished build in the store (killed, or failed) with the
         same options: its finished rounds of levels and finished tasks are not
@@ -257,7 +260,7 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
                             method=method, attribute_reduction=attribute_reduction, sample_size=sample_size,
                             seed=seed, min_points=min_points, client=client, job=job,
                             points_per_task=points_per_task, levels_per_task=levels_per_task, links=links,
-                            progress=progress, memory_budget=memory_budget, resume=resume)
+                            progress=progress, memory_budget=memory_budget, resume=resume, message=message)
     if compute:
         return run()
     import dask

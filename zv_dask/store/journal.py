@@ -326,12 +326,14 @@ class JobLock:
             raise StoreError("this job lost the store to another job: " + _held_message(self.journal, held))
 
     def release(self) -> None:
+        """Give the store back: the lease object goes (the next job takes the same number again)."""
+        import obstore
+
         self._stop.set()
         self._thread.join(timeout=5)
         try:
-            if self.journal.get(self.name) is not None:  # not after the journal was removed
-                self.doc["state"] = "released"
-                self.journal.write_json(self.name, self.doc)
+            if self.journal.get(self.name) is not None:  # (gone with the journal of a finished job)
+                obstore.delete(self.journal._store(), self.journal._key(self.name))
         except Exception:  # noqa: BLE001 - best effort: a dead process's lease is dead anyway
             pass
 
