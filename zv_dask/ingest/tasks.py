@@ -43,7 +43,11 @@ def _recorded(result, journal: Journal | None, group_index: int):
     """Mark the group finished in the job's journal (after its cells), and hand the result on."""
     if journal is not None:
         summary, coarse, _ = result
-        journal.record("level0", f"{group_index:07d}", (summary, coarse))
+        try:
+            journal.record("level0", f"{group_index:07d}", (summary, coarse))
+        except Exception as e:  # noqa: BLE001 - the group's cells are written; its record is what failed
+            raise IngestError(f"writing group {group_index}: recording it in the job's journal failed: {e}",
+                              stage="write") from e
     return result
 
 
