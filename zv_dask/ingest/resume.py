@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from zv_dask.errors import InputError
-from zv_dask.store.journal import Journal, differences, job_document, job_options, unfinished_message
+from zv_dask.store.journal import Journal, differences, job_document, job_options
 
 __all__ = ["input_fingerprint", "scan_fingerprint", "check_resume", "ResumeState", "JobRecorder", "job_options"]
 
@@ -65,9 +65,6 @@ class ResumeState:
 
     def finished_groups(self) -> set[int]:
         return {int(n) for n in self.journal.finished("level0") if n.isdigit()}
-
-    def describe(self) -> str:
-        return unfinished_message(self.doc, self.journal)
 
 
 def check_resume(state: ResumeState, options: dict, fingerprint: dict, scanned: dict | None = None) -> None:
@@ -144,12 +141,9 @@ class JobRecorder:
         if job is not None and job.durable:
             summary, coarse, fork = result
             job.absorb([fork])
-            self._pending.append((self.todo_index(i), summary, coarse))
+            self._pending.append((self.todo[i], summary, coarse))
             self.checkpoint(force=False)
         kill_point(f"write:{self.written}")
-
-    def todo_index(self, i: int) -> int:
-        return self.todo[i]
 
     def checkpoint(self, force: bool = True) -> None:
         """Icechunk: commit what was merged to the job branch, then record the groups it made durable."""

@@ -30,7 +30,7 @@ import numpy as np
 from zv_dask.errors import InputError, StoreError
 from zv_dask.ingest.shuffle import key_dtypes, sort_by_group
 from zv_dask.ingest.sources import Batch
-from zv_dask.store.backends import object_store, url_scheme
+from zv_dask.store.backends import prefix_store, url_scheme
 
 __all__ = ["PieceLayout", "Scratch", "StagedPartition", "stage_partition", "load_group", "group_refs",
            "default_scratch", "remove_stale_scratch", "SCRATCH_DIR"]
@@ -149,7 +149,6 @@ class PieceLayout:
 
 
 # -- scratch storage --------------------------------------------------------------------------
-_STORES: dict = {}  # one obstore store per scratch location and process
 
 
 @dataclass(frozen=True)
@@ -166,17 +165,7 @@ class Scratch:
         return url_scheme(self.url) in ("", "file")
 
     def _store(self):
-        key = (self.url, tuple(sorted((k, repr(v)) for k, v in self.options.items())))
-        st = _STORES.get(key)
-        if st is None:
-            if self.local:
-                from obstore.store import LocalStore
-
-                st = LocalStore(prefix=_local(self.url), mkdir=True)
-            else:
-                st = object_store(self.url, self.options)
-            _STORES[key] = st
-        return st
+        return prefix_store(self.url, self.options)
 
     def where(self, name: str = "") -> str:
         """The URL (or path) of an object of this job, for messages."""

@@ -158,6 +158,28 @@ def _obstore_store(url: str, scheme: str, options: dict, read_only: bool):
     return ObjectStore(obs, read_only=read_only)
 
 
+_PREFIX_STORES: dict = {}
+
+
+def prefix_store(url: str, options: dict | None = None):
+    """The obstore store rooted at a local directory or an object-storage URL, made once per process.
+
+    What a job's own objects (scratch pieces, journal records) go through.
+    """
+    options = dict(options or {})
+    key = (url, tuple(sorted((k, repr(v)) for k, v in options.items())))
+    st = _PREFIX_STORES.get(key)
+    if st is None:
+        if url_scheme(url) in ("", "file"):
+            from obstore.store import LocalStore
+
+            st = LocalStore(prefix=str(local_path(url)), mkdir=True)
+        else:
+            st = object_store(url, options)
+        _PREFIX_STORES[key] = st
+    return st
+
+
 def object_store(url: str, options: dict | None = None):
     """The obstore store of an object-storage URL (``s3://bucket/prefix``...), configured by ``options``."""
     scheme = url_scheme(url)

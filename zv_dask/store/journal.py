@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zv_dask.errors import StoreError
-from zv_dask.store.backends import local_path, object_store, url_scheme
+from zv_dask.store.backends import local_path, prefix_store, url_scheme
 
 __all__ = ["Journal", "JOURNAL_DIR", "journal_for", "journal_at", "job_branch_name", "pack", "unpack",
            "unfinished_message", "with_resume_hint", "JobLock", "LEASE_SECONDS", "job_options", "job_document",
@@ -49,7 +49,6 @@ JOURNAL_DIR = ".zv-job"
 LEASE_SECONDS = 60.0  # a job on another host whose lease is older than this is taken for dead
 HEARTBEAT_SECONDS = 10.0
 JOB_BRANCH_PREFIX = "zv-dask-job/"
-_STORES: dict = {}
 
 
 # -- records ----------------------------------------------------------------------------------
@@ -132,17 +131,7 @@ class Journal:
         return url_scheme(self.url) in ("", "file")
 
     def _store(self):
-        key = (self.url, tuple(sorted((k, repr(v)) for k, v in self.options.items())))
-        st = _STORES.get(key)
-        if st is None:
-            if self.local:
-                from obstore.store import LocalStore
-
-                st = LocalStore(prefix=str(local_path(self.url)), mkdir=True)
-            else:
-                st = object_store(self.url, self.options)
-            _STORES[key] = st
-        return st
+        return prefix_store(self.url, self.options)
 
     def where(self, name: str = "") -> str:
         return f"{self.url.rstrip('/')}/{self.prefix}/{name}".rstrip("/")
