@@ -14,6 +14,7 @@ from zv_dask.format.metadata import ZV_VERSION
 from zv_dask.pyramid import PyramidReport, build_pyramid
 from zv_dask.read import open_level, read_points
 from zv_dask.read_links import parent_rows, read_links
+from zv_dask.ingest.append import roll_back_append as roll_back
 from zv_dask.ingest.graph import PendingIngest, ingest
 from zv_dask.ingest.report import IngestReport
 from zv_dask.ingest.plan import IngestPlan, plan_ingest
@@ -59,6 +60,7 @@ __all__ = [
     "ingest",
     "IngestReport",
     "PendingIngest",
+    "roll_back",
     "plan_ingest",
     "IngestPlan",
     "validate_store",

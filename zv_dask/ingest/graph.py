@@ -33,16 +33,12 @@ from zv_dask.errors import InputError, ZVError
 from zv_dask.faults import kill_point
 from zv_dask.format.grid import Grid
 from zv_dask.format.metadata import LevelMetadata, attribute_spec
+from zv_dask.ingest.append import append_points
 from zv_dask.ingest.bounds import POLICIES
 from zv_dask.ingest.fused import level0_source, plan_fused_levels, pyramid_options
 from zv_dask.ingest.level0 import plan_level0, scratch_for
 from zv_dask.ingest.plan import preflight
-from zv_dask.ingest.recovery import (
-    metadata_docs,
-    put_back,
-    stage_error,
-    write_task_names,
-)
+from zv_dask.ingest.recovery import put_back, stage_error, write_task_names
 from zv_dask.ingest.report import IngestReport
 from zv_dask.ingest.scan import precision_warnings, scan_pass
 from zv_dask.ingest.resume import JobRecorder, input_fingerprint, job_options, scan_fingerprint
@@ -58,6 +54,7 @@ from zv_dask.ingest.tasks import (
 from zv_dask.scheduling import resolve_client, run_tasks, task_slots
 from zv_dask.store.cellio import sweep_partials
 from zv_dask.store.journal import journal_for, with_resume_hint
+from zv_dask.store.preimage import metadata_docs
 from zv_dask.store.levels import (
     AttributeSpec,
     ChunkSummary,
@@ -66,7 +63,9 @@ from zv_dask.store.levels import (
 )
 from zv_dask.transaction import WriteJob
 
-__all__ = ["ingest", "PendingIngest"]
+__all__ = ["ingest", "PendingIngest", "MODES"]
+
+MODES = ("write", "append")
 
 class PendingIngest:
     """A prepared ingest job: the store exists with its final bounds, the write graph is built.
@@ -92,7 +91,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
            backend=None, storage_options=None, client=None, compute: bool = True, overwrite: bool = False,
            axes=None, message: str | None = None, progress: bool = False, partition_rows: int | None = None,
            group_points: int | None = None, branch: str = "main", memory_budget=None, scratch=None,
-           resume: bool = False, durable: bool = True):
+           resume: bool = False, durable: bool = True, mode: str = "write"):
     """Ingest a point cloud into level 0 of a ZV store, in parallel, and optionally build its pyramid.
 
     Parameters
@@ -141,6 +140,16 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         journal; the groups and pyramid tasks it finished are not redone, and the
         store ends byte-identical to an uninterrupted run's. Without an
         unfinished job the whole job runs.
+    mode
+        ``"write"`` (default): a new store, or an empty one made by
+        :func:`~zv_dask.create_store`. ``"append"``: add the points to a store
+        that holds points; its geometry applies, the points must carry the same
+        attributes (and object ids if it has them), only the level-0 chunks they
+        touch and the pyramid regions above them are rewritten, and the store
+        ends byte-identical to an ingest of all the points. A failed append
+        leaves the store as it was (on a plain store it is rolled back from a
+        journal; a killed one is undone with ``resume=True`` or
+        :func:`~zv_dask.roll_back`).
     durable
         Keep the job's journal (and on icechunk, its checkpoints on a job
         branch) while it runs, so that a killed job can resume (default). With
@@ -152,6 +161,8 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     """
     if out_of_bounds not in POLICIES:
         raise InputError(f"out_of_bounds={out_of_bounds!r} is not one of {POLICIES}")
+    if mode not in MODES:
+        raise InputError(f"mode={mode!r} is not one of {MODES}")
     if resume and not durable:
         raise InputError("resume needs the job's journal: resume=True and durable=False contradict each other")
     t0 = time.perf_counter()
@@ -164,7 +175,16 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
                                          base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,
                                          shard_shape=shard_shape, backend=backend, storage_options=storage_options,
                                          overwrite=overwrite, axes=axes, partition_rows=partition_rows,
-                                         branch=branch, budget=budget, slots=slots, resume=resume)
+                                         branch=branch, budget=budget, slots=slots,
+                                         resume=resume and mode != "append", append=mode == "append")
+    if mode == "append":
+        if shard_shape is not None:
+            raise InputError("shard_shape is the store's in an append (leave it out)")
+        return append_points(src, plan, cl, slots, budget, t0, out_of_bounds=out_of_bounds,
+                             group_points=group_points, scratch=scratch, pyramid=pyramid, message=message,
+                             progress=progress, compute=compute, resume=resume, dtype_reason=dt_reason,
+                             options=job_options(attributes=sorted(src.attributes), object_ids=src.has_object_ids,
+                                                 out_of_bounds=out_of_bounds))
     dt = plan.dtype
     pyramid_opts = pyramid_options(pyramid, src.ndim, budget)  # checked before anything is read or written
     rec = JobRecorder(plan.resume_state, job_options(

@@ -157,7 +157,8 @@ def _describe_target(store) -> str:
 def preflight(points, store, *, attributes=None, object_ids=None, columns=None, chunk_shape=None, bounds=None,
               base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, backend=None,
               storage_options=None, overwrite: bool = False, axes=None, partition_rows: int | None = None,
-              branch: str = "main", budget: MemoryBudget | None = None, slots: int = 1, resume: bool = False):
+              branch: str = "main", budget: MemoryBudget | None = None, slots: int = 1, resume: bool = False,
+              append: bool = False):
     """The checks an ingest job makes before reading any point: input, target store and geometry.
 
     Cheap (file headers and store metadata only) and writes nothing. Raises the
@@ -177,7 +178,11 @@ def preflight(points, store, *, attributes=None, object_ids=None, columns=None, 
             src = as_source(points, partition_rows=cap, **kw)
     plan = plan_target(store, ndim=src.ndim, chunk_shape=chunk_shape, bounds=bounds, base_bin_shape=base_bin_shape,
                        dtype=dt, axes=axes if axes is not None else src.axes, backend=backend,
-                       storage_options=storage_options, overwrite=overwrite, branch=branch, resume=resume)
+                       storage_options=storage_options, overwrite=overwrite, branch=branch, resume=resume,
+                       append=append)
+    if append and dtype is not None and np.dtype(dt).name != plan.dtype:
+        raise InputError(f"dtype {np.dtype(dt).name} differs from the store's position dtype {plan.dtype}: an append "
+                         "keeps the store's (leave dtype out)")
     if plan.existing is not None and not plan.overwrite and dtype is None:
         dt_reason = "the store's dtype"
     if shard_shape is not None:

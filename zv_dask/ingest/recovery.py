@@ -14,8 +14,9 @@ import numpy as np
 
 from zv_dask.errors import IngestError
 from zv_dask.format.grid import chunk_key
+from zv_dask.store.preimage import metadata_docs, restore_metadata
 
-__all__ = ["stage_error", "write_task_names", "metadata_docs", "restore_metadata", "remove_new_store", "put_back"]
+__all__ = ["stage_error", "write_task_names", "remove_new_store", "put_back"]
 
 
 def stage_error(stage: str, e: Exception, tasks: dict | None = None) -> IngestError:
@@ -46,52 +47,6 @@ def write_task_names(writes, splits, groups, grid, staged: bool = False) -> dict
             out[s[g].key] = (f"group {g} (first chunk {chunk_key(first)}) gathering input partition {p}",
                              chunk_key(first))
     return out
-
-
-def metadata_docs(zs) -> dict[str, bytes]:
-    """Every ``zarr.json`` of a plain store, by key (a job's target is an empty store: a few documents)."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    async def collect():
-        out = {}
-        async for key in zs.store.list():
-            if key == "zarr.json" or key.endswith("/zarr.json"):
-                buf = await zs.store.get(key, default_buffer_prototype())
-                if buf is not None:
-                    out[key] = buf.to_bytes()
-        return out
-
-    return sync(collect())
-
-
-def restore_metadata(zs, docs: dict[str, bytes]) -> None:
-    """Put a failed job's target back as it was: its metadata documents, and no node the job added.
-
-    Cells the job wrote in existing arrays stay, unclaimed by any metadata.
-    """
-    import zarr
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    async def restore():
-        added = sorted(k for k in await _keys(zs.store) if k.endswith("/zarr.json") and k not in docs)
-        for key in added:  # outermost first; deleting a node takes its children
-            node = key[: -len("/zarr.json")]
-            if await zs.store.exists(f"{node}/zarr.json"):
-                await zs.store.delete_dir(node)
-        proto = default_buffer_prototype()
-        for key, raw in docs.items():
-            await zs.store.set(key, proto.buffer.from_bytes(raw))
-
-    async def _keys(store):
-        return [k async for k in store.list()]
-
-    try:
-        sync(restore())
-        zs.root = zarr.open_group(zs.store, mode="r+", zarr_format=3)
-    except Exception:  # noqa: BLE001 - best effort (the storage may be what failed); the job's error matters more
-        pass
 
 
 def remove_new_store(zs, settle: float = 0.6) -> None:
@@ -127,4 +82,7 @@ def put_back(job, zs, created_here: bool, old_metadata: dict | None, settle: flo
     if created_here and not job.transactional:
         remove_new_store(zs, settle=settle)
     elif old_metadata is not None:
-        restore_metadata(zs, old_metadata)
+        try:
+            restore_metadata(zs, old_metadata)
+        except Exception:  # noqa: BLE001 - best effort (the storage may be what failed); the job's error matters more
+            pass

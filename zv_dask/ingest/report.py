@@ -14,6 +14,7 @@ class IngestReport:
     """Summary of an ingest job (and of its pyramid when one was built)."""
 
     store: str
+    mode: str = "write"  # "write" (a new or empty store) or "append" (points added to a store)
     points_read: int = 0
     points_written: int = 0
     points_dropped: int = 0
@@ -58,7 +59,7 @@ class IngestReport:
         return d
 
     def __repr__(self) -> str:
-        lines = [f"IngestReport: {self.store}",
+        lines = [f"IngestReport: {self.store}" + (" (append)" if self.mode == "append" else ""),
                  f"  points      {self.points_written:,} written, {self.points_dropped:,} dropped "
                  f"(of {self.points_read:,} read)",
                  f"  positions   {self.dtype} ({self.dtype_reason})" if self.dtype_reason else f"  positions   {self.dtype}",
@@ -72,7 +73,9 @@ class IngestReport:
                  + (f" (memory budget {_fmt_bytes(self.memory_budget)} per worker)" if self.memory_budget else "")]
         for lv in self.levels:
             lines.append(f"  level {lv['level']:<5} {lv['vertex_count']:,} vertices in {lv.get('chunks', '?')} chunks"
-                         + (" (built by the write tasks)" if lv["level"] in self.levels_in_write_tasks else ""))
+                         + (" (built by the write tasks)" if lv["level"] in self.levels_in_write_tasks else "")
+                         + (f" ({lv['rewritten']:,} rewritten" + (f" in {lv['regions']:,} regions" if lv.get("regions")
+                                                                 else "") + ")" if "rewritten" in lv else ""))
         if self.links != "none":
             n = sum(self.link_counts.values())
             lines.append(f"  links       {self.links}: {n:,} cross-level link records in {len(self.link_counts)} families")

@@ -105,11 +105,13 @@ def _unfinished(existing: ZVStore | None, resume: bool, overwrite: bool):
 
 def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_shape=None, dtype="float32",
                 axes=None, backend=None, storage_options=None, overwrite=False, branch="main",
-                resume: bool = False) -> TargetPlan:
+                resume: bool = False, append: bool = False) -> TargetPlan:
     """Check the target and the geometry without writing anything.
 
     With ``resume``, an unfinished ingest in the store is the job to continue
-    (its geometry applies); a store with no unfinished job is a new job.
+    (its geometry applies); a store with no unfinished job is a new job. With
+    ``append``, the store must exist and hold a ZV point cloud, whose geometry
+    applies (any geometry given must agree with it).
     """
     if bounds is not None:
         try:
@@ -129,6 +131,10 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
     if np.dtype(dtype).kind != "f":
         raise InputError(f"dtype must be float32 or float64 for positions, got {dtype!r}")
     existing = _probe(store, backend, storage_options, branch)
+    if append:
+        return _append_target(store, existing, ndim=ndim, chunk_shape=chunk_shape, bounds=bounds,
+                              base_bin_shape=base_bin_shape, backend=backend, storage_options=storage_options,
+                              overwrite=overwrite, branch=branch)
     if existing is None and resume and backend == "icechunk":
         existing = _on_job_branch(store, storage_options, branch)
     if existing is not None:
@@ -163,6 +169,33 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
     Grid((0.0,) * ndim, (0.0,) * ndim, cs, bb or cs, np.dtype(dtype).name)  # validate geometry early
     return TargetPlan(store, existing, ndim, cs, bb, bounds, np.dtype(dtype).name, axes, backend,
                       storage_options, overwrite, branch, None, notes)
+
+
+def _append_target(store, existing: ZVStore | None, *, ndim, chunk_shape, bounds, base_bin_shape, backend,
+                   storage_options, overwrite, branch) -> TargetPlan:
+    where = getattr(existing, "url", None) or store
+    if overwrite:
+        raise InputError("append and overwrite contradict each other: an append keeps the store's points")
+    if existing is None:
+        raise StoreError(f"cannot append to {where!r}: there is no ZV store there (ingest without append "
+                         "to create one)")
+    existing._require_writable()
+    meta = existing.metadata
+    if meta.ndim != ndim:
+        raise InputError(f"the new points have {ndim} coordinates but the store at {where!r} has {meta.ndim} axes "
+                         f"({', '.join(meta.axis_names)})")
+    if chunk_shape is not None and not np.allclose(_per_axis("chunk_shape", chunk_shape, ndim), meta.chunk_shape):
+        raise InputError(f"chunk_shape {list(np.atleast_1d(chunk_shape))} differs from the store's "
+                         f"{list(meta.chunk_shape)}: an append keeps the store's geometry (leave it out)")
+    if base_bin_shape is not None and not np.allclose(_per_axis("base_bin_shape", base_bin_shape, ndim),
+                                                      meta.effective_bin_shape):
+        raise InputError(f"base_bin_shape {list(np.atleast_1d(base_bin_shape))} differs from the store's "
+                         f"{list(meta.effective_bin_shape)}: an append keeps the store's geometry (leave it out)")
+    if bounds is not None:
+        raise InputError("an append keeps the store's bounds; out_of_bounds decides what happens to new points "
+                         "outside them ('raise', 'ignore' or 'expand')")
+    return TargetPlan(store, existing, ndim, meta.chunk_shape, meta.base_bin_shape, meta.bounds,
+                      existing.grid(0).dtype, meta.axes, backend, storage_options, False, branch, None, [])
 
 
 def materialize_target(plan: TargetPlan, final_bounds, attribute_specs: dict | None = None) -> ZVStore:

@@ -20,7 +20,7 @@ from zv_dask.store.journal import Journal
 from zv_dask.store.levels import ChunkSummary, write_chunk_payloads
 from zv_dask.transaction import returned_fork, worker_store
 
-__all__ = ["scan_task", "split_task", "stage_task", "write_group", "write_staged_group"]
+__all__ = ["scan_task", "split_task", "stage_task", "write_group", "write_staged_group", "append_group"]
 
 
 def scan_task(batch, grid, bounds, drop_outside, offset, sample=True):
@@ -103,3 +103,71 @@ def _write_batch(batch, grid: Grid, level: int, target, attr_names, group_index:
     summary = ChunkSummary.from_plan(plan, nbytes)
     coarse = build_levels(zstore, level0, tuple(geoms)) if geoms else None
     return summary, coarse, returned_fork(target)
+
+
+def append_group(pieces, grid: Grid, target, attr_names, group_index: int, old_chunks: np.ndarray, old_objects,
+                 journal: Journal | None = None, scratch: Scratch | None = None, layout: PieceLayout | None = None):
+    """Append one group's new points to the level-0 chunks they fall in.
+
+    ``old_chunks`` are the group's chunks that hold points already, and
+    ``old_objects`` their ``(oid, chunk, fragment)`` entries (stores with object
+    ids). Each touched chunk is laid out again from its old rows followed by the
+    new ones in input order, which is the cell an ingest of both would write.
+    With a ``journal`` (plain stores) the touched cells' old bytes are kept
+    first; a retried task puts them back before it starts. ``pieces`` are the
+    group's pieces, or with ``scratch`` where they were staged.
+    Returns ``(ChunkSummary, fork or None)``; the summary's ``extra["old_rows"]``
+    counts the rows the touched chunks held before.
+    """
+    from zv_dask.read import chunks_in, row_object_ids
+    from zv_dask.store.levels import read_chunks
+    from zv_dask.store.preimage import restore_cells, save_cells
+
+    ndim = grid.ndim
+    zstore = worker_store(target)
+    first = None
+    try:
+        batch = load_group(scratch, layout, pieces) if scratch is not None else merge_pieces(list(pieces))
+        if batch is None:
+            empty = ChunkSummary(np.zeros((0, ndim), np.int64), np.zeros(0, np.int64), extra={"old_rows": 0})
+            return empty, returned_fork(target)
+        fail_point(f"group:{group_index}")
+        cells = np.unique(np.asarray(batch.cells, np.int64))
+        touched = grid.chunks_of_cell_ids(cells).reshape(-1, ndim)
+        first = ".".join(map(str, touched[0]))
+        if journal is not None:
+            arrays = ["0/vertices", "0/vertex_fragments"] + [f"0/vertex_attributes/{n}" for n in attr_names]
+            keys = [f"{a}/c/" + "/".join(map(str, c)) for a in arrays for c in grid.cells(touched).tolist()]
+            unit = f"level0-{group_index:07d}"
+            if not restore_cells(zstore, journal, unit):  # (a retried task: the cells are as they were again)
+                save_cells(zstore, journal, unit, keys)
+        old_chunks = np.asarray(old_chunks, np.int64).reshape(-1, ndim)
+        old_chunks = old_chunks[chunks_in(old_chunks, touched)]  # (the group's range holds untouched ones too)
+        data = read_chunks(zstore, 0, old_chunks, list(attr_names), ndim=ndim) if len(old_chunks) else []
+        n_old = int(sum(len(d.positions) for d in data))
+        new_oids = None if batch.object_ids is None else np.asarray(batch.object_ids).astype(np.int64)
+        positions = np.concatenate([d.positions for d in data] + [np.asarray(batch.positions)]) if data \
+            else np.asarray(batch.positions)
+        attrs = {n: np.concatenate([d.attributes[n] for d in data] + [np.asarray(batch.attributes[n])]) if data
+                 else np.asarray(batch.attributes[n]) for n in attr_names}
+        oids = new_oids
+        if new_oids is not None and data:
+            old_ids, named = row_object_ids(data, *old_objects)
+            if not named.all():
+                raise IngestError(f"level-0 chunk {first}: {int((~named).sum())} stored rows belong to no object "
+                                  "in the object index; the store is inconsistent (validate it)", stage="write",
+                                  chunk=first)
+            oids = np.concatenate([old_ids, new_oids])
+        plan = plan_chunks(positions, grid, oids)
+        o = plan.order
+        level0 = LevelPoints.from_plan(np.take(positions, o, axis=0), {k: np.take(v, o, axis=0) for k, v in attrs.items()},
+                                       None if oids is None else oids[o], plan, grid.bins_per_chunk, (1,) * ndim)
+        nbytes = write_chunk_payloads(zstore, 0, grid, list(encode_level(level0, plan, grid.dtype)), list(attr_names))
+    except ZVError:
+        raise
+    except Exception as e:  # noqa: BLE001 - name the stage and chunk, keep the cause
+        raise IngestError(f"appending group {group_index} (first chunk {first}) failed: {type(e).__name__}: {e}",
+                          stage="write", chunk=first) from e
+    summary = ChunkSummary.from_plan(plan, nbytes)
+    summary.extra["old_rows"] = n_old
+    return summary, returned_fork(target)

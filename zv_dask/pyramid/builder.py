@@ -34,6 +34,7 @@ from zv_dask.format.metadata import LevelMetadata
 from zv_dask.pyramid.coarsen import CoarsenParams
 from zv_dask.pyramid.plan import (
     LevelStep,
+    build_record,
     check_build_options,
     level_steps,
     plan_tasks,
@@ -240,6 +241,9 @@ class PyramidBuilder:
         self.links, warns = resolve_links(links, meta)
         self.report = PyramidReport(links=self.links, warnings=warns)
         self._steps = level_steps(self.ndim, levels, bin_ratio, chunk_scale)  # checks every parameter
+        self.record = build_record(levels=levels, bin_ratio=bin_ratio, chunk_scale=chunk_scale, method=method,
+                                   attribute_reduction=attribute_reduction, sample_size=sample_size, seed=seed,
+                                   min_points=min_points, links=self.links)
         self._pending: list[LevelStep] = []
         self._exhausted = False
         self.bpc = tuple(int(round(c / b)) for c, b in zip(meta.chunk_shape, meta.effective_bin_shape))
@@ -408,15 +412,21 @@ class PyramidBuilder:
         self._pending = self._pending[len(batch.levels):]
         return src, reason
 
+    def level_metadata(self, lv: _Level, src: LevelSource) -> LevelMetadata:
+        """The metadata of a coarse level made from ``src`` (its counts are filled in when it is finished)."""
+        k = lv.step.level
+        grid = lv.geom.grid
+        return LevelMetadata(level=k, object_sparsity=1.0, coarsening_method="per_object", parent_level=k - 1,
+                             chunk_shape=grid.chunk_shape if any(s != 1 for s in lv.step.total_scale) else None,
+                             bin_shape=lv.bin_shape, fragments_tile=True,
+                             inherited_num_objects=0 if src.all_ids is None else len(src.all_ids),
+                             preserves_object_ids=True if src.objects is not None else None)
+
     def _finish_level(self, lv: _Level, summary: ChunkSummary, summaries: list, src: LevelSource) -> LevelSource:
         zs = self.zs
         k = lv.step.level
         grid = lv.geom.grid
-        lm = LevelMetadata(level=k, object_sparsity=1.0, coarsening_method="per_object", parent_level=k - 1,
-                           chunk_shape=grid.chunk_shape if any(s != 1 for s in lv.step.total_scale) else None,
-                           bin_shape=lv.bin_shape, fragments_tile=True,
-                           inherited_num_objects=0 if src.all_ids is None else len(src.all_ids),
-                           preserves_object_ids=True if src.objects is not None else None)
+        lm = self.level_metadata(lv, src)
         finalize_level(zs.root, k, grid, summary, lm, lv.specs, all_object_ids=src.all_ids)
         for delta in lv.link_axes:
             owner = k - 1 if delta > 0 else k
@@ -620,7 +630,7 @@ class PyramidBuilder:
         meta.format_capabilities = caps
         meta.cross_level_depth = 1 if linked else 0
         meta.cross_level_storage = self.links if linked else "none"
-        write_root_metadata(self.zs, meta)
+        write_root_metadata(self.zs, meta, extra={"zv_dask": {"pyramid": self.record}})
 
 
 def _round_stage(batch: Batch) -> str:

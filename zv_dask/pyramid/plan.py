@@ -26,7 +26,8 @@ from zv_dask.pyramid.coarsen import METHODS
 from zv_dask.pyramid.reduce import REDUCTIONS, default_reduction
 
 __all__ = ["LevelStep", "level_steps", "region_shape", "region_loads", "plan_tasks", "resolve_attributes",
-           "resolve_links", "check_build_options", "LINK_STORAGE"]
+           "resolve_links", "check_build_options", "LINK_STORAGE", "BUILD_OPTIONS", "build_record",
+           "options_from_record"]
 
 LINK_STORAGE = ("none", "implicit", "explicit")
 
@@ -226,3 +227,42 @@ def resolve_links(links, meta) -> tuple[str, list[str]]:
     if links is False:
         return "none", warnings
     return links, warnings
+
+
+# -- the options a pyramid was built with, as the store records them -----------------------------
+BUILD_OPTIONS = ("levels", "bin_ratio", "chunk_scale", "method", "attribute_reduction", "sample_size", "seed",
+                 "min_points", "links")
+
+
+def _step_value(v):
+    """A ``bin_ratio`` / ``chunk_scale`` as JSON that keeps its form (a list is per level, a tuple per axis)."""
+    if isinstance(v, list):
+        return {"per_level": [_step_value(x) for x in v]}
+    if isinstance(v, (tuple, np.ndarray)):
+        return {"per_axis": [int(x) for x in np.asarray(v).reshape(-1).tolist()]}
+    return int(v)
+
+
+def _step_from(v):
+    if isinstance(v, dict) and "per_level" in v:
+        return [_step_from(x) for x in v["per_level"]]
+    if isinstance(v, dict) and "per_axis" in v:
+        return tuple(int(x) for x in v["per_axis"])
+    return int(v)
+
+
+def build_record(*, levels, bin_ratio, chunk_scale, method, attribute_reduction, sample_size, seed, min_points,
+                 links) -> dict:
+    """The ``zv_dask.pyramid`` root attribute: what an append needs to rebuild the pyramid the same way."""
+    return {"levels": None if levels is None else int(levels), "bin_ratio": _step_value(bin_ratio),
+            "chunk_scale": _step_value(chunk_scale), "method": str(method),
+            "attribute_reduction": None if attribute_reduction is None else dict(attribute_reduction),
+            "sample_size": int(sample_size), "seed": int(seed), "min_points": int(min_points), "links": str(links)}
+
+
+def options_from_record(record: dict) -> dict:
+    """The :func:`~zv_dask.build_pyramid` options of a :func:`build_record`."""
+    out = dict(record)
+    out["bin_ratio"] = _step_from(record["bin_ratio"])
+    out["chunk_scale"] = _step_from(record["chunk_scale"])
+    return {k: out[k] for k in BUILD_OPTIONS}

@@ -383,8 +383,13 @@ def read_root_metadata(store: ZVStore) -> RootMetadata:
     return as_store(store).metadata
 
 
-def write_root_metadata(store: ZVStore, meta: RootMetadata, level_bins: dict[int, tuple] | None = None) -> None:
-    """Rewrite the root attributes (``zarr_vectors``, ``multiscales``, ``ome``) from ``meta``."""
+def write_root_metadata(store: ZVStore, meta: RootMetadata, level_bins: dict[int, tuple] | None = None,
+                        extra: dict | None = None) -> None:
+    """Rewrite the root attributes (``zarr_vectors``, ``multiscales``, ``ome``) from ``meta``.
+
+    ``extra`` are other root attributes to set at the same time (zv-dask's own
+    ``zv_dask`` block: the options the pyramid was built with).
+    """
     attrs = store.root.attrs.asdict()
     if level_bins is None:
         level_bins = level_bins_from_multiscales(attrs)
@@ -398,6 +403,7 @@ def write_root_metadata(store: ZVStore, meta: RootMetadata, level_bins: dict[int
         "zarr_vectors": meta.to_dict(),
         "multiscales": multiscales_block(meta.axes, meta.effective_bin_shape, level_bins),
         "ome": ome,
+        **(extra or {}),
     })
 
 

@@ -18,7 +18,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["put_cells", "get_cells", "sweep_partials", "CONCURRENCY"]
+__all__ = ["put_cells", "get_cells", "delete_cells", "sweep_partials", "CONCURRENCY"]
 
 CONCURRENCY = 64
 
@@ -225,3 +225,30 @@ def get_cells(zstore, keys: list[str]) -> list:
         return await asyncio.gather(*(one(k) for k in keys))
 
     return list(sync(run_zarr()))
+
+
+def delete_cells(zstore, keys: list[str]) -> None:
+    """Delete every key (a missing one is no error), through the zarr store's own ``delete``."""
+    from zarr.core.sync import sync
+
+    if not keys:
+        return
+    root = _local_root(zstore)
+    if root is not None:
+        for k in keys:
+            try:
+                os.remove(os.path.join(root, k))
+            except FileNotFoundError:
+                pass
+        return
+
+    async def run():
+        sem = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(k):
+            async with sem:
+                await zstore.delete(k)
+
+        await asyncio.gather(*(one(k) for k in keys))
+
+    sync(run())

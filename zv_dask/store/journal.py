@@ -168,6 +168,56 @@ class Journal:
             raise StoreError(f"cannot read the job journal at {self.where(name)}: {type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0]}") from e
 
+    def put_many(self, items: dict[str, bytes]) -> None:
+        """Write many objects concurrently (pre-images of cells: many small objects)."""
+        import asyncio
+
+        import obstore
+        from zarr.core.sync import sync
+
+        if not items:
+            return
+        store = self._store()
+
+        async def run():
+            sem = asyncio.Semaphore(64)
+
+            async def one(name, data):
+                async with sem:
+                    await obstore.put_async(store, self._key(name), data)
+
+            await asyncio.gather(*(one(n, d) for n, d in items.items()))
+
+        try:
+            sync(run())
+        except Exception as e:  # noqa: BLE001 - obstore's own error types; name the place
+            raise StoreError(f"cannot write the job journal at {self.where()}: {type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0]}") from e
+
+    def get_many(self, names: list[str]) -> list[bytes | None]:
+        """Read many objects concurrently (``None`` where one does not exist)."""
+        import asyncio
+
+        import obstore
+        from zarr.core.sync import sync
+
+        store = self._store()
+
+        async def run():
+            sem = asyncio.Semaphore(64)
+
+            async def one(name):
+                async with sem:
+                    try:
+                        r = await obstore.get_async(store, self._key(name))
+                    except FileNotFoundError:
+                        return None
+                    return bytes(await r.bytes_async())
+
+            return await asyncio.gather(*(one(n) for n in names))
+
+        return list(sync(run())) if names else []
+
     def names(self, sub: str) -> list[str]:
         """The names of the objects directly under ``sub/``, sorted."""
         import obstore

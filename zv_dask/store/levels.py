@@ -41,6 +41,7 @@ __all__ = [
     "write_cells",
     "finalize_level",
     "read_chunks",
+    "read_payloads",
     "read_level",
     "level_chunk_keys",
 ]
@@ -206,11 +207,14 @@ def _sorted_keys(chunks: np.ndarray) -> list[str]:
 
 
 def finalize_level(root: zarr.Group, level: int, grid: Grid, summary: ChunkSummary, meta: LevelMetadata,
-                   attributes: list[AttributeSpec], all_object_ids: np.ndarray | None = None) -> LevelMetadata:
+                   attributes: list[AttributeSpec], all_object_ids: np.ndarray | None = None,
+                   vertex_count: int | None = None) -> LevelMetadata:
     """Write presence lists, the object index and the level metadata (in that order).
 
     ``all_object_ids`` lists every object the index must have a row for (a
     coarse level keeps its parent's objects; absent ones get empty manifests).
+    ``vertex_count`` is the level's when ``summary`` holds only presence (an
+    append, which knows the chunks it did not touch but not their rows).
     """
     from zv_dask.store.api import update_node_attrs
 
@@ -228,7 +232,10 @@ def finalize_level(root: zarr.Group, level: int, grid: Grid, summary: ChunkSumma
     if summary.object_ids is not None:
         write_object_index(g, summary, grid.ndim, all_ids=all_object_ids)
         present.append("object_index")
-    meta.vertex_count = int(summary.rows.sum()) if len(summary.rows) else 0
+    if vertex_count is not None:
+        meta.vertex_count = int(vertex_count)
+    else:
+        meta.vertex_count = int(summary.rows.sum()) if len(summary.rows) else 0
     meta.arrays_present = present
     update_node_attrs(g.store, {base: meta.to_dict()})
     return meta
@@ -321,6 +328,15 @@ def _read_cells(zstore, arr: zarr.Array, cells: np.ndarray) -> list:
         keys = [f"{arr.path}/c/" + "/".join(map(str, c)) for c in cells.tolist()]
         return [unframe(f) for f in get_cells(zstore, keys)]
     return list(arr.get_coordinate_selection(tuple(cells.T)))
+
+
+def read_payloads(zstore, arr: zarr.Array, chunks: np.ndarray) -> list[bytes]:
+    """The payloads of an array's cells at absolute ``chunks`` (``b""`` where a cell is missing)."""
+    chunks = np.asarray(chunks, np.int64).reshape(len(chunks), -1)
+    if not len(chunks):
+        return []
+    origin = np.asarray(arr.attrs.get("chunk_grid_origin", [0] * chunks.shape[1]), np.int64)
+    return [bytes(p) if p is not None else b"" for p in _read_cells(zstore, arr, chunks - origin)]
 
 
 def read_chunks(zstore, level: int, chunks: np.ndarray, attributes=None, *, ndim: int) -> list[ChunkData]:

@@ -1,0 +1,158 @@
+"""Pre-images: what an append to a plain store keeps, so that a failed or killed append is undone exactly.
+
+An append rewrites cells in place. Before it changes anything it copies every
+metadata document of the store into its journal (``pre/meta.json``); before a
+unit of work overwrites cells it copies their old bytes (``pre/cells/<key>``)
+and writes an index naming the keys and whether each existed
+(``pre/<unit>.json``). :func:`roll_back` puts the old bytes back, deletes every
+cell the old metadata does not list (cells the append created), removes the
+nodes it added and restores the documents: the store is byte for byte what it
+was. It is idempotent, so a rollback that is itself killed is run again.
+Icechunk needs none of this: a failed job's session is discarded.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from zv_dask.format.grid import parse_chunk_key
+from zv_dask.store.cellio import delete_cells, get_cells, put_cells
+
+__all__ = ["metadata_docs", "restore_metadata", "snapshot_metadata", "save_cells", "restore_cells", "roll_back",
+           "PRE"]
+
+PRE = "pre"
+_HIDDEN = (".zv-job/", ".zv-scratch/")
+
+
+def metadata_docs(zs) -> dict[str, bytes]:
+    """Every ``zarr.json`` of a plain store, by key."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def collect():
+        keys = [k async for k in zs.store.list()
+                if (k == "zarr.json" or k.endswith("/zarr.json")) and not k.startswith(_HIDDEN)]
+        out = {}
+        for key in keys:
+            buf = await zs.store.get(key, default_buffer_prototype())
+            if buf is not None:
+                out[key] = buf.to_bytes()
+        return out
+
+    return sync(collect())
+
+
+def restore_metadata(zs, docs: dict[str, bytes]) -> None:
+    """Put the metadata documents back as they were, and remove every node added since.
+
+    Cells written meanwhile in arrays that existed stay (see :func:`roll_back`
+    for an exact undo).
+    """
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def restore():
+        keys = [k async for k in zs.store.list()]
+        added = sorted(k for k in keys if k.endswith("/zarr.json") and k not in docs and not k.startswith(_HIDDEN))
+        for key in added:  # outermost first; deleting a node takes its children
+            node = key[: -len("/zarr.json")]
+            if await zs.store.exists(f"{node}/zarr.json"):
+                await zs.store.delete_dir(node)
+        proto = default_buffer_prototype()
+        for key, raw in docs.items():
+            await zs.store.set(key, proto.buffer.from_bytes(raw))
+
+    sync(restore())
+    zs.root = zarr.open_group(zs.store, mode="r+", zarr_format=3)
+
+
+def snapshot_metadata(zs, journal) -> None:
+    """Copy every metadata document into the journal (before the job changes anything)."""
+    docs = metadata_docs(zs)
+    journal.write_json(f"{PRE}/meta.json", {k: v.decode() for k, v in docs.items()})
+
+
+def save_cells(zstore, journal, unit: str, keys: list[str]) -> None:
+    """Keep the old bytes of ``keys`` (those that exist) and an index of them, before they are overwritten.
+
+    A unit whose index exists was saved already (a retried task): nothing is
+    saved again, so the pre-image stays the state before the job.
+    """
+    if journal.get(f"{PRE}/{unit}.json") is not None:
+        return
+    raws = get_cells(zstore, keys)
+    journal.put_many({f"{PRE}/cells/{k}": r for k, r in zip(keys, raws) if r is not None})
+    journal.write_json(f"{PRE}/{unit}.json", {"keys": keys, "existed": [r is not None for r in raws]})
+
+
+def restore_cells(zstore, journal, unit: str) -> bool:
+    """Put a unit's saved cells back and delete those it created; ``False`` if the unit saved nothing."""
+    idx = journal.read_json(f"{PRE}/{unit}.json")
+    if idx is None:
+        return False
+    keys, existed = idx["keys"], idx["existed"]
+    old = [k for k, e in zip(keys, existed) if e]
+    raws = journal.get_many([f"{PRE}/cells/{k}" for k in old])
+    missing = [k for k, r in zip(old, raws) if r is None]
+    if missing:
+        from zv_dask.errors import StoreError
+
+        raise StoreError(f"the journal at {journal.where()} lacks the saved bytes of {len(missing)} cells "
+                         f"(first {missing[0]}): the append cannot be rolled back")
+    put_cells(zstore, list(zip(old, raws)))
+    delete_cells(zstore, [k for k, e in zip(keys, existed) if not e])
+    return True
+
+
+def _listed_cells(key: str, doc: dict) -> set[str] | None:
+    """The cell keys an array's metadata lists (``None``: not a ZV per-chunk array)."""
+    attrs = doc.get("attributes", {})
+    if doc.get("node_type") != "array" or "nonempty_chunks" not in attrs:
+        return None
+    path = key[: -len("/zarr.json")]
+    origin = attrs.get("chunk_grid_origin")
+    out = set()
+    for ck in attrs["nonempty_chunks"]:
+        c = np.asarray(parse_chunk_key(ck), np.int64)
+        if origin is not None:
+            c = c - np.asarray(origin, np.int64)
+        out.add(f"{path}/c/" + "/".join(map(str, c.tolist())))
+    return out
+
+
+def roll_back(zs, journal) -> bool:
+    """Undo the unfinished append that ``journal`` describes; ``False`` if it had changed nothing yet.
+
+    Saved cells go back, cells the old metadata does not list are deleted,
+    nodes the append added are removed, the old metadata documents are
+    restored, and the journal goes.
+    """
+    from zarr.core.sync import sync
+
+    snap = journal.read_json(f"{PRE}/meta.json")
+    if snap is None:
+        journal.remove()
+        return False
+    docs = {k: v.encode() for k, v in snap.items()}
+    for name in journal.names(PRE):
+        if name.endswith(".json") and name != "meta.json":
+            restore_cells(zs.store, journal, name[: -len(".json")])
+
+    async def live(prefix):
+        return [k async for k in zs.store.list_prefix(prefix)]
+
+    extra = []
+    for key, raw in docs.items():
+        listed = _listed_cells(key, json.loads(raw))
+        if listed is None:
+            continue
+        path = key[: -len("/zarr.json")]
+        extra += [k for k in sync(live(f"{path}/c/")) if k not in listed]
+    delete_cells(zs.store, extra)
+    restore_metadata(zs, docs)
+    journal.remove()
+    return True
