@@ -294,9 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("job")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a store that already holds points (or discard an unfinished job in it)")
+    g.add_argument("--append", action="store_true",
+                   help="add the points to STORE, which holds points: its geometry applies, the points need its "
+                        "attributes (and object ids); only the chunks they touch and the pyramid regions above "
+                        "them are rewritten, with the options the pyramid was built with (pyramid options here "
+                        "are ignored)")
     g.add_argument("--resume", action="store_true",
                    help="continue the unfinished job in STORE (killed or failed) with the same input and options: "
-                        "finished groups and pyramid tasks are not redone")
+                        "finished groups and pyramid tasks are not redone (a killed --append is undone and run again)")
     g.add_argument("--dry-run", action="store_true",
                    help="scan the input and print the plan (partitions, chunks, grid, bytes, memory); write nothing")
     g.add_argument("--message", "-m", help="icechunk commit message")
@@ -326,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster(p)
     _add_output(p)
     p.set_defaults(func=cmd_pyramid)
+
+    p = sub.add_parser("rollback", help="undo the unfinished (killed) append in a store",
+                       description="Undo an append that was killed before it finished: the store's cells and "
+                                   "metadata are put back byte for byte from the append's journal.")
+    p.add_argument("store", metavar="STORE", help="the store (path or URL)")
+    _add_storage(p)
+    _add_output(p)
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("info", help="describe a store",
                        description="Levels, point counts, bounds, attributes and (where cheap) sizes on disk.")
@@ -503,9 +516,11 @@ def cmd_ingest(args, out) -> int:
               pyramid=_pyramid_kwargs(args) if args.pyramid else None)
     job_kw = dict(group_points=args.group_points)
     # Check the input, the store and the parameters before starting a cluster: bad input fails fast.
-    src, _, _, _ = preflight(_sources(args), args.store, resume=args.resume,
-                             **{k: v for k, v in kw.items() if k != "pyramid"})
-    if args.pyramid:
+    if args.append:  # the store's pyramid is rebuilt with the options it was built with
+        kw.update(mode="append", pyramid=None)
+    src, _, _, _ = preflight(_sources(args), args.store, resume=args.resume and not args.append,
+                             append=args.append, **{k: v for k, v in kw.items() if k not in ("pyramid", "mode")})
+    if kw["pyramid"]:
         _check_pyramid_steps(src.ndim, kw["pyramid"])
     with _cluster(args) as client:
         kw.update(memory_budget=args.memory_budget, scratch=args.scratch, **job_kw)
@@ -645,6 +660,22 @@ def format_info(info: dict) -> str:
                      f"{str([float(f'{b:g}') for b in lv['bin_shape']]):<24} {ratio_text:<12} "
                      f"{_fmt_bytes(size) if size is not None else '-':>10}" + (f"  {fams}" if fams else ""))
     return "\n".join(lines)
+
+
+def cmd_rollback(args, out) -> int:
+    """``zv-dask rollback``: :func:`zv_dask.roll_back`."""
+    import zv_dask
+
+    with warnings.catch_warnings():  # the unfinished append is what this command is about
+        warnings.simplefilter("ignore")
+        done = zv_dask.roll_back(args.store, storage_options=_options(args))
+    result = {"store": args.store, "rolled_back": bool(done)}
+    if args.json:
+        _print_json(result, out)
+    else:
+        print(f"{args.store}: " + ("the unfinished append was rolled back; the store is as it was before it"
+                                   if done else "no unfinished append to roll back"), file=out)
+    return 0
 
 
 def cmd_info(args, out) -> int:

@@ -3,7 +3,8 @@
 ``ZV_DASK_KILL_AT=<point>`` makes the job's own process die there exactly as
 ``kill -9`` would (no cleanup, no ``finally``), so that the tests can prove a
 killed job resumes. Points: ``scan`` (the scan done, nothing written),
-``write:<n>`` (``n`` level-0 groups finished), ``level0`` (level 0's metadata
+``write:<n>`` (``n`` level-0 groups finished), ``append:<n>`` (``n`` groups
+of an append finished), ``level0`` (level 0's metadata
 written), ``pyramid:<n>`` (``n`` pyramid tasks finished), ``commit`` (all
 written, before the commit). ``ZV_DASK_FAIL_AT=<point>`` makes a task raise
 there instead (``group:<g>``: level-0 write group ``g``; ``level:<k>``: a task

@@ -23,6 +23,7 @@ import numpy as np
 from dask import delayed
 
 from zv_dask.errors import InputError, StoreError, ZVError
+from zv_dask.faults import kill_point
 from zv_dask.format.grid import Grid, parse_chunk_key
 from zv_dask.format.metadata import LevelMetadata
 from zv_dask.ingest.level0 import plan_level0, scratch_for
@@ -217,11 +218,7 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
         elif doc is not None:
             from zv_dask.store.journal import unfinished_message
 
-            kind = doc.get("kind")
-            fix = ("resume it with --resume (resume=True) or roll it back with `zv-dask rollback`"
-                   if kind == "append" else "finish it first (--resume) or replace the store (--overwrite)")
-            raise StoreError(f"{zs.url} has an unfinished {kind} job (started {doc.get('started', '?')}): {fix}"
-                             if kind == "append" else f"{zs.url} has an {unfinished_message(doc, journal)}")
+            raise StoreError(f"{zs.url} has an {unfinished_message(doc, journal)}")
     job = WriteJob(zs, message or "zv-dask append")
     builder = _pyramid_builder(zs, job, cl, progress, slots, budget, pyramid)
     if builder is not None:
@@ -300,7 +297,9 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
             refs = group_refs(staged, groups.n_groups)
             writes = [delayed(append_group)(refs[g], grid, target, names, g, *group_args(g), journal, staging, layout)
                       for g in range(groups.n_groups)]
-        results = run_tasks(writes, cl, progress, "append to level 0")
+        finished = iter(range(1, len(writes) + 1))
+        results = run_tasks(writes, cl, progress, "append to level 0",
+                            on_result=lambda i, r: kill_point(f"append:{next(finished)}"))
         if staging is not None:
             staging.remove()
         job.absorb([f for _, f in results])
@@ -347,6 +346,7 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
             report.link_counts = dict(pr.link_counts)
             report.warnings += [w for w in pr.warnings if w not in report.warnings]
             seconds["pyramid"] = time.perf_counter() - t4
+        kill_point("commit")
         report.snapshot_id = job.commit()
         if journal is not None:
             journal.remove()

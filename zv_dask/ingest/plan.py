@@ -86,6 +86,7 @@ class IngestPlan:
     threads_per_worker: int = 1
     shuffle: str = "memory"
     shuffle_reason: str = ""
+    rewrites: list | None = None  # an append: per level {"level", "chunks", "regions"} it would rewrite
     estimated_peak_worker_memory: int = 0
     estimated_scratch_bytes: int = 0
     scratch: str | None = None
@@ -132,6 +133,10 @@ class IngestPlan:
             "per worker at peak" + (f"; ~{fmt_bytes(self.estimated_scratch_bytes)} staged on {self.scratch}"
                                     if self.shuffle == "staged" else ""),
         ]
+        for r in self.rewrites or []:
+            lines.append(f"  append      level {r['level']}: " + (
+                f"{pts(r['chunks'])} chunks touched ({pts(r['existing'])} hold points now, rewritten)"
+                if r["level"] == 0 else f"{pts(r['regions'])} regions rebuilt ({pts(r['chunks'])} chunks there now)"))
         if self.pyramid is not None:
             opts = ", ".join(f"{k}={v}" for k, v in self.pyramid.items()) or "defaults"
             lines.append(f"  pyramid     yes ({opts})" + (
@@ -196,7 +201,7 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
                 base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, pyramid=None,
                 backend=None, storage_options=None, client=None, overwrite: bool = False, axes=None,
                 progress: bool = False, partition_rows: int | None = None, group_points: int | None = None,
-                branch: str = "main", memory_budget=None, scratch=None) -> IngestPlan:
+                branch: str = "main", memory_budget=None, scratch=None, mode: str = "write") -> IngestPlan:
     """Plan an ingest job without writing: the scan pass runs, the store is only inspected.
 
     Takes the arguments of :func:`zv_dask.ingest` (those that change what is
@@ -223,7 +228,14 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
                                          base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,
                                          shard_shape=shard_shape, backend=backend, storage_options=storage_options,
                                          overwrite=overwrite, axes=axes, partition_rows=partition_rows,
-                                         branch=branch, budget=budget, slots=slots)
+                                         branch=branch, budget=budget, slots=slots, append=mode == "append")
+    append_builder = None
+    if mode == "append":
+        from zv_dask.ingest.append import _pyramid_builder, check_compatible
+
+        check_compatible(src, plan.existing)
+        append_builder = _pyramid_builder(plan.existing, None, cl, False, slots, budget, pyramid)
+        pyramid = None  # the store's, shown as the rewrites below
     stats, final_bounds, dropped, occ, counts = scan_pass(src, plan, out_of_bounds, cl, progress, sample=False)
     grid = Grid(tuple(map(float, final_bounds[0])), tuple(map(float, final_bounds[1])), plan.chunk_shape,
                 plan.base_bin_shape or plan.chunk_shape, dt)
@@ -268,12 +280,27 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
         warnings.append(f"about {n_points // max(n_chunks, 1):,} points per chunk: small chunks mean many small "
                         "objects; consider a larger chunk_shape")
     action = "create" if plan.existing is None else ("overwrite" if plan.overwrite else "fill")
+    rewrites = None
+    if mode == "append":
+        from zv_dask.format.grid import parse_chunk_key
+        from zv_dask.read import chunks_in
+        from zv_dask.store.levels import level_chunk_keys
+
+        action = "append"
+        old0 = np.array([parse_chunk_key(k) for k in level_chunk_keys(plan.existing.root["0"])],
+                        np.int64).reshape(-1, src.ndim)
+        rewrites = [{"level": 0, "chunks": n_chunks, "existing": int(chunks_in(occ.chunks, old0).sum()), "regions": 0}]
+        if append_builder is not None:
+            from zv_dask.pyramid.update import predict_rewrites
+
+            rewrites += [{"level": u.level, "chunks": u.chunks, "regions": u.regions, "existing": u.chunks}
+                         for u in predict_rewrites(append_builder, occ.chunks)]
     pyr = None
     if pyramid:
         pyr = dict(pyramid) if isinstance(pyramid, dict) else {}
         pyr = {k: v for k, v in pyr.items() if k not in ("client", "job", "progress")}
     return IngestPlan(
-        source=src.description or src.kind, store=_describe_target(store), store_action=action,
+        source=src.description or src.kind, store=_describe_target(store), store_action=action, rewrites=rewrites,
         input_kind=src.kind, partitions=len(src.partitions), points=n_points, points_dropped=int(dropped),
         largest_partition_points=int(largest_part),
         data_bounds=[list(map(float, stats.lo)), list(map(float, stats.hi))],

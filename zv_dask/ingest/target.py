@@ -8,6 +8,7 @@ zv-dask never half-overwrites.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,8 @@ class TargetPlan:
 def _probe(store, backend, storage_options, branch) -> ZVStore | None:
     if isinstance(store, ZVStore):
         return store
+    if isinstance(store, os.PathLike):
+        store = os.fspath(store)
     if backend != "icechunk" and isinstance(store, str) and url_scheme(store) in ("", "file"):
         p = local_path(store)
         if not p.exists() or (p.is_dir() and not any(p.iterdir())):
@@ -95,9 +98,9 @@ def _unfinished(existing: ZVStore | None, resume: bool, overwrite: bool):
     doc = journal.job() if journal is not None else None
     if doc is None or overwrite:
         return None
-    if not resume:
+    if not resume or doc.get("kind") == "append":
         where = existing.url or "the store"
-        if doc.get("kind") == "ingest":
+        if doc.get("kind") in ("ingest", "append"):
             raise StoreError(f"{where} has an {unfinished_message(doc, journal)}")
         return None  # an unfinished pyramid build over finished points: the store holds points (refused below)
     return ResumeState(journal, doc)
@@ -173,7 +176,7 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
 
 def _append_target(store, existing: ZVStore | None, *, ndim, chunk_shape, bounds, base_bin_shape, backend,
                    storage_options, overwrite, branch) -> TargetPlan:
-    where = getattr(existing, "url", None) or store
+    where = getattr(existing, "url", None) or (os.fspath(store) if isinstance(store, os.PathLike) else store)
     if overwrite:
         raise InputError("append and overwrite contradict each other: an append keeps the store's points")
     if existing is None:
@@ -185,11 +188,12 @@ def _append_target(store, existing: ZVStore | None, *, ndim, chunk_shape, bounds
         raise InputError(f"the new points have {ndim} coordinates but the store at {where!r} has {meta.ndim} axes "
                          f"({', '.join(meta.axis_names)})")
     if chunk_shape is not None and not np.allclose(_per_axis("chunk_shape", chunk_shape, ndim), meta.chunk_shape):
-        raise InputError(f"chunk_shape {list(np.atleast_1d(chunk_shape))} differs from the store's "
+        raise InputError(f"chunk_shape {np.atleast_1d(chunk_shape).astype(float).tolist()} differs from the store's "
                          f"{list(meta.chunk_shape)}: an append keeps the store's geometry (leave it out)")
     if base_bin_shape is not None and not np.allclose(_per_axis("base_bin_shape", base_bin_shape, ndim),
                                                       meta.effective_bin_shape):
-        raise InputError(f"base_bin_shape {list(np.atleast_1d(base_bin_shape))} differs from the store's "
+        raise InputError(f"base_bin_shape {np.atleast_1d(base_bin_shape).astype(float).tolist()} differs from the "
+                         "store's "
                          f"{list(meta.effective_bin_shape)}: an append keeps the store's geometry (leave it out)")
     if bounds is not None:
         raise InputError("an append keeps the store's bounds; out_of_bounds decides what happens to new points "

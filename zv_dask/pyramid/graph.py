@@ -150,7 +150,7 @@ def _pyramid_journal(zs, options: dict, resume: bool):
             raise InputError("resume needs a store at a path or URL (its journal lives there); this store has none")
         return None, None, None
     doc = journal.job()
-    if doc is not None and doc.get("kind") == "ingest":
+    if doc is not None and doc.get("kind") in ("ingest", "append"):
         raise StoreError(f"{zs.url} has an {unfinished_message(doc, journal)}; build the pyramid after it")
     if resume and doc is None:
         raise InputError(f"no unfinished pyramid build to resume in {zs.url}; run the build without resume "

@@ -43,7 +43,7 @@ from zv_dask.store.cellio import delete_cells
 from zv_dask.store.levels import ChunkSummary, finalize_level, level_chunk_keys, read_payloads, write_cells
 from zv_dask.store.preimage import save_cells
 
-__all__ = ["update_pyramid", "LevelUpdate", "cell_keys"]
+__all__ = ["update_pyramid", "predict_rewrites", "LevelUpdate", "cell_keys"]
 
 
 @dataclass
@@ -339,3 +339,27 @@ def update_pyramid(builder: PyramidBuilder, src: LevelSource, changed: np.ndarra
         rep.stop_reason = reason
     rep.seconds = time.perf_counter() - t0
     return rep, updates
+
+
+def predict_rewrites(builder: PyramidBuilder, changed: np.ndarray) -> list[LevelUpdate]:
+    """Per existing coarse level, the regions an append touching the level-0 ``changed`` chunks rebuilds and
+    the chunks there now (what a dry run shows; the rebuild may add chunks the old pyramid did not have)."""
+    from zv_dask.pyramid.plan import region_shape
+
+    zs = builder.zs
+    ndim = builder.ndim
+    bpc = np.asarray(builder.bpc, np.int64)
+    scale = np.ones(ndim, np.int64)
+    changed = np.asarray(changed, np.int64).reshape(-1, ndim)
+    out = []
+    for i, k in enumerate(k for k in list_resolution_levels(zs) if k > 0):
+        step = builder._peek(i)
+        if step is None:
+            break
+        region = np.asarray(region_shape(step, builder.bpc), np.int64)
+        regions = np.unique(np.floor_divide(changed, region // (bpc * scale)), axis=0) if len(changed) else changed
+        old = _chunks_of(level_chunk_keys(zs.root[str(k)])).reshape(-1, ndim)
+        inside = old[_in_regions(old, region // (bpc * np.asarray(step.total_scale, np.int64)), regions)]
+        out.append(LevelUpdate(k, len(inside), len(regions)))
+        changed, scale = inside, np.asarray(step.total_scale, np.int64)
+    return out

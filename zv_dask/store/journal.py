@@ -421,6 +421,10 @@ def unfinished_message(job: dict, journal: Journal) -> str:
         progress += f", {rounds} pyramid round(s) finished"
     fix = ("resume with --resume (resume=True) or discard with --overwrite (overwrite=True)"
            if job.get("kind") == "ingest" else "resume with --resume (resume=True) or run the build again")
+    if job.get("kind") == "append":
+        progress = ""
+        fix = ("undo it with `zv-dask rollback` (zv_dask.roll_back), or run the append again with --resume "
+               "(resume=True), which undoes it first")
     return f"unfinished {job.get('kind', 'zv-dask')} job (started {job.get('started', '?')}{progress}): {fix}"
 
 

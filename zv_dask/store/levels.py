@@ -332,9 +332,9 @@ def _read_cells(zstore, arr: zarr.Array, cells: np.ndarray) -> list:
 
 def read_payloads(zstore, arr: zarr.Array, chunks: np.ndarray) -> list[bytes]:
     """The payloads of an array's cells at absolute ``chunks`` (``b""`` where a cell is missing)."""
-    chunks = np.asarray(chunks, np.int64).reshape(len(chunks), -1)
     if not len(chunks):
         return []
+    chunks = np.asarray(chunks, np.int64).reshape(len(chunks), -1)
     origin = np.asarray(arr.attrs.get("chunk_grid_origin", [0] * chunks.shape[1]), np.int64)
     return [bytes(p) if p is not None else b"" for p in _read_cells(zstore, arr, chunks - origin)]
 

@@ -24,6 +24,7 @@ __all__ = ["metadata_docs", "restore_metadata", "snapshot_metadata", "save_cells
            "PRE"]
 
 PRE = "pre"
+WHOLE = "whole-arrays"  # the unit that keeps the cells of arrays rewritten whole
 _HIDDEN = (".zv-job/", ".zv-scratch/")
 
 
@@ -70,9 +71,28 @@ def restore_metadata(zs, docs: dict[str, bytes]) -> None:
     zs.root = zarr.open_group(zs.store, mode="r+", zarr_format=3)
 
 
+def _whole_arrays(docs: dict[str, bytes]) -> list[str]:
+    """Paths of the arrays that are rewritten whole, not cell by cell (the object index's)."""
+    out = []
+    for key, raw in docs.items():
+        doc = json.loads(raw)
+        if doc.get("node_type") == "array" and "nonempty_chunks" not in doc.get("attributes", {}):
+            out.append(key[: -len("/zarr.json")])
+    return out
+
+
 def snapshot_metadata(zs, journal) -> None:
-    """Copy every metadata document into the journal (before the job changes anything)."""
+    """Copy every metadata document, and every cell of the arrays rewritten whole (object indexes), into
+    the journal (before the job changes anything)."""
+    from zarr.core.sync import sync
+
     docs = metadata_docs(zs)
+
+    async def cells(prefix):
+        return [k async for k in zs.store.list_prefix(prefix)]
+
+    whole = [k for path in _whole_arrays(docs) for k in sync(cells(f"{path}/c/"))]
+    save_cells(zs.store, journal, WHOLE, whole)
     journal.write_json(f"{PRE}/meta.json", {k: v.decode() for k, v in docs.items()})
 
 
@@ -145,12 +165,15 @@ def roll_back(zs, journal) -> bool:
     async def live(prefix):
         return [k async for k in zs.store.list_prefix(prefix)]
 
+    saved = set((journal.read_json(f"{PRE}/{WHOLE}.json") or {}).get("keys", []))
     extra = []
     for key, raw in docs.items():
         listed = _listed_cells(key, json.loads(raw))
+        path = key[: -len("/zarr.json")]
+        if listed is None and path in _whole_arrays({key: raw}):
+            listed = {k for k in saved if k.startswith(f"{path}/c/")}
         if listed is None:
             continue
-        path = key[: -len("/zarr.json")]
         extra += [k for k in sync(live(f"{path}/c/")) if k not in listed]
     delete_cells(zs.store, extra)
     restore_metadata(zs, docs)
