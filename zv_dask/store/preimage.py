@@ -33,9 +33,18 @@ def metadata_docs(zs) -> dict[str, bytes]:
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
+    async def walk(prefix: str, keys: list) -> None:
+        # node by node, never into an array's cells ("c/"): the cost is the number of nodes, not of cells
+        entries = [e async for e in zs.store.list_dir(prefix)]
+        for e in entries:
+            if e == "zarr.json":
+                keys.append(prefix + e)
+            elif e != "c" and not e.startswith(".zv-"):
+                await walk(f"{prefix}{e.rstrip('/')}/", keys)
+
     async def collect():
-        keys = [k async for k in zs.store.list()
-                if (k == "zarr.json" or k.endswith("/zarr.json")) and not k.startswith(_HIDDEN)]
+        keys: list[str] = []
+        await walk("", keys)
         out = {}
         for key in keys:
             buf = await zs.store.get(key, default_buffer_prototype())
