@@ -355,3 +355,17 @@ def test_append_on_object_storage_with_a_cluster(dask_client, s3_server, s3_pref
     want = tree_bytes(one)
     assert sorted(got) == sorted(want)
     assert [k for k in got if got[k] != want[k]] == []
+
+
+def test_a_staged_append_is_the_same(tmp_path, rng):
+    """A memory budget too small for the in-memory shuffle stages the new points on scratch; same store."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, more = rng.uniform(0, 100, (60_000, 3)), rng.uniform(0, 50, (40_000, 3))
+    kw = dict(chunk_shape=25, base_bin_shape=5, bounds=([0] * 3, [100] * 3), pyramid={"levels": 2})
+    a, b = tmp_path / "a" / "s.zv", tmp_path / "b" / "s.zv"
+    zv_dask.ingest(first, a, **kw)
+    r = zv_dask.ingest(more, a, mode="append", memory_budget="6MiB", partition_rows=10_000)
+    assert r.shuffle == "staged" and r.bytes_staged > 0
+    zv_dask.ingest(np.concatenate([first, more]), b, **kw)
+    _same_tree(a, b)
