@@ -44,9 +44,9 @@ __all__ = ["append_points", "check_compatible", "recorded_pyramid", "roll_back_a
 
 
 def _level0_specs(zs: ZVStore) -> list[AttributeSpec]:
-    from zv_dask.pyramid.builder import _specs_of
+    from zv_dask.pyramid.builder import specs_of
 
-    return _specs_of(zs.root["0"])
+    return specs_of(zs.root["0"])
 
 
 def check_compatible(src, zs: ZVStore) -> list[AttributeSpec]:

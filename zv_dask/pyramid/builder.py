@@ -68,7 +68,8 @@ from zv_dask.scheduling import run_tasks, task_slots
 from zv_dask.transaction import WriteJob
 
 __all__ = ["PyramidBuilder", "PyramidReport", "LevelSource", "Batch", "source_from_store",
-           "drop_coarse_levels", "drop_up_links", "DEFAULT_POINTS_PER_TASK"]
+           "drop_coarse_levels", "drop_up_links", "specs_of", "small_enough", "mark_links_present",
+           "DEFAULT_POINTS_PER_TASK"]
 
 DEFAULT_POINTS_PER_TASK = 2_000_000
 MAX_BATCH_LEVELS = 8
@@ -152,7 +153,7 @@ class Batch:
 
 
 # -- coordinator helpers -------------------------------------------------------------------
-def _specs_of(group) -> list[AttributeSpec]:
+def specs_of(group) -> list[AttributeSpec]:
     if "vertex_attributes" not in group:
         return []
     out = []
@@ -177,7 +178,7 @@ def source_from_store(zs: ZVStore, level: int) -> LevelSource:
         objects = (oid, och, ofr)
     grid = level_grid(zs.root, level)
     scale = tuple(int(round(c / r)) for c, r in zip(grid.chunk_shape, zs.metadata.chunk_shape))
-    return LevelSource(level, grid, scale, chunks, None, count, _specs_of(g), objects, all_ids)
+    return LevelSource(level, grid, scale, chunks, None, count, specs_of(g), objects, all_ids)
 
 
 def _compressors(zs: ZVStore):
@@ -202,7 +203,7 @@ def drop_coarse_levels(zs: ZVStore) -> None:
         del g0["links"]
 
 
-def _small_enough(count: int, n_chunks: int, min_points: int) -> str:
+def small_enough(count: int, n_chunks: int, min_points: int) -> str:
     if count <= min_points:
         return f"level holds {count} <= min_points={min_points} points"
     if n_chunks <= 1:
@@ -269,6 +270,15 @@ class PyramidBuilder:
                 self._pending.append(nxt)
         return self._pending[i] if i < len(self._pending) else None
 
+    def peek_step(self, i: int = 0) -> LevelStep | None:
+        """The step of the ``i``-th level still to build (``None`` past the last)."""
+        return self._peek(i)
+
+    def advance(self, n: int = 1) -> None:
+        """Mark the next ``n`` levels built (by someone else than :meth:`run`: an append's rebuild)."""
+        self._peek(n - 1)
+        self._pending = self._pending[n:]
+
     def check_attributes(self, specs: list[AttributeSpec], dtype: str = "float64") -> None:
         """Raise now (before anything changes) if ``attribute_reduction`` does not fit the level-0 attributes.
 
@@ -285,7 +295,7 @@ class PyramidBuilder:
     # -- planning --------------------------------------------------------------------------
     def first_reason(self, count: int, n_chunks: int) -> str:
         """Why no level would be built from a level 0 of this size (``""`` if one would)."""
-        return _small_enough(count, n_chunks, self.min_points) if self.levels is None else ""
+        return small_enough(count, n_chunks, self.min_points) if self.levels is None else ""
 
     def choose_steps(self, chunks: np.ndarray, weights: np.ndarray, scale: tuple[int, ...],
                      budget: int | None = None) -> list[LevelStep]:
@@ -401,7 +411,7 @@ class PyramidBuilder:
             self.report.level_seconds[k] = time.perf_counter() - t0
             if self.levels is None:
                 prev = self.report.vertex_counts.get(k - 1, None)
-                reason = _small_enough(src.vertex_count, len(src.chunks), self.min_points)
+                reason = small_enough(src.vertex_count, len(src.chunks), self.min_points)
                 if not reason and prev is not None and src.vertex_count >= prev:
                     reason = f"level {k} removed no point"
                 if reason:
@@ -435,7 +445,7 @@ class PyramidBuilder:
             if n and owner == k:
                 lm.arrays_present = list(lm.arrays_present) + ["links"]
             elif n:
-                _mark_links_present(zs.root[str(owner)])
+                mark_links_present(zs.root[str(owner)])
         create_resolution_level(zs, k, lm)
         nonempty = summary.rows > 0
         self.report.levels.append(k)
@@ -571,7 +581,7 @@ class PyramidBuilder:
         for key, n in self.report.link_counts.items():  # a rewritten fine level's metadata lists its links again
             owner = key.split("/")[0]
             if n and owner in self.zs.root:
-                _mark_links_present(self.zs.root[owner])
+                mark_links_present(self.zs.root[owner])
         return rec["source"], rec["reason"]
 
     def started_round(self, first: int) -> int | None:
@@ -655,7 +665,7 @@ def drop_up_links(root, level: int) -> None:
         g.attrs["zarr_vectors_level"] = lm
 
 
-def _mark_links_present(group) -> None:
+def mark_links_present(group) -> None:
     lm = dict(group.attrs.get("zarr_vectors_level", {}))
     present = list(lm.get("arrays_present", []))
     if lm and "links" not in present:

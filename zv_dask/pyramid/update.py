@@ -33,8 +33,8 @@ from zv_dask.pyramid.builder import (
     LevelSource,
     PyramidBuilder,
     PyramidReport,
-    _mark_links_present,
-    _small_enough,
+    mark_links_present,
+    small_enough,
 )
 from zv_dask.read import chunks_in, object_entries
 from zv_dask.store.api import create_resolution_level, create_vlen_arrays, list_resolution_levels, \
@@ -109,7 +109,7 @@ class _Rebuild:
         self.b, self.src, self.journal = builder, src, journal
         self.zs = builder.zs
         self.ndim = builder.ndim
-        step = builder._peek(0)
+        step = builder.peek_step()
         self.batch = builder.plan_batch(src, [step])
         self.lv = self.batch.levels[0]
         self.k = step.level
@@ -170,7 +170,7 @@ class _Rebuild:
             if n and fam.owner == k:
                 lm.arrays_present = list(lm.arrays_present) + ["links"]
             elif n:
-                _mark_links_present(root[str(fam.owner)])
+                mark_links_present(root[str(fam.owner)])
         create_resolution_level(zs, k, lm)
         rep = self.b.report
         rep.levels.append(k)
@@ -310,17 +310,17 @@ def update_pyramid(builder: PyramidBuilder, src: LevelSource, changed: np.ndarra
     updates = []
     reason = ""
     for k in itertools.count(1):
-        if k > top or builder._peek(0) is None:
+        if k > top or builder.peek_step() is None:
             break
         builder.building = [k]
         t = time.perf_counter()
         src, changed, upd = _Rebuild(builder, src, changed, journal).run()
         rep.level_seconds[k] = time.perf_counter() - t
-        builder._pending = builder._pending[1:]
+        builder.advance()
         builder.building = None
         updates.append(upd)
         if builder.levels is None:
-            reason = _small_enough(src.vertex_count, len(src.chunks), builder.min_points)
+            reason = small_enough(src.vertex_count, len(src.chunks), builder.min_points)
             if not reason and src.vertex_count >= rep.vertex_counts[k - 1]:
                 reason = f"level {k} removed no point"
             if reason:
@@ -353,7 +353,7 @@ def predict_rewrites(builder: PyramidBuilder, changed: np.ndarray) -> list[Level
     changed = np.asarray(changed, np.int64).reshape(-1, ndim)
     out = []
     for i, k in enumerate(k for k in list_resolution_levels(zs) if k > 0):
-        step = builder._peek(i)
+        step = builder.peek_step(i)
         if step is None:
             break
         region = np.asarray(region_shape(step, builder.bpc), np.int64)
