@@ -309,7 +309,8 @@ def _expand(paths) -> list[str]:
     for p in out:
         if "://" not in p and not os.path.exists(p):
             raise InputError(f"input file {p!r} does not exist")
-    return out
+    # relative to this process (the client), never to a worker's directory
+    return [p if "://" in p else os.path.abspath(p) for p in out]
 
 
 def _kind_of(path: str) -> str:

@@ -58,12 +58,15 @@ def url_scheme(target) -> str:
 
 
 def local_path(target) -> Path:
-    """A local path or ``file://`` URL as a :class:`~pathlib.Path`."""
-    if isinstance(target, Path):
-        return target
+    """A local path or ``file://`` URL as an absolute :class:`~pathlib.Path`.
+
+    Absolute in *this* process's directory: a path a user gives is relative to
+    the client, and whatever is sent to workers (which run in directories of
+    their own) must not depend on theirs.
+    """
     if isinstance(target, str) and target.startswith("file://"):
-        return Path(unquote(urlparse(target).path))
-    return Path(target)
+        target = unquote(urlparse(target).path)
+    return Path(os.path.abspath(os.fspath(target)))
 
 
 def _split_bucket(url: str) -> tuple[str, str]:
