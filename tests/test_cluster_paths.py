@@ -27,6 +27,7 @@ def cluster(tmp_path_factory):
     sched_file = base / "scheduler.json"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     (base / "s").mkdir()
+    wenv = {**env, "ZV_DASK_FAIL_AT": "level:6"}  # (a build of 6 levels fails there: errors cross processes)
     procs.append(subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
                                    "--no-dashboard", "--scheduler-file", str(sched_file)], cwd=base / "s",
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
@@ -39,7 +40,7 @@ def cluster(tmp_path_factory):
         procs.append(subprocess.Popen([str(BIN / "dask"), "worker", "--scheduler-file", str(sched_file),
                                        "--nthreads", "1", "--memory-limit", "2GiB", "--no-dashboard",
                                        "--host", "127.0.0.1", "--local-directory", str(d)], cwd=d,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=wenv))
     from distributed import Client
 
     with Client(scheduler_file=str(sched_file), timeout="60s") as c:
@@ -98,3 +99,35 @@ def test_relative_paths_on_a_cluster(cluster, tmp_path, monkeypatch, rng):
     for w in ("w0", "w1"):  # nothing was written relative to a worker's directory
         names = {p.name for p in (base / w).iterdir()}
         assert not names & {"rel.zv", "api.zv", "scratch", "x.zv"}, names
+
+
+def test_worker_errors_keep_their_type(cluster, tmp_path, rng):
+    """A task failing on a worker reaches the client as the IngestError it raised, stage and all."""
+    from distributed import Client
+
+    address, _, _ = cluster
+    store = tmp_path / "s.zv"
+    with Client(address) as c:
+        zv_dask.ingest(rng.uniform(0, 1000, (20_000, 3)), store, chunk_shape=10, client=c)
+        with pytest.raises(zv_dask.IngestError, match="injected failure") as err:
+            zv_dask.build_pyramid(store, levels=6, levels_per_task=1, client=c)
+    assert err.value.stage == "pyramid level 6"
+
+
+def test_an_unpicklable_cause_does_not_hide_the_error():
+    import pickle
+
+    import tblib.pickling_support
+    from zarr.errors import ArrayNotFoundError
+
+    try:
+        try:
+            raise ArrayNotFoundError("store", "0/vertices")
+        except ArrayNotFoundError as cause:
+            raise zv_dask.IngestError("writing group 0 failed: ArrayNotFoundError", stage="write",
+                                      chunk="0.0.0") from cause
+    except zv_dask.IngestError as e:
+        tblib.pickling_support._install_for_instance(e, set())  # what distributed does with a task's error
+        back = pickle.loads(pickle.dumps(e))
+    assert type(back) is zv_dask.IngestError and (back.stage, back.chunk) == ("write", "0.0.0")
+    assert "ArrayNotFoundError" in str(back)

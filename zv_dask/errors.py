@@ -63,13 +63,22 @@ class IngestError(ZVError):
         self.chunk = chunk
 
     def __reduce__(self):
+        # A cause (or context) that does not survive a round trip (zarr's ArrayNotFoundError pickles but
+        # does not unpickle) stays in the message only, and is dropped from the error itself: distributed's
+        # pickler (tblib) pickles both links of the chain on its own, and a chain the client cannot
+        # unpickle reaches it as a plain Exception.
+        for link in ("__cause__", "__context__"):
+            other = getattr(self, link)
+            if other is not None:
+                try:
+                    pickle.loads(pickle.dumps(other))
+                except Exception:  # noqa: BLE001
+                    setattr(self, link, None)
         cause = self.__cause__
-        if cause is not None:
-            try:
-                pickle.dumps(cause)
-            except Exception:  # noqa: BLE001 - an unpicklable cause stays in the message only
-                cause = None
         return _rebuild_ingest_error, (type(self), self.args[0] if self.args else "", self.stage, self.chunk, cause)
+
+    def __reduce_ex__(self, protocol):  # (tblib, which distributed installs, patches this one; ours wins)
+        return self.__reduce__()
 
 
 def _rebuild_ingest_error(cls, message, stage, chunk, cause):
