@@ -58,7 +58,7 @@ def cluster(tmp_path_factory):
 
 def test_relative_paths_on_a_cluster(cluster, tmp_path, monkeypatch, rng):
     """Relative input, store and scratch from the client's directory: ingest (CLI and API), read, validate."""
-    address, _, base = cluster
+    address, sched_file, base = cluster
     client_dir = tmp_path / "client"
     client_dir.mkdir()
     monkeypatch.chdir(client_dir)
@@ -71,6 +71,11 @@ def test_relative_paths_on_a_cluster(cluster, tmp_path, monkeypatch, rng):
                        text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert (client_dir / "rel.zv" / "0" / "zarr.json").exists()
+    p = subprocess.run([str(BIN / "zv-dask"), "pyramid", "rel.zv", "--levels", "3", "--scheduler-file",
+                        str(sched_file), "--quiet"], cwd=client_dir, capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert zv_dask.open_store(client_dir / "rel.zv").levels == [0, 1, 2, 3]
     v = subprocess.run([str(BIN / "zv-dask"), "validate", "rel.zv"], cwd=client_dir, capture_output=True, text=True,
                        env=env, timeout=120)
     assert v.returncode == 0, v.stdout + v.stderr

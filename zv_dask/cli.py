@@ -215,6 +215,9 @@ def _add_cluster(p, default_workers: str = "one per CPU core") -> None:
     g.add_argument("--scheduler", metavar="ADDRESS",
                    help="a running Dask scheduler (tcp://host:8786), or 'synchronous' / 'threads' to run in this "
                         "process; default: start a LocalCluster")
+    g.add_argument("--scheduler-file", metavar="FILE",
+                   help="the JSON file a running scheduler wrote (dask scheduler --scheduler-file, dask-jobqueue, "
+                        "dask-mpi)")
     g.add_argument("--workers", type=_count, metavar="N",
                    help=f"worker processes of the LocalCluster (default: {default_workers})")
     g.add_argument("--threads-per-worker", type=_count, default=1, metavar="N",
@@ -447,6 +450,23 @@ def _cluster(args):
         return
     from distributed import Client
 
+    sched_file = getattr(args, "scheduler_file", None)
+    if sched_file:
+        if address:
+            raise BadArguments("--scheduler and --scheduler-file name the scheduler twice; give one")
+        if not os.path.isfile(sched_file):
+            raise BadArguments(f"--scheduler-file {sched_file!r} does not exist (the scheduler writes it when it "
+                               "starts: dask scheduler --scheduler-file FILE)")
+        _status(args, f"connecting to the Dask scheduler of {sched_file}")
+        try:
+            client = Client(scheduler_file=sched_file, timeout="10s")
+        except (OSError, TimeoutError, ValueError, KeyError) as e:
+            raise BadArguments(f"cannot reach the Dask scheduler of {sched_file!r}: {_one_line(e)}") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
     if address:
         if not re.fullmatch(r"((tcp|tls|ws|wss|ucx)://)?[^\s/:]+(:\d+)", address) and not re.fullmatch(
                 r"((tcp|tls|ws|wss|ucx)://)?\[[0-9a-fA-F:]+\](:\d+)", address):
@@ -479,6 +499,28 @@ def _cluster(args):
             client.close()
     finally:
         cluster.close()
+
+
+# Messages are written in the API's spelling; the CLI says them in its own (one table, here).
+_SPELLING = [
+    (r"\boverwrite=True\b", "--overwrite"), (r"\bresume=True\b", "--resume"),
+    (r"\bdurable=False\b", "durable=False (Python API only)"),
+    (r"\bout_of_bounds='(\w+)'", r"--out-of-bounds \1"), (r"\bdtype='(\w+)'", r"--dtype \1"),
+    (r"\bmemory_budget=\.\.\.", "--memory-budget SIZE"), (r"\bscratch=\.\.\.", "--scratch PATH_OR_URL"),
+    (r"\bpartition_rows\b", "--partition-rows"), (r"\bchunk_shape\b", "--chunk-shape"),
+    (r"\bbase_bin_shape\b", "--bin-shape"), (r"\bshard_shape\b", "--shard-shape"),
+    (r" \(zv_dask\.roll_back\)", ""),
+    # what said both spellings now says one twice
+    (r"(--[a-z-]+(?: [A-Za-z_]+)?) \(\1\)", r"\1"), (r"\((--[a-z-]+)( [A-Z_]+)?, \1\)", r"(\1\2)"),
+    (r"  +", " "),
+]
+
+
+def cli_spelling(message: str) -> str:
+    """A zv-dask message with its option names in the command line's spelling."""
+    for pattern, repl in _SPELLING:
+        message = re.sub(pattern, repl, message)
+    return message
 
 
 def _one_line(e: BaseException) -> str:
@@ -815,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``zv-dask`` command line; returns the exit code (0 done, 1 failure, 2 bad arguments or input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "scheduler", None) and getattr(args, "workers", None):
+    if (getattr(args, "scheduler", None) or getattr(args, "scheduler_file", None)) and getattr(args, "workers", None):
         args.command_parser.error(
             "argument --workers: not allowed with argument --scheduler (the scheduler's cluster has its workers)")
     _quiet_logs(args)
@@ -835,9 +877,9 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
             traceback.print_exc()
         if isinstance(e, _bad_input_types()):
-            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+            print(f"{prog}: error: {cli_spelling(_one_line(e))}", file=sys.stderr)
             return 2
-        print(f"{prog}: failed: {type(e).__name__}: {_one_line(e)}" +
+        print(f"{prog}: failed: {type(e).__name__}: {cli_spelling(_one_line(e))}" +
               ("" if args.debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
         return 1
 
