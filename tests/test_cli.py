@@ -288,3 +288,15 @@ def test_bad_arguments(case, table, ingested, tmp_path):
     line = one_line_error(run(*argv, cwd=tmp_path))
     assert expected in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "bad input writes nothing"
+
+
+def test_json_errors_and_log_friendly_progress(table, tmp_path):
+    """Under --json an error is JSON on stdout; progress in a log (stderr not a terminal) has no bar frames."""
+    bad = run("ingest", tmp_path / "nope.parquet", tmp_path / "o.zv", "--chunk-shape", "9", "--json", "-q")
+    assert bad.returncode == 2
+    doc = json.loads(bad.stdout)
+    assert doc["exit_code"] == 2 and doc["type"] == "InputError" and "does not exist" in doc["error"]
+    good = run("ingest", table, tmp_path / "p.zv", "--chunk-shape", "9", "--levels", "1", "--workers", "1")
+    assert good.returncode == 0, good.stderr
+    assert "\r" not in good.stderr
+    assert "tasks" in good.stderr and "done in" in good.stderr

@@ -199,10 +199,10 @@ def _add_output(p, json_output: bool = True) -> None:
     g.add_argument("--debug", action="store_true", help="show a traceback when something fails")
 
 
-def _add_storage(p) -> None:
+def _add_storage(p, writes: bool = True) -> None:
     g = p.add_argument_group("storage")
     g.add_argument("--icechunk", action="store_true",
-                   help="STORE is an icechunk repository (path or URL); the job is one commit")
+                   help="STORE is an icechunk repository (path or URL)" + ("; the job is one commit" if writes else ""))
     g.add_argument("--branch", default="main", help="icechunk branch (default: main)")
     g.add_argument("--storage-option", "-S", metavar="KEY=VALUE", action="append", type=parse_storage_option,
                    default=[], help="object storage option, repeatable: endpoint, region, access_key_id, "
@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a store",
                        description="Levels, point counts, bounds, attributes and (where cheap) sizes on disk.")
     p.add_argument("store", metavar="STORE")
-    _add_storage(p)
+    _add_storage(p, writes=False)
     _add_output(p)
     p.set_defaults(func=cmd_info)
 
@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "covers every chunk. Exit code 1 when an error is found.")
     p.add_argument("store", metavar="STORE")
     p.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
-    _add_storage(p)
+    _add_storage(p, writes=False)
     _add_output(p)
     p.set_defaults(func=cmd_validate)
 
@@ -876,10 +876,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             import traceback
             traceback.print_exc()
-        if isinstance(e, _bad_input_types()):
-            print(f"{prog}: error: {cli_spelling(_one_line(e))}", file=sys.stderr)
+        code = 2 if isinstance(e, _bad_input_types()) else 1
+        message = cli_spelling(_one_line(e))
+        if getattr(args, "json", False):  # --json: the result on stdout is the error, as JSON
+            _print_json({"error": message, "type": type(e).__name__, "exit_code": code}, sys.stdout)
+        if code == 2:
+            print(f"{prog}: error: {message}", file=sys.stderr)
             return 2
-        print(f"{prog}: failed: {type(e).__name__}: {cli_spelling(_one_line(e))}" +
+        print(f"{prog}: failed: {type(e).__name__}: {message}" +
               ("" if args.debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
         return 1
 

@@ -39,10 +39,19 @@ def show_progress(futures, label: str) -> None:
         print(label)
         progress(futures, notebook=True)
         return
+    import time
+
     from distributed import as_completed
     from tqdm import tqdm
 
     loop = getattr(getattr(futures[0], "client", None), "loop", None)
+    if not sys.stderr.isatty():  # a log file: a line when it starts and one when it ends, no bar frames
+        t = time.perf_counter()
+        print(f"{label}: {len(futures)} tasks", file=sys.stderr, flush=True)
+        for _ in as_completed(futures, loop=loop):
+            pass
+        print(f"{label}: done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        return
     with tqdm(total=len(futures), desc=label, unit="task", file=sys.stderr, leave=True) as bar:
         for _ in as_completed(futures, loop=loop):
             bar.update(1)
