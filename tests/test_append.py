@@ -353,6 +353,10 @@ def test_append_on_object_storage_with_a_cluster(dask_client, s3_server, s3_pref
     zv_dask.ingest(np.concatenate([first, more]), one, **kw)
     got = store_contents(zv_dask.open_store(url, storage_options=s3_options).store)
     want = tree_bytes(one)
+    # the readers open a URL with the same storage options
+    assert len(zv_dask.read_points(url, storage_options=s3_options, level=1)) == \
+        zv_dask.store_info(url, storage_options=s3_options)["levels"][1]["vertex_count"]
+    assert len(zv_dask.open_level(url, 0, storage_options=s3_options)["points"]) == 3800
     assert sorted(got) == sorted(want)
     assert [k for k in got if got[k] != want[k]] == []
 

@@ -220,17 +220,20 @@ def _obj_subset(entries, chunks):
     return oid[m], och[m], ofr[m]
 
 
-def read_points(store, *, level: int = 0, bbox=None, attributes=None, chunks_per_partition: int | None = None):
+def read_points(store, *, level: int = 0, bbox=None, attributes=None, chunks_per_partition: int | None = None,
+                storage_options: dict | None = None, backend: str | None = None, branch: str = "main"):
     """A level as a lazy dask DataFrame: one partition per chunk (or small group of chunks) read.
 
     ``bbox=(lo, hi)`` keeps points with ``lo <= p <= hi`` (closed box) and opens
     only the non-empty chunks the box touches. ``attributes`` picks attributes
     (default all). Object ids are resolved from the object index when the
     level has one (decoded once, here, while building the graph).
+    ``storage_options``, ``backend`` and ``branch`` open a store given by path
+    or URL as :func:`~zv_dask.open_store` does.
     """
     import dask.dataframe as dd
 
-    zs = as_store(store)
+    zs = as_store(store, storage_options=storage_options, backend=backend, branch=branch)
     ndim = zs.metadata.ndim
     axes, attrs, has_obj, vdtype = _schema(zs, level, attributes)
     box = _box(bbox, ndim)
@@ -301,7 +304,8 @@ def _column(df: pd.DataFrame, name: str) -> np.ndarray:
     return df[name].to_numpy()
 
 
-def open_level(store, level: int = 0, *, bbox=None, attributes=None, chunks_per_partition: int | None = None):
+def open_level(store, level: int = 0, *, bbox=None, attributes=None, chunks_per_partition: int | None = None,
+               storage_options: dict | None = None, backend: str | None = None, branch: str = "main"):
     """A level as a lazy xarray Dataset along dimension ``points``, variables named as in :func:`read_points`.
 
     xarray needs the length of ``points``, so building the Dataset reads the
@@ -310,7 +314,7 @@ def open_level(store, level: int = 0, *, bbox=None, attributes=None, chunks_per_
     """
     import xarray as xr
 
-    zs = as_store(store)
+    zs = as_store(store, storage_options=storage_options, backend=backend, branch=branch)
     ndim = zs.metadata.ndim
     ddf = read_points(zs, level=level, bbox=bbox, attributes=attributes, chunks_per_partition=chunks_per_partition)
     groups = read_plan(zs, level=level, bbox=bbox, chunks_per_partition=chunks_per_partition)

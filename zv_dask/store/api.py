@@ -524,9 +524,10 @@ def read_parametric_types(store: ZVStore) -> list[dict]:
     return list(store.root[PARAMETRIC].attrs.get("parametric_types", []))
 
 
-def store_info(store) -> dict[str, Any]:
+def store_info(store, *, storage_options: dict | None = None, backend: str | None = None,
+               branch: str = "main") -> dict[str, Any]:
     """A JSON-ready summary: format, geometry, and per level counts, bins, chunks and attributes."""
-    store = as_store(store)
+    store = as_store(store, storage_options=storage_options, backend=backend, branch=branch)
     meta = store.metadata
     levels = []
     unfinished = store.unfinished_job
