@@ -37,7 +37,7 @@ from zv_dask.ingest.append import append_points
 from zv_dask.ingest.bounds import POLICIES
 from zv_dask.ingest.fused import level0_source, plan_fused_levels, pyramid_options
 from zv_dask.ingest.level0 import plan_level0, scratch_for
-from zv_dask.ingest.plan import preflight
+from zv_dask.ingest.plan import grid_warnings, preflight
 from zv_dask.ingest.recovery import put_back, stage_error, write_task_names
 from zv_dask.ingest.report import IngestReport
 from zv_dask.ingest.scan import precision_warnings, scan_pass
@@ -238,7 +238,8 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
     l0 = plan_level0(src, grid0, occ, counts, budget, group_points=group_points, slots=slots,
                      shard_shape=shard_shape, shipped=local is not None)
     staging = scratch_for(plan, cl, scratch, l0) if l0.staged else None
-    warnings = precision_warnings(dt, stats, src) + l0.warnings + list(plan.notes or [])
+    warnings = (precision_warnings(dt, stats, src) + l0.warnings + list(plan.notes or [])
+                + grid_warnings(grid0, len(occ.counts), int(stats.count) - int(dropped)))
 
     # coordinator: the store, the grid, the groups ------------------------------------------
     t1 = time.perf_counter()

@@ -40,7 +40,7 @@ from zv_dask.ingest.sources import DEFAULT_PARTITION_ROWS, as_source
 from zv_dask.ingest.target import plan_target
 from zv_dask.scheduling import resolve_client
 
-__all__ = ["IngestPlan", "plan_ingest", "preflight"]
+__all__ = ["IngestPlan", "plan_ingest", "preflight", "grid_warnings"]
 _FRAGMENT_HEADER = 16 + 4  # fragment index v1 header and the empty CSR offsets
 
 
@@ -145,6 +145,18 @@ class IngestPlan:
         for w in self.warnings:
             lines.append(f"  warning     {w}")
         return "\n".join(lines)
+
+
+def grid_warnings(grid: Grid, n_chunks: int, n_points: int) -> list[str]:
+    """What the chunk grid of a job says about its chunk shape (the dry run and the job say the same)."""
+    out = []
+    if grid.n_cells > 50 * max(n_chunks, 1) and grid.n_cells > 1_000_000:
+        out.append(f"the grid has {grid.n_cells:,} cells for {n_chunks:,} occupied chunks: the data is sparse "
+                   "in its bounds; a larger chunk_shape would give fewer, fuller chunks")
+    if n_chunks and n_points / n_chunks < 1000:
+        out.append(f"about {n_points // max(n_chunks, 1):,} points per chunk: small chunks mean many small "
+                   "objects; consider a larger chunk_shape")
+    return out
 
 
 def _describe_target(store) -> str:
@@ -272,13 +284,7 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
     piece_row = l0.layout.row_bytes
     part_mem = largest_part * split_bytes_per_point(in_row, piece_row)
     group_mem = largest_group * write_bytes_per_point(piece_row, per_point)
-    warnings = precision_warnings(dt, stats, src) + l0.warnings
-    if grid.n_cells > 50 * max(n_chunks, 1) and grid.n_cells > 1_000_000:
-        warnings.append(f"the grid has {grid.n_cells:,} cells for {n_chunks:,} occupied chunks: the data is sparse "
-                        "in its bounds; a larger chunk_shape would give fewer, fuller chunks")
-    if n_chunks and n_points / n_chunks < 1000:
-        warnings.append(f"about {n_points // max(n_chunks, 1):,} points per chunk: small chunks mean many small "
-                        "objects; consider a larger chunk_shape")
+    warnings = precision_warnings(dt, stats, src) + l0.warnings + grid_warnings(grid, n_chunks, n_points)
     action = "create" if plan.existing is None else ("overwrite" if plan.overwrite else "fill")
     rewrites = None
     if mode == "append":

@@ -552,7 +552,9 @@ class PyramidBuilder:
             record = (stage, "t" + "_".join(map(str, chunks[0])))
             tasks.append(task_fn(target, batch.geoms, src.level, batch.read_names, self.ndim, chunks, obj,
                                  self.journal if self.record_tasks else None, record, dask_key_name=f"zv-pyramid-{batch.numbers[0]}-{i}-{token}"))
-        label = f"pyramid level {batch.numbers[0]}" + (f"-{batch.numbers[-1]}" if len(batch.levels) > 1 else "")
+        a, b = batch.numbers[0], batch.numbers[-1]
+        label = (f"pyramid level {a}" if a == b else f"pyramid levels {a}-{b}" if self.levels is not None
+                 else f"pyramid level {a} (and up to {b}, until a level is small enough)")
         results = run_tasks(tasks, self.client, self.progress, label, on_result=self._task_finished)
         self.job.absorb(_unique([fork for _, fork in results]))
         return earlier + results
