@@ -224,6 +224,8 @@ def _add_cluster(p, default_workers: str = "one per CPU core") -> None:
                    help="threads per LocalCluster worker (default: 1)")
     g.add_argument("--memory-limit", type=_memory, default="auto", metavar="SIZE",
                    help="memory limit per LocalCluster worker, e.g. 4GiB (default: auto, a share of the RAM)")
+    g.add_argument("--dashboard", action="store_true",
+                   help="serve the LocalCluster's Dask dashboard (on a free port of 127.0.0.1) and print its link")
 
 
 def _add_pyramid(p, include_flag: bool) -> None:
@@ -490,7 +492,10 @@ def _cluster(args):
     memory = None if args.memory_limit == "none" else (0 if args.memory_limit == "0" else args.memory_limit)
     _status(args, f"starting a LocalCluster: {n} worker process{'es' if n > 1 else ''} x "
                   f"{args.threads_per_worker} thread(s) on 127.0.0.1, memory limit {args.memory_limit}")
-    cluster = local_cluster(n, threads_per_worker=args.threads_per_worker, memory_limit=memory)
+    cluster = local_cluster(n, threads_per_worker=args.threads_per_worker, memory_limit=memory,
+                            dashboard=args.dashboard)
+    if args.dashboard:
+        print(f"{PROG}: Dask dashboard at {cluster.dashboard_link}", file=sys.stderr, flush=True)
     try:
         client = Client(cluster)
         try:

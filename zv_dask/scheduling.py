@@ -87,13 +87,16 @@ def _run_local(objs, progress: bool, label: str) -> list:
     return list(dask.compute(*objs))
 
 
-def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, memory_limit="auto", **kwargs):
+def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, memory_limit="auto",
+                  dashboard: bool = False, **kwargs):
     """A ``distributed.LocalCluster`` of worker processes on 127.0.0.1, set up for zv-dask's work.
 
     One thread per worker (the numpy work holds the GIL in places) and glibc's
     own malloc tuning: Dask sets ``MALLOC_TRIM_THRESHOLD_=65536`` in its workers
     by default, which turns every large numpy temporary into a fresh ``mmap``
-    and made ingest about a third slower here. ``kwargs`` go to ``LocalCluster``.
+    and made ingest about a third slower here. No dashboard unless ``dashboard``
+    (then on a free port: ``cluster.dashboard_link``; it needs bokeh, the
+    ``dashboard`` extra). ``kwargs`` go to ``LocalCluster``.
     """
     import os
 
@@ -102,7 +105,16 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, 
 
     n = n_workers or max(1, os.cpu_count() or 1)
     opts = dict(n_workers=n, threads_per_worker=threads_per_worker, processes=True, host="127.0.0.1",
-                dashboard_address=None, memory_limit=memory_limit)
+                dashboard_address=":0", memory_limit=memory_limit)
+    if dashboard:
+        try:
+            import bokeh  # noqa: F401
+        except ImportError:
+            from zv_dask.errors import InputError
+
+            raise InputError("the Dask dashboard needs bokeh: pip install 'zv-dask[dashboard]' (or bokeh>=3.1)") from None
+    else:
+        opts["scheduler_kwargs"] = {"dashboard": False}
     opts.update(kwargs)
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         return LocalCluster(**opts)
