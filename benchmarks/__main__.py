@@ -139,7 +139,7 @@ def main(argv=None):
                          "rate-limited disk does not decide the result; else benchmarks/work)")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.sizes, args.kinds, args.bins, args.workers, args.repeat = [1e5], ["uniform"], ["realistic"], [2], 1
+        args.sizes, args.kinds, args.bins, args.workers, args.repeat = [3e4], ["uniform"], ["realistic"], [2], 1
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     from benchmarks.data import make_points, write_parquet
