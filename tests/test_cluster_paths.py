@@ -27,7 +27,7 @@ def cluster(tmp_path_factory):
     sched_file = base / "scheduler.json"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     (base / "s").mkdir()
-    wenv = {**env, "ZV_DASK_FAIL_AT": "level:6"}  # (a build of 6 levels fails there: errors cross processes)
+    wenv = {**env, "ZV_DASK_FAIL_AT": "level:4"}  # (a build of 4 levels fails there: errors cross processes)
     procs.append(subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
                                    "--no-dashboard", "--scheduler-file", str(sched_file)], cwd=base / "s",
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
@@ -113,10 +113,10 @@ def test_worker_errors_keep_their_type(cluster, tmp_path, rng):
     address, _, _ = cluster
     store = tmp_path / "s.zv"
     with Client(address) as c:
-        zv_dask.ingest(rng.uniform(0, 1000, (20_000, 3)), store, chunk_shape=10, client=c)
+        zv_dask.ingest(rng.uniform(0, 100, (3000, 3)), store, chunk_shape=10, client=c)
         with pytest.raises(zv_dask.IngestError, match="injected failure") as err:
-            zv_dask.build_pyramid(store, levels=6, levels_per_task=1, client=c)
-    assert err.value.stage == "pyramid level 6"
+            zv_dask.build_pyramid(store, levels=4, levels_per_task=1, client=c)
+    assert err.value.stage == "pyramid level 4"
 
 
 def test_an_unpicklable_cause_does_not_hide_the_error():

@@ -91,7 +91,8 @@ def survey(tmp_path_factory):
 
 
 # -- a real SIGKILL at each point of the job ------------------------------------------------------------
-@pytest.mark.parametrize("point", ["scan", "write:4", "level0", "pyramid:2", "commit"])
+# ("scan" and "level0" were dropped for CI time: "write:4" and "pyramid:2" bracket them)
+@pytest.mark.parametrize("point", ["write:4", "pyramid:2", "commit"])
 def test_sigkill_then_resume_is_byte_identical(point, survey, tmp_path):
     src, ref, full = survey
     store = tmp_path / "x.zv"
@@ -199,7 +200,7 @@ def test_resume_refusals_leave_the_store_as_it_was(survey, tmp_path):
 
     other = [a if a != "25" else "50" for a in JOB]  # another bin shape
     r = _cli("ingest", mine, store, *other, "--resume")
-    assert r.returncode == 2 and "other options" in r.stderr and "base_bin_shape" in r.stderr, r.stderr
+    assert r.returncode == 2 and "other options" in r.stderr and "--bin-shape" in r.stderr, r.stderr
     assert tree_bytes(store) == before
 
     os.utime(mine, ns=(time.time_ns(), time.time_ns()))  # the input file changed since the job started
