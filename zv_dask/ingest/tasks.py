@@ -76,6 +76,16 @@ def write_group(pieces, grid: Grid, level: int, target, attr_names, group_index:
                      journal, group_index)
 
 
+def _lay_out(positions, attributes: dict, oids, grid: Grid, cells=None, fragments=None):
+    """``(ChunkPlan, LevelPoints)``: points laid out in storage order (chunks, fragments), ready to encode."""
+    plan = plan_chunks(positions, grid, oids, cells, fragments)
+    o = plan.order
+    level0 = LevelPoints.from_plan(np.take(positions, o, axis=0),
+                                   {k: np.take(np.asarray(v), o, axis=0) for k, v in attributes.items()},
+                                   None if oids is None else oids[o], plan, grid.bins_per_chunk, (1,) * grid.ndim)
+    return plan, level0
+
+
 def _write_batch(batch, grid: Grid, level: int, target, attr_names, group_index: int, geoms=()):
     if batch is None:
         empty = ChunkSummary(np.zeros((0, grid.ndim), np.int64), np.zeros(0, np.int64))
@@ -85,13 +95,8 @@ def _write_batch(batch, grid: Grid, level: int, target, attr_names, group_index:
     try:
         fail_point(f"group:{group_index}")
         oids = None if batch.object_ids is None else np.asarray(batch.object_ids).astype(np.int64)
-        plan = plan_chunks(batch.positions, grid, oids, batch.cells, batch.fragments)
+        plan, level0 = _lay_out(batch.positions, batch.attributes, oids, grid, batch.cells, batch.fragments)
         first = ".".join(map(str, plan.chunks[0])) if plan.n_chunks else None
-        o = plan.order
-        level0 = LevelPoints.from_plan(np.take(batch.positions, o, axis=0),
-                                       {k: np.take(np.asarray(v), o, axis=0) for k, v in batch.attributes.items()},
-                                       None if oids is None else oids[o], plan, grid.bins_per_chunk,
-                                       (1,) * grid.ndim)
         del batch
         nbytes = write_chunk_payloads(zstore, level, grid, list(encode_level(level0, plan, grid.dtype)),
                                       list(attr_names))
@@ -158,10 +163,7 @@ def append_group(pieces, grid: Grid, target, attr_names, group_index: int, old_c
                                   "in the object index; the store is inconsistent (validate it)", stage="write",
                                   chunk=first)
             oids = np.concatenate([old_ids, new_oids])
-        plan = plan_chunks(positions, grid, oids)
-        o = plan.order
-        level0 = LevelPoints.from_plan(np.take(positions, o, axis=0), {k: np.take(v, o, axis=0) for k, v in attrs.items()},
-                                       None if oids is None else oids[o], plan, grid.bins_per_chunk, (1,) * ndim)
+        plan, level0 = _lay_out(positions, attrs, oids, grid)
         nbytes = write_chunk_payloads(zstore, 0, grid, list(encode_level(level0, plan, grid.dtype)), list(attr_names))
     except ZVError:
         raise
