@@ -6,6 +6,19 @@ channels becoming ``rgb_0`` ... ``rgb_{C-1}``; and ``object_id`` (int64) when
 the level has an object index. Rows come chunk by chunk (chunks in ascending
 coordinate order), in each chunk's storage order.
 
+Index: ``point`` (int64), a stable id per point, ``chunk_number * 2**32 + row``:
+``chunk_number`` is the C-order number of the chunk's cell in the level's chunk
+grid (absolute chunk minus ``vertices.chunk_grid_origin``, in the ``vertices``
+array's shape) and ``row`` the point's row in that chunk's stored order. Ids do
+not depend on the box or the object filter, so a box read and a full read give
+a point the same id; an append that grows the grid renumbers. Rows are in
+ascending id order, so the divisions are known from the plan alone: partition
+``i`` starts at the id of its first chunk's row 0, and the last ends at its last
+chunk's row ``2**32 - 1`` (loose bounds, nothing read). A grid of more than
+``2**31`` cells (or a chunk outside the array's grid) numbers chunks by their
+rank in the level's sorted ``nonempty_chunks`` instead, which is still unique
+and ordered but changes when chunks are added.
+
 Only chunks that are listed in ``vertices.nonempty_chunks`` *and* touch the box
 are read: :func:`read_plan` returns them, one group of chunks per partition.
 """
@@ -18,7 +31,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from zv_dask.errors import InputError, MetadataError
+from zv_dask.errors import FormatError, InputError, MetadataError
 from zv_dask.format.cells import decode_fragments, decode_manifest
 from zv_dask.format.grid import Grid, parse_chunk_key
 from zv_dask.store.api import as_store, get_resolution_level
@@ -27,6 +40,7 @@ from zv_dask.store.levels import ChunkData, level_chunk_keys, level_grid, read_c
 __all__ = ["read_points", "open_level", "read_plan", "object_entries", "row_object_ids", "chunks_in"]
 
 MAX_PARTITIONS = 2048
+ROW_BITS = 32  # point id = chunk_number << ROW_BITS | row
 
 
 # -- object index ------------------------------------------------------------------------
@@ -148,6 +162,62 @@ def _partition(chunks: np.ndarray, chunks_per_partition: int | None) -> list[np.
     return [chunks[i:i + per] for i in range(0, len(chunks), per)]
 
 
+# -- point ids ---------------------------------------------------------------------------
+def _grid_numbers(chunks: np.ndarray, origin, shape) -> np.ndarray | None:
+    """C-order cell number of each absolute chunk in the grid ``shape`` at ``origin``.
+
+    ``None`` when ids ``number << ROW_BITS | row`` might not fit in int64 (more than
+    ``2**31`` cells) or a chunk lies outside the grid. Lexicographic order of the
+    chunks is the order of their numbers, since every cell is inside the shape.
+    """
+    shape = tuple(int(n) for n in shape)
+    chunks = np.asarray(chunks, np.int64).reshape(-1, len(shape))
+    rel = chunks - np.asarray(origin, np.int64).reshape(-1)
+    if math.prod(shape) > 1 << (63 - ROW_BITS) or not ((rel >= 0) & (rel < np.asarray(shape, np.int64))).all():
+        return None
+    if not len(rel):
+        return np.zeros(0, np.int64)
+    return np.ravel_multi_index(tuple(rel.T), shape).astype(np.int64)
+
+
+def _rank_numbers(chunks: np.ndarray, every: np.ndarray) -> np.ndarray:
+    """Rank of each chunk among the (lexicographically sorted, distinct) chunks of ``every`` and ``chunks``."""
+    chunks = np.asarray(chunks, np.int64).reshape(len(chunks), -1)
+    every = np.asarray(every, np.int64).reshape(-1, chunks.shape[1])
+    both = np.unique(np.concatenate([every, chunks]), axis=0, return_inverse=True)[1].reshape(-1)
+    if len(both) and int(both.max()) >= 1 << (63 - ROW_BITS):
+        raise MetadataError(f"{int(both.max()) + 1} chunks are too many for 64-bit point ids")
+    return both[len(every):].astype(np.int64)
+
+
+def _chunk_numbers(level_group: zarr.Group, groups: list[np.ndarray], ndim: int) -> list[np.ndarray]:
+    """Per partition, the chunk part of its point ids (see the module docstring)."""
+    vert = level_group["vertices"]
+    chunks = np.concatenate(groups)
+    numbers = _grid_numbers(chunks, vert.attrs.get("chunk_grid_origin", [0] * ndim), vert.shape)
+    if numbers is None:
+        every = np.array([parse_chunk_key(k) for k in level_chunk_keys(level_group)], np.int64).reshape(-1, ndim)
+        numbers = _rank_numbers(chunks, every)
+    return np.split(numbers, np.cumsum([len(c) for c in groups])[:-1])
+
+
+def _divisions(numbers: list[np.ndarray]) -> tuple[int, ...] | None:
+    """Loose divisions of partitions holding these chunks; ``None`` unless chunk numbers strictly ascend."""
+    flat = np.concatenate(numbers)
+    if (np.diff(flat) <= 0).any():  # a chunk listed twice (a malformed level): no order to promise
+        return None
+    return tuple(int(n[0]) << ROW_BITS for n in numbers) + (((int(flat[-1]) + 1) << ROW_BITS) - 1,)
+
+
+def _point_ids(numbers: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Ids of the rows of consecutive chunks: ``number << ROW_BITS | row within the chunk``."""
+    counts = np.asarray(counts, np.int64)
+    if len(counts) and int(counts.max()) >= 1 << ROW_BITS:
+        raise FormatError(f"a chunk holds {int(counts.max())} points; point ids allow fewer than 2**{ROW_BITS}")
+    start = (np.asarray(numbers, np.int64) << ROW_BITS) - (np.cumsum(counts) - counts)
+    return np.repeat(start, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+
+
 # -- schema ------------------------------------------------------------------------------
 def _schema(zs, level: int, attributes) -> tuple[list[str], dict, bool, str]:
     """Axis names, ``{attribute: (dtype, channels)}``, whether object ids exist, vertex dtype."""
@@ -185,11 +255,12 @@ def _meta(axes, attrs, has_obj, vdtype) -> pd.DataFrame:
             cols[c] = np.zeros(0, dt)
     if has_obj:
         cols["object_id"] = np.zeros(0, np.int64)
-    return pd.DataFrame(cols)
+    return pd.DataFrame(cols, index=pd.Index(np.zeros(0, np.int64), name="point"))
 
 
 # -- partitions --------------------------------------------------------------------------
-def _read_partition(chunks, zstore, level, ndim, axes, attrs, obj, box, vdtype) -> pd.DataFrame:
+def _read_partition(chunks, zstore, level, ndim, axes, attrs, obj, box, vdtype, numbers=None) -> pd.DataFrame:
+    """The rows of ``chunks``; indexed by point id given the chunks' ``numbers``, else by a fresh RangeIndex."""
     data = read_chunks(zstore, level, chunks, list(attrs), ndim=ndim)
     pos = np.concatenate([d.positions for d in data]) if data else np.zeros((0, ndim), vdtype)
     cols = {a: pos[:, i] for i, a in enumerate(axes)}
@@ -208,8 +279,12 @@ def _read_partition(chunks, zstore, level, ndim, axes, attrs, obj, box, vdtype) 
     if box is not None:
         p = pos.astype(np.float64)
         keep &= ((p >= box[0]) & (p <= box[1])).all(axis=1)
-    df = pd.DataFrame(cols)
-    return df if keep.all() else df[keep].reset_index(drop=True)
+    if numbers is None:
+        df = pd.DataFrame(cols)
+        return df if keep.all() else df[keep].reset_index(drop=True)
+    index = pd.Index(_point_ids(numbers, [len(d.positions) for d in data]), name="point")
+    df = pd.DataFrame(cols, index=index)
+    return df if keep.all() else df[keep]
 
 
 def _obj_subset(entries, chunks):
@@ -223,6 +298,13 @@ def _obj_subset(entries, chunks):
 def read_points(store, *, level: int = 0, bbox=None, attributes=None, chunks_per_partition: int | None = None,
                 storage_options: dict | None = None, backend: str | None = None, branch: str = "main"):
     """A level as a lazy dask DataFrame: one partition per chunk (or small group of chunks) read.
+
+    The index ``point`` (int64) is a unique id per point, ``chunk_number *
+    2**32 + row within the chunk``, the same in a box read as in a full read
+    (module docstring); rows ascend by it and the divisions are known, so
+    ``df.loc[a:b]`` reads only the partitions that may hold those ids.
+    ``divmod(point, 2**32)`` gives the chunk's number in the level's chunk grid
+    (C order of the ``vertices`` cells) and the row in its stored order.
 
     ``bbox=(lo, hi)`` keeps points with ``lo <= p <= hi`` (closed box) and opens
     only the non-empty chunks the box touches. ``attributes`` picks attributes
@@ -239,15 +321,21 @@ def read_points(store, *, level: int = 0, bbox=None, attributes=None, chunks_per
     box = _box(bbox, ndim)
     groups = read_plan(zs, level=level, bbox=bbox, chunks_per_partition=chunks_per_partition)
     meta = _meta(axes, attrs, has_obj, vdtype)
-    if not groups:
-        return dd.from_pandas(meta, npartitions=1)
+    if not groups:  # one empty partition; (0, 0) are divisions any frame may have, so they stay known
+        return dd.from_map(_same, [meta], meta=meta, divisions=(0, 0), enforce_metadata=False,
+                           label=f"zv-read-level-{level}")
     entries = None
     if has_obj:
         _, oid, och, ofr = object_entries(zs.root[str(level)], ndim)
         entries = (oid, och, ofr)
-    parts = [(c, _obj_subset(entries, c)) for c in groups]
+    numbers = _chunk_numbers(zs.root[str(level)], groups, ndim)
+    parts = [(c, _obj_subset(entries, c), n) for c, n in zip(groups, numbers)]
     return dd.from_map(_PartitionReader(zs.store, level, ndim, axes, attrs, box, vdtype), parts, meta=meta,
-                       enforce_metadata=False, label=f"zv-read-level-{level}")
+                       divisions=_divisions(numbers), enforce_metadata=False, label=f"zv-read-level-{level}")
+
+
+def _same(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame
 
 
 class _PartitionReader:
@@ -257,9 +345,9 @@ class _PartitionReader:
         self.args = (zstore, level, ndim, axes, attrs, box, vdtype)
 
     def __call__(self, part) -> pd.DataFrame:
-        chunks, obj = part
+        chunks, obj, numbers = part
         zstore, level, ndim, axes, attrs, box, vdtype = self.args
-        return _read_partition(chunks, zstore, level, ndim, axes, attrs, obj, box, vdtype)
+        return _read_partition(chunks, zstore, level, ndim, axes, attrs, obj, box, vdtype, numbers)
 
 
 # -- xarray ------------------------------------------------------------------------------
