@@ -260,8 +260,8 @@ def test_scratch_filling_up_mid_job_leaves_the_target_as_it_was(tmp_path, rng, s
     zv_dask.create_store(target, bounds=JOB["bounds"], chunk_shape=JOB["chunk_shape"],
                          base_bin_shape=JOB["base_bin_shape"])
     before = tree_bytes(target)
-    pending = zv_dask.ingest(pts, target, attributes=attrs, memory_budget=TINY, scratch=small_tmpfs,
-                             client=dask_client, compute=False, **JOB)
+    pending = zv_dask.prepare_ingest(pts, target, attributes=attrs, memory_budget=TINY, scratch=small_tmpfs,
+                                     client=dask_client, **JOB)
     # another program takes the space between the plan and the job
     with open(small_tmpfs / "filler", "wb") as fh:
         try:
@@ -269,7 +269,7 @@ def test_scratch_filling_up_mid_job_leaves_the_target_as_it_was(tmp_path, rng, s
         except OSError:
             pass
     with pytest.raises(StoreError, match="scratch space at .* ran out"):
-        pending.compute()
+        pending.run()
     assert tree_bytes(target) == before
     assert [p.name for p in small_tmpfs.iterdir()] == ["filler"]
 

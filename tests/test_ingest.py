@@ -10,6 +10,8 @@ import pytest
 
 import zv_dask
 from zv_dask.errors import InputError, OutOfBoundsError, StoreError
+from zv_dask.ingest.graph import PreparedIngest
+from zv_dask.errors import UnfinishedJobWarning
 from zv_dask.local import write_points
 
 from helpers import canon, cell_bytes, reference_points, reference_validate, tree_bytes
@@ -280,12 +282,13 @@ def test_refuses_store_with_points(tmp_path, cloud):
     assert zv_dask.store_info(tmp_path / "full.zv")["levels"][0]["vertex_count"] == 10
 
 
-def test_compute_false_returns_pending(tmp_path, cloud):
+def test_prepare_ingest_makes_the_store_and_run_writes_it(tmp_path, cloud):
     pts, attrs = cloud
     with dask.config.set(scheduler="sync"):
-        pending = zv_dask.ingest(pts, tmp_path / "lazy.zv", attributes=attrs, chunk_shape=CS, compute=False)
-        assert isinstance(pending, zv_dask.PendingIngest) and pending.dask_objects
-        assert zv_dask.store_info(tmp_path / "lazy.zv")["levels"][0]["vertex_count"] == 0
-        rep = pending.compute()
+        prepared = zv_dask.prepare_ingest(pts, tmp_path / "lazy.zv", attributes=attrs, chunk_shape=CS)
+        assert isinstance(prepared, PreparedIngest) and prepared.dask_objects
+        with pytest.warns(UnfinishedJobWarning, match="unfinished ingest job"):  # prepared, not run yet
+            assert zv_dask.store_info(tmp_path / "lazy.zv")["levels"][0]["vertex_count"] == 0
+        rep = prepared.run()
     assert rep.points_written == N
     assert_reads_back(tmp_path / "lazy.zv", pts, attrs)

@@ -6,7 +6,6 @@ import os
 from collections import Counter
 
 import dask
-from dask.delayed import Delayed
 import numpy as np
 import pytest
 
@@ -412,7 +411,7 @@ def test_lazy_build(tmp_path):
     path = tmp_path / "s.zarr"
     write_points(str(path), rng.uniform(0, 99, (1000, 3)), chunk_shape=(50,) * 3, base_bin_shape=(25,) * 3)
     lazy = zv_dask.build_pyramid(str(path), levels=2, compute=False)
-    assert isinstance(lazy, Delayed)
+    assert isinstance(lazy, zv_dask.PendingPyramid) and dask.is_dask_collection(lazy)
     assert open_store(str(path)).levels == [0]
     rep = lazy.compute(scheduler="sync")
     assert rep.levels == [1, 2] and open_store(str(path)).levels == [0, 1, 2]

@@ -66,11 +66,11 @@ def test_ingest_with_pyramid_on_s3(s3_server, s3_prefix, s3_options, dask_client
     pts, attrs = points
     url = s3_server.url(s3_prefix, "x.zv")
     secret = s3_options["secret_access_key"]
-    pending = zv_dask.ingest(pts, url, attributes=attrs, storage_options=s3_options, client=dask_client,
-                             compute=False, **JOB)
+    pending = zv_dask.prepare_ingest(pts, url, attributes=attrs, storage_options=s3_options, client=dask_client,
+                                     **JOB)
     assert secret not in _graph_text(pending)
     with get_task_stream(client=dask_client) as ts:
-        rep = pending.compute()
+        rep = pending.run()
 
     writers = {t["worker"] for t in ts.data if str(t["key"]).startswith("write_group")}
     assert len(writers) == 2, "both worker processes write (the storage options reached each of them)"
@@ -81,6 +81,21 @@ def test_ingest_with_pyramid_on_s3(s3_server, s3_prefix, s3_options, dask_client
 
     store = zarr.storage.ObjectStore(s3_server.obstore(prefix=f"{s3_prefix}/x.zv"), read_only=True)
     _reference(store, rep.levels, pts, attrs)
+
+
+def test_lazy_job_on_s3_keeps_the_keys_out_of_its_graph(s3_server, s3_prefix, s3_options, dask_client, points):
+    pts, attrs = points
+    url = s3_server.url(s3_prefix, "lazy.zv")
+    secret = s3_options["secret_access_key"]
+    job = zv_dask.ingest(pts[:3000], url, attributes={k: v[:3000] for k, v in attrs.items()},
+                         storage_options=s3_options, compute=False, **JOB)
+    text = "\n".join(f"{k!r}: {v!s} {v!r}" for k, v in dict(job.__dask_graph__()).items())
+    assert secret not in text and secret not in repr(job)
+    rep = dask_client.compute(job).result()  # the job's driver runs on a worker, its tasks on the cluster
+    assert rep.points_written == 3000 and rep.scheduler.startswith("tcp://")
+    _no_secret(secret, rep, rep.to_dict())
+    store = zarr.storage.ObjectStore(s3_server.obstore(prefix=f"{s3_prefix}/lazy.zv"), read_only=True)
+    _reference(store, rep.levels, pts[:3000], {k: v[:3000] for k, v in attrs.items()})
 
 
 # -- icechunk: one commit for ingest + pyramid -------------------------------------------------------
@@ -95,13 +110,13 @@ def _tip_store(storage):
 def test_icechunk_ingest_and_pyramid_is_one_commit(repo_target, dask_client, points):
     url, opts, storage = repo_target
     pts, attrs = points
-    pending = zv_dask.ingest(pts, url, attributes=attrs, backend="icechunk", storage_options=opts,
-                             client=dask_client, message="survey 7: level 0 + pyramid", compute=False, **JOB)
+    pending = zv_dask.prepare_ingest(pts, url, attributes=attrs, backend="icechunk", storage_options=opts,
+                                     client=dask_client, message="survey 7: level 0 + pyramid", **JOB)
     assert icechunk.Repository.exists(storage), "the repository is created when missing"
     if opts:
         assert opts["secret_access_key"] not in _graph_text(pending)
     assert _history(storage)[0].message == "Repository initialized"
-    rep = pending.compute()
+    rep = pending.run()
 
     history = _history(storage)
     assert len(history) == 2, "ONE commit for the whole job"
@@ -133,13 +148,13 @@ def test_concurrent_commit_on_other_nodes_is_rebased(repo_target, dask_client, p
     url, opts, storage = repo_target
     pts, attrs = points
     warm = _warm(url, opts)
-    pending = zv_dask.ingest(pts, url, attributes=attrs, backend="icechunk", storage_options=opts,
-                             client=dask_client, message="our job", compute=False, **JOB)
+    pending = zv_dask.prepare_ingest(pts, url, attributes=attrs, backend="icechunk", storage_options=opts,
+                                     client=dask_client, message="our job", **JOB)
     other = zv_dask.open_store(url, "r+", backend="icechunk", storage_options=opts)
     zv_dask.write_parametric_types(other, [{"name": "radius", "dtype": "float32"}])  # a group the job never touches
     theirs = zv_dask.commit(other, "other writer")
 
-    rep = pending.compute()
+    rep = pending.run()
     history = _history(storage)
     assert [s.id for s in history[:3]] == [rep.snapshot_id, theirs, warm], "rebased on top of the other commit"
     assert history[0].message == "our job"
@@ -152,14 +167,14 @@ def test_concurrent_commit_on_the_same_level_is_a_clear_conflict(repo_target, da
     url, opts, storage = repo_target
     pts, attrs = points
     warm = _warm(url, opts)
-    pending = zv_dask.ingest(pts, url, attributes=attrs, backend="icechunk", storage_options=opts,
-                             client=dask_client, message="our job", compute=False, **JOB)
+    pending = zv_dask.prepare_ingest(pts, url, attributes=attrs, backend="icechunk", storage_options=opts,
+                                     client=dask_client, message="our job", **JOB)
     other = zv_dask.open_store(url, "r+", backend="icechunk", storage_options=opts)
     other.root["0"].attrs.update({"note": "edited by the other writer"})  # level 0's metadata, which the job writes
     theirs = zv_dask.commit(other, "other writer")
 
     with pytest.raises(StoreError, match=r"conflicts with a concurrent commit.*'main'.*/0\b") as info:
-        pending.compute()
+        pending.run()
     assert theirs in str(info.value) and "nothing of this job was committed" in str(info.value)
     assert isinstance(info.value.__cause__, icechunk.ConflictError)  # the branch had moved; both touched /0
     assert "resume" not in str(info.value), "a job that lost a conflict is over"

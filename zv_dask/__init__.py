@@ -15,7 +15,8 @@ from zv_dask.pyramid import PyramidReport, build_pyramid
 from zv_dask.read import open_level, read_points
 from zv_dask.read_links import parent_rows, read_links
 from zv_dask.ingest.append import roll_back_append as roll_back
-from zv_dask.ingest.graph import PendingIngest, ingest
+from zv_dask.ingest.graph import ingest, prepare_ingest
+from zv_dask.lazy import PendingIngest, PendingPyramid
 from zv_dask.ingest.report import IngestReport
 from zv_dask.ingest.plan import IngestPlan, plan_ingest
 from zv_dask.store.api import (
@@ -60,6 +61,8 @@ __all__ = [
     "ingest",
     "IngestReport",
     "PendingIngest",
+    "PendingPyramid",
+    "prepare_ingest",
     "roll_back",
     "plan_ingest",
     "IngestPlan",

@@ -33,7 +33,7 @@ from zv_dask.ingest.scan import precision_warnings, scan_pass
 from zv_dask.ingest.shuffle import plan_groups, unit_ids
 from zv_dask.ingest.staging import group_refs
 from zv_dask.ingest.tasks import append_group, split_task, stage_task
-from zv_dask.scheduling import run_tasks
+from zv_dask.scheduling import describe_scheduler, run_tasks
 from zv_dask.store.api import ZVStore, list_resolution_levels, write_root_metadata
 from zv_dask.store.levels import AttributeSpec, ChunkSummary, finalize_level, level_chunk_keys
 from zv_dask.store.preimage import roll_back, snapshot_metadata
@@ -197,13 +197,11 @@ def roll_back_append(store, *, storage_options=None) -> bool:
 
 
 def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_points, scratch, pyramid, message,
-                  progress, compute, resume, dtype_reason, options) -> IngestReport:
+                  progress, resume, dtype_reason, options) -> IngestReport:
     """Run an append (see the module docstring); ``plan`` is the target's, ``src`` the new points."""
     from zv_dask.store.journal import job_document, journal_for
 
     zs: ZVStore = plan.existing
-    if not compute:
-        raise InputError("compute=False is not available for an append yet (it runs at once)")
     seconds: dict[str, float] = {}
     specs = check_compatible(src, zs)
     icechunk = zs.session is not None
@@ -245,7 +243,8 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
                           partitions=len(src.partitions), groups=groups.n_groups,
                           warnings=precision_warnings(plan.dtype, stats, src) + l0.warnings,
                           memory_budget=budget.per_worker, shuffle=l0.shuffle.mode,
-                          scratch=staging.url if staging is not None else None, mode="append")
+                          scratch=staging.url if staging is not None else None, mode="append",
+                          scheduler=describe_scheduler(cl))
     lock = None
     if journal is not None:
         if not journal.write_json("job.json", job_document("append", options, {}, {}, {}), create=True):

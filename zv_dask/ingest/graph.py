@@ -23,6 +23,7 @@ a job that fails before finishing anything is undone
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -51,7 +52,7 @@ from zv_dask.ingest.tasks import (
     write_group,
     write_staged_group,
 )
-from zv_dask.scheduling import resolve_client, run_tasks, task_slots
+from zv_dask.scheduling import describe_scheduler, resolve_client, run_tasks, task_slots
 from zv_dask.store.cellio import sweep_partials
 from zv_dask.store.journal import journal_for, with_resume_hint
 from zv_dask.store.preimage import metadata_docs
@@ -61,17 +62,18 @@ from zv_dask.store.levels import (
     finalize_level,
     prepare_level,
 )
+from zv_dask.lazy import PendingIngest, absolute, make_job
 from zv_dask.transaction import WriteJob
 
-__all__ = ["ingest", "PendingIngest", "MODES"]
+__all__ = ["ingest", "prepare_ingest", "PreparedIngest", "MODES"]
 
 MODES = ("write", "append")
 
-class PendingIngest:
-    """A prepared ingest job: the store exists with its final bounds, the write graph is built.
+class PreparedIngest:
+    """An ingest job prepared but not run (:func:`prepare_ingest`): the store exists with its final
+    bounds and the write graph is built; ``run()`` runs it and returns the :class:`IngestReport`.
 
-    ``compute()`` runs it and returns the :class:`IngestReport`; ``dask_objects``
-    are the write tasks for inspection (``dask.visualize``).
+    ``dask_objects`` are the level-0 tasks, for inspection (``dask.visualize``).
     """
 
     def __init__(self, run, dask_objects, report):
@@ -79,11 +81,14 @@ class PendingIngest:
         self.dask_objects = dask_objects
         self.report = report
 
-    def compute(self) -> IngestReport:
+    def run(self) -> IngestReport:
         return self._run()
 
     def __repr__(self):
-        return f"<PendingIngest {self.report.store}: {len(self.dask_objects)} write tasks; call .compute()>"
+        return f"<PreparedIngest {self.report.store}: {len(self.dask_objects)} write tasks; call .run()>"
+
+
+_PREPARE = object()  # ingest(compute=_PREPARE): what prepare_ingest asks for
 
 
 def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chunk_shape=None, bounds=None,
@@ -122,7 +127,13 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     client
         A ``distributed.Client``; by default the current one, else Dask's local scheduler.
     compute
-        ``False`` returns a :class:`PendingIngest` (bounds settled, store created, graph built).
+        ``False`` returns a :class:`~zv_dask.lazy.PendingIngest`, a Dask collection
+        that runs the job when computed (``dask.compute``, ``.compute()``,
+        ``client.compute`` / ``persist``, watched with ``distributed.progress``) and
+        returns this report. Making it checks the input and the options and makes
+        paths absolute; nothing is written until it is computed. It runs on the
+        cluster that computes it (``client`` is not kept), and the store must be
+        a path, URL or icechunk Repository (a writable Session cannot travel).
     memory_budget
         Bytes (or a size like ``"2GiB"``) of data the job may hold per worker, on
         top of the worker process itself; by default half the workers' memory
@@ -159,6 +170,9 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     -------
     IngestReport
     """
+    if compute is False:
+        options = {k: v for k, v in locals().items() if k not in ("points", "store", "compute")}
+        return _pending(points, store, options)
     if out_of_bounds not in POLICIES:
         raise InputError(f"out_of_bounds={out_of_bounds!r} is not one of {POLICIES}")
     if mode not in MODES:
@@ -182,7 +196,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
             raise InputError("shard_shape is the store's in an append (leave it out)")
         return append_points(src, plan, cl, slots, budget, t0, out_of_bounds=out_of_bounds,
                              group_points=group_points, scratch=scratch, pyramid=pyramid, message=message,
-                             progress=progress, compute=compute, resume=resume, dtype_reason=dt_reason,
+                             progress=progress, resume=resume, dtype_reason=dt_reason,
                              options=job_options(attributes=sorted(src.attributes), object_ids=src.has_object_ids,
                                                  out_of_bounds=out_of_bounds))
     dt = plan.dtype
@@ -199,6 +213,41 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     except BaseException:
         rec.release()
         raise
+
+
+def prepare_ingest(points, store, **options) -> PreparedIngest:
+    """:func:`ingest` up to its first task: the input scanned, the bounds settled, the store made
+    and the write graph built; :meth:`PreparedIngest.run` runs the rest.
+
+    For acting between the two (a concurrent writer in a test, a look at the graph); a job
+    prepared and never run leaves its store as an unfinished job (``resume`` or ``overwrite``).
+    """
+    if options.get("mode", "write") == "append":
+        raise InputError("an append cannot be prepared apart from its run; run it, or make it lazy with "
+                         "compute=False")
+    return ingest(points, store, compute=_PREPARE, **options)
+
+
+def _pending(points, store, options: dict) -> PendingIngest:
+    """``ingest(compute=False)``: check what can be checked without writing, then a job that runs the rest."""
+    if options["out_of_bounds"] not in POLICIES:
+        raise InputError(f"out_of_bounds={options['out_of_bounds']!r} is not one of {POLICIES}")
+    if options["mode"] not in MODES:
+        raise InputError(f"mode={options['mode']!r} is not one of {MODES}")
+    points = [absolute(p) for p in points] if isinstance(points, (list, tuple)) and points and all(
+        isinstance(p, (str, os.PathLike)) for p in points) else absolute(points)
+    store = absolute(store)
+    cl = resolve_client(options.pop("client"))
+    keys = ("attributes", "object_ids", "columns", "chunk_shape", "bounds", "base_bin_shape", "out_of_bounds",
+            "dtype", "shard_shape", "backend", "storage_options", "overwrite", "axes", "partition_rows", "branch")
+    src, _, _, _ = preflight(points, store, **{k: options[k] for k in keys}, budget=resolve_budget(
+        options["memory_budget"], cl), slots=task_slots(cl), resume=options["resume"] and options["mode"] != "append",
+        append=options["mode"] == "append")
+    if options["mode"] != "append":
+        pyramid_options(options["pyramid"], src.ndim)
+    if options["scratch"] is not None:
+        options["scratch"] = absolute(options["scratch"])
+    return make_job(PendingIngest, ingest, (points, store), options, store)
 
 
 def _pyramid_identity(pyramid):
@@ -323,7 +372,8 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
                           partitions=len(src.partitions), groups=groups.n_groups, warnings=warnings,
                           memory_budget=budget.per_worker, shuffle=l0.shuffle.mode,
                           scratch=staging.url if staging is not None else None,
-                          resumed=state is not None, groups_resumed=len(rec.done))
+                          resumed=state is not None, groups_resumed=len(rec.done),
+                          scheduler=describe_scheduler(cl))
     level_label = ("shuffle and write level 0" if staging is None else "write level 0") + (
         f" and levels 1-{fused.numbers[-1]}" if fused is not None and len(fused.levels) > 1
         else " and level 1" if fused is not None else "")
@@ -435,8 +485,8 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
         report.seconds = seconds
         return report
 
-    if not compute:
-        return PendingIngest(run, writes if writes is not None else splits, report)
+    if compute is _PREPARE:
+        return PreparedIngest(run, writes if writes is not None else splits, report)
     return run()
 
 

@@ -56,6 +56,7 @@ from zv_dask.store.journal import (
     unfinished_message,
     with_resume_hint,
 )
+from zv_dask.lazy import PendingPyramid, absolute, make_job
 from zv_dask.transaction import WriteJob
 
 __all__ = ["build_pyramid", "PyramidReport", "PyramidBuilder", "LINK_STORAGE"]
@@ -222,10 +223,12 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
     client
         A distributed ``Client``; ``None`` uses dask's current scheduler.
     compute
-        ``False`` returns a ``dask.delayed`` object that runs this build when
-        computed. Compute it in the process that holds the store (e.g. with
-        ``scheduler="sync"``): it drives ``client`` itself, and on icechunk it
-        needs the process's session.
+        ``False`` returns a :class:`~zv_dask.lazy.PendingPyramid`, a Dask
+        collection that runs the build when computed (``dask.compute``,
+        ``.compute()``, ``client.compute`` / ``persist``) on the cluster that
+        computes it, and returns this report. Nothing is written before; the
+        store must be a path, URL or icechunk Repository (not an open writable
+        session).
     job
         The :class:`~zv_dask.transaction.WriteJob` of an enclosing job (ingest):
         the pyramid then joins that job's single commit instead of committing.
@@ -256,13 +259,17 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
                         links=links)  # raises now even when compute=False
     if memory_budget is not None and not isinstance(memory_budget, MemoryBudget):
         parse_size(memory_budget)
+    if not compute:
+        if job is not None:
+            raise InputError("compute=False makes a job of its own: it cannot join another job's commit (job=...)")
+        options = {k: v for k, v in locals().items() if k not in ("store", "compute", "job", "client")}
+        store = absolute(store)
+        if isinstance(store, str):
+            as_store(store)  # a store that is not there fails here, not when computed
+        return make_job(PendingPyramid, build_pyramid, (store,), options, store)
     run = functools.partial(_build, store, levels=levels, bin_ratio=bin_ratio, chunk_scale=chunk_scale,
                             method=method, attribute_reduction=attribute_reduction, sample_size=sample_size,
                             seed=seed, min_points=min_points, client=client, job=job,
                             points_per_task=points_per_task, levels_per_task=levels_per_task, links=links,
                             progress=progress, memory_budget=memory_budget, resume=resume, message=message)
-    if compute:
-        return run()
-    import dask
-
-    return dask.delayed(run, pure=False)()
+    return run()
