@@ -24,10 +24,15 @@ import time
 import warnings
 from pathlib import Path
 
+from zv_dask.scheduling import describe_scheduler
+
 __all__ = ["main", "build_parser", "parse_storage_option", "demo_points"]
 
 PROG = "zv-dask"
 IN_PROCESS_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading")
+# Inputs of at most this many points run on threads in this process when no cluster is asked for: a
+# LocalCluster's start-up (~2 s of worker processes) costs more than it saves below it.
+IN_PROCESS_POINTS = 1_000_000
 DEMO_STORE = "zv-demo.zv"
 DEMO_POINTS = 300_000
 DEMO_MAX_WORKERS = 4
@@ -214,13 +219,15 @@ def _add_cluster(p, default_workers: str = "one per CPU core") -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--scheduler", metavar="ADDRESS",
                    help="a running Dask scheduler (tcp://host:8786), or 'synchronous' / 'threads' to run in this "
-                        "process; default: start a LocalCluster")
+                        f"process; default: threads in this process for inputs of at most {IN_PROCESS_POINTS:,} "
+                        "points, else a LocalCluster")
     g.add_argument("--scheduler-file", metavar="FILE",
                    help="the JSON file a running scheduler wrote (dask scheduler --scheduler-file, dask-jobqueue, "
                         "dask-mpi)")
     g.add_argument("--workers", type=_count, metavar="N",
-                   help=f"worker processes of the LocalCluster (default: {default_workers})")
-    g.add_argument("--threads-per-worker", type=_count, default=1, metavar="N",
+                   help=f"worker processes of the LocalCluster (default: {default_workers}); giving it starts one "
+                        "whatever the input's size")
+    g.add_argument("--threads-per-worker", type=_count, metavar="N",
                    help="threads per LocalCluster worker (default: 1)")
     g.add_argument("--memory-limit", type=_memory, default="auto", metavar="SIZE",
                    help="memory limit per LocalCluster worker, e.g. 4GiB (default: auto, a share of the RAM)")
@@ -241,6 +248,10 @@ def _add_pyramid(p, include_flag: bool) -> None:
                    help="chunk growth per level, as --bin-ratio (default: 1)")
     g.add_argument("--method", choices=("centroid", "first", "random", "sample"), default="centroid",
                    help="how a bin's points become its coarse points (default: centroid)")
+    g.add_argument("--sample-size", type=_count, default=8, metavar="N",
+                   help="points kept per bin by --method sample (default: 8)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of --method random/sample, reproducible whatever the workers (default: 0)")
     g.add_argument("--min-points", type=_non_negative, default=1024, metavar="N",
                    help="stop adding levels once a level holds at most N points (default: 1024)")
     g.add_argument("--links", choices=("explicit", "implicit", "none"),
@@ -324,8 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build coarse levels 1..L of a store from its level 0 (existing coarse levels are "
                                    "replaced).")
     p.add_argument("store", metavar="STORE")
-    p.add_argument("--sample-size", type=_count, default=8, metavar="N", help="points per bin for --method sample")
-    p.add_argument("--seed", type=int, default=0, help="seed of --method random/sample (default: 0)")
     p.add_argument("--message", "-m", help="icechunk commit message")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished build in STORE (killed or failed) with the same options: "
@@ -439,12 +448,40 @@ def _fmt_bytes(n) -> str:
     return fmt(int(n))
 
 
+def _in_process_reason(args, points: int | None) -> str | None:
+    """Why a job of ``points`` runs on threads in this process, or ``None`` when it starts a LocalCluster."""
+    asked = (args.scheduler or args.scheduler_file or args.workers or args.dashboard
+             or args.memory_limit != "auto" or args.threads_per_worker is not None)
+    if asked or points is None or points > IN_PROCESS_POINTS:
+        return None
+    return (f"{points:,} points <= {IN_PROCESS_POINTS:,}: threads in this process "
+            "(--workers N or --scheduler ADDRESS for a cluster)")
+
+
+def _estimated_points(src, sources) -> int | None:
+    """The input's points: known for arrays, NPY, LAS and Parquet; CSV guessed from its bytes (16 per row)."""
+    if src.n_rows is not None:
+        return int(src.n_rows)
+    if src.kind == "csv":
+        from zv_dask.ingest.sources import input_files
+
+        return sum(os.path.getsize(f) for f in input_files(sources) if os.path.isfile(f)) // 16
+    return None
+
+
 @contextlib.contextmanager
-def _cluster(args):
-    """The Dask client of a command: a running scheduler, this process, or a LocalCluster."""
+def _cluster(args, in_process: str | None = None):
+    """The Dask client of a command: a running scheduler, this process, or a LocalCluster.
+
+    ``in_process`` (a reason) runs a job that asked for no cluster on threads in this process.
+    """
     import dask
 
     address = getattr(args, "scheduler", None)
+    if in_process:
+        with dask.config.set(scheduler="threads"):
+            yield None
+        return
     if address and address.lower() in IN_PROCESS_SCHEDULERS:
         name = "threads" if address.lower() in ("threads", "threading") else "synchronous"
         with dask.config.set(scheduler=name):
@@ -491,8 +528,8 @@ def _cluster(args):
         n = min(n, DEMO_MAX_WORKERS)
     memory = None if args.memory_limit == "none" else (0 if args.memory_limit == "0" else args.memory_limit)
     _status(args, f"starting a LocalCluster: {n} worker process{'es' if n > 1 else ''} x "
-                  f"{args.threads_per_worker} thread(s) on 127.0.0.1, memory limit {args.memory_limit}")
-    cluster = local_cluster(n, threads_per_worker=args.threads_per_worker, memory_limit=memory,
+                  f"{args.threads_per_worker or 1} thread(s) on 127.0.0.1, memory limit {args.memory_limit}")
+    cluster = local_cluster(n, threads_per_worker=args.threads_per_worker or 1, memory_limit=memory,
                             dashboard=args.dashboard)
     if args.dashboard:
         print(f"{PROG}: Dask dashboard at {cluster.dashboard_link}", file=sys.stderr, flush=True)
@@ -528,6 +565,14 @@ def cli_spelling(message: str) -> str:
     return message
 
 
+def _in_cli_spelling(summary):
+    """A report or plan whose messages (its warnings, the reason for its dtype) use the CLI's spelling."""
+    summary.warnings = [cli_spelling(w) for w in summary.warnings]
+    if getattr(summary, "dtype_reason", None):
+        summary.dtype_reason = cli_spelling(summary.dtype_reason)
+    return summary
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     return text or type(e).__name__
@@ -535,8 +580,8 @@ def _one_line(e: BaseException) -> str:
 
 def _pyramid_kwargs(args) -> dict:
     return {"levels": args.levels, "bin_ratio": _ratio(args.bin_ratio), "chunk_scale": _ratio(args.chunk_scale),
-            "method": args.method, "min_points": args.min_points, "links": args.links,
-            "levels_per_task": args.levels_per_task, "points_per_task": args.points_per_task}
+            "method": args.method, "sample_size": args.sample_size, "seed": args.seed,
+            "min_points": args.min_points, "links": args.links, "levels_per_task": args.levels_per_task, "points_per_task": args.points_per_task}
 
 
 def _check_pyramid_steps(ndim: int, kw: dict) -> None:
@@ -569,10 +614,12 @@ def cmd_ingest(args, out) -> int:
                              append=args.append, **{k: v for k, v in kw.items() if k not in ("pyramid", "mode")})
     if kw["pyramid"]:
         _check_pyramid_steps(src.ndim, kw["pyramid"])
-    with _cluster(args) as client:
+    in_process = _in_process_reason(args, _estimated_points(src, _sources(args)))
+    with _cluster(args, in_process) as client:
         kw.update(memory_budget=args.memory_budget, scratch=args.scratch, **job_kw)
         if args.dry_run:
-            plan = plan_ingest(_sources(args), args.store, client=client, progress=not args.quiet, **kw)
+            plan = _in_cli_spelling(plan_ingest(_sources(args), args.store, client=client,
+                                                progress=not args.quiet, **kw))
             if args.json:
                 _print_json(plan.to_dict(), out)
             else:
@@ -580,6 +627,9 @@ def cmd_ingest(args, out) -> int:
             return 0
         report = zv_dask.ingest(_sources(args), args.store, client=client, progress=not args.quiet,
                                 message=args.message, resume=args.resume, **kw)
+    if in_process:
+        report.scheduler = in_process
+    _in_cli_spelling(report)
     if args.json:
         _print_json(report.to_dict(), out)
     else:
@@ -606,16 +656,25 @@ def cmd_pyramid(args, out) -> int:
                             branch=args.branch)
     kw = _pyramid_kwargs(args)
     _check_pyramid_steps(zs.metadata.ndim, kw)
-    with _cluster(args) as client:
-        rep = zv_dask.build_pyramid(zs, client=client, progress=not args.quiet, sample_size=args.sample_size,
-                                    seed=args.seed, memory_budget=args.memory_budget, resume=args.resume,
+    try:
+        points = zv_dask.read_level_metadata(zs, 0).vertex_count
+    except Exception:  # noqa: BLE001 - no readable level 0: build_pyramid says what is wrong
+        points = None
+    in_process = _in_process_reason(args, points)
+    with _cluster(args, in_process) as client:
+        where = describe_scheduler(client)
+        rep = zv_dask.build_pyramid(zs, client=client, progress=not args.quiet,
+                                    memory_budget=args.memory_budget, resume=args.resume,
                                     message=args.message, **kw)
+    rep.warnings = [cli_spelling(w) for w in rep.warnings]
     d = _pyramid_dict(args.store, rep)
+    d["scheduler"] = in_process or where
     if args.json:
         _print_json(d, out)
         return 0
     lines = [f"PyramidReport: {args.store}: {len(rep.levels)} coarse level(s) in {rep.seconds:.2f}s "
              f"({rep.stop_reason})"]
+    lines.append(f"  scheduler {d['scheduler']}")
     for lv in d["levels"]:
         extra = "" if lv["level"] == 0 else f", bin {lv['bin_shape']}, {lv['tasks']} tasks, {lv['seconds']:.2f}s"
         lines.append(f"  level {lv['level']:<3} {lv['vertex_count']:,} vertices in {lv['chunks']:,} chunks{extra}")
@@ -802,6 +861,7 @@ def cmd_demo(args, out) -> int:
                                 bounds=([0.0] * 3, [1000.0] * 3), backend=backend, client=client, overwrite=True,
                                 pyramid={"method": "centroid", "points_per_task": DEMO_TASK_POINTS},
                                 group_points=DEMO_TASK_POINTS, progress=not args.quiet, message="zv-dask demo")
+    _in_cli_spelling(report)
     zs = zv_dask.open_store(store, "r", backend=backend)
     info = info_dict(zs)
     check = validate_store(zs)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["show_progress"]
+__all__ = ["show_progress", "compute_with_progress"]
 
 
 def _in_notebook() -> bool:
@@ -55,3 +55,22 @@ def show_progress(futures, label: str) -> None:
     with tqdm(total=len(futures), desc=label, unit="task", file=sys.stderr, leave=True) as bar:
         for _ in as_completed(futures, loop=loop):
             bar.update(1)
+
+
+def compute_with_progress(objs, label: str) -> list:
+    """``dask.compute(*objs)`` on the current local scheduler, with a bar (a terminal) or two lines (a log) on stderr."""
+    import time
+
+    import dask
+
+    if not sys.stderr.isatty():
+        t = time.perf_counter()
+        print(f"{label}: {len(objs)} tasks", file=sys.stderr, flush=True)
+        out = list(dask.compute(*objs))
+        print(f"{label}: done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        return out
+    from dask.diagnostics import ProgressBar
+
+    print(label, file=sys.stderr, flush=True)
+    with ProgressBar(out=sys.stderr):
+        return list(dask.compute(*objs))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["resolve_client", "run_tasks", "task_slots", "local_cluster"]
+__all__ = ["resolve_client", "run_tasks", "task_slots", "local_cluster", "describe_scheduler"]
 
 
 def resolve_client(client):
@@ -24,6 +24,25 @@ def resolve_client(client):
         return default_client()
     except (ImportError, ValueError):
         return None
+
+
+def describe_scheduler(client) -> str:
+    """Where a job's tasks run, in words: a cluster's address and workers, or this process's scheduler."""
+    if client is None:
+        import dask
+
+        name = dask.config.get("scheduler", None) or "threads"
+        name = {"sync": "synchronous", "single-threaded": "synchronous", "threading": "threads",
+                "multiprocessing": "processes"}.get(name, name)
+        return f"{name} in this process" + (f" ({task_slots(None)} threads)" if name == "threads" else "")
+    try:
+        info = client.scheduler_info()
+        workers = info.get("workers", {})
+        threads = sum(int(w.get("nthreads", 1)) for w in workers.values())
+        return (f"{info.get('address', 'distributed')}: {len(workers)} worker{'s' if len(workers) != 1 else ''}, "
+                f"{threads} thread{'s' if threads != 1 else ''}")
+    except Exception:  # a client that cannot say: name it anyway
+        return type(client).__name__
 
 
 def task_slots(client) -> int:
@@ -79,11 +98,9 @@ def _run_local(objs, progress: bool, label: str) -> list:
         with worker_client() as c:
             return c.gather(c.compute(objs))
     if progress:
-        from dask.diagnostics import ProgressBar
+        from zv_dask.progress import compute_with_progress
 
-        print(label, flush=True)
-        with ProgressBar():
-            return list(dask.compute(*objs))
+        return compute_with_progress(objs, label)
     return list(dask.compute(*objs))
 
 

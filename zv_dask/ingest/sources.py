@@ -296,6 +296,11 @@ SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".txt": "csv
             ".npy": "npy", ".zarr": "zarr", ".las": "las", ".laz": "las"}
 
 
+def input_files(paths) -> list[str]:
+    """The files a path, glob or list of them names, as absolute paths (relative to this process)."""
+    return _expand(paths)
+
+
 def _expand(paths) -> list[str]:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -344,7 +349,10 @@ def _from_files(paths, columns, attributes, object_ids, partition_rows) -> Sourc
                 except Exception as e:  # noqa: BLE001
                     raise InputError(f"{f!r} is not a valid Parquet file: {e}") from None
         df = dd.read_parquet(files if len(files) > 1 else files[0])
-        return _from_frame(df, columns, attributes, object_ids, partition_rows, kind="parquet", description=desc)
+        src = _from_frame(df, columns, attributes, object_ids, partition_rows, kind="parquet", description=desc)
+        if all(os.path.isfile(f) for f in files):  # row counts from the footers read above
+            src.n_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        return src
     if kind == "csv":
         import dask.dataframe as dd
         try:
