@@ -545,7 +545,7 @@ def _cluster(args, in_process: str | None = None):
 
 # Messages are written in the API's spelling; the CLI says them in its own (one table, here).
 _SPELLING = [
-    (r"\boverwrite=True\b", "--overwrite"), (r"\bresume=True\b", "--resume"),
+    (r"\boverwrite=True\b", "--overwrite"), (r"\bresume=True\b", "--resume"), (r"\bmode='append'", "--append"),
     (r"\bdurable=False\b", "durable=False (Python API only)"),
     (r"\bout_of_bounds='(\w+)'", r"--out-of-bounds \1"), (r"\bdtype='(\w+)'", r"--dtype \1"),
     (r"\bmemory_budget=\.\.\.", "--memory-budget SIZE"), (r"\bscratch=\.\.\.", "--scratch PATH_OR_URL"),

@@ -15,7 +15,7 @@ import numpy as np
 
 from zv_dask.errors import InputError, StoreError
 from zv_dask.store.api import ZVStore, create_store, open_store, write_root_metadata
-from zv_dask.store.backends import local_path, url_scheme
+from zv_dask.store.backends import check_creatable, local_path, url_scheme
 
 __all__ = ["TargetPlan", "plan_target", "materialize_target"]
 
@@ -152,7 +152,7 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
         notes.append("nothing to resume: no unfinished job in the store, so the whole job ran")
     if existing is not None and state is None and _has_points(existing) and not overwrite:
         raise StoreError(f"the store at {existing.url or store!r} already holds points; pass overwrite=True to "
-                         "replace it (zv-dask does not append to or partly overwrite a store)")
+                         "replace it, or mode='append' to add the points to it")
     if existing is not None and not overwrite:
         meta = existing.metadata
         if meta.ndim != ndim:
@@ -164,6 +164,8 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
                           meta.axes, backend, storage_options, overwrite, branch, state, notes)
     if chunk_shape is None:
         raise InputError("chunk_shape is required when creating a store (world units per chunk, one per axis)")
+    if existing is None:
+        check_creatable(store)
     cs = _per_axis("chunk_shape", chunk_shape, ndim)
     bb = _per_axis("base_bin_shape", base_bin_shape, ndim) if base_bin_shape is not None else None
     if axes is not None and len(axes) != ndim:

@@ -27,7 +27,7 @@ from zv_dask.format.metadata import (
     store_name,
     vertices_attrs,
 )
-from zv_dask.store.backends import Backend, local_path, resolve_backend, url_scheme
+from zv_dask.store.backends import Backend, check_creatable, local_path, resolve_backend, url_scheme
 
 __all__ = [
     "ZVStore",
@@ -249,6 +249,7 @@ def create_store(
         cross_level_storage=cross_level_storage,
     )
     grid = Grid(lo, hi, meta.chunk_shape, meta.effective_bin_shape, vdt.name)  # validates geometry
+    check_creatable(path)
     be = resolve_backend(path, mode="w", backend=backend, storage_options=storage_options, branch=branch, create=True)
     if be.kind == "local" and be.url and local_path(be.url).exists() and not local_path(be.url).is_dir():
         raise StoreError(f"cannot create a store at {be.url!r}: it is a file, a store needs a directory")

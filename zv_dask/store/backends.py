@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlparse
 
 from zv_dask.errors import StoreError
 
-__all__ = ["Backend", "resolve_backend", "local_path", "url_scheme", "object_store"]
+__all__ = ["Backend", "resolve_backend", "local_path", "url_scheme", "object_store", "check_creatable"]
 
 OBJECT_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "azure", "abfs", "abfss", "http", "https", "memory"}
 BACKENDS = (None, "local", "obstore", "fsspec", "icechunk")
@@ -67,6 +67,32 @@ def local_path(target) -> Path:
     if isinstance(target, str) and target.startswith("file://"):
         target = unquote(urlparse(target).path)
     return Path(os.path.abspath(os.fspath(target)))
+
+
+def check_creatable(target) -> None:
+    """Raise :class:`StoreError` when no store can be made at a local path or ``file://`` URL (else nothing).
+
+    Probed by making and removing a directory where the store would go (the nearest
+    existing ancestor), so that a read-only, virtual or full file system, or a file in the
+    way, is found before a job reads its input.
+    """
+    if not isinstance(target, (str, os.PathLike)) or url_scheme(os.fspath(target)) not in ("", "file"):
+        return
+    path = local_path(target)
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if path.exists():
+        return
+    if not parent.is_dir():
+        raise StoreError(f"cannot make a store at {str(path)!r}: {str(parent)!r} is a file, not a directory")
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".zv-probe-", dir=parent))
+    except OSError as e:
+        raise StoreError(f"cannot make a store at {str(path)!r}: {str(parent)!r} does not take new directories "
+                         f"({e.strerror or type(e).__name__})") from None
 
 
 def _split_bucket(url: str) -> tuple[str, str]:
