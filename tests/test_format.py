@@ -86,7 +86,7 @@ def test_attribute_round_trip(dtype, data):
     channels = data.draw(st.one_of(st.none(), st.integers(1, 5)))
     shape = (n,) if channels is None else (n, channels)
     values = data.draw(hnp.arrays(dtype, shape))
-    payload = encode_attribute(values)
+    payload = encode_attribute(values, dtype, channels)
     assert len(payload) == values.size * dtype.itemsize
     le = dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
     assert payload == np.ascontiguousarray(values, dtype=le).tobytes()
@@ -96,7 +96,9 @@ def test_attribute_round_trip(dtype, data):
 
 def test_attribute_errors():
     with pytest.raises(FormatError, match="not numeric"):
-        encode_attribute(np.array(["a", "b"]))
+        encode_attribute(np.array(["a", "b"]), "U1")
+    with pytest.raises(FormatError, match="declared int32 but its values are str32"):
+        encode_attribute(np.array(["a", "b"]), "int32")
     with pytest.raises(FormatError, match="expected 2 rows x 3 channels"):
         decode_attribute(np.zeros(5, "<i4").tobytes(), "int32", 2, 3)
     with pytest.raises(FormatError, match="whole number"):
@@ -348,7 +350,7 @@ def test_plan_chunks_bins_layout(case):
     for g in np.unique(global_frag):
         assert (np.diff(plan.order[global_frag == g]) > 0).all()
     # the encoded fragment index tiles each chunk, as fragments_tile promises
-    payloads = list(encode_plan(plan, pos, {}, "float32"))
+    payloads = list(encode_plan(plan, pos, {}, "float32", []))
     for p, n_rows in zip(payloads, rows_per_chunk):
         fi = decode_fragments(p.fragments)
         assert fi.num_fragments == f and fi.tiles(int(n_rows))
@@ -379,7 +381,7 @@ def test_plan_chunks_empty_and_single():
     grid = Grid((0.0,) * 3, (100.0,) * 3, (50.0,) * 3, (25.0,) * 3)
     empty = plan_chunks(np.zeros((0, 3), np.float32), grid)
     assert empty.n_chunks == 0 and empty.chunks.shape == (0, 3) and empty.row_splits.tolist() == [0]
-    assert list(encode_plan(empty, np.zeros((0, 3)), {}, "float32")) == []
+    assert list(encode_plan(empty, np.zeros((0, 3)), {}, "float32", [])) == []
     empty_obj = plan_chunks(np.zeros((0, 3), np.float32), grid, np.zeros(0, np.int64))
     assert empty_obj.n_chunks == 0 and len(empty_obj.fragment_counts) == 0
     one = plan_chunks(np.array([[60.0, 10.0, 99.0]], np.float32), grid)

@@ -26,17 +26,17 @@ CHUNK = (25.0, 25.0, 25.0)
 
 
 # -- tasks (run on the workers) ---------------------------------------------------------------
-def write_task(target, level, grid, payloads, attribute_names):
+def write_task(target, level, grid, payloads, attributes):
     """Write some chunks through the job's target; return the fork (or None) and the summary."""
-    nbytes = write_chunk_payloads(worker_store(target), level, grid, payloads, attribute_names)
+    nbytes = write_chunk_payloads(worker_store(target), level, grid, payloads, attributes)
     summary = ChunkSummary(np.array([p.chunk for p in payloads], np.int64).reshape(-1, grid.ndim),
                            np.array([p.n_rows for p in payloads], np.int64), bytes_written=nbytes)
     return returned_fork(target), summary
 
 
-def failing_write_task(target, level, grid, payloads, attribute_names):
+def failing_write_task(target, level, grid, payloads, attributes):
     """Write its chunks, then fail (as a task dying half-way would)."""
-    write_chunk_payloads(worker_store(target), level, grid, payloads, attribute_names)
+    write_chunk_payloads(worker_store(target), level, grid, payloads, attributes)
     raise RuntimeError("injected task failure after writing")
 
 
@@ -221,14 +221,14 @@ def test_concurrent_commits_conflict_and_lose_nothing(repo_target):
 def _job_payloads(zs, pts, attrs):
     grid = zs.grid(0)
     plan = plan_chunks(grid.cast(pts), grid, None)
-    payloads = list(encode_plan(plan, grid.cast(pts), attrs, grid.dtype))
-    return grid, payloads
+    specs = [AttributeSpec.of(n, v) for n, v in attrs.items()]
+    payloads = list(encode_plan(plan, grid.cast(pts), attrs, grid.dtype, specs))
+    return grid, payloads, specs
 
 
 def _start_level(zs, pts, attrs):
     """Coordinator: settle the bounds' metadata, create level 0's arrays in the session."""
-    grid, payloads = _job_payloads(zs, pts, attrs)
-    specs = [AttributeSpec.of(n, v) for n, v in attrs.items()]
+    grid, payloads, specs = _job_payloads(zs, pts, attrs)
     prepare_level(zs.root, 0, grid, specs)
     return grid, payloads, specs
 
@@ -248,7 +248,7 @@ def test_writejob_on_localcluster_commits_once(repo_target, dask_client, rng, n_
     assert job.target() is fork, "one fork per stage"
     assert type(fork).__name__ == "ForkSession"
     groups = [payloads[i::n_tasks] for i in range(n_tasks)]
-    futures = [dask_client.submit(write_task, fork, 0, grid, g, list(attrs), pure=False) for g in groups]
+    futures = [dask_client.submit(write_task, fork, 0, grid, g, specs, pure=False) for g in groups]
     results = dask_client.gather(futures)
     assert _tip(storage) == base, "nothing reaches the branch before the commit"
     job.absorb([f for f, _ in results])
@@ -280,8 +280,8 @@ def test_writejob_failed_task_aborts_and_leaves_the_branch_as_it_was(repo_target
     grid, payloads, specs = _start_level(zs, pts, attrs)  # replaces level 0's arrays in the session
     fork = job.target()
     half = len(payloads) // 2
-    futures = [dask_client.submit(write_task, fork, 0, grid, payloads[:half], list(attrs), pure=False),
-               dask_client.submit(failing_write_task, fork, 0, grid, payloads[half:], list(attrs), pure=False)]
+    futures = [dask_client.submit(write_task, fork, 0, grid, payloads[:half], specs, pure=False),
+               dask_client.submit(failing_write_task, fork, 0, grid, payloads[half:], specs, pure=False)]
     with pytest.raises(RuntimeError, match="injected task failure"):
         dask_client.gather(futures)
     job.abort()

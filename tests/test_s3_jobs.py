@@ -81,6 +81,11 @@ def test_ingest_with_pyramid_on_s3(s3_server, s3_prefix, s3_options, dask_client
 
     store = zarr.storage.ObjectStore(s3_server.obstore(prefix=f"{s3_prefix}/x.zv"), read_only=True)
     _reference(store, rep.levels, pts, attrs)
+    # every reader opens the URL with the same storage options
+    parents = zv_dask.parent_rows(url, 0, storage_options=s3_options)
+    assert len(parents) == N and (parents >= 0).all()
+    assert len(zv_dask.read_links(url, 1, -1, storage_options=s3_options)["src_vi"]) == N
+    assert len(zv_dask.read_points(url, level=1, storage_options=s3_options)) == rep.levels[1]["vertex_count"]
 
 
 def test_lazy_job_on_s3_keeps_the_keys_out_of_its_graph(s3_server, s3_prefix, s3_options, dask_client, points):

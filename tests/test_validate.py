@@ -139,6 +139,59 @@ def test_attribute_rows_must_match(store):
     assert has_error(r, f"rgb in chunk {key}")
 
 
+@pytest.fixture
+def psid_store(tmp_path):
+    """The issue's store: one chunk of 2125 rows whose uint16 ``psid`` cells are declared float64."""
+    rng = np.random.default_rng(5)
+    path = tmp_path / "psid.zv"
+    with dask.config.set(scheduler="sync"):
+        zv_dask.ingest(rng.uniform(0, 100, (2125, 3)), str(path), chunk_shape=1000,
+                       attributes={"psid": rng.integers(0, 60000, 2125).astype(np.uint16)})
+    assert validate_store(path).ok
+    return path
+
+
+def declare(path, name, dtype, *, array=True, root=True):
+    """Rewrite the declared dtype of level 0's attribute ``name``: its array's ZV attributes and/or the root's."""
+    if array:
+        zarr.open_array(str(path / "0" / "vertex_attributes" / name), mode="r+").attrs["dtype"] = dtype
+    if root:
+        g = zarr.open_group(str(path), mode="r+")
+        zv = g.attrs["zarr_vectors"]
+        zv["attribute_specs"]["vertex"][name]["dtype"] = dtype
+        g.attrs["zarr_vectors"] = zv
+
+
+def test_attribute_cells_of_another_dtype_than_declared(psid_store, capfd):
+    declare(psid_store, "psid", "float64")
+    r = validate_store(psid_store)
+    assert not r.ok
+    assert has_error(r, "level 0: attribute cells that do not match their chunk's rows and declared dtype: psid in "
+                        "chunk 0.0.0: 4250 bytes for 2125 rows is 2 bytes a value (uint16/int16/float16?), not "
+                        "float64 (8 bytes a value)")
+    assert not has_error(r, "root attribute_specs")[0]  # both declarations agree (on the wrong dtype)
+    from zv_dask.cli import main
+
+    capfd.readouterr()
+    assert main(["validate", str(psid_store)]) == 1  # zv-dask validate STORE, in this process
+    out = capfd.readouterr()
+    assert "psid in chunk 0.0.0: 4250 bytes for 2125 rows is 2 bytes a value" in out.out + out.err
+
+
+def test_root_attribute_specs_must_agree_with_the_arrays(psid_store):
+    declare(psid_store, "psid", "float64", array=False)
+    r = validate_store(psid_store)
+    assert has_error(r, "root attribute_specs: 'psid' is declared float64 x 1 at the root but level 0's array says "
+                        "uint16 x 1")
+    assert not has_error(r, "attribute cells")[0]  # the cells match their array
+
+
+def test_attribute_declared_with_a_non_numeric_dtype(psid_store):
+    declare(psid_store, "psid", "str", root=False)
+    r = validate_store(psid_store)
+    assert has_error(r, "level 0: attribute 'psid' is declared str")
+
+
 def test_fragments_must_tile(store):
     key, cell = first_cell(store)
     n = len(get_cell(store, "0/vertices", cell)) // 12

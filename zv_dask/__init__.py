@@ -13,6 +13,7 @@ from zv_dask.errors import (
 from zv_dask.format.metadata import ZV_VERSION
 from zv_dask.pyramid import PyramidReport, build_pyramid
 from zv_dask.read import open_level, read_points
+from zv_dask.export import export
 from zv_dask.read_links import parent_rows, read_links
 from zv_dask.ingest.append import roll_back_append as roll_back
 from zv_dask.ingest.graph import ingest, prepare_ingest
@@ -40,6 +41,7 @@ from zv_dask.store.api import (
     store_info,
     write_parametric_types,
 )
+from zv_dask.stats import store_stats
 from zv_dask.validate import ValidationReport, validate_store
 
 __version__ = "0.1.0"
@@ -56,6 +58,7 @@ __all__ = [
     "PyramidReport",
     "read_points",
     "open_level",
+    "export",
     "read_links",
     "parent_rows",
     "ingest",
@@ -80,6 +83,7 @@ __all__ = [
     "create_store",
     "open_store",
     "store_info",
+    "store_stats",
     "read_root_metadata",
     "read_level_metadata",
     "create_resolution_level",

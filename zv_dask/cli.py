@@ -24,6 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
+from zv_dask.ingest.las import crs_label
 from zv_dask.scheduling import describe_scheduler
 
 __all__ = ["main", "build_parser", "parse_storage_option", "demo_points"]
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="points outside --bounds: refuse (default), drop and count, or grow the bounds")
     g.add_argument("--dtype", choices=("float32", "float64"),
                    help="stored position dtype (default: float32; float64 for LAS/LAZ)")
+    g.add_argument("--crs", metavar="CRS",
+                   help="the points' coordinate system, e.g. EPSG:32610 or WKT (default: what LAS/LAZ headers say; "
+                        "given, it overrides them, e.g. for files whose headers disagree)")
     g.add_argument("--shard-shape", type=_positive_ints, metavar="K",
                    help="chunks per shard along each axis (zarr sharding)")
     g = p.add_argument_group("input")
@@ -355,8 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("info", help="describe a store",
-                       description="Levels, point counts, bounds, attributes and (where cheap) sizes on disk.")
+                       description="Levels, point counts, bounds, attributes and (where cheap) sizes on disk. "
+                                   "With --stats, per level the min / max / mean of every axis and attribute, "
+                                   "value counts (classification), objects, CRS and bytes on disk: one pass over "
+                                   "the data, on threads in this process.")
     p.add_argument("store", metavar="STORE")
+    p.add_argument("--stats", action="store_true", help="read the points: per-level statistics (zv_dask.store_stats)")
+    p.add_argument("--levels", type=lambda t: _numbers(t, int, "level numbers"), metavar="K,K",
+                   help="with --stats: only these levels, e.g. 0,1 (default: all)")
     _add_storage(p, writes=False)
     _add_output(p)
     p.set_defaults(func=cmd_info)
@@ -371,6 +381,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage(p, writes=False)
     _add_output(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("export", formatter_class=fmt, help="write a level (or a box of it) to LAS/LAZ or Parquet",
+                       description="Write the points of a level (or of a box of it) to a LAS/LAZ or Parquet file,\n"
+                                   "for PDAL, QGIS, CloudCompare and friends. A store ingested from LAS files\n"
+                                   "gives back their points, dimensions, scales, offsets and CRS.\n\n"
+                                   "OUT: OUT.las, OUT.laz, OUT.parquet (one file), or a path ending in / (a\n"
+                                   "directory of Parquet part files, written in parallel).",
+                       epilog="example: zv-dask export city.zv block.laz --bbox 100,200,0,300,400,50")
+    p.add_argument("store", metavar="STORE", help="the store (path or URL)")
+    p.add_argument("out", metavar="OUT", help="the file (or directory/) to write")
+    g = p.add_argument_group("selection")
+    g.add_argument("--level", type=_non_negative, default=0, metavar="K", help="the level to export (default: 0)")
+    g.add_argument("--bbox", type=_bounds, metavar="B",
+                   help="only the points in the closed box xmin,ymin,zmin,xmax,ymax,zmax")
+    g.add_argument("--attributes", type=_names, metavar="A,B", help="attributes to export (default: all)")
+    g.add_argument("--format", choices=("las", "laz", "parquet"), help="the output format (default: from OUT's name)")
+    g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    _add_storage(p, writes=False)
+    _add_output(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="ingest a synthetic cloud, end to end",
                        description="Make a synthetic point cloud (clustered 3-D points with an intensity and a "
@@ -549,6 +579,7 @@ _SPELLING = [
     (r"\bdurable=False\b", "durable=False (Python API only)"),
     (r"\bout_of_bounds='(\w+)'", r"--out-of-bounds \1"), (r"\bdtype='(\w+)'", r"--dtype \1"),
     (r"\bmemory_budget=\.\.\.", "--memory-budget SIZE"), (r"\bscratch=\.\.\.", "--scratch PATH_OR_URL"),
+    (r"\bcrs=\.\.\.", "--crs CRS"), (r"\battributes=\[\.\.\.\]", "--attributes a,b,..."),
     (r"\bpartition_rows\b", "--partition-rows"), (r"\bchunk_shape\b", "--chunk-shape"),
     (r"\bbase_bin_shape\b", "--bin-shape"), (r"\bshard_shape\b", "--shard-shape"),
     (r" \(zv_dask\.roll_back\)", ""),
@@ -602,7 +633,7 @@ def cmd_ingest(args, out) -> int:
 
     kw = dict(attributes=args.attributes, object_ids=args.object_ids, columns=args.columns,
               chunk_shape=args.chunk_shape, bounds=args.bounds, base_bin_shape=args.bin_shape,
-              out_of_bounds=args.out_of_bounds, dtype=args.dtype, shard_shape=args.shard_shape,
+              out_of_bounds=args.out_of_bounds, dtype=args.dtype, shard_shape=args.shard_shape, crs=args.crs,
               backend=_backend(args), storage_options=_options(args), overwrite=args.overwrite,
               partition_rows=args.partition_rows, branch=args.branch,
               pyramid=_pyramid_kwargs(args) if args.pyramid else None)
@@ -740,6 +771,7 @@ def format_info(info: dict) -> str:
              f"{', '.join(info['geometry_types'])})",
              f"  axes         {', '.join(info['axes'])}; positions {info.get('dtype', '?')}",
              f"  bounds       {lo} .. {hi}",
+             f"  crs          {crs_label(info.get('crs'))}",
              f"  chunk_shape  {info['chunk_shape']}; base_bin_shape {info['base_bin_shape'] or info['chunk_shape']} "
              f"({' x '.join(map(str, info['bins_per_chunk']))} bins per chunk)",
              f"  attributes   {attr_text}"]
@@ -747,6 +779,11 @@ def format_info(info: dict) -> str:
         lines.insert(1, f"  UNFINISHED   {info['unfinished_job']}")
     if "num_objects" in lv0:
         lines.append(f"  objects      {lv0['num_objects']:,}")
+    las = info.get("las")
+    if las:
+        lines.append(f"  LAS          {len(las.get('files') or [])} file(s), version {las['version']}, point format "
+                     f"{las['point_format']}, scales {las['scales']}, offsets {las['offsets']}"
+                     + ("" if las.get("uniform", True) else " (the first file's; the files differ)"))
     xl = info.get("cross_level_links") or {}
     if xl.get("storage", "none") != "none":
         n = sum(v for lv in info["levels"] for v in (lv.get("links") or {}).values())
@@ -793,10 +830,22 @@ def cmd_info(args, out) -> int:
         zs = zv_dask.open_store(args.store, "r", backend=_backend(args, args.store), storage_options=_options(args),
                                 branch=args.branch)
     info = info_dict(zs)
+    if args.levels is not None and not args.stats:
+        raise BadArguments("--levels selects the levels of --stats; add --stats")
+    stats = None
+    if args.stats:
+        import dask
+
+        from zv_dask.stats import format_stats, store_stats
+
+        with dask.config.set(scheduler="threads"):  # dask tasks read the data, in this process
+            stats = store_stats(zs, levels=args.levels, progress=not args.quiet)
     if args.json:
-        _print_json(info, out)
+        _print_json(info if stats is None else {**info, "stats": stats}, out)
     else:
         print(format_info(info), file=out)
+        if stats is not None:
+            print(format_stats(stats, fmt_bytes=_fmt_bytes), file=out)
     return 0
 
 
@@ -811,6 +860,31 @@ def cmd_validate(args, out) -> int:
     else:
         print(repr(rep), file=out)
     return 0 if rep.ok and not (args.strict and rep.warnings) else 1
+
+
+def cmd_export(args, out) -> int:
+    """``zv-dask export``: :func:`zv_dask.export`, on threads in this process."""
+    import dask
+
+    from zv_dask.export import export
+
+    with dask.config.set(scheduler="threads"):
+        d = export(args.store, args.out, level=args.level, bbox=args.bbox, attributes=args.attributes,
+                   format=args.format, storage_options=_options(args), backend=_backend(args, args.store),
+                   branch=args.branch, overwrite=args.overwrite, progress=not args.quiet)
+    d["notes"] = [cli_spelling(n) for n in d["notes"]]
+    if args.json:
+        _print_json(d, out)
+        return 0
+    las = d.get("las")
+    what = (f"{d['format'].upper()}, point format {las['point_format']}, LAS {las['version']}" if las
+            else "Parquet " + ("part files" if d["layout"] == "directory" else "file"))
+    crs = d["crs_written"] or "no CRS"
+    lines = [f"exported {d['points']:,} points of level {d['level']}" + (" in the box" if d["bbox"] else "")
+             + f" to {d['file']} ({what}, {_fmt_bytes(d['bytes'])}, {crs}) in {d['seconds']:.2f}s"]
+    lines += [f"  note: {n}" for n in d["notes"]]
+    print("\n".join(lines), file=out)
+    return 0
 
 
 def demo_points(n: int = DEMO_POINTS, seed: int = 0):

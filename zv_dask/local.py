@@ -34,8 +34,8 @@ def write_level_points(zs: ZVStore, level: int, positions, attributes: dict, obj
     specs = [AttributeSpec.of(n, v) for n, v in attributes.items()]
     prepare_level(zs.root, level, grid, specs, shards=shards, compressors=compressors)
     plan = plan_chunks(positions, grid, object_ids)
-    payloads = list(encode_plan(plan, grid.cast(positions), attributes, grid.dtype))
-    write_chunk_payloads(zs.store, level, grid, payloads, [s.name for s in specs])
+    payloads = list(encode_plan(plan, grid.cast(positions), attributes, grid.dtype, specs, level=level))
+    write_chunk_payloads(zs.store, level, grid, payloads, specs)
     summary = ChunkSummary.from_plan(plan)
     meta.fragments_tile = True
     return finalize_level(zs.root, level, grid, summary, meta, specs)

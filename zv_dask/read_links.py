@@ -28,15 +28,18 @@ def _scale(zs, level: int) -> np.ndarray:
     return np.rint(cs / np.asarray(zs.metadata.chunk_shape, np.float64)).astype(np.int64)
 
 
-def read_links(store, level: int, delta: int = 1) -> dict[str, np.ndarray]:
+def read_links(store, level: int, delta: int = 1, *, storage_options: dict | None = None,
+               backend: str | None = None, branch: str = "main") -> dict[str, np.ndarray]:
     """The records of ``<level>/links/<delta>``: ``src_chunk (M, D)``, ``src_vi (M,)``, ``dst_chunk``, ``dst_vi``.
 
     ``src`` is a vertex of ``level`` (a row of its chunk's vertex buffer),
     ``dst`` one of level ``level + delta``. Records come offsets array by
     offsets array, cell by cell (ascending chunks), in stored order. Raises
     :class:`~zv_dask.errors.MetadataError` when the level has no such family.
+    ``storage_options``, ``backend`` and ``branch`` open a store given by path
+    or URL as :func:`~zv_dask.open_store` does.
     """
-    zs = as_store(store)
+    zs = as_store(store, storage_options=storage_options, backend=backend, branch=branch)
     ndim = zs.metadata.ndim
     g = get_resolution_level(zs, level)
     name = f"{int(delta):+d}"
@@ -103,15 +106,17 @@ def _rows(chunks: np.ndarray, first: np.ndarray, which: np.ndarray, vi: np.ndarr
     return first[pos] + vi
 
 
-def parent_rows(store, level: int) -> np.ndarray:
+def parent_rows(store, level: int, *, storage_options: dict | None = None, backend: str | None = None,
+                branch: str = "main") -> np.ndarray:
     """For every row of ``level`` (in :func:`~zv_dask.read_points` order), the row of its parent in level ``level + 1``.
 
     Rows are those of full-level reads (no box): ``read_points(store,
     level=level + 1).compute().iloc[parent_rows(store, level)]`` gives each
     point's coarse point. Points without a parent get ``-1``. Needs the
-    ``+1`` cross-level links (``build_pyramid(links=...)``).
+    ``+1`` cross-level links (``build_pyramid(links=...)``). ``storage_options``,
+    ``backend`` and ``branch`` as for :func:`read_links`.
     """
-    zs = as_store(store)
+    zs = as_store(store, storage_options=storage_options, backend=backend, branch=branch)
     rec = read_links(zs, level, 1)
     fine_chunks, fine_first = _row_offsets(zs, level)
     coarse_chunks, coarse_first = _row_offsets(zs, level + 1)

@@ -9,8 +9,10 @@ everything a reader relies on holds:
 * the array grid of each level matches its chunk grid (shape and
   ``chunk_grid_origin``) and covers every chunk in ``nonempty_chunks``; every
   array of a level lists the same chunks;
-* every listed cell decodes: vertices, fragment index, attributes (with as many
-  rows as the chunk has vertices); fragments lie inside the chunk's rows (and
+* every listed cell decodes: vertices, fragment index, attributes (exactly
+  ``rows x channels x itemsize`` bytes of the declared dtype for the chunk's
+  vertex rows, and the root ``attribute_specs`` agree with level 0's arrays);
+  fragments lie inside the chunk's rows (and
   tile them when the level says ``fragments_tile``); points are finite, inside
   the bounds and in the chunk they are stored in;
 * row counts add up to the level's ``vertex_count``, and vertex counts never
@@ -37,12 +39,12 @@ import numpy as np
 import zarr
 
 from zv_dask.errors import FormatError, MetadataError, UnfinishedJobWarning
-from zv_dask.format.cells import decode_attribute, decode_fragments, decode_vertices
+from zv_dask.format.cells import decode_fragments, decode_vertices
 from zv_dask.format.grid import Grid, parse_chunk_key
 from zv_dask.format.metadata import ZV_VERSION, LevelMetadata, level_bins_from_multiscales
 from zv_dask.store.api import ZVStore, as_store, list_resolution_levels
 
-__all__ = ["ValidationReport", "validate_store"]
+__all__ = ["ValidationReport", "validate_store", "attribute_size_problem"]
 
 BATCH = 256  # cells read per zarr call
 EXAMPLES = 3  # examples kept per kind of problem
@@ -123,6 +125,40 @@ def _key(c) -> str:
     return ".".join(str(int(v)) for v in c)
 
 
+_DTYPES_OF_SIZE = {1: "uint8/int8/bool", 2: "uint16/int16/float16", 4: "uint32/int32/float32",
+                   8: "uint64/int64/float64"}
+
+
+def attribute_size_problem(nbytes: int, rows: int, dtype: str, channels: int | None) -> str | None:
+    """What is wrong with an attribute cell of ``nbytes`` for a chunk of ``rows`` vertices (``None``: nothing).
+
+    A reader sizes the cell by the array's declared dtype and channel count alone,
+    so the cell must hold exactly ``rows x channels x itemsize`` bytes. The
+    message says what the byte count suggests instead (another value width,
+    another channel count), e.g. "4250 bytes for 2125 rows is 2 bytes a value
+    (uint16/int16/float16?), not float64 (8 bytes a value)".
+    """
+    dt = np.dtype(dtype)
+    width = channels or 1
+    if nbytes == rows * width * dt.itemsize:
+        return None
+    declared = f"{dt.name}" + (f" x {width} channels" if channels is not None else "")
+    what = f"{nbytes} bytes for {rows} rows"
+    if rows == 0:
+        return f"{what}, expected none ({declared})"
+    size = nbytes // (rows * width) if nbytes % (rows * width) == 0 else None
+    per_row = nbytes // (rows * dt.itemsize) if nbytes % (rows * dt.itemsize) == 0 else None
+    a_value = f"{dt.itemsize} byte{'s' if dt.itemsize > 1 else ''} a value"
+    if size in _DTYPES_OF_SIZE:
+        return f"{what} is {size} byte{'s' if size > 1 else ''} a value ({_DTYPES_OF_SIZE[size]}?), not {declared} " \
+               f"({a_value})"
+    if per_row is not None:
+        return f"{what} is {per_row} {dt.name} values a row, not {width} ({declared})"
+    if size is not None:
+        return f"{what} is {size} bytes a value, not {declared} ({a_value})"
+    return f"{what} is not a whole number of values a row ({declared} needs {rows * width * dt.itemsize} bytes)"
+
+
 # -- root --------------------------------------------------------------------------------
 def _check_root(zs: ZVStore, found: _Found, levels: list[int]) -> dict[int, tuple]:
     meta = zs.metadata  # parsed strictly when the store was opened
@@ -152,9 +188,26 @@ def _check_root(zs: ZVStore, found: _Found, levels: list[int]) -> dict[int, tupl
     if meta.attribute_specs and levels and "0" in zs.root:
         declared = set((meta.attribute_specs or {}).get("vertex", {}))
         g0 = zs.root["0"]
-        present = set(dict(g0["vertex_attributes"].arrays())) if "vertex_attributes" in g0 else set()
+        arrays = dict(g0["vertex_attributes"].arrays()) if "vertex_attributes" in g0 else {}
+        present = set(arrays)
         if declared != present:
             found.warning("root attribute_specs", f"declares {sorted(declared)}, level 0 has {sorted(present)}")
+        for name in sorted(declared & present):
+            spec = meta.attribute_specs["vertex"][name]
+            a = arrays[name].attrs
+            if not isinstance(spec, dict) or spec.get("dtype") is None or a.get("dtype") is None:
+                continue  # an array without a dtype is an error of its level
+            try:
+                said, has = np.dtype(spec["dtype"]).name, np.dtype(a["dtype"]).name
+                rs = a.get("row_shape") or []
+                said_ch, has_ch = int(spec.get("channels") or 1), int(rs[0]) if rs else 1
+            except (TypeError, ValueError):
+                found.error("root attribute_specs", f"{name!r}: dtype {spec['dtype']!r} / {a['dtype']!r} or its "
+                                                    "channels do not parse")
+                continue
+            if (said, said_ch) != (has, has_ch):
+                found.error("root attribute_specs", f"{name!r} is declared {said} x {said_ch} at the root but "
+                                                    f"level 0's array says {has} x {has_ch}")
     return bins
 
 
@@ -271,10 +324,17 @@ def _check_level(zs: ZVStore, k: int, bins: dict, found: _Found, bar) -> dict | 
     specs = {}
     for name, a in attr_arrays.items():
         rs = a.attrs.get("row_shape") or []
+        raw = a.attrs.get("dtype")
         try:
-            specs[name] = (np.dtype(a.attrs["dtype"]).name, int(rs[0]) if rs else None)
-        except (KeyError, TypeError):
+            dt, width = (np.dtype(raw) if raw is not None else None), (int(rs[0]) if rs else None)
+        except (TypeError, ValueError):
+            dt = None
+        if dt is None:
             found.error(f"{lk}: attribute {name!r} has no valid dtype")
+        elif dt.kind not in "biuf":
+            found.error(f"{lk}: attribute {name!r} is declared {dt.name}, not a bool, integer or float dtype")
+        else:
+            specs[name] = (dt.name, width)
     lo = np.asarray(meta.bounds[0]).astype(vdtype).astype(np.float64)
     hi = np.asarray(meta.bounds[1]).astype(vdtype).astype(np.float64)
     rows = np.zeros(len(chunks), np.int64)
@@ -332,11 +392,10 @@ def _check_level(zs: ZVStore, k: int, bins: dict, found: _Found, bar) -> dict | 
                 if covered < n and not lm.fragments_tile:
                     found.warning(f"{lk}: rows in no fragment", f"chunk {key} ({n - covered} rows)")
             for name, (dt, ch) in specs.items():
-                try:
-                    decode_attribute(bytes(ab[name][j]), dt, n, ch)
-                except FormatError as e:
-                    found.error(f"{lk}: attribute cells that do not match their chunk's rows",
-                                f"{name} in chunk {key}: {e}")
+                problem = attribute_size_problem(len(ab[name][j]), n, dt, ch)
+                if problem is not None:
+                    found.error(f"{lk}: attribute cells that do not match their chunk's rows and declared dtype",
+                                f"{name} in chunk {key}: {problem}")
         if bar is not None:
             bar.update(len(vb))
     total = int(rows.sum())

@@ -2,6 +2,7 @@
 
 from zv_dask.format.cells import (
     FragmentIndex,
+    check_attribute,
     decode_attribute,
     decode_fragments,
     decode_manifest,
@@ -16,6 +17,7 @@ from zv_dask.format.grid import Grid, chunk_key, parse_chunk_key
 __all__ = [
     "FragmentIndex",
     "Grid",
+    "check_attribute",
     "chunk_key",
     "decode_attribute",
     "decode_fragments",

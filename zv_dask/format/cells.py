@@ -7,7 +7,9 @@ Layouts (all little-endian):
 
 * ``vertices``: ``N x D`` values of the vertex dtype, row-major.
 * ``vertex_attributes/<name>``: ``N x C`` values of the attribute dtype, row-major,
-  in vertex-row order.
+  in vertex-row order. A reader sizes the values by the array's declared dtype
+  alone, so :func:`encode_attribute` takes that declaration and refuses values of
+  any other dtype or channel count.
 * ``vertex_fragments`` (fragment index v1): a 16-byte header (magic ``GFVZ``,
   version 1, flags 0, fragment count F, range count R), a range bitmap padded to
   8 bytes, ``R`` pairs ``(i64 start, i64 count)``, then a CSR block
@@ -30,6 +32,7 @@ __all__ = [
     "FragmentIndex",
     "encode_vertices",
     "decode_vertices",
+    "check_attribute",
     "encode_attribute",
     "decode_attribute",
     "raw_view",
@@ -69,12 +72,52 @@ def decode_vertices(payload: bytes, ndim: int, dtype="float32") -> np.ndarray:
     return np.frombuffer(payload, dtype=dt).reshape(-1, ndim).astype(np.dtype(dtype).newbyteorder("="))
 
 
-def encode_attribute(values: np.ndarray) -> bytes:
-    """``(N,)`` or ``(N, C)`` attribute values -> raw little-endian bytes (dtype kept)."""
+def check_attribute(values, dtype, channels: int | None = None, *, name: str | None = None,
+                    where: str | None = None) -> np.ndarray:
+    """``values`` as an array, after checking they are what the attribute's array declares.
+
+    ``dtype`` and ``channels`` are the declaration of the ``vertex_attributes/<name>``
+    array the values go to (``channels=None``: an ``(N,)`` attribute). The values
+    must have that very dtype: only the byte order may differ (cells are
+    little-endian), never the kind or width, since a reader sizes every value by
+    the declared dtype. Nothing is cast here: a cast could lose data (float64
+    into uint16); bringing input to its declared dtype is the input side's job,
+    and only where no value changes (:func:`zv_dask.ingest.staging.lossless_cast`).
+    Raises :class:`FormatError` naming the attribute, the declared dtype and the
+    values'. One comparison per call, not per value.
+    """
     v = np.asarray(values)
-    if v.dtype.kind not in "biuf":
-        raise FormatError(f"attribute dtype {v.dtype} is not numeric (bool, int, uint or float)")
-    return np.ascontiguousarray(v, dtype=_le(v.dtype)).tobytes()
+    declared = np.dtype(dtype)
+    label = f"attribute {name!r}" if name is not None else "attribute"
+    if where:
+        label = f"{where}: {label}"
+    if declared.kind not in "biuf":
+        raise FormatError(f"{label} is declared {declared}, which is not numeric (bool, int, uint or float)")
+    if _le(v.dtype) != _le(declared):
+        raise FormatError(f"{label} is declared {declared.name} but its values are {v.dtype.name}: refusing to "
+                          f"write {v.dtype.itemsize}-byte {v.dtype.name} values into cells read as "
+                          f"{declared.itemsize}-byte {declared.name} (declare the attribute as {v.dtype.name}, "
+                          f"or cast the values to {declared.name} before they are written)")
+    width = 1 if channels is None else int(channels)
+    if v.ndim not in (1, 2) or (v.shape[1] if v.ndim == 2 else 1) != width:
+        raise FormatError(f"{label} is declared with {width} channel(s) ({declared.name}, row shape "
+                          f"{[] if channels is None else [width]}) but its values have shape {tuple(v.shape)}")
+    return v
+
+
+def encode_attribute(values: np.ndarray, dtype, channels: int | None = None, *, name: str | None = None,
+                     where: str | None = None, view: bool = False):
+    """``(N,)`` or ``(N, C)`` values of an attribute declared ``dtype`` -> raw little-endian bytes.
+
+    The one encoder of ``vertex_attributes`` cells: :func:`check_attribute` first
+    (a :class:`FormatError` when the values are not of the declared dtype and
+    channel count). ``view=True`` returns the zero-copy form of :func:`raw_view`
+    (a ``memoryview`` of ``values`` when no copy is needed) instead of ``bytes``.
+    """
+    v = check_attribute(values, dtype, channels, name=name, where=where)
+    if view:
+        return raw_view(v, dtype)
+    return np.ascontiguousarray(v, dtype=_le(dtype)).tobytes()
 
 
 def decode_attribute(payload: bytes, dtype, n_rows: int, channels: int | None = None) -> np.ndarray:
@@ -96,7 +139,8 @@ def raw_view(values: np.ndarray, dtype=None):
     """The little-endian bytes of an array as a flat ``memoryview`` when no copy is needed, else ``bytes``.
 
     The encoders' zero-copy form: a contiguous slice of a sorted array is
-    written as it sits in memory.
+    written as it sits in memory. It casts to ``dtype``: attribute cells go
+    through :func:`encode_attribute` (``view=True``), which checks the values first.
     """
     v = np.asarray(values)
     dt = _le(v.dtype if dtype is None else dtype)

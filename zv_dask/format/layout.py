@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zv_dask.format.cells import encode_attribute, encode_fragments, encode_vertices
+from zv_dask.errors import FormatError
+from zv_dask.format.cells import check_attribute, encode_attribute, encode_fragments, encode_vertices
 from zv_dask.format.grid import Grid, chunk_keys
 
-__all__ = ["stable_order", "ChunkPlan", "plan_chunks", "ChunkPayload", "encode_plan"]
+__all__ = ["stable_order", "ChunkPlan", "plan_chunks", "ChunkPayload", "declared_attributes", "encode_plan"]
 
 
 def stable_order(keys: np.ndarray) -> np.ndarray:
@@ -143,16 +144,46 @@ class ChunkPayload:
     attributes: dict[str, bytes]
 
 
-def encode_plan(plan: ChunkPlan, positions: np.ndarray, attributes: dict[str, np.ndarray], dtype: str):
-    """Yield a :class:`ChunkPayload` per chunk of ``plan`` (a loop over chunks, not points)."""
+def declared_attributes(attributes: dict, specs, where: str = "") -> list:
+    """``[(spec, values)]`` for the attribute arrays ``specs`` declares, checked against ``attributes``.
+
+    ``specs`` are the declarations of a level's ``vertex_attributes`` arrays
+    (objects with ``name``, ``dtype`` and ``channels``, such as
+    :class:`~zv_dask.store.levels.AttributeSpec`). The values must hold exactly
+    those names, each with the declared dtype and channel count
+    (:func:`~zv_dask.format.cells.check_attribute`); a :class:`FormatError` says
+    which attribute does not. Checked once per call, before any cell is encoded.
+    """
+    specs = list(specs)
+    declared = [s.name for s in specs]
+    if sorted(declared) != sorted(attributes):
+        raise FormatError(f"{where + ': ' if where else ''}the attribute arrays are {sorted(declared)} but the "
+                          f"values to write are {sorted(attributes)}")
+    return [(s, check_attribute(attributes[s.name], s.dtype, s.channels, name=s.name, where=where or None))
+            for s in specs]
+
+
+def encode_plan(plan: ChunkPlan, positions: np.ndarray, attributes: dict[str, np.ndarray], dtype: str, specs, *,
+                level: int | None = None):
+    """Yield a :class:`ChunkPayload` per chunk of ``plan`` (a loop over chunks, not points).
+
+    ``specs`` declare the level's attribute arrays (see :func:`declared_attributes`);
+    every attribute cell is encoded against its declaration, so a value of
+    another dtype is a :class:`FormatError` (naming ``level``) and never a cell.
+    """
     pos = np.asarray(positions)
+    where = f"level {level}" if level is not None else ""
+    columns = declared_attributes(attributes, specs, where)
     for m in range(plan.n_chunks):
         rows = plan.order[plan.row_splits[m]:plan.row_splits[m + 1]]
         counts = plan.fragment_counts[plan.frag_splits[m]:plan.frag_splits[m + 1]]
+        chunk = tuple(int(c) for c in plan.chunks[m])
+        at = f"{where + ' ' if where else ''}chunk {'.'.join(map(str, chunk))}"
         yield ChunkPayload(
-            chunk=tuple(int(c) for c in plan.chunks[m]),
+            chunk=chunk,
             n_rows=len(rows),
             vertices=encode_vertices(np.take(pos, rows, axis=0), dtype),
             fragments=encode_fragments(counts),
-            attributes={name: encode_attribute(np.take(np.asarray(v), rows, axis=0)) for name, v in attributes.items()},
+            attributes={s.name: encode_attribute(np.take(v, rows, axis=0), s.dtype, s.channels, name=s.name, where=at)
+                        for s, v in columns},
         )

@@ -72,6 +72,10 @@ def check_compatible(src, zs: ZVStore) -> list[AttributeSpec]:
         problems.append("the store's points carry object ids and the new points do not (object_ids=...)")
     if src.has_object_ids and not stored_ids:
         problems.append("the new points carry object ids and the store's points do not")
+    if src.crs is not None and zs.metadata.crs is not None and src.crs != zs.metadata.crs:
+        from zv_dask.ingest.las import crs_label
+
+        problems.append(f"the new points are in {crs_label(src.crs)} and the store in {crs_label(zs.metadata.crs)}")
     if problems:
         raise InputError("cannot append: " + "; ".join(problems))
     shards = getattr(zs.root["0/vertices"], "shards", None)
@@ -79,6 +83,18 @@ def check_compatible(src, zs: ZVStore) -> list[AttributeSpec]:
         raise InputError("cannot append to a sharded store yet (its cells are shards that hold many chunks); "
                          "ingest the old and new points together instead")
     return specs
+
+
+def _appended_las_record(zs: ZVStore, src) -> dict | None:
+    """The store's LAS header record with the new files added (``None``: nothing to record)."""
+    block = zs.root.attrs.get("zv_dask")
+    old = block.get("las") if isinstance(block, dict) else None
+    if src.las is None or not isinstance(old, dict):
+        return None
+    files = list(old.get("files") or []) + list(src.las["files"])
+    keys = ("version", "point_format", "scales", "offsets")
+    uniform = bool(old.get("uniform", True)) and all(f.get(k) == old.get(k) for f in files for k in keys)
+    return {**old, "files": files, "uniform": uniform}
 
 
 def recorded_pyramid(zs: ZVStore) -> dict | None:
@@ -263,17 +279,17 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
 
             all_ids, oid, och, ofr = object_entries(root["0"], ndim)
             objects = (all_ids, oid, och, ofr)
-        if (tuple(map(tuple, final_bounds)) != tuple(map(tuple, zs.metadata.bounds))):
+        las = _appended_las_record(zs, src)
+        if (tuple(map(tuple, final_bounds)) != tuple(map(tuple, zs.metadata.bounds))) or las is not None:
             meta = zs.metadata
             meta.bounds = (tuple(map(float, final_bounds[0])), tuple(map(float, final_bounds[1])))
             if grows:
                 _resize_arrays(zs, final_bounds)
-            write_root_metadata(zs, meta)
+            write_root_metadata(zs, meta, extra={"zv_dask": {"las": las}} if las is not None else None)
             job.absorb([])
         per_group = _by_group(old0, grid, groups.starts, None)
         per_entry = _by_group(objects[2], grid, groups.starts, None) if objects is not None else None
         target = job.target()
-        names = [s.name for s in specs]
         layout = l0.layout
         drop = out_of_bounds == "ignore"
         seconds["prepare"] = time.perf_counter() - t1
@@ -286,7 +302,7 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
         if staging is None:
             splits = [delayed(split_task, nout=groups.n_groups)(p, grid, groups.starts, drop, None, layout)
                       for p in src.partitions]
-            writes = [delayed(append_group)([splits[p][g] for p in range(len(splits))], grid, target, names, g,
+            writes = [delayed(append_group)([splits[p][g] for p in range(len(splits))], grid, target, specs, g,
                                             *group_args(g), journal) for g in range(groups.n_groups)]
         else:
             stages = [delayed(stage_task)(p, grid, groups.starts, drop, None, layout, staging, i)
@@ -294,7 +310,7 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
             staged = run_tasks(stages, cl, progress, "shuffle: stage the new points on scratch")
             report.bytes_staged = int(sum(p.nbytes for p in staged))
             refs = group_refs(staged, groups.n_groups)
-            writes = [delayed(append_group)(refs[g], grid, target, names, g, *group_args(g), journal, staging, layout)
+            writes = [delayed(append_group)(refs[g], grid, target, specs, g, *group_args(g), journal, staging, layout)
                       for g in range(groups.n_groups)]
         finished = iter(range(1, len(writes) + 1))
         results = run_tasks(writes, cl, progress, "append to level 0",

@@ -96,7 +96,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
            backend=None, storage_options=None, client=None, compute: bool = True, overwrite: bool = False,
            axes=None, message: str | None = None, progress: bool = False, partition_rows: int | None = None,
            group_points: int | None = None, branch: str = "main", memory_budget=None, scratch=None,
-           resume: bool = False, durable: bool = True, mode: str = "write"):
+           resume: bool = False, durable: bool = True, mode: str = "write", crs=None):
     """Ingest a point cloud into level 0 of a ZV store, in parallel, and optionally build its pyramid.
 
     Parameters
@@ -161,6 +161,11 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         leaves the store as it was (on a plain store it is rolled back from a
         journal; a killed one is undone with ``resume=True`` or
         :func:`~zv_dask.roll_back`).
+    crs
+        The points' coordinate reference system, written to the root ``crs``:
+        ``"EPSG:32610"``, an EPSG number, WKT, PROJJSON or a dict. LAS/LAZ
+        files bring theirs (WKT VLR or GeoTIFF keys; files with different CRS
+        are refused); a ``crs`` given overrides them.
     durable
         Keep the job's journal (and on icechunk, its checkpoints on a job
         branch) while it runs, so that a killed job can resume (default). With
@@ -190,7 +195,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
                                          shard_shape=shard_shape, backend=backend, storage_options=storage_options,
                                          overwrite=overwrite, axes=axes, partition_rows=partition_rows,
                                          branch=branch, budget=budget, slots=slots,
-                                         resume=resume and mode != "append", append=mode == "append")
+                                         resume=resume and mode != "append", append=mode == "append", crs=crs)
     if mode == "append":
         if shard_shape is not None:
             raise InputError("shard_shape is the store's in an append (leave it out)")
@@ -239,7 +244,8 @@ def _pending(points, store, options: dict) -> PendingIngest:
     store = absolute(store)
     cl = resolve_client(options.pop("client"))
     keys = ("attributes", "object_ids", "columns", "chunk_shape", "bounds", "base_bin_shape", "out_of_bounds",
-            "dtype", "shard_shape", "backend", "storage_options", "overwrite", "axes", "partition_rows", "branch")
+            "dtype", "shard_shape", "backend", "storage_options", "overwrite", "axes", "partition_rows", "branch",
+            "crs")
     src, _, _, _ = preflight(points, store, **{k: options[k] for k in keys}, budget=resolve_budget(
         options["memory_budget"], cl), slots=task_slots(cl), resume=options["resume"] and options["mode"] != "append",
         append=options["mode"] == "append")
@@ -248,6 +254,11 @@ def _pending(points, store, options: dict) -> PendingIngest:
     if options["scratch"] is not None:
         options["scratch"] = absolute(options["scratch"])
     return make_job(PendingIngest, ingest, (points, store), options, store)
+
+
+def _root_extra(src) -> dict | None:
+    """zv-dask's own root attributes from the input: the LAS header record."""
+    return {"zv_dask": {"las": src.las}} if src.las is not None else None
 
 
 def _pyramid_identity(pyramid):
@@ -297,7 +308,8 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
     # a plain store that exists gets its metadata back byte for byte if the job fails
     old_metadata = (metadata_docs(plan.existing) if plan.existing is not None and not plan.overwrite
                     and plan.existing.session is None and state is None else None)
-    zs = plan.existing if state is not None else materialize_target(plan, final_bounds, attr_specs)
+    zs = plan.existing if state is not None else materialize_target(plan, final_bounds, attr_specs, crs=src.crs,
+                                                                    extra=_root_extra(src))
     if state is not None:
         sweep_partials(zs.store)  # cells the killed job's tasks were writing
         remove_stale_scratch(zs.url, icechunk=zs.session is not None, options=zs.backend.options)
@@ -342,14 +354,13 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
             skip = np.zeros(groups.n_groups, bool)
             skip[sorted(rec.done)] = True
         target = job.target()
-        names = [s.name for s in specs]
         geoms = fused.geoms if fused is not None else ()
         layout = l0.layout
         splits, writes = [], []
         if todo and staging is None:
             splits = [delayed(split_task, nout=groups.n_groups)(p, grid, groups.starts, drop, units, layout, skip)
                       for p in src.partitions]
-            writes = [delayed(write_group)([splits[p][g] for p in range(len(splits))], grid, 0, target, names, g,
+            writes = [delayed(write_group)([splits[p][g] for p in range(len(splits))], grid, 0, target, specs, g,
                                            geoms, journal) for g in todo]
         elif todo:
             splits = [delayed(stage_task)(p, grid, groups.starts, drop, units, layout, staging, i, skip)
@@ -373,7 +384,7 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
                           memory_budget=budget.per_worker, shuffle=l0.shuffle.mode,
                           scratch=staging.url if staging is not None else None,
                           resumed=state is not None, groups_resumed=len(rec.done),
-                          scheduler=describe_scheduler(cl))
+                          scheduler=describe_scheduler(cl), crs=src.crs)
     level_label = ("shuffle and write level 0" if staging is None else "write level 0") + (
         f" and levels 1-{fused.numbers[-1]}" if fused is not None and len(fused.levels) > 1
         else " and level 1" if fused is not None else "")
@@ -391,7 +402,7 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
             seconds["stage"] = time.perf_counter() - t
             report.bytes_staged = int(sum(p.nbytes for p in staged))
             refs = group_refs(staged, groups.n_groups)
-            writes = [delayed(write_staged_group)(refs[g], staging, layout, grid, 0, target, names, g, geoms, journal)
+            writes = [delayed(write_staged_group)(refs[g], staging, layout, grid, 0, target, specs, g, geoms, journal)
                       for g in todo]
             new = run_tasks(writes, cl, progress, level_label, on_result=rec.on_group)
         results: list = [None] * groups.n_groups

@@ -175,7 +175,7 @@ def preflight(points, store, *, attributes=None, object_ids=None, columns=None, 
               base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, backend=None,
               storage_options=None, overwrite: bool = False, axes=None, partition_rows: int | None = None,
               branch: str = "main", budget: MemoryBudget | None = None, slots: int = 1, resume: bool = False,
-              append: bool = False):
+              append: bool = False, crs=None):
     """The checks an ingest job makes before reading any point: input, target store and geometry.
 
     Cheap (file headers and store metadata only) and writes nothing. Raises the
@@ -185,7 +185,7 @@ def preflight(points, store, *, attributes=None, object_ids=None, columns=None, 
     """
     if out_of_bounds not in POLICIES:
         raise InputError(f"out_of_bounds={out_of_bounds!r} is not one of {POLICIES}")
-    kw = dict(attributes=attributes, object_ids=object_ids, columns=columns)
+    kw = dict(attributes=attributes, object_ids=object_ids, columns=columns, crs=crs)
     rows = auto_partition_rows(points, partition_rows, slots)
     src = as_source(points, partition_rows=rows, **kw)
     dt, dt_reason = choose_dtype(dtype, src)
@@ -213,7 +213,7 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
                 base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, pyramid=None,
                 backend=None, storage_options=None, client=None, overwrite: bool = False, axes=None,
                 progress: bool = False, partition_rows: int | None = None, group_points: int | None = None,
-                branch: str = "main", memory_budget=None, scratch=None, mode: str = "write") -> IngestPlan:
+                branch: str = "main", memory_budget=None, scratch=None, mode: str = "write", crs=None) -> IngestPlan:
     """Plan an ingest job without writing: the scan pass runs, the store is only inspected.
 
     Takes the arguments of :func:`zv_dask.ingest` (those that change what is
@@ -240,7 +240,7 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
                                          base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,
                                          shard_shape=shard_shape, backend=backend, storage_options=storage_options,
                                          overwrite=overwrite, axes=axes, partition_rows=partition_rows,
-                                         branch=branch, budget=budget, slots=slots, append=mode == "append")
+                                         branch=branch, budget=budget, slots=slots, append=mode == "append", crs=crs)
     append_builder = None
     if mode == "append":
         from zv_dask.ingest.append import _pyramid_builder, check_compatible

@@ -38,6 +38,7 @@ class IngestReport:
     resumed: bool = False  # this run continued an interrupted job
     groups_resumed: int = 0  # write groups the interrupted job had finished (not written again)
     pyramid_tasks_resumed: int = 0  # pyramid tasks the interrupted job had finished (not run again)
+    crs: dict | None = None  # the root ``crs`` written (from the LAS headers or as given)
     scheduler: str = ""  # where the tasks ran (a cluster's address and workers, or this process)
     seconds: dict = field(default_factory=dict)
     snapshot_id: str | None = None
@@ -72,6 +73,10 @@ class IngestReport:
                  f"  shuffle     {self.shuffle}" + (
                      f", {_fmt_bytes(self.bytes_staged)} staged on {self.scratch}" if self.shuffle == "staged" else "")
                  + (f" (memory budget {_fmt_bytes(self.memory_budget)} per worker)" if self.memory_budget else "")]
+        if self.crs:
+            from zv_dask.ingest.las import crs_label
+
+            lines.append(f"  crs         {crs_label(self.crs)}")
         if self.scheduler:
             lines.append(f"  scheduler   {self.scheduler}")
         for lv in self.levels:

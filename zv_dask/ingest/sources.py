@@ -22,6 +22,7 @@ import numpy as np
 
 from zv_dask.errors import InputError
 from zv_dask.ingest.inputs import check_attributes, check_object_ids, check_positions
+from zv_dask.ingest.las import choose_attributes, choose_crs, las_record, las_slice, normalize_crs, read_las_files
 
 __all__ = ["Batch", "Source", "as_source", "DEFAULT_PARTITION_ROWS"]
 
@@ -64,6 +65,8 @@ class Source:
     n_rows: int | None = None
     description: str = ""
     in_memory: bool = False  # the data sit in this process (numpy, pandas): ship them to workers once
+    crs: dict | None = None  # the root ``crs`` the input declares (LAS headers) or the user gave
+    las: dict | None = None  # the LAS header record (``zv_dask`` -> ``las`` in the root attributes)
 
 
 # -- helpers that run on workers (top level so they pickle by reference) ---------------
@@ -93,22 +96,8 @@ def _npy_slice(path, start, stop, columns) -> Batch:
     return Batch(block, {}, None)
 
 
-LAS_ATTRIBUTES = ("intensity", "classification", "return_number", "number_of_returns", "gps_time", "rgb")
-
-
-def _las_slice(path, start, count, attr_names) -> Batch:
-    import laspy
-
-    with laspy.open(path) as reader:
-        reader.seek(start)
-        pts = reader.read_points(count)
-    pos = np.column_stack([np.asarray(pts.x, np.float64), np.asarray(pts.y, np.float64), np.asarray(pts.z, np.float64)])
-    attrs = {}
-    for name in attr_names:
-        if name == "rgb":
-            attrs["rgb"] = np.column_stack([np.asarray(pts.red), np.asarray(pts.green), np.asarray(pts.blue)])
-        else:
-            attrs[name] = np.asarray(pts[name])
+def _las_batch(path, start, count, specs) -> Batch:
+    pos, attrs = las_slice(path, start, count, specs)
     return Batch(pos, attrs, None)
 
 
@@ -332,7 +321,7 @@ def _kind_of(path: str) -> str:
     return kind
 
 
-def _from_files(paths, columns, attributes, object_ids, partition_rows) -> Source:
+def _from_files(paths, columns, attributes, object_ids, partition_rows, crs=None) -> Source:
     files = _expand(paths)
     kinds = {_kind_of(f) for f in files}
     if len(kinds) > 1:
@@ -376,7 +365,7 @@ def _from_files(paths, columns, attributes, object_ids, partition_rows) -> Sourc
                            object_ids, partition_rows, kind="zarr")
         src.description = desc
         return src
-    return _from_las(files, attributes, partition_rows, desc)
+    return _from_las(files, attributes, partition_rows, desc, crs)
 
 
 def _from_npy(files, columns, partition_rows, desc) -> Source:
@@ -411,54 +400,43 @@ def _from_npy(files, columns, partition_rows, desc) -> Source:
     return Source(parts, ndim, np.dtype(dtype), specs, False, axes=cols, kind="npy", n_rows=total, description=desc)
 
 
-def _from_las(files, attributes, partition_rows, desc) -> Source:
+def _from_las(files, attributes, partition_rows, desc, crs=None) -> Source:
     from dask import delayed
 
-    try:
-        import laspy
-    except ImportError as e:  # pragma: no cover
-        raise InputError("reading LAS/LAZ needs laspy with lazrs: pip install 'zv-dask[las]'") from e
-    parts, total, names = [], 0, None
-    for f in files:
-        try:
-            with laspy.open(f) as reader:
-                header = reader.header
-                dims = set(header.point_format.dimension_names)
-                n = int(header.point_count)
-        except Exception as e:  # noqa: BLE001
-            raise InputError(f"{f!r} is not a valid LAS/LAZ file: {e}") from None
-        avail = [a for a in LAS_ATTRIBUTES if a in dims or (a == "rgb" and {"red", "green", "blue"} <= dims)]
-        if attributes is not None:
-            bad = [a for a in attributes if a not in avail and a not in dims]
-            if bad:
-                raise InputError(f"{f!r} has no dimension(s) {bad}; it has {sorted(dims)}")
-            avail = list(attributes)
-        if names is not None and avail != names:
-            avail = [a for a in names if a in avail]
-        names = avail
-        total += n
-        for start in range(0, n, partition_rows):
-            parts.append((f, start, min(partition_rows, n - start)))
-    parts = [delayed(_las_slice, pure=True)(f, s, c, names) for f, s, c in parts]
-    dtypes = {"intensity": ("uint16", None), "classification": ("uint8", None), "return_number": ("uint8", None),
-              "number_of_returns": ("uint8", None), "gps_time": ("float64", None), "rgb": ("uint16", 3)}
-    specs = {a: dtypes.get(a, ("float64", None)) for a in names}
+    headers = read_las_files(files)
+    specs = choose_attributes(headers, attributes)
+    job_crs = choose_crs(headers, crs)
+    total = sum(h.points for h in headers)
     if not total:
         raise InputError(f"the LAS/LAZ input {files} holds no points")
-    return Source(parts, 3, np.dtype("float64"), specs, False, axes=["x", "y", "z"], kind="las", n_rows=total,
-                  description=desc)
+    parts = [delayed(_las_batch, pure=True)(h.path, start, min(partition_rows, h.points - start), specs)
+             for h in headers for start in range(0, h.points, partition_rows)]
+    return Source(parts, 3, np.dtype("float64"), dict(specs), False, axes=["x", "y", "z"], kind="las",
+                  n_rows=total, description=desc, crs=job_crs, las=las_record(headers, specs))
 
 
 def as_source(points, *, attributes=None, object_ids=None, columns=None,
-              partition_rows: int | None = None) -> Source:
-    """Recognise the input kind and describe it as lazy partitions."""
+              partition_rows: int | None = None, crs=None) -> Source:
+    """Recognise the input kind and describe it as lazy partitions.
+
+    ``crs`` is the input's coordinate system: LAS/LAZ headers declare theirs
+    (and a ``crs`` given overrides them); other inputs have the one given.
+    """
+    src = _as_source(points, attributes, object_ids, columns, partition_rows, crs)
+    if src.kind != "las":
+        src.crs = normalize_crs(crs)
+    return src
+
+
+def _as_source(points, attributes, object_ids, columns, partition_rows, crs) -> Source:
     partition_rows = int(partition_rows or DEFAULT_PARTITION_ROWS)
     if partition_rows < 1:
         raise InputError(f"partition_rows must be >= 1, got {partition_rows}")
+    normalize_crs(crs)  # a CRS that means nothing fails before the input is read
     mod = type(points).__module__.split(".")[0]
     if isinstance(points, (str, os.PathLike)) or (isinstance(points, (list, tuple)) and points
                                                    and all(isinstance(p, (str, os.PathLike)) for p in points)):
-        return _from_files(points, columns, attributes, object_ids, partition_rows)
+        return _from_files(points, columns, attributes, object_ids, partition_rows, crs)
     if mod == "xarray":
         return _from_xarray(points, columns, attributes, object_ids, partition_rows)
     if mod in ("pandas", "dask") and hasattr(points, "columns"):

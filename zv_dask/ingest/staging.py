@@ -33,7 +33,7 @@ from zv_dask.ingest.sources import Batch
 from zv_dask.store.backends import prefix_store, url_scheme
 
 __all__ = ["PieceLayout", "Scratch", "StagedPartition", "stage_partition", "load_group", "group_refs",
-           "default_scratch", "remove_stale_scratch", "SCRATCH_DIR"]
+           "default_scratch", "remove_stale_scratch", "lossless_cast", "SCRATCH_DIR"]
 
 SCRATCH_DIR = ".zv-scratch"
 CONCURRENCY = 32  # range reads in flight per write task
@@ -41,6 +41,42 @@ CONCURRENCY = 32  # range reads in flight per write task
 
 def _pad8(n):
     return (np.asarray(n, np.int64) + 7) // 8 * 8
+
+
+def lossless_cast(name: str, values, dtype) -> np.ndarray:
+    """An attribute's values in its declared ``dtype`` when the cast changes no value; else :class:`InputError`.
+
+    A partition may hold another dtype than its source declared (a table column
+    inferred differently in one file, a reader that keeps a file's native type).
+    Widening (uint16 into float64) and casts every value survives (int64 values
+    that fit int32) are made; a cast that would change a value (a fraction or
+    NaN into an integer, float64 into float32, an integer out of range) is
+    refused, naming the attribute, rather than writing other numbers than the
+    input's. Values are compared only when the dtypes cannot always cast safely.
+    """
+    a = np.asarray(values)
+    dt = np.dtype(dtype)
+    if a.dtype == dt:
+        return a
+    wide_ints = a.dtype.kind in "iu" and dt.kind == "f" and a.dtype.itemsize >= dt.itemsize  # int64 -> float64
+    if np.can_cast(a.dtype, dt, "safe") and not wide_ints:
+        return a.astype(dt)
+    bad = None
+    try:
+        with np.errstate(all="ignore"):
+            cast = a.astype(dt)
+            same = np.asarray(cast.astype(a.dtype) == a, dtype=bool)
+            if a.dtype.kind == "f" and dt.kind == "f":
+                same |= np.isnan(a) & np.isnan(cast)
+        if same.all():
+            return cast
+        bad = a.reshape(-1)[int(np.argmin(same.reshape(-1)))]
+    except (TypeError, ValueError, OverflowError):
+        pass
+    example = f" (e.g. {bad})" if bad is not None else ""
+    fix = f"declare it as {a.dtype.name} or cast the input" if a.dtype.kind in "biuf" else "cast the input"
+    raise InputError(f"attribute {name!r} is declared {dt.name} but a partition holds {a.dtype.name} values that "
+                     f"{dt.name} cannot hold exactly{example}; {fix}")
 
 
 @dataclass(frozen=True)
@@ -80,12 +116,16 @@ class PieceLayout:
         return int(sum(dt.itemsize * int(np.prod(shape)) for _, dt, shape in self._columns()))
 
     def conform(self, b: Batch) -> Batch:
-        """``b`` with every attribute in its declared dtype: what the store declares is what its cells hold."""
+        """``b`` with every attribute in its declared dtype: what the store declares is what its cells hold.
+
+        Only casts that keep every value are made (:func:`lossless_cast`); any
+        other is an :class:`InputError` naming the attribute.
+        """
         attrs = dict(b.attributes)
         for name, dt, _ in self.attributes:
             a = attrs.get(name)
             if a is not None and np.asarray(a).dtype != np.dtype(dt):
-                attrs[name] = np.asarray(a).astype(dt)
+                attrs[name] = lossless_cast(name, a, dt)
         if all(attrs[k] is b.attributes[k] for k in attrs):
             return b
         return Batch(b.positions, attrs, b.object_ids, b.cells, b.fragments)

@@ -204,15 +204,19 @@ def _append_target(store, existing: ZVStore | None, *, ndim, chunk_shape, bounds
                       existing.grid(0).dtype, meta.axes, backend, storage_options, False, branch, None, [])
 
 
-def materialize_target(plan: TargetPlan, final_bounds, attribute_specs: dict | None = None) -> ZVStore:
-    """Create (or reset) the store with the settled bounds. The first write of a job."""
+def materialize_target(plan: TargetPlan, final_bounds, attribute_specs: dict | None = None, *, crs: dict | None = None,
+                       extra: dict | None = None) -> ZVStore:
+    """Create (or reset) the store with the settled bounds, the input's ``crs`` and zv-dask's ``extra``
+    root attributes (the LAS header record). The first write of a job."""
     if plan.existing is not None and not plan.overwrite:
         zs = plan.existing
         meta = zs.metadata
         meta.bounds = (tuple(map(float, final_bounds[0])), tuple(map(float, final_bounds[1])))
         if attribute_specs:
             meta.attribute_specs = attribute_specs
-        write_root_metadata(zs, meta)
+        if crs is not None:
+            meta.crs = crs
+        write_root_metadata(zs, meta, extra=extra)
         return zs
     target = plan.existing if plan.existing is not None else plan.target
     if isinstance(target, ZVStore):
@@ -223,12 +227,15 @@ def materialize_target(plan: TargetPlan, final_bounds, attribute_specs: dict | N
         src = be.session if be.session is not None else (be.url if be.kind == "local" else be.store)
         zs = create_store(src, bounds=final_bounds, chunk_shape=plan.chunk_shape,
                           base_bin_shape=plan.base_bin_shape, vertex_dtype=plan.dtype, axes=plan.axes,
-                          attribute_specs=attribute_specs, overwrite=True)
+                          attribute_specs=attribute_specs, crs=crs, overwrite=True)
         if be.session is not None:
             zs.backend = be
             zs.root = zarr.open_group(be.store, mode="r+", zarr_format=3)
-        return zs
-    return create_store(target, bounds=final_bounds, chunk_shape=plan.chunk_shape, base_bin_shape=plan.base_bin_shape,
-                        vertex_dtype=plan.dtype, axes=plan.axes, attribute_specs=attribute_specs,
-                        backend=plan.backend, storage_options=plan.storage_options, branch=plan.branch,
-                        overwrite=plan.overwrite)
+    else:
+        zs = create_store(target, bounds=final_bounds, chunk_shape=plan.chunk_shape,
+                          base_bin_shape=plan.base_bin_shape, vertex_dtype=plan.dtype, axes=plan.axes,
+                          attribute_specs=attribute_specs, crs=crs, backend=plan.backend,
+                          storage_options=plan.storage_options, branch=plan.branch, overwrite=plan.overwrite)
+    if extra:
+        zs.root.attrs.update(extra)
+    return zs

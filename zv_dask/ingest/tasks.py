@@ -51,7 +51,7 @@ def _recorded(result, journal: Journal | None, group_index: int):
     return result
 
 
-def write_staged_group(refs, scratch: Scratch, layout: PieceLayout, grid: Grid, level: int, target, attr_names,
+def write_staged_group(refs, scratch: Scratch, layout: PieceLayout, grid: Grid, level: int, target, attributes,
                        group_index: int, geoms=(), journal: Journal | None = None):
     """:func:`write_group` of a group whose pieces are on scratch (``refs``: where, in input order)."""
     try:
@@ -61,18 +61,21 @@ def write_staged_group(refs, scratch: Scratch, layout: PieceLayout, grid: Grid, 
     except Exception as e:  # noqa: BLE001 - name the stage and the group, keep the cause
         raise IngestError(f"reading the staged pieces of group {group_index} from {scratch.where()} failed: "
                           f"{type(e).__name__}: {e}", stage="write") from e
-    return _recorded(_write_batch(batch, grid, level, target, attr_names, group_index, geoms), journal,
+    return _recorded(_write_batch(batch, grid, level, target, attributes, group_index, geoms), journal,
                      group_index)
 
 
-def write_group(pieces, grid: Grid, level: int, target, attr_names, group_index: int, geoms=(),
+def write_group(pieces, grid: Grid, level: int, target, attributes, group_index: int, geoms=(),
                 journal: Journal | None = None):
     """Write one group's chunks, and the coarse levels ``geoms`` describe (whole regions).
 
+    ``attributes`` are the level's :class:`~zv_dask.store.levels.AttributeSpec`,
+    as its arrays declare them: the cells are encoded against them, so values of
+    another dtype fail the task with a :class:`~zv_dask.errors.FormatError`.
     Returns ``(ChunkSummary, BatchResult or None, fork or None)``; with a
     ``journal``, records the group finished once its cells are written.
     """
-    return _recorded(_write_batch(merge_pieces(list(pieces)), grid, level, target, attr_names, group_index, geoms),
+    return _recorded(_write_batch(merge_pieces(list(pieces)), grid, level, target, attributes, group_index, geoms),
                      journal, group_index)
 
 
@@ -86,7 +89,7 @@ def _lay_out(positions, attributes: dict, oids, grid: Grid, cells=None, fragment
     return plan, level0
 
 
-def _write_batch(batch, grid: Grid, level: int, target, attr_names, group_index: int, geoms=()):
+def _write_batch(batch, grid: Grid, level: int, target, attributes, group_index: int, geoms=()):
     if batch is None:
         empty = ChunkSummary(np.zeros((0, grid.ndim), np.int64), np.zeros(0, np.int64))
         return empty, (BatchResult() if geoms else None), returned_fork(target)
@@ -98,8 +101,9 @@ def _write_batch(batch, grid: Grid, level: int, target, attr_names, group_index:
         plan, level0 = _lay_out(batch.positions, batch.attributes, oids, grid, batch.cells, batch.fragments)
         first = ".".join(map(str, plan.chunks[0])) if plan.n_chunks else None
         del batch
-        nbytes = write_chunk_payloads(zstore, level, grid, list(encode_level(level0, plan, grid.dtype)),
-                                      list(attr_names))
+        specs = list(attributes)
+        nbytes = write_chunk_payloads(zstore, level, grid, list(encode_level(level0, plan, grid.dtype, specs,
+                                                                             level=level)), specs)
     except ZVError:
         raise
     except Exception as e:  # noqa: BLE001 - name the stage and chunk, keep the cause
@@ -110,13 +114,14 @@ def _write_batch(batch, grid: Grid, level: int, target, attr_names, group_index:
     return summary, coarse, returned_fork(target)
 
 
-def append_group(pieces, grid: Grid, target, attr_names, group_index: int, old_chunks: np.ndarray, old_objects,
+def append_group(pieces, grid: Grid, target, attributes, group_index: int, old_chunks: np.ndarray, old_objects,
                  journal: Journal | None = None, scratch: Scratch | None = None, layout: PieceLayout | None = None):
     """Append one group's new points to the level-0 chunks they fall in.
 
     ``old_chunks`` are the group's chunks that hold points already, and
     ``old_objects`` their ``(oid, chunk, fragment)`` entries (stores with object
-    ids). Each touched chunk is laid out again from its old rows followed by the
+    ids); ``attributes`` the store's level-0 :class:`~zv_dask.store.levels.AttributeSpec`.
+    Each touched chunk is laid out again from its old rows followed by the
     new ones in input order, which is the cell an ingest of both would write.
     With a ``journal`` (plain stores) the touched cells' old bytes are kept
     first; a retried task puts them back before it starts. ``pieces`` are the
@@ -129,6 +134,8 @@ def append_group(pieces, grid: Grid, target, attr_names, group_index: int, old_c
     from zv_dask.store.preimage import restore_cells, save_cells
 
     ndim = grid.ndim
+    specs = list(attributes)
+    attr_names = [s.name for s in specs]
     zstore = worker_store(target)
     first = None
     try:
@@ -164,7 +171,8 @@ def append_group(pieces, grid: Grid, target, attr_names, group_index: int, old_c
                                   chunk=first)
             oids = np.concatenate([old_ids, new_oids])
         plan, level0 = _lay_out(positions, attrs, oids, grid)
-        nbytes = write_chunk_payloads(zstore, 0, grid, list(encode_level(level0, plan, grid.dtype)), list(attr_names))
+        nbytes = write_chunk_payloads(zstore, 0, grid, list(encode_level(level0, plan, grid.dtype, specs, level=0)),
+                                      specs)
     except ZVError:
         raise
     except Exception as e:  # noqa: BLE001 - name the stage and chunk, keep the cause

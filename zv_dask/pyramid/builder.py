@@ -338,7 +338,7 @@ class PyramidBuilder:
                                    self.opts["sample_size"], self.opts["seed"], step.level)
             axes, created, returned = self._plan_links(parent_scale, step)
             geom = StepGeometry(step.level, parent_grid, grid, self.bpc, tuple(parent_scale), step.total_scale,
-                                params, self.links, tuple(s.name for s in specs), self.plain, returned)
+                                params, self.links, tuple(specs), self.plain, returned)
             bin_shape = tuple(float(b) * r for b, r in zip(meta.effective_bin_shape, step.total_ratio))
             lv = _Level(step, geom, specs, bin_shape, axes, created)
             levels.append(lv)

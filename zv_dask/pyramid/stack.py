@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zv_dask.format.cells import encode_fragments, raw_view
+from zv_dask.format.cells import encode_attribute, encode_fragments, raw_view
 from zv_dask.format.grid import Grid
-from zv_dask.format.layout import ChunkPayload, ChunkPlan
+from zv_dask.format.layout import ChunkPayload, ChunkPlan, declared_attributes
 from zv_dask.format.links import LinkCells, plan_link_cells, plan_link_runs
 from zv_dask.pyramid.coarsen import CoarsenParams, coarsen_points, coarsen_runs, plan_coarse
 
@@ -124,9 +124,14 @@ class StepGeometry:
     scale: tuple[int, ...]  # S_k
     params: CoarsenParams
     links: str  # "none", "implicit" (+1 only) or "explicit" (+1 and -1)
-    write_names: tuple[str, ...] = ()  # the level's attributes, in the order its arrays were created
+    write_specs: tuple = ()  # the level's AttributeSpecs, in the order its arrays were created: what cells hold
     plain: bool = False  # every array of the level (and its links) is plain vlen-bytes: PUT cells directly
     returned_links: tuple[int, ...] = ()  # link families (deltas) whose cells go back to the coordinator
+
+    @property
+    def write_names(self) -> tuple[str, ...]:
+        """The names of the level's attributes (of :attr:`write_specs`)."""
+        return tuple(s.name for s in self.write_specs)
 
 
 @dataclass
@@ -248,20 +253,29 @@ def level_links(fine: LevelPoints, coarse: CoarseLevel, step: StepGeometry) -> t
     return up, down
 
 
-def encode_level(points: LevelPoints, plan: ChunkPlan, dtype: str):
+def encode_level(points: LevelPoints, plan: ChunkPlan, dtype: str, specs, *, level: int | None = None):
     """Yield a :class:`~zv_dask.format.layout.ChunkPayload` per chunk of a level in storage order.
 
-    Payloads are views of ``points`` where the layout allows (no copy until the write).
+    Payloads are views of ``points`` where the layout allows (no copy until the
+    write). ``specs`` declare the level's attribute arrays: each attribute cell is
+    encoded against its declaration (:func:`~zv_dask.format.cells.encode_attribute`),
+    so values of another dtype are a :class:`~zv_dask.errors.FormatError` naming
+    ``level``, the attribute and both dtypes, not a cell of the wrong width.
     """
     pos = points.positions
     rs = plan.row_splits
+    where = f"level {level}" if level is not None else ""
+    columns = declared_attributes(points.attributes, specs, where)
     for m in range(plan.n_chunks):
         a, b = int(rs[m]), int(rs[m + 1])
         counts = plan.fragment_counts[plan.frag_splits[m]:plan.frag_splits[m + 1]]
+        chunk = tuple(int(x) for x in plan.chunks[m])
+        at = f"{where + ' ' if where else ''}chunk {'.'.join(map(str, chunk))}"
         yield ChunkPayload(
-            chunk=tuple(int(x) for x in plan.chunks[m]),
+            chunk=chunk,
             n_rows=b - a,
             vertices=raw_view(pos[a:b], dtype),
             fragments=encode_fragments(counts),
-            attributes={k: raw_view(v[a:b]) for k, v in points.attributes.items()},
+            attributes={s.name: encode_attribute(v[a:b], s.dtype, s.channels, name=s.name, where=at, view=True)
+                        for s, v in columns},
         )

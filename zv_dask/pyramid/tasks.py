@@ -19,7 +19,7 @@ from zv_dask.format.links import LinkCells
 from zv_dask.pyramid import stack
 from zv_dask.pyramid.stack import LevelPoints, StepGeometry
 from zv_dask.read import row_object_ids
-from zv_dask.store.levels import ChunkSummary, read_chunks, write_cells
+from zv_dask.store.levels import ChunkSummary, payload_targets, read_chunks, write_cells
 from zv_dask.transaction import returned_fork, worker_store
 
 __all__ = ["BatchResult", "build_levels", "link_targets", "batch_task"]
@@ -74,12 +74,8 @@ def build_levels(zstore, fine: LevelPoints, geoms: tuple[StepGeometry, ...],
             fail_point(f"level:{k}")
             coarse = stack.coarsen_level(fine, geom)
             up, down = stack.level_links(fine, coarse, geom)
-            payloads = list(stack.encode_level(coarse.points, coarse.plan, geom.grid.dtype))
-            cells = geom.grid.cells(coarse.plan.chunks)
-            targets = [(f"{k}/vertices", cells, [p.vertices for p in payloads]),
-                       (f"{k}/vertex_fragments", cells, [p.fragments for p in payloads])]
-            targets += [(f"{k}/vertex_attributes/{n}", cells, [p.attributes[n] for p in payloads])
-                        for n in geom.write_names]
+            payloads = list(stack.encode_level(coarse.points, coarse.plan, geom.grid.dtype, geom.write_specs, level=k))
+            targets = payload_targets(k, geom.grid, payloads, list(geom.write_specs)) if payloads else []
             for delta, owner, cells_, grid in ((1, k - 1, up, geom.fine_grid), (-1, k, down, geom.grid)):
                 family = link_targets(cells_, owner, delta, grid, out)
                 if delta in geom.returned_links:

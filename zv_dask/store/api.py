@@ -400,11 +400,14 @@ def write_root_metadata(store: ZVStore, meta: RootMetadata, level_bins: dict[int
     old = attrs.get("ome")
     if isinstance(old, dict):
         ome = {**old, **{k: ome[k] for k in ("version", "type", "nodes", "attributes")}, "name": old.get("name", ome["name"])}
+    extra = dict(extra or {})
+    if isinstance(extra.get("zv_dask"), dict) and isinstance(attrs.get("zv_dask"), dict):
+        extra["zv_dask"] = {**attrs["zv_dask"], **extra["zv_dask"]}  # one block, several writers (las, pyramid)
     store.root.attrs.update({
         "zarr_vectors": meta.to_dict(),
         "multiscales": multiscales_block(meta.axes, meta.effective_bin_shape, level_bins),
         "ome": ome,
-        **(extra or {}),
+        **extra,
     })
 
 
@@ -569,11 +572,19 @@ def store_info(store, *, storage_options: dict | None = None, backend: str | Non
         "bounds": [list(meta.bounds[0]), list(meta.bounds[1])],
         "format_capabilities": meta.format_capabilities,
         "cross_level_links": {"depth": int(meta.cross_level_depth), "storage": meta.cross_level_storage},
+        "crs": meta.crs,
+        "las": _las_summary(store.root.attrs.get("zv_dask")),
         "backend": store.backend.kind,
         "levels": levels,
         "parametric_types": read_parametric_types(store),
         "unfinished_job": unfinished,
     }
+
+
+def _las_summary(block) -> dict | None:
+    """The LAS header record of the root's ``zv_dask`` block (``None`` for other inputs)."""
+    las = block.get("las") if isinstance(block, dict) else None
+    return las if isinstance(las, dict) else None
 
 
 # -- transactions ---------------------------------------------------------------------

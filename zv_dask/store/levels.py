@@ -37,6 +37,7 @@ __all__ = [
     "AttributeSpec",
     "ChunkSummary",
     "prepare_level",
+    "payload_targets",
     "write_chunk_payloads",
     "write_cells",
     "finalize_level",
@@ -160,20 +161,47 @@ def frame_parts(payload) -> tuple:
     return (_FRAME_HEADER.pack(1, sum(len(p) for p in parts)),) + parts
 
 
+def payload_targets(level: int, grid: Grid, payloads: list[ChunkPayload], attributes: list[AttributeSpec]) -> list:
+    """The :func:`write_cells` targets of encoded chunks: vertices, fragments and one per declared attribute.
+
+    ``attributes`` are the level's attribute arrays as they were created. Every
+    attribute cell must hold exactly ``rows x channels x itemsize`` bytes of its
+    declaration, whatever made the payload: a :class:`FormatError` (naming the
+    level, attribute, chunk and sizes) rather than a cell a reader cannot decode.
+    A length per cell, so no write path (plain frames PUT directly, or zarr's
+    codecs) can store an attribute cell of another width.
+    """
+    cells = grid.cells(np.array([p.chunk for p in payloads], np.int64).reshape(len(payloads), grid.ndim))
+    targets = [(f"{level}/vertices", cells, [p.vertices for p in payloads]),
+               (f"{level}/vertex_fragments", cells, [p.fragments for p in payloads])]
+    for spec in attributes:
+        row = np.dtype(spec.dtype).itemsize * (spec.channels or 1)
+        values = []
+        for p in payloads:
+            v = p.attributes.get(spec.name)
+            if v is None:
+                raise FormatError(f"level {level} chunk {'.'.join(map(str, p.chunk))}: no cell for attribute "
+                                  f"{spec.name!r}; the chunk's payload holds {sorted(p.attributes)}")
+            nbytes = payload_size(v)
+            if nbytes != p.n_rows * row:
+                raise FormatError(f"level {level} chunk {'.'.join(map(str, p.chunk))}: attribute {spec.name!r} is "
+                                  f"declared {spec.dtype} x {spec.channels or 1} ({row} bytes a row) but its cell "
+                                  f"holds {nbytes} bytes for {p.n_rows} rows")
+            values.append(v)
+        targets.append((f"{level}/vertex_attributes/{spec.name}", cells, values))
+    return targets
+
+
 def write_chunk_payloads(zstore, level: int, grid: Grid, payloads: list[ChunkPayload],
-                         attribute_names: list[str]) -> int:
+                         attributes: list[AttributeSpec]) -> int:
     """Write the cells of ``payloads`` into level ``level`` of the store; returns payload bytes written.
 
+    ``attributes`` are the level's :class:`AttributeSpec` (see :func:`payload_targets`).
     See :func:`write_cells`; chunks of one shard must all be in one call.
     """
     if not payloads:
         return 0
-    cells = grid.cells(np.array([p.chunk for p in payloads], np.int64))
-    targets = [(f"{level}/vertices", cells, [p.vertices for p in payloads]),
-               (f"{level}/vertex_fragments", cells, [p.fragments for p in payloads])]
-    targets += [(f"{level}/vertex_attributes/{n}", cells, [p.attributes[n] for p in payloads])
-                for n in attribute_names]
-    return write_cells(zstore, targets)
+    return write_cells(zstore, payload_targets(level, grid, payloads, attributes))
 
 
 def write_cells(zstore, targets: list[tuple[str, np.ndarray, list[bytes]]], *, plain: bool | None = None) -> int:
