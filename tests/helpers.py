@@ -110,3 +110,22 @@ def reference_links(path, level, delta):
     src = np.array([first_src[tuple(c)] for c in chunks[:, 0].tolist()], np.int64) + vi[:, 0]
     dst = np.array([first_dst[tuple(c)] for c in chunks[:, 1].tolist()], np.int64) + vi[:, 1]
     return src, dst
+
+
+def fill_las_dimensions(las, rng, n: int) -> None:
+    """Every dimension of a LAS file's point format but X/Y/Z set to varied values (bit fields, ints, floats,
+    and the 3-element extra-bytes ``triple``)."""
+    import numpy as np
+
+    for d in las.header.point_format.dimensions:
+        if d.name in ("X", "Y", "Z"):
+            continue
+        if d.name == "triple":
+            las.triple = rng.integers(0, 65535, (n, 3), dtype=np.uint16)
+        elif d.dtype is None:  # a bit field
+            las[d.name] = rng.integers(0, 2 ** d.num_bits, n).astype(np.uint8)
+        elif np.dtype(d.dtype).kind == "f":
+            las[d.name] = rng.uniform(0, 1e6, n).astype(d.dtype)
+        else:
+            info = np.iinfo(d.dtype)
+            las[d.name] = rng.integers(info.min, info.max, n, endpoint=True).astype(d.dtype)

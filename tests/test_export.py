@@ -19,6 +19,7 @@ from laspy.vlrs.known import GeoKeyDirectoryVlr, WktCoordinateSystemVlr
 import zv_dask
 from zv_dask.errors import InputError, StoreError
 from zv_dask.format.las_layout import choose_point_format, las_record, to_integers
+from helpers import fill_las_dimensions
 
 BIN = Path(sys.executable).parent / "zv-dask"
 N = 5000
@@ -61,18 +62,7 @@ def write_las(path, fmt, seed=0, n=N):
     las.X = rng.integers(0, 400_000, n, dtype=np.int32)
     las.Y = rng.integers(-50_000, 350_000, n, dtype=np.int32)
     las.Z = rng.integers(0, 90_000, n, dtype=np.int32)
-    for d in h.point_format.dimensions:
-        if d.name in ("X", "Y", "Z"):
-            continue
-        if d.name == "triple":
-            las.triple = rng.integers(0, 65535, (n, 3), dtype=np.uint16)
-        elif d.dtype is None:  # a bit field
-            las[d.name] = rng.integers(0, 2 ** d.num_bits, n).astype(np.uint8)
-        elif np.dtype(d.dtype).kind == "f":
-            las[d.name] = rng.uniform(0, 1e6, n).astype(d.dtype)
-        else:
-            info = np.iinfo(d.dtype)
-            las[d.name] = rng.integers(info.min, info.max, n, endpoint=True).astype(d.dtype)
+    fill_las_dimensions(las, rng, n)
     las.write(str(path))
     return path
 

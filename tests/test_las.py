@@ -12,7 +12,7 @@ from laspy.vlrs.known import GeoKeyDirectoryVlr, WktCoordinateSystemVlr
 
 import zv_dask
 from zv_dask.errors import InputError
-from helpers import reference_validate
+from helpers import fill_las_dimensions, reference_validate
 
 DATA = Path(__file__).parent / "data"
 WKT = ('PROJCS["WGS 84 / UTM zone 10N",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
@@ -39,18 +39,7 @@ def write_las(path, fmt, rng, n=1500, wkt=WKT, extra=True, version=None):
     las.x = 500000 + rng.uniform(0, 900, n)
     las.y = 4000000 + rng.uniform(0, 900, n)
     las.z = rng.uniform(-5, 95, n)
-    for d in h.point_format.dimensions:
-        if d.name in ("X", "Y", "Z"):
-            continue
-        if d.name == "triple":
-            las.triple = rng.integers(0, 65535, (n, 3), dtype=np.uint16)
-        elif d.dtype is None:  # a bit field
-            las[d.name] = rng.integers(0, 2 ** d.num_bits, n).astype(np.uint8)
-        elif np.dtype(d.dtype).kind == "f":
-            las[d.name] = rng.uniform(0, 1e6, n).astype(d.dtype)
-        else:
-            info = np.iinfo(d.dtype)
-            las[d.name] = rng.integers(info.min, info.max, n, endpoint=True).astype(d.dtype)
+    fill_las_dimensions(las, rng, n)
     las.write(str(path))
     return path
 

@@ -24,7 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
-from zv_dask.ingest.las import crs_label
+from zv_dask.format.crs import crs_label
 from zv_dask.scheduling import describe_scheduler
 
 __all__ = ["main", "build_parser", "parse_storage_option", "demo_points"]

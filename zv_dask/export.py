@@ -44,7 +44,7 @@ import pandas as pd
 
 from zv_dask.errors import InputError, StoreError
 from zv_dask.format.las_layout import LasLayout, las_record, plan_las
-from zv_dask.read import _schema, read_points
+from zv_dask.read import _schema, parse_box, read_points
 from zv_dask.scheduling import resolve_client, run_tasks, task_slots
 from zv_dask.store.api import as_store, get_resolution_level
 
@@ -211,15 +211,9 @@ def _write_parquet_parts(ddf, tmp: Path, kv: dict, client, progress: bool) -> in
 
 # -- the export --------------------------------------------------------------------------------
 def _bbox_list(bbox, ndim: int):
-    if bbox is None:
-        return None
-    try:
-        lo, hi = (np.asarray(b, np.float64).reshape(-1) for b in bbox)
-    except (TypeError, ValueError):
-        raise InputError(f"bbox must be (min_corner, max_corner), got {bbox!r}") from None
-    if len(lo) != ndim or len(hi) != ndim:
-        raise InputError(f"bbox corners need {ndim} values each, got {bbox!r}")
-    return [lo.tolist(), hi.tolist()]
+    """The box as two lists (checked as :func:`~zv_dask.read_points` checks it), or ``None``."""
+    box = parse_box(bbox, ndim)
+    return None if box is None else [box[0].tolist(), box[1].tolist()]
 
 
 def export(store, out, *, level: int = 0, bbox=None, attributes=None, format: str | None = None,

@@ -37,7 +37,7 @@ from zv_dask.format.grid import Grid, parse_chunk_key
 from zv_dask.store.api import as_store, get_resolution_level
 from zv_dask.store.levels import ChunkData, level_chunk_keys, level_grid, read_chunks
 
-__all__ = ["read_points", "open_level", "read_plan", "object_entries", "row_object_ids", "chunks_in"]
+__all__ = ["read_points", "open_level", "read_plan", "parse_box", "object_entries", "row_object_ids", "chunks_in"]
 
 MAX_PARTITIONS = 2048
 ROW_BITS = 32  # point id = chunk_number << ROW_BITS | row
@@ -118,7 +118,8 @@ def row_object_ids(data: list[ChunkData], oid: np.ndarray, chunks: np.ndarray,
 
 
 # -- planning ----------------------------------------------------------------------------
-def _box(bbox, ndim: int):
+def parse_box(bbox, ndim: int):
+    """``bbox=(min_corner, max_corner)`` as two float64 arrays (``None`` stays ``None``), checked."""
     if bbox is None:
         return None
     try:
@@ -149,7 +150,7 @@ def read_plan(store, *, level: int = 0, bbox=None, chunks_per_partition: int | N
     zs = as_store(store)
     ndim = zs.metadata.ndim
     get_resolution_level(zs, level)
-    _, chunks = _touched(zs.root, level, ndim, _box(bbox, ndim))
+    _, chunks = _touched(zs.root, level, ndim, parse_box(bbox, ndim))
     return _partition(chunks, chunks_per_partition)
 
 
@@ -318,7 +319,7 @@ def read_points(store, *, level: int = 0, bbox=None, attributes=None, chunks_per
     zs = as_store(store, storage_options=storage_options, backend=backend, branch=branch)
     ndim = zs.metadata.ndim
     axes, attrs, has_obj, vdtype = _schema(zs, level, attributes)
-    box = _box(bbox, ndim)
+    box = parse_box(bbox, ndim)
     groups = read_plan(zs, level=level, bbox=bbox, chunks_per_partition=chunks_per_partition)
     meta = _meta(axes, attrs, has_obj, vdtype)
     if not groups:  # one empty partition; (0, 0) are divisions any frame may have, so they stay known
@@ -411,7 +412,7 @@ def open_level(store, level: int = 0, *, bbox=None, attributes=None, chunks_per_
     if has_obj and groups:
         _, oid, och, ofr = object_entries(zs.root[str(level)], ndim)
         entries = (oid, och, ofr)
-    lengths = _partition_lengths(zs, level, ndim, groups, _box(bbox, ndim), level_grid(zs.root, level),
+    lengths = _partition_lengths(zs, level, ndim, groups, parse_box(bbox, ndim), level_grid(zs.root, level),
                                  entries) if groups else [0]
     import dask
     import dask.array as da

@@ -22,12 +22,13 @@ from typing import Any
 import numpy as np
 
 from zv_dask.errors import InputError
+from zv_dask.format.crs import crs_label
 from zv_dask.read import read_points
 from zv_dask.scheduling import resolve_client, run_tasks
 from zv_dask.store.api import as_store, list_resolution_levels
 from zv_dask.store.backends import local_path
 
-__all__ = ["store_stats", "format_stats", "level_bytes", "crs_text", "MAX_VALUES", "COUNTED"]
+__all__ = ["store_stats", "format_stats", "level_bytes", "MAX_VALUES", "COUNTED"]
 
 MAX_VALUES = 256  # value counts are kept for integer attributes with at most this many distinct values
 COUNTED = ("classification",)  # attributes whose value counts are always kept
@@ -317,7 +318,7 @@ def format_stats(stats: dict, fmt_bytes=None) -> str:
             return "-" if n is None else fb(int(n))
     levels = ", ".join(str(lv["level"]) for lv in stats["levels"]) or "none"
     lines = [f"statistics (level{'s' if len(stats['levels']) != 1 else ''} {levels})",
-             f"  crs          {crs_text(stats.get('crs'))}"]
+             f"  crs          {crs_label(stats.get('crs'))}"]
     las = stats.get("las")
     if las:
         files = las.get("files") or []

@@ -24,6 +24,7 @@ from dask import delayed
 
 from zv_dask.errors import InputError, StoreError, ZVError
 from zv_dask.faults import kill_point
+from zv_dask.format.crs import crs_label
 from zv_dask.format.grid import Grid, parse_chunk_key
 from zv_dask.format.metadata import LevelMetadata
 from zv_dask.ingest.level0 import plan_level0, scratch_for
@@ -73,8 +74,6 @@ def check_compatible(src, zs: ZVStore) -> list[AttributeSpec]:
     if src.has_object_ids and not stored_ids:
         problems.append("the new points carry object ids and the store's points do not")
     if src.crs is not None and zs.metadata.crs is not None and src.crs != zs.metadata.crs:
-        from zv_dask.ingest.las import crs_label
-
         problems.append(f"the new points are in {crs_label(src.crs)} and the store in {crs_label(zs.metadata.crs)}")
     if problems:
         raise InputError("cannot append: " + "; ".join(problems))

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from zv_dask.errors import InputError
+from zv_dask.format.crs import crs_label, normalize_crs
 
-__all__ = ["LasFile", "las_dimensions", "las_crs", "read_las_files", "las_slice", "las_record", "normalize_crs",
-           "crs_label"]
+__all__ = ["LasFile", "las_dimensions", "las_crs", "read_las_files", "las_slice", "las_record", "choose_attributes",
+           "choose_crs"]
 
 _COLOUR = ("red", "green", "blue")
 _GEOKEY_PROJECTED, _GEOKEY_GEOGRAPHIC, _GEOKEY_VERTICAL = 3072, 2048, 4096
@@ -97,44 +98,6 @@ def las_crs(header) -> dict | None:
                     out["vertical_epsg"] = keys[_GEOKEY_VERTICAL]
                 return out
     return None
-
-
-def crs_label(crs: dict | None) -> str:
-    """A CRS in a few words, for messages."""
-    if not crs:
-        return "no CRS"
-    if "epsg" in crs:
-        return f"EPSG:{crs['epsg']}" + (f"+{crs['vertical_epsg']}" if crs.get("vertical_epsg") else "")
-    if "wkt" in crs:
-        wkt = crs["wkt"]
-        start = wkt.find('"')
-        name = wkt[start + 1:wkt.find('"', start + 1)] if start >= 0 else wkt[:40]
-        return f"WKT {name!r}"
-    return str(crs)[:60]
-
-
-def normalize_crs(value) -> dict | None:
-    """A user's CRS (``"EPSG:32610"``, an EPSG number, WKT, PROJJSON text or dict, a pyproj CRS) as the root ``crs``."""
-    import json
-
-    if value is None or isinstance(value, dict):
-        return value
-    if hasattr(value, "to_wkt"):  # a pyproj CRS
-        return {"wkt": value.to_wkt()}
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return {"epsg": int(value)}
-    if isinstance(value, str):
-        text = value.strip()
-        if text.upper().startswith("EPSG:") and text[5:].isdigit():
-            return {"epsg": int(text[5:])}
-        if text.startswith("{"):
-            try:
-                return {"projjson": json.loads(text)}
-            except ValueError:
-                pass
-        if "[" in text:
-            return {"wkt": text}
-    raise InputError(f"crs {value!r} is not a CRS zv-dask understands: give 'EPSG:<code>', WKT, PROJJSON or a dict")
 
 
 def read_las_files(files: list[str]) -> list[LasFile]:

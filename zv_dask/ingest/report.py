@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from zv_dask.budget import fmt_bytes as _fmt_bytes
+from zv_dask.format.crs import crs_label
 
 __all__ = ["IngestReport"]
 
@@ -74,8 +75,6 @@ class IngestReport:
                      f", {_fmt_bytes(self.bytes_staged)} staged on {self.scratch}" if self.shuffle == "staged" else "")
                  + (f" (memory budget {_fmt_bytes(self.memory_budget)} per worker)" if self.memory_budget else "")]
         if self.crs:
-            from zv_dask.ingest.las import crs_label
-
             lines.append(f"  crs         {crs_label(self.crs)}")
         if self.scheduler:
             lines.append(f"  scheduler   {self.scheduler}")

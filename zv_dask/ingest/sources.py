@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from zv_dask.errors import InputError
+from zv_dask.format.crs import normalize_crs
 from zv_dask.ingest.inputs import check_attributes, check_object_ids, check_positions
-from zv_dask.ingest.las import choose_attributes, choose_crs, las_record, las_slice, normalize_crs, read_las_files
+from zv_dask.ingest.las import choose_attributes, choose_crs, las_record, las_slice, read_las_files
 
 __all__ = ["Batch", "Source", "as_source", "DEFAULT_PARTITION_ROWS"]
 
