@@ -310,23 +310,24 @@ def test_json_errors_and_log_friendly_progress(table, tmp_path):
 def test_small_input_runs_in_process_with_sampling_options_and_cli_spelling(table, tmp_path):
     """No cluster asked for and a small input: threads in this process, said in the report; --sample-size/--seed
     reach the pyramid; the report's messages use the CLI's spelling."""
-    proc = ok(run("ingest", table, tmp_path / "s.zv", "--chunk-shape", "9", "--levels", "1", "--method", "sample",
-                  "--sample-size", "2", "--seed", "5"))
+    proc = ok(run("ingest", table, tmp_path / "s.zv", "--chunk-shape", "100", "--bin-shape", "10", "--levels", "1",
+                  "--method", "sample", "--sample-size", "2", "--seed", "5"))
     assert "LocalCluster" not in proc.stderr and "\r" not in proc.stderr
     assert f"{N:,} points <= 1,000,000: threads in this process" in proc.stdout
     assert "--dtype float64" in proc.stdout or "positions   float64" in proc.stdout
     messages = [ln for ln in proc.stdout.splitlines() if ln.lstrip().startswith(("warning", "positions"))]
     assert messages and not [ln for ln in messages if "dtype='" in ln or "chunk_shape" in ln], messages
     df = pd.read_parquet(table)
-    api = zv_dask.ingest(df, tmp_path / "api.zv", columns=["x", "y", "z"], chunk_shape=9,
+    api = zv_dask.ingest(df, tmp_path / "api.zv", columns=["x", "y", "z"], chunk_shape=100, base_bin_shape=10,
                          pyramid={"levels": 1, "method": "sample", "sample_size": 2, "seed": 5})
     got = zv_dask.read_points(tmp_path / "s.zv", level=1).compute()
     want = zv_dask.read_points(tmp_path / "api.zv", level=1).compute()
     assert len(got) == api.levels[1]["vertex_count"] and got.equals(want)
-    other = zv_dask.read_points(ok(run("ingest", table, tmp_path / "t.zv", "--chunk-shape", "9", "--levels", "1",
-                                       "--method", "sample", "--sample-size", "2", "--seed", "6", "-q")) and
+    other = zv_dask.read_points(ok(run("ingest", table, tmp_path / "t.zv", "--chunk-shape", "100", "--bin-shape",
+                                       "10", "--levels", "1", "--method", "sample", "--sample-size", "2", "--seed",
+                                       "6", "-q")) and
                                 tmp_path / "t.zv", level=1).compute()
     assert not other.equals(got), "another seed picks other points"
-    doc = as_json(run("ingest", table, tmp_path / "w.zv", "--chunk-shape", "9", "--no-pyramid", "--workers", "1",
+    doc = as_json(run("ingest", table, tmp_path / "w.zv", "--chunk-shape", "100", "--no-pyramid", "--workers", "1",
                       "--json", "-q"))
     assert doc["scheduler"].startswith("tcp://127.0.0.1:") and "1 worker" in doc["scheduler"]

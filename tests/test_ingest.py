@@ -282,6 +282,24 @@ def test_refuses_store_with_points(tmp_path, cloud):
     assert zv_dask.store_info(tmp_path / "full.zv")["levels"][0]["vertex_count"] == 10
 
 
+def test_a_failed_overwrite_leaves_the_old_store_as_it_was(tmp_path, cloud, monkeypatch):
+    pts, attrs = cloud
+    with dask.config.set(scheduler="sync"):
+        zv_dask.ingest(pts, tmp_path / "s.zv", attributes=attrs, chunk_shape=CS)
+        before = tree_bytes(tmp_path / "s.zv")
+        monkeypatch.setenv("ZV_DASK_FAIL_AT", "group:0")  # the first write task fails
+        with pytest.raises(Exception, match="injected failure"):
+            zv_dask.ingest(pts[:100], tmp_path / "s.zv", chunk_shape=CS, overwrite=True, durable=False)
+        monkeypatch.delenv("ZV_DASK_FAIL_AT")
+        assert tree_bytes(tmp_path / "s.zv") == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zv"], "the new store built beside it is gone"
+        rep = zv_dask.ingest(pts[:100], tmp_path / "s.zv", chunk_shape=CS, overwrite=True)
+    assert rep.store == str(tmp_path / "s.zv") and rep.points_written == 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zv"]
+    assert zv_dask.store_info(tmp_path / "s.zv")["levels"][0]["vertex_count"] == 100
+    assert reference_validate(tmp_path / "s.zv") == []
+
+
 def test_prepare_ingest_makes_the_store_and_run_writes_it(tmp_path, cloud):
     pts, attrs = cloud
     with dask.config.set(scheduler="sync"):

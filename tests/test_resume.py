@@ -136,6 +136,27 @@ def test_sigkill_then_resume_is_byte_identical(point, survey, tmp_path):
     _same_tree(ref, store)
 
 
+def test_a_killed_overwrite_keeps_the_old_store_and_resumes_beside_it(survey, tmp_path):
+    src, ref, full = survey
+    store = tmp_path / "x.zv"
+    old_src = tmp_path / "old.parquet"
+    pd.read_parquet(src).iloc[:20_000].to_parquet(old_src)
+    assert _cli("ingest", old_src, store, *IN_PROCESS).returncode == 0
+    before = tree_bytes(store)
+    assert _killed_at("write:4", "ingest", src, store, *JOB, "--overwrite") == -signal.SIGKILL
+    assert tree_bytes(store) == before, "the old store stays as it was while its replacement is built beside it"
+    beside = tmp_path / ".x.zv.zv-overwrite"
+    assert (beside / JOURNAL_DIR).is_dir() and _done(beside, "level0") >= 4
+    assert zv_dask.validate_store(store).ok and zv_dask.store_info(store)["levels"][0]["vertex_count"] == 20_000
+
+    resumed = _cli("ingest", src, store, *JOB, "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    rep = json.loads(resumed.stdout)
+    assert rep["resumed"] and rep["groups_resumed"] >= 4 and rep["store"] == str(store)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.parquet", "x.zv"], "no copy is left beside it"
+    _same_tree(ref, store)
+
+
 # -- injected failures (a task raises on a worker) -------------------------------------------------------
 def _points(n, seed=3):
     rng = np.random.default_rng(seed)

@@ -81,6 +81,10 @@ def test_ingest_with_pyramid_on_s3(s3_server, s3_prefix, s3_options, dask_client
 
     store = zarr.storage.ObjectStore(s3_server.obstore(prefix=f"{s3_prefix}/x.zv"), read_only=True)
     _reference(store, rep.levels, pts, attrs)
+    # no rename on object storage: an overwrite that would delete these points first is refused, nothing touched
+    with pytest.raises(StoreError, match="refusing to overwrite .*another prefix"):
+        zv_dask.ingest(pts[:10], url, storage_options=s3_options, overwrite=True, **JOB)
+    _reference(store, rep.levels, pts, attrs)
     # every reader opens the URL with the same storage options
     parents = zv_dask.parent_rows(url, 0, storage_options=s3_options)
     assert len(parents) == N and (parents >= 0).all()

@@ -303,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "given, it overrides them, e.g. for files whose headers disagree)")
     g.add_argument("--shard-shape", type=_positive_ints, metavar="K",
                    help="chunks per shard along each axis (zarr sharding)")
+    g.add_argument("--compression", choices=("none", "zstd", "blosc"),
+                   help="codec after vlen-bytes on every array (default: none)")
+    g.add_argument("--compression-level", type=int, metavar="N",
+                   help="level of --compression (default: zstd 3, blosc 5)")
     g = p.add_argument_group("input")
     g.add_argument("--columns", type=_names, metavar="X,Y,Z", help="coordinate columns (default: x,y,z)")
     g.add_argument("--attributes", type=_names, metavar="A,B",
@@ -629,6 +633,7 @@ def _sources(args):
 def cmd_ingest(args, out) -> int:
     """``zv-dask ingest``: :func:`zv_dask.ingest` (or :func:`zv_dask.plan_ingest` with ``--dry-run``)."""
     import zv_dask
+    from zv_dask.format.codecs import check_compression
     from zv_dask.ingest.plan import plan_ingest, preflight
 
     kw = dict(attributes=args.attributes, object_ids=args.object_ids, columns=args.columns,
@@ -638,6 +643,7 @@ def cmd_ingest(args, out) -> int:
               partition_rows=args.partition_rows, branch=args.branch,
               pyramid=_pyramid_kwargs(args) if args.pyramid else None)
     job_kw = dict(group_points=args.group_points)
+    check_compression(args.compression, args.compression_level)  # before a cluster starts
     # Check the input, the store and the parameters before starting a cluster: bad input fails fast.
     if args.append:  # the store's pyramid is rebuilt with the options it was built with
         kw.update(mode="append", pyramid=None)
@@ -657,7 +663,8 @@ def cmd_ingest(args, out) -> int:
                 print(repr(plan), file=out)
             return 0
         report = zv_dask.ingest(_sources(args), args.store, client=client, progress=not args.quiet,
-                                message=args.message, resume=args.resume, **kw)
+                                message=args.message, resume=args.resume, compression=args.compression,
+                                compression_level=args.compression_level, **kw)
     if in_process:
         report.scheduler = in_process
     _in_cli_spelling(report)
@@ -759,6 +766,12 @@ def info_dict(zs) -> dict:
     return info
 
 
+def _compression_label(c) -> str:
+    if not c or c.get("name") == "none":
+        return "none"
+    return f"{c['name']} level {c.get('level')}" + (" (sharded)" if c.get("sharded") else "")
+
+
 def format_info(info: dict) -> str:
     """The human summary of :func:`info_dict`."""
     lv0 = info["levels"][0] if info["levels"] else {}
@@ -788,6 +801,9 @@ def format_info(info: dict) -> str:
     if xl.get("storage", "none") != "none":
         n = sum(v for lv in info["levels"] for v in (lv.get("links") or {}).values())
         lines.append(f"  links        {xl['storage']} cross-level links, depth {xl['depth']}: {n:,} records")
+    comps = {_compression_label(lv.get("compression")) for lv in info["levels"]}
+    if comps:
+        lines.append(f"  compression  {', '.join(sorted(comps))}")
     if sizes.get("total") is not None:
         lines.append(f"  on disk      {_fmt_bytes(sizes['total'])}" + (f" ({sizes['note']})" if sizes.get("note")
                                                                        else ""))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from zv_dask.format.codecs import compressors_for
 from zv_dask.format.layout import encode_plan, plan_chunks
 from zv_dask.format.metadata import LevelMetadata, attribute_spec
 from zv_dask.ingest.bounds import partition_stats, settle_bounds
@@ -44,8 +45,13 @@ def write_level_points(zs: ZVStore, level: int, positions, attributes: dict, obj
 def write_points(store, points, *, attributes=None, object_ids=None, chunk_shape=None, bounds=None,
                  base_bin_shape=None, out_of_bounds: str = "raise", dtype: str = "float32", axes=None,
                  shard_shape=None, backend=None, storage_options=None, overwrite: bool = False,
-                 commit_message: str | None = "zv-dask write_points") -> ZVStore:
-    """Write an in-memory point set as level 0 of a new (or empty) store, in this process."""
+                 commit_message: str | None = "zv-dask write_points", compression=None,
+                 compression_level=None) -> ZVStore:
+    """Write an in-memory point set as level 0 of a new (or empty) store, in this process.
+
+    ``compression`` / ``compression_level`` as in :func:`zv_dask.ingest`.
+    """
+    compressors = compressors_for(compression, compression_level)
     n, d = check_positions(points)
     attributes = {k: np.asarray(v) for k, v in check_attributes(attributes, n).items()}
     object_ids = check_object_ids(object_ids, n)
@@ -65,7 +71,7 @@ def write_points(store, points, *, attributes=None, object_ids=None, chunk_shape
     if object_ids is not None:
         object_ids = np.asarray(object_ids).astype(np.int64)
     write_level_points(zs, 0, grid.cast(points), attributes, object_ids, LevelMetadata(level=0),
-                       shards=shard_shape)
+                       shards=shard_shape, compressors=compressors)
     if zs.session is not None and commit_message:
         from zv_dask.store.api import commit
         commit(zs, commit_message)

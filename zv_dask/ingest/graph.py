@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 from dask import delayed
@@ -40,6 +41,7 @@ from zv_dask.ingest.fused import level0_source, plan_fused_levels, pyramid_optio
 from zv_dask.ingest.level0 import plan_level0, scratch_for
 from zv_dask.ingest.plan import grid_warnings, preflight
 from zv_dask.ingest.recovery import put_back, stage_error, write_task_names
+from zv_dask.ingest.replace import swap_in
 from zv_dask.ingest.report import IngestReport
 from zv_dask.ingest.scan import precision_warnings, scan_pass
 from zv_dask.ingest.resume import JobRecorder, input_fingerprint, job_options, scan_fingerprint
@@ -56,6 +58,7 @@ from zv_dask.scheduling import describe_scheduler, resolve_client, run_tasks, ta
 from zv_dask.store.cellio import sweep_partials
 from zv_dask.store.journal import journal_for, with_resume_hint
 from zv_dask.store.preimage import metadata_docs
+from zv_dask.format.codecs import check_compression, compressors_for
 from zv_dask.store.levels import (
     AttributeSpec,
     ChunkSummary,
@@ -96,7 +99,8 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
            backend=None, storage_options=None, client=None, compute: bool = True, overwrite: bool = False,
            axes=None, message: str | None = None, progress: bool = False, partition_rows: int | None = None,
            group_points: int | None = None, branch: str = "main", memory_budget=None, scratch=None,
-           resume: bool = False, durable: bool = True, mode: str = "write", crs=None):
+           resume: bool = False, durable: bool = True, mode: str = "write", crs=None, compression=None,
+           compression_level=None):
     """Ingest a point cloud into level 0 of a ZV store, in parallel, and optionally build its pyramid.
 
     Parameters
@@ -166,6 +170,11 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         ``"EPSG:32610"``, an EPSG number, WKT, PROJJSON or a dict. LAS/LAZ
         files bring theirs (WKT VLR or GeoTIFF keys; files with different CRS
         are refused); a ``crs`` given overrides them.
+    compression, compression_level
+        Codecs after ``vlen-bytes`` on every array the job makes (level 0,
+        coarse levels, links, object indexes): ``"none"`` (default, as
+        ``None``), ``"zstd"`` or ``"blosc"``, with a level (default zstd 3,
+        blosc 5); see :mod:`zv_dask.format.codecs`. An append keeps the store's.
     durable
         Keep the job's journal (and on icechunk, its checkpoints on a job
         branch) while it runs, so that a killed job can resume (default). With
@@ -184,6 +193,7 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         raise InputError(f"mode={mode!r} is not one of {MODES}")
     if resume and not durable:
         raise InputError("resume needs the job's journal: resume=True and durable=False contradict each other")
+    compressors = compressors_for(compression, compression_level)  # checked before anything is read
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     cl = resolve_client(client)
@@ -199,6 +209,8 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     if mode == "append":
         if shard_shape is not None:
             raise InputError("shard_shape is the store's in an append (leave it out)")
+        if compression is not None or compression_level is not None:
+            raise InputError("compression is the store's in an append (leave it out)")
         return append_points(src, plan, cl, slots, budget, t0, out_of_bounds=out_of_bounds,
                              group_points=group_points, scratch=scratch, pyramid=pyramid, message=message,
                              progress=progress, resume=resume, dtype_reason=dt_reason,
@@ -209,12 +221,14 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
     rec = JobRecorder(plan.resume_state, job_options(
         attributes=sorted(src.attributes), object_ids=src.has_object_ids, columns=columns, chunk_shape=chunk_shape,
         bounds=bounds, base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,
-        shard_shape=shard_shape, axes=axes, pyramid=_pyramid_identity(pyramid)), input_fingerprint(points, src),
-        enabled=durable)
+        shard_shape=shard_shape, axes=axes, pyramid=_pyramid_identity(pyramid),
+        **({"compression": list(check_compression(compression, compression_level))} if compressors else {})),
+        input_fingerprint(points, src), enabled=durable)
     try:
         return _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt_reason,
                        out_of_bounds=out_of_bounds, shard_shape=shard_shape, group_points=group_points,
-                       scratch=scratch, message=message, progress=progress, compute=compute)
+                       scratch=scratch, message=message, progress=progress, compute=compute,
+                       compressors=compressors)
     except BaseException:
         rec.release()
         raise
@@ -239,6 +253,7 @@ def _pending(points, store, options: dict) -> PendingIngest:
         raise InputError(f"out_of_bounds={options['out_of_bounds']!r} is not one of {POLICIES}")
     if options["mode"] not in MODES:
         raise InputError(f"mode={options['mode']!r} is not one of {MODES}")
+    compressors_for(options["compression"], options["compression_level"])
     points = [absolute(p) for p in points] if isinstance(points, (list, tuple)) and points and all(
         isinstance(p, (str, os.PathLike)) for p in points) else absolute(points)
     store = absolute(store)
@@ -272,7 +287,7 @@ def _pyramid_identity(pyramid):
 
 
 def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt_reason, *, out_of_bounds,
-            shard_shape, group_points, scratch, message, progress, compute):
+            shard_shape, group_points, scratch, message, progress, compute, compressors=None):
     drop = out_of_bounds == "ignore" and plan.bounds is not None
     state = plan.resume_state
     local = None
@@ -314,7 +329,7 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
         sweep_partials(zs.store)  # cells the killed job's tasks were writing
         remove_stale_scratch(zs.url, icechunk=zs.session is not None, options=zs.backend.options)
     job = WriteJob(zs, message or "zv-dask ingest")
-    created_here = plan.existing is None
+    created_here = plan.existing is None or (plan.build_at is not None and state is None)
     builder = fused = None
     durable = rec.enabled and zs.session is not None and journal_for(zs.backend) is not None  # icechunk, located
     if state is not None and durable:
@@ -322,7 +337,7 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
     try:
         grid = zs.grid(0)
         if state is None:
-            prepare_level(zs.root, 0, grid, specs, shards=shard_shape)
+            prepare_level(zs.root, 0, grid, specs, shards=shard_shape, compressors=compressors)
         units = UnitGrid.of(grid, shard_shape) if shard_shape is not None else None
         if pyramid_opts is not None:
             builder, fused, units = plan_fused_levels(
@@ -376,7 +391,7 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
             staging.remove()
         raise
     seconds["prepare"] = time.perf_counter() - t1
-    report = IngestReport(store=str(zs.url or zs.backend.kind), points_read=int(stats.count),
+    report = IngestReport(store=plan.replaces or str(zs.url or zs.backend.kind), points_read=int(stats.count),
                           points_dropped=int(dropped), bounds=[list(map(float, b)) for b in final_bounds],
                           dtype=dt, dtype_reason=dt_reason, chunk_shape=list(plan.chunk_shape),
                           base_bin_shape=list(plan.base_bin_shape) if plan.base_bin_shape else None,
@@ -470,6 +485,8 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
             kill_point("commit")
             report.snapshot_id = job.commit()
             rec.finish()
+            if plan.build_at is not None:  # an overwrite: the finished store takes the old one's place
+                swap_in(Path(plan.build_at), Path(plan.replaces))
         except BaseException as e:
             if staging is not None:
                 staging.remove()

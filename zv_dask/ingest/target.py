@@ -9,12 +9,15 @@ zv-dask never half-overwrites.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
 
 from zv_dask.errors import InputError, StoreError
+from zv_dask.format.metadata import store_name
 from zv_dask.store.api import ZVStore, create_store, open_store, write_root_metadata
+from zv_dask.ingest.replace import OBJECT_SCHEMES, finish_swap, refuse_object_overwrite, replacement_path
 from zv_dask.store.backends import check_creatable, local_path, url_scheme
 
 __all__ = ["TargetPlan", "plan_target", "materialize_target"]
@@ -36,6 +39,8 @@ class TargetPlan:
     branch: str = "main"
     resume_state: object = None  # the unfinished job a resuming ingest continues (ResumeState)
     notes: list = None  # what the plan noticed (e.g. nothing to resume)
+    build_at: str | None = None  # an overwrite builds the new store here (beside the old one) ...
+    replaces: str | None = None  # ... and swaps it in here when the job is done (see zv_dask.ingest.replace)
 
 
 def _probe(store, backend, storage_options, branch) -> ZVStore | None:
@@ -69,6 +74,35 @@ def _on_job_branch(store, storage_options, branch) -> ZVStore | None:
         return None
     zs.backend.branch = branch  # the job's branch is where it goes on; the user's is where it ends
     return zs
+
+
+def _local_target(store, existing: ZVStore | None, backend) -> Path | None:
+    """The directory of a plain local target (existing or not), else ``None`` (icechunk, object storage...)."""
+    if backend == "icechunk" or (existing is not None and existing.session is not None):
+        return None
+    if existing is not None:
+        be = existing.backend
+        return local_path(be.url) if be.kind == "local" and be.url else None
+    if isinstance(store, os.PathLike) or (isinstance(store, str) and url_scheme(store) in ("", "file")):
+        return local_path(store)
+    return None
+
+
+def _unfinished_replacement(target: Path, backend) -> ZVStore | None:
+    """The store a killed overwrite of ``target`` was building, when it holds an unfinished ingest job."""
+    from zv_dask.store.journal import journal_for
+
+    finish_swap(target)  # our own leftovers of a swap killed between its renames: completed, nothing else moves
+    beside = replacement_path(target)
+    if not beside.is_dir():
+        return None
+    try:
+        zs = open_store(str(beside), "r+", backend=backend)
+    except StoreError:
+        return None
+    journal = journal_for(zs.backend)
+    doc = journal.job() if journal is not None else None
+    return zs if doc is not None and doc.get("kind") == "ingest" else None
 
 
 def _has_points(zs: ZVStore) -> bool:
@@ -140,6 +174,17 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
                               overwrite=overwrite, branch=branch)
     if existing is None and resume and backend == "icechunk":
         existing = _on_job_branch(store, storage_options, branch)
+    build_at = replaces = None
+    here = _local_target(store, existing, backend)
+    if here is not None:
+        beside = _unfinished_replacement(here, backend) if resume and not overwrite else None
+        if beside is not None:  # a killed overwrite: it goes on beside the store it will replace
+            existing = beside
+        if beside is not None or (overwrite and existing is not None):
+            build_at, replaces = str(replacement_path(here)), str(here)
+    elif overwrite and existing is not None and existing.session is None and _has_points(existing) and \
+            url_scheme(existing.url or "") in OBJECT_SCHEMES:
+        refuse_object_overwrite(existing.url)
     if existing is not None:
         existing._require_writable()
     state = _unfinished(existing, resume, overwrite)
@@ -161,7 +206,7 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
             raise InputError(f"chunk_shape {list(chunk_shape)} differs from the store's {list(meta.chunk_shape)}")
         return TargetPlan(store, existing, ndim, meta.chunk_shape, meta.base_bin_shape,
                           bounds if bounds is not None else meta.bounds, existing.grid(0).dtype,
-                          meta.axes, backend, storage_options, overwrite, branch, state, notes)
+                          meta.axes, backend, storage_options, overwrite, branch, state, notes, build_at, replaces)
     if chunk_shape is None:
         raise InputError("chunk_shape is required when creating a store (world units per chunk, one per axis)")
     if existing is None:
@@ -173,7 +218,7 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
     from zv_dask.format.grid import Grid
     Grid((0.0,) * ndim, (0.0,) * ndim, cs, bb or cs, np.dtype(dtype).name)  # validate geometry early
     return TargetPlan(store, existing, ndim, cs, bb, bounds, np.dtype(dtype).name, axes, backend,
-                      storage_options, overwrite, branch, None, notes)
+                      storage_options, overwrite, branch, None, notes, build_at, replaces)
 
 
 def _append_target(store, existing: ZVStore | None, *, ndim, chunk_shape, bounds, base_bin_shape, backend,
@@ -219,6 +264,8 @@ def materialize_target(plan: TargetPlan, final_bounds, attribute_specs: dict | N
         write_root_metadata(zs, meta, extra=extra)
         return zs
     target = plan.existing if plan.existing is not None else plan.target
+    if plan.build_at is not None:  # an overwrite: the new store beside the old one, which stays as it is
+        target = plan.build_at
     if isinstance(target, ZVStore):
         # overwrite an open store in place: same backend, fresh root
         import zarr
@@ -235,7 +282,12 @@ def materialize_target(plan: TargetPlan, final_bounds, attribute_specs: dict | N
         zs = create_store(target, bounds=final_bounds, chunk_shape=plan.chunk_shape,
                           base_bin_shape=plan.base_bin_shape, vertex_dtype=plan.dtype, axes=plan.axes,
                           attribute_specs=attribute_specs, crs=crs, backend=plan.backend,
-                          storage_options=plan.storage_options, branch=plan.branch, overwrite=plan.overwrite)
+                          storage_options=plan.storage_options, branch=plan.branch,
+                          overwrite=plan.overwrite or plan.build_at is not None)
+    if plan.build_at is not None:  # named after the store it will be, not the place it is built
+        ome = zs.root.attrs.get("ome")
+        if isinstance(ome, dict):
+            zs.root.attrs.update({"ome": {**ome, "name": store_name(plan.replaces)}})
     if extra:
         zs.root.attrs.update(extra)
     return zs

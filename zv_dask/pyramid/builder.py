@@ -260,6 +260,12 @@ class PyramidBuilder:
         self.tasks_done = 0  # pyramid tasks finished by this process
         self.tasks_reused = 0  # pyramid tasks an interrupted job had finished (not run again)
 
+    def use_compressors(self, compressors) -> None:
+        """Make the new arrays with these zarr compressors (``None``: plain vlen-bytes) instead of level 0's."""
+        self.compressors = tuple(compressors) if compressors else None
+        self.plain = self.compressors is None
+        self.eager_links = (self.job is not None and self.job.transactional) or not self.plain
+
     # -- steps -----------------------------------------------------------------------------
     def _peek(self, i: int) -> LevelStep | None:
         while len(self._pending) <= i and not self._exhausted:

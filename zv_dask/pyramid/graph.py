@@ -58,13 +58,14 @@ from zv_dask.store.journal import (
 )
 from zv_dask.lazy import PendingPyramid, absolute, make_job
 from zv_dask.transaction import WriteJob
+from zv_dask.format.codecs import check_compression, compressors_for
 
 __all__ = ["build_pyramid", "PyramidReport", "PyramidBuilder", "LINK_STORAGE"]
 
 
 def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction, sample_size, seed, min_points,
            client, job, points_per_task, levels_per_task, links, progress, memory_budget, resume,
-           message=None) -> PyramidReport:
+           message=None, compression=None, compression_level=None) -> PyramidReport:
     t0 = time.perf_counter()
     zs = job.store if job is not None else as_store(store, "r+")
     if zs.read_only:
@@ -74,6 +75,8 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
     options = {"levels": levels, "bin_ratio": bin_ratio, "chunk_scale": chunk_scale, "method": method,
                "attribute_reduction": attribute_reduction, "sample_size": sample_size, "seed": seed,
                "min_points": min_points, "links": links}
+    if compression is not None or compression_level is not None:
+        options["compression"] = list(check_compression(compression, compression_level))
     journal, doc, lock = _pyramid_journal(zs, options, resume)
     builder = None
     try:
@@ -82,6 +85,8 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
                                  min_points=min_points, client=client, points_per_task=points_per_task,
                                  levels_per_task=levels_per_task, links=links, progress=progress,
                                  memory_budget=memory_budget)
+        if compression is not None or compression_level is not None:
+            builder.use_compressors(compressors_for(compression, compression_level))
         src = source_from_store(zs, 0)
         builder.check_attributes(src.specs, src.grid.dtype)  # raises before anything changes
         if doc is None:
@@ -184,7 +189,8 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
                   attribute_reduction: dict | None = None, sample_size: int = 8, seed: int = 0,
                   min_points: int = 1024, links=None, client=None, compute: bool = True, job: WriteJob | None = None,
                   points_per_task: int | None = None, levels_per_task: int | None = None,
-                  progress: bool = False, memory_budget=None, resume: bool = False, message: str | None = None):
+                  progress: bool = False, memory_budget=None, resume: bool = False, message: str | None = None,
+                  compression: str | None = None, compression_level: int | None = None):
     """Build coarse levels 1..L of a store from its level 0.
 
     Parameters
@@ -250,6 +256,11 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
         Continue the unfinished build in the store (killed, or failed) with the
         same options: its finished rounds of levels and finished tasks are not
         redone. A build without ``resume`` replaces an unfinished one.
+    compression, compression_level
+        Codecs of the new arrays (coarse levels, links, object indexes):
+        ``"none"``, ``"zstd"`` or ``"blosc"`` with a level (see
+        :mod:`zv_dask.format.codecs`); ``None`` (default) makes them as the
+        store's level-0 ``vertices`` array is.
 
     Existing coarse levels (and level-0 cross-level links) are replaced. On
     failure an own icechunk job is discarded; on plain stores what the build
@@ -257,6 +268,8 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
     """
     check_build_options(method=method, points_per_task=points_per_task, levels_per_task=levels_per_task,
                         links=links)  # raises now even when compute=False
+    if compression is not None or compression_level is not None:
+        check_compression(compression, compression_level)
     if memory_budget is not None and not isinstance(memory_budget, MemoryBudget):
         parse_size(memory_budget)
     if not compute:
@@ -271,5 +284,6 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
                             method=method, attribute_reduction=attribute_reduction, sample_size=sample_size,
                             seed=seed, min_points=min_points, client=client, job=job,
                             points_per_task=points_per_task, levels_per_task=levels_per_task, links=links,
-                            progress=progress, memory_budget=memory_budget, resume=resume, message=message)
+                            progress=progress, memory_budget=memory_budget, resume=resume, message=message,
+                            compression=compression, compression_level=compression_level)
     return run()

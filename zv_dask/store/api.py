@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from zv_dask.errors import MetadataError, StoreError
+from zv_dask.format.codecs import compression_of
 from zv_dask.format.grid import Grid
 from zv_dask.format.metadata import (
     ZV_VERSION,
@@ -530,7 +531,8 @@ def read_parametric_types(store: ZVStore) -> list[dict]:
 
 def store_info(store, *, storage_options: dict | None = None, backend: str | None = None,
                branch: str = "main") -> dict[str, Any]:
-    """A JSON-ready summary: format, geometry, and per level counts, bins, chunks and attributes."""
+    """A JSON-ready summary: format, geometry, and per level counts, bins, chunks, attributes and compression
+    (the codec after ``vlen-bytes`` of the level's ``vertices`` array: ``{"name", "level"}``)."""
     store = as_store(store, storage_options=storage_options, backend=backend, branch=branch)
     meta = store.metadata
     levels = []
@@ -550,6 +552,7 @@ def store_info(store, *, storage_options: dict | None = None, backend: str | Non
             "object_sparsity": lm.object_sparsity,
             "arrays_present": lm.arrays_present,
             "nonempty_chunks": len(g["vertices"].attrs.get("nonempty_chunks", [])) if "vertices" in g else 0,
+            "compression": compression_of(g["vertices"]) if "vertices" in g else None,
         }
         if "vertex_attributes" in g:
             entry["attributes"] = {

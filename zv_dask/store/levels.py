@@ -28,6 +28,7 @@ from zv_dask.format.cells import (
     decode_vertices,
     encode_manifests,
 )
+from zv_dask.format.codecs import direct_codec
 from zv_dask.format.grid import Grid, chunk_keys, parse_chunk_key
 from zv_dask.format.layout import ChunkPayload
 from zv_dask.store.cellio import get_cells, put_cells
@@ -133,13 +134,45 @@ def _object_array(values: list[bytes]) -> np.ndarray:
     return out
 
 
-def _plain_vlen(arr: zarr.Array) -> bool:
-    """True when the array's whole codec pipeline is ``vlen-bytes`` with the default key encoding."""
+def _direct(arr: zarr.Array):
+    """How zv-dask moves this array's cells itself (:func:`~zv_dask.format.codecs.direct_codec`: ``"plain"`` or
+    ``("zstd", level, checksum)``), or ``None`` when zarr's codec pipeline must (sharding, blosc, another key
+    encoding)."""
     md = arr.metadata
-    codecs = [c.to_dict()["name"] for c in md.codecs]
     enc = md.chunk_key_encoding.to_dict()
-    return codecs == ["vlen-bytes"] and enc.get("name") == "default" and \
-        enc.get("configuration", {}).get("separator", "/") == "/"
+    if enc.get("name") != "default" or enc.get("configuration", {}).get("separator", "/") != "/":
+        return None
+    return direct_codec([c.to_dict() for c in md.codecs])
+
+
+_ZSTD: dict = {}
+
+
+def _zstd(level: int, checksum: bool):
+    """The numcodecs ``Zstd`` zarr's ``ZstdCodec`` uses for these settings (so the bytes are zarr's)."""
+    key = (level, checksum)
+    if key not in _ZSTD:
+        from numcodecs import Zstd
+
+        _ZSTD[key] = Zstd(level=level, checksum=checksum)
+    return _ZSTD[key]
+
+
+def encode_frame(payload, how) -> tuple | bytes:
+    """The stored object of a cell: its frame as buffers (``"plain"``) or the frame compressed whole (zstd)."""
+    parts = frame_parts(payload)
+    if how == "plain":
+        return parts
+    return bytes(_zstd(how[1], how[2]).encode(b"".join(parts)))
+
+
+def decode_frame(obj, how) -> bytes:
+    """The payload of a stored cell object (``b""`` for a missing one)."""
+    if obj is None:
+        return b""
+    if how != "plain":
+        obj = bytes(_zstd(how[1], how[2]).decode(obj))
+    return unframe(obj)
 
 
 _FRAME_HEADER = struct.Struct("<II")
@@ -207,11 +240,12 @@ def write_chunk_payloads(zstore, level: int, grid: Grid, payloads: list[ChunkPay
 def write_cells(zstore, targets: list[tuple[str, np.ndarray, list[bytes]]], *, plain: bool | None = None) -> int:
     """Write one-item vlen cells: ``targets`` holds ``(array path, grid cells (N, D), payloads)``.
 
-    Arrays whose pipeline is plain ``vlen-bytes`` get their frames PUT directly,
-    all arrays and cells in one concurrent batch (the store's own atomic put);
-    compressed or sharded arrays go through zarr's codec pipeline. ``plain=True``
-    says every target is a plain array without opening it (its ``zarr.json``
-    may not exist yet). Returns the payload bytes written.
+    Arrays whose pipeline zv-dask can encode itself (plain ``vlen-bytes``, or
+    ``vlen-bytes`` + ``zstd``: the frame compressed whole, zarr's bytes) get their
+    cell objects PUT directly, all arrays and cells in one concurrent batch (the
+    store's own atomic put); blosc or sharded arrays go through zarr's codec
+    pipeline. ``plain=True`` says every target is a plain array without opening
+    it (its ``zarr.json`` may not exist yet). Returns the payload bytes written.
     """
     total = 0
     direct = []
@@ -220,9 +254,10 @@ def write_cells(zstore, targets: list[tuple[str, np.ndarray, list[bytes]]], *, p
             continue
         arr = None if plain else zarr.open_array(zstore, path=path, mode="r+", zarr_format=3)
         total += sum(payload_size(v) for v in values)
-        if arr is None or _plain_vlen(arr):
+        how = "plain" if arr is None else _direct(arr)
+        if how is not None:
             cell_paths = ["/".join(map(str, c)) for c in np.asarray(cells).tolist()]
-            direct.extend((f"{path}/c/{cp}", frame_parts(v)) for cp, v in zip(cell_paths, values))
+            direct.extend((f"{path}/c/{cp}", encode_frame(v, how)) for cp, v in zip(cell_paths, values))
         else:
             joined = [b"".join(payload_parts(v)) for v in values]
             arr.set_coordinate_selection(tuple(np.asarray(cells).T), _object_array(joined))
@@ -269,6 +304,14 @@ def finalize_level(root: zarr.Group, level: int, grid: Grid, summary: ChunkSumma
     return meta
 
 
+def _level_compressors(g: zarr.Group):
+    """The compressors of a level's ``vertices`` array (``None``: uncompressed, or no such array)."""
+    try:
+        return tuple(g["vertices"].compressors) or None
+    except Exception:  # noqa: BLE001 - no vertices array (or one zarr cannot describe): the defaults
+        return None
+
+
 def write_object_index(g: zarr.Group, summary: ChunkSummary, ndim: int, all_ids: np.ndarray | None = None) -> None:
     """``object_index`` (layout ``vlen_manifests_v2``): one manifest per object, ids ascending.
 
@@ -289,9 +332,12 @@ def write_object_index(g: zarr.Group, summary: ChunkSummary, ndim: int, all_ids:
     if "object_index" in g:
         del g["object_index"]
     oi = g.create_group("object_index")
-    m = oi.create_array("manifests", shape=(len(ids),), chunks=(chunk,), dtype="bytes", fill_value=b"")
+    # a compressed level's index takes its codecs; else the reference's (manifests zstd 0, ids uncompressed)
+    comp = _level_compressors(g)
+    m = oi.create_array("manifests", shape=(len(ids),), chunks=(chunk,), dtype="bytes", fill_value=b"",
+                        **({"compressors": comp} if comp else {}))
     ia = oi.create_array("object_ids", shape=(len(ids),), chunks=(chunk,), dtype="int64", fill_value=0,
-                         compressors=None)
+                         compressors=comp or None)
     if len(ids):
         m[:] = _object_array(blobs)
         ia[:] = ids
@@ -351,10 +397,12 @@ def unframe(frame) -> bytes:
 
 
 def _read_cells(zstore, arr: zarr.Array, cells: np.ndarray) -> list:
-    """Payload bytes of the given cells: straight from the store for plain vlen arrays, else through zarr."""
-    if _plain_vlen(arr):
+    """Payload bytes of the given cells: straight from the store when zv-dask can decode the array's cells
+    itself (plain or zstd vlen arrays, see :func:`write_cells`), else through zarr."""
+    how = _direct(arr)
+    if how is not None:
         keys = [f"{arr.path}/c/" + "/".join(map(str, c)) for c in cells.tolist()]
-        return [unframe(f) for f in get_cells(zstore, keys)]
+        return [decode_frame(f, how) for f in get_cells(zstore, keys)]
     return list(arr.get_coordinate_selection(tuple(cells.T)))
 
 
