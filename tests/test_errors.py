@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import zarr
@@ -225,3 +226,27 @@ def test_warm_store_mismatch(tmp_path):
                    r"chunk_shape \[10, 10, 10\] differs from the store's \[50.0, 50.0, 50.0\]")
     assert_refused(warm, lambda: write_points(str(warm), PTS + 80), OutOfBoundsError, "outside the bounds")
     assert json.loads((warm / "0/vertices/zarr.json").read_text())["attributes"]["nonempty_chunks"] == []
+
+
+def test_hostile_inputs_get_errors_that_name_them(tmp_path):
+    """Each once silently accepted, or a raw numpy/zarr error; now one clear zv-dask error and nothing written."""
+    pts = np.random.default_rng(0).random((500, 3)) * 100
+    (tmp_path / "h.csv").write_text("x,y,z\n")
+    with dask.config.set(scheduler="sync"):
+        with pytest.raises(InputError, match=r"attribute name\(s\) \['x'\] are taken.*axis \['x', 'y', 'z'\]"):
+            Z.ingest(pts, tmp_path / "a.zv", chunk_shape=25, attributes={"x": np.zeros(500)})
+        with pytest.raises(InputError, match=r"\['object_id'\] are taken"):
+            Z.ingest(pts, tmp_path / "a.zv", chunk_shape=25, attributes={"object_id": np.zeros(500)})
+        with pytest.raises(InputError, match=r"too large for the stored position dtype.*row 500.*dtype='float64'"):
+            Z.ingest(np.vstack([pts, [[1e300, 0, 0]]]), tmp_path / "a.zv", chunk_shape=25)
+        with pytest.raises(InputError, match=r"2 point\(s\) have non-finite.*1 of them too large"):
+            Z.ingest(np.vstack([pts, [[np.nan, 0, 0], [1e300, 0, 0]]]), tmp_path / "a.zv", chunk_shape=25)
+        with pytest.raises(MetadataError, match=r"makes a grid of about .* chunks.*larger chunk_shape"):
+            Z.ingest(pts, tmp_path / "a.zv", chunk_shape=1e-6)
+        with pytest.raises(InputError, match=r"dtype 'bogus' is not a numpy dtype"):
+            Z.ingest(pts, tmp_path / "a.zv", chunk_shape=25, dtype="bogus")
+        with pytest.raises(InputError, match=r"holds no rows \(a header only\)"):
+            Z.ingest(str(tmp_path / "h.csv"), tmp_path / "a.zv", chunk_shape=25)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.csv"]
+    zs = Z.create_store(tmp_path / "s.zv", chunk_shape=25, bounds=([0] * 3, [100] * 3))  # a scalar: every axis
+    assert zs.metadata.chunk_shape == (25.0, 25.0, 25.0)

@@ -49,6 +49,9 @@ def _as_float_tuple(name: str, value, ndim: int | None = None) -> tuple[float, .
     return out
 
 
+MAX_GRID_CELLS = float(2 ** 62)  # chunks in a level's grid (int64 cell numbers, with room for arithmetic)
+
+
 @dataclass(frozen=True)
 class Grid:
     """The chunk grid of one level plus the base-bin lattice shared by all levels.
@@ -97,6 +100,13 @@ class Grid:
                     f"base_bin_shape {list(self.base_bin_shape)} on every axis"
                 )
         np.dtype(self.dtype)  # raises on nonsense
+        extent = [(hi - lo) / c for lo, hi, c in zip(self.bounds_min, self.bounds_max, self.chunk_shape)]
+        cells = math.prod(max(1.0, e + 2) for e in extent)
+        if cells > MAX_GRID_CELLS:  # chunk ids are int64 cell numbers: a grid past that cannot be addressed
+            raise MetadataError(f"chunk_shape {list(self.chunk_shape)} over the bounds "
+                                f"{[list(self.bounds_min), list(self.bounds_max)]} makes a grid of about {cells:.3g} "
+                                f"chunks, more than the {MAX_GRID_CELLS:.3g} a store can address; use a larger "
+                                "chunk_shape")
 
     # -- derived geometry -------------------------------------------------------------
     @property

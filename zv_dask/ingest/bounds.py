@@ -29,20 +29,26 @@ class PartitionStats:
     first_nonfinite: int
     outside: int
     attr_rows: dict
+    too_large: int = 0  # of the non-finite rows, those finite in the input but beyond the stored dtype's range
 
     @staticmethod
     def empty(ndim: int) -> "PartitionStats":
         return PartitionStats(0, np.full(ndim, np.inf), np.full(ndim, -np.inf), 0, -1, 0, {})
 
 
-def partition_stats(positions: np.ndarray, dtype: str, bounds=None, offset: int = 0) -> PartitionStats:
+def partition_stats(positions: np.ndarray, dtype: str, bounds=None, offset: int = 0,
+                    original: np.ndarray | None = None) -> PartitionStats:
     """Statistics of one partition; ``offset`` is its first row in the whole input.
+
+    ``original`` are the positions before a cast to ``dtype`` (default: ``positions``):
+    rows finite there but not after it are counted as too large for the dtype.
 
     Column by column over strided views (no ``(N, D)`` temporaries): NaN and
     inf show in a column's min/max, so the row scan for them runs only when one
     is there.
     """
-    p = np.asarray(positions).astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # a value past float32's range becomes inf: counted (too_large) below
+        p = np.asarray(positions).astype(dtype, copy=False)
     if p.ndim != 2:
         raise InputError(f"points must be a 2-D (N, D) array, got shape {p.shape}")
     d = p.shape[1]
@@ -52,12 +58,14 @@ def partition_stats(positions: np.ndarray, dtype: str, bounds=None, offset: int 
     for k in range(d):
         col = p[:, k]
         lo[k], hi[k] = float(col.min()), float(col.max())
-    n_bad, first, good = 0, -1, p
+    n_bad, first, good, too_large = 0, -1, p, 0
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         finite = np.isfinite(p).all(axis=1)
         n_bad = int(len(p) - finite.sum())
         if n_bad:
             first = int(np.argmin(finite)) + offset
+            src = np.asarray(positions if original is None else original)
+            too_large = int(np.isfinite(src[~finite]).all(axis=1).sum())
             good = p[finite]
             lo, hi = np.full(d, np.inf), np.full(d, -np.inf)
             for k in range(d):
@@ -74,13 +82,14 @@ def partition_stats(positions: np.ndarray, dtype: str, bounds=None, offset: int 
                 m = (col < blo[k]) | (col > bhi[k])
                 out_mask = m if out_mask is None else (out_mask | m)
         outside = int(out_mask.sum()) if out_mask is not None else 0
-    return PartitionStats(len(p), lo, hi, n_bad, first, outside, {})
+    return PartitionStats(len(p), lo, hi, n_bad, first, outside, {}, too_large)
 
 
 def combine_stats(a: PartitionStats, b: PartitionStats) -> PartitionStats:
     firsts = [f for f in (a.first_nonfinite, b.first_nonfinite) if f >= 0]
     return PartitionStats(a.count + b.count, np.minimum(a.lo, b.lo), np.maximum(a.hi, b.hi),
-                          a.nonfinite + b.nonfinite, min(firsts) if firsts else -1, a.outside + b.outside, {})
+                          a.nonfinite + b.nonfinite, min(firsts) if firsts else -1, a.outside + b.outside, {},
+                          a.too_large + b.too_large)
 
 
 def settle_bounds(stats: PartitionStats, bounds, policy: str):
@@ -91,9 +100,14 @@ def settle_bounds(stats: PartitionStats, bounds, policy: str):
     """
     if policy not in POLICIES:
         raise InputError(f"out_of_bounds={policy!r} is not one of {POLICIES}")
+    if stats.nonfinite and stats.too_large == stats.nonfinite:
+        raise InputError(f"{stats.nonfinite} point(s) have coordinates too large for the stored position dtype "
+                         f"(float32 holds up to 3.4e38), the first at row {stats.first_nonfinite}; pass "
+                         "dtype='float64' or fix them")
     if stats.nonfinite:
-        raise InputError(f"{stats.nonfinite} point(s) have non-finite coordinates (NaN or inf), "
-                         f"the first at row {stats.first_nonfinite}; drop or fix them before ingesting")
+        raise InputError(f"{stats.nonfinite} point(s) have non-finite coordinates (NaN or inf"
+                         + (f"; {stats.too_large} of them too large for the stored dtype" if stats.too_large else "")
+                         + f"), the first at row {stats.first_nonfinite}; drop or fix them before ingesting")
     if stats.count == 0:
         raise InputError("the input holds no points")
     data = (stats.lo, stats.hi)

@@ -26,6 +26,7 @@ from zv_dask.budget import (
 )
 from zv_dask.errors import InputError
 from zv_dask.format.grid import Grid
+from zv_dask.format.metadata import DEFAULT_AXES as DEFAULT_AXIS_NAMES
 from zv_dask.ingest.bounds import POLICIES
 from zv_dask.ingest.level0 import (
     auto_partition_rows,
@@ -171,6 +172,16 @@ def _describe_target(store) -> str:
     return type(store).__name__
 
 
+def _check_attribute_names(src, plan) -> None:
+    """Attribute names must not be a column name of their own: an axis, ``object_id`` (read_points' columns)."""
+    axes = list(plan.axes) if plan.axes else list(DEFAULT_AXIS_NAMES[:src.ndim])
+    axes = [a["name"] if isinstance(a, dict) else str(a) for a in axes]
+    clash = sorted(set(src.attributes) & (set(axes) | {"object_id"}))
+    if clash:
+        raise InputError(f"attribute name(s) {clash} are taken: readers make one column of each axis {axes} and of "
+                         "object_id; rename the attribute(s)")
+
+
 def preflight(points, store, *, attributes=None, object_ids=None, columns=None, chunk_shape=None, bounds=None,
               base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, backend=None,
               storage_options=None, overwrite: bool = False, axes=None, partition_rows: int | None = None,
@@ -197,6 +208,7 @@ def preflight(points, store, *, attributes=None, object_ids=None, columns=None, 
                        dtype=dt, axes=axes if axes is not None else src.axes, backend=backend,
                        storage_options=storage_options, overwrite=overwrite, branch=branch, resume=resume,
                        append=append)
+    _check_attribute_names(src, plan)
     if append and dtype is not None and np.dtype(dt).name != plan.dtype:
         raise InputError(f"dtype {np.dtype(dt).name} differs from the store's position dtype {plan.dtype}: an append "
                          "keeps the store's (leave dtype out)")

@@ -71,7 +71,10 @@ def precision_warnings(dtype: str, stats, src) -> list[str]:
 
 def choose_dtype(dtype, src) -> tuple[str, str]:
     if dtype is not None:
-        dt = np.dtype(dtype)
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise InputError(f"dtype {dtype!r} is not a numpy dtype; use float32 or float64") from None
         if dt.kind != "f":
             raise InputError(f"dtype must be float32 or float64 for stored positions, got {dtype!r}")
         return dt.name, "as requested"

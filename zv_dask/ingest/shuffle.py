@@ -78,8 +78,9 @@ def scan_partition(batch: Batch, grid: Grid, bounds, drop_outside: bool, offset:
     scaled up: they only size the write groups, and every chunk gets a group
     whether it was sampled or not.
     """
-    pos = grid.cast(batch.positions)
-    stats = partition_stats(pos, grid.dtype, bounds, offset)
+    with np.errstate(over="ignore"):  # past float32's range becomes inf: partition_stats says which
+        pos = grid.cast(batch.positions)
+    stats = partition_stats(pos, grid.dtype, bounds, offset, original=batch.positions)
     if stats.nonfinite:
         return ScanResult(stats, Occupancy(np.zeros((0, pos.shape[1]), np.int64), np.zeros(0, np.int64)))
     step = max(1, len(pos) // SAMPLE_POINTS) if sample else 1

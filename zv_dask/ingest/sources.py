@@ -204,6 +204,9 @@ def _from_frame(df, columns, attributes, object_ids, partition_rows, kind="dataf
     numeric = [c for c in df.columns if _kind(df[c].dtype) in "biuf"]
     for c in columns:
         if _kind(df[c].dtype) not in "iuf":
+            if not in_memory and kind == "csv" and len(df.head(1, npartitions=-1)) == 0:  # on the error path only
+                raise InputError(f"{description or 'the CSV input'} holds no rows (a header only): no points to "
+                                 "ingest")
             raise InputError(f"coordinate column {c!r} has dtype {df[c].dtype}; coordinates must be numbers")
     if attributes is None:
         attr_names = [c for c in numeric if c not in columns and c != oid_col]

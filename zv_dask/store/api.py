@@ -221,7 +221,14 @@ def create_store(
     :func:`~zv_dask.build_pyramid` then writes by default. Refuses an existing
     store unless ``overwrite=True``.
     """
-    d = _resolve_ndim(ndim, axes, chunk_shape, bounds, base_bin_shape)
+    scalars = {k: v for k, v in (("chunk_shape", chunk_shape), ("base_bin_shape", base_bin_shape))
+               if v is not None and np.ndim(v) == 0}
+    d = _resolve_ndim(ndim, axes, None if "chunk_shape" in scalars else chunk_shape, bounds,
+                      None if "base_bin_shape" in scalars else base_bin_shape)
+    if "chunk_shape" in scalars:  # one edge length for every axis
+        chunk_shape = (float(chunk_shape),) * d
+    if "base_bin_shape" in scalars:
+        base_bin_shape = (float(base_bin_shape),) * d
     if bounds is None:
         bounds = ([0.0] * d, [DEFAULT_BOUNDS_SIDE] * d)
     lo = tuple(float(v) for v in bounds[0])
