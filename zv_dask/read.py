@@ -35,7 +35,7 @@ from zv_dask.errors import FormatError, InputError, MetadataError
 from zv_dask.format.cells import decode_fragments, decode_manifest
 from zv_dask.format.grid import Grid, parse_chunk_key
 from zv_dask.store.api import as_store, get_resolution_level
-from zv_dask.store.levels import ChunkData, level_chunk_keys, level_grid, read_chunks
+from zv_dask.store.levels import ChunkData, LevelCells, level_cells, level_chunk_keys, level_grid, read_chunks
 
 __all__ = ["read_points", "open_level", "read_plan", "parse_box", "object_entries", "row_object_ids", "chunks_in"]
 
@@ -260,9 +260,10 @@ def _meta(axes, attrs, has_obj, vdtype) -> pd.DataFrame:
 
 
 # -- partitions --------------------------------------------------------------------------
-def _read_partition(chunks, zstore, level, ndim, axes, attrs, obj, box, vdtype, numbers=None) -> pd.DataFrame:
+def _read_partition(chunks, zstore, level, ndim, axes, attrs, obj, box, vdtype, numbers=None,
+                    cells: LevelCells | None = None) -> pd.DataFrame:
     """The rows of ``chunks``; indexed by point id given the chunks' ``numbers``, else by a fresh RangeIndex."""
-    data = read_chunks(zstore, level, chunks, list(attrs), ndim=ndim)
+    data = read_chunks(zstore, level, chunks, list(attrs), ndim=ndim, cells=cells)
     pos = np.concatenate([d.positions for d in data]) if data else np.zeros((0, ndim), vdtype)
     cols = {a: pos[:, i] for i, a in enumerate(axes)}
     for n, (dt, ch) in attrs.items():
@@ -331,7 +332,8 @@ def read_points(store, *, level: int = 0, bbox=None, attributes=None, chunks_per
         entries = (oid, och, ofr)
     numbers = _chunk_numbers(zs.root[str(level)], groups, ndim)
     parts = [(c, _obj_subset(entries, c), n) for c, n in zip(groups, numbers)]
-    return dd.from_map(_PartitionReader(zs.store, level, ndim, axes, attrs, box, vdtype), parts, meta=meta,
+    cells = level_cells(zs.store, level, list(attrs))  # the level's metadata, opened here once for every task
+    return dd.from_map(_PartitionReader(zs.store, level, ndim, axes, attrs, box, vdtype, cells), parts, meta=meta,
                        divisions=_divisions(numbers), enforce_metadata=False, label=f"zv-read-level-{level}")
 
 
@@ -342,13 +344,14 @@ def _same(frame: pd.DataFrame) -> pd.DataFrame:
 class _PartitionReader:
     """Picklable callable reading one partition (chunks plus their object-index entries)."""
 
-    def __init__(self, zstore, level, ndim, axes, attrs, box, vdtype):
+    def __init__(self, zstore, level, ndim, axes, attrs, box, vdtype, cells=None):
         self.args = (zstore, level, ndim, axes, attrs, box, vdtype)
+        self.cells = cells
 
     def __call__(self, part) -> pd.DataFrame:
         chunks, obj, numbers = part
         zstore, level, ndim, axes, attrs, box, vdtype = self.args
-        return _read_partition(chunks, zstore, level, ndim, axes, attrs, obj, box, vdtype, numbers)
+        return _read_partition(chunks, zstore, level, ndim, axes, attrs, obj, box, vdtype, numbers, self.cells)
 
 
 # -- xarray ------------------------------------------------------------------------------

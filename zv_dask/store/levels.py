@@ -38,6 +38,8 @@ __all__ = [
     "AttributeSpec",
     "ChunkSummary",
     "prepare_level",
+    "LevelCells",
+    "level_cells",
     "payload_targets",
     "write_chunk_payloads",
     "write_cells",
@@ -415,29 +417,83 @@ def read_payloads(zstore, arr: zarr.Array, chunks: np.ndarray) -> list[bytes]:
     return [bytes(p) if p is not None else b"" for p in _read_cells(zstore, arr, chunks - origin)]
 
 
-def read_chunks(zstore, level: int, chunks: np.ndarray, attributes=None, *, ndim: int) -> list[ChunkData]:
-    """Read and decode the cells of the given absolute chunks (all must be non-empty)."""
+@dataclass(frozen=True)
+class LevelCells:
+    """What reading a level's cells takes from its metadata, opened once and then passed to every read.
+
+    ``arrays`` maps ``"vertices"``, ``"vertex_fragments"`` and each attribute
+    name to ``(array path, how its cells are moved, dtype, channels)``; ``how``
+    is ``None`` where zarr's own pipeline must read them (sharding, blosc).
+    Opening the metadata costs a few milliseconds per array; a read task of
+    one chunk would otherwise spend most of its time on it.
+    """
+
+    level: int
+    dtype: str
+    origin: tuple
+    arrays: dict
+
+
+def level_cells(zstore, level: int, attributes=None) -> LevelCells:
+    """The :class:`LevelCells` of a level for reads of ``attributes`` (``None``: all of them)."""
     root = zarr.open_group(zstore, mode="r", zarr_format=3)
     g = root[str(level)]
+    vert = g["vertices"]
+    arrays = {"vertices": (vert.path, _direct(vert), None, None),
+              "vertex_fragments": (g["vertex_fragments"].path, _direct(g["vertex_fragments"]), None, None)}
+    for n, a in _attr_arrays(g, attributes).items():
+        rs = a.attrs.get("row_shape") or []
+        arrays[n] = (a.path, _direct(a), a.attrs["dtype"], rs[0] if rs else None)
+    origin = tuple(int(v) for v in vert.attrs.get("chunk_grid_origin", [0] * len(vert.shape)))
+    return LevelCells(level, vert.attrs.get("dtype", "float32"), origin, arrays)
+
+
+def _payloads(zstore, cells: LevelCells, names: list[str], idx: np.ndarray) -> dict[str, list]:
+    """The payloads of the grid cells ``idx`` of each named array: the direct ones in one batch of gets."""
+    keys, spans, out = [], {}, {}
+    tails = ["/".join(map(str, c)) for c in idx.tolist()]
+    for n in names:
+        path, how = cells.arrays[n][:2]
+        if how is None:
+            arr = zarr.open_array(zstore, path=path, mode="r", zarr_format=3)
+            out[n] = list(arr.get_coordinate_selection(tuple(idx.T)))
+        else:
+            spans[n] = (len(keys), how)
+            keys.extend(f"{path}/c/{t}" for t in tails)
+    if keys:
+        got = get_cells(zstore, keys)
+        for n, (start, how) in spans.items():
+            out[n] = [decode_frame(f, how) for f in got[start:start + len(tails)]]
+    return out
+
+
+def read_chunks(zstore, level: int, chunks: np.ndarray, attributes=None, *, ndim: int,
+                cells: LevelCells | None = None) -> list[ChunkData]:
+    """Read and decode the cells of the given absolute chunks (all must be non-empty).
+
+    ``cells`` (from :func:`level_cells`, for these ``attributes``) saves opening the level's metadata.
+    """
     chunks = np.asarray(chunks, np.int64).reshape(-1, ndim)
     if not len(chunks):
         return []
-    vert = g["vertices"]
-    origin = np.asarray(vert.attrs.get("chunk_grid_origin", [0] * ndim), np.int64)
-    dtype = vert.attrs.get("dtype", "float32")
-    cells = chunks - origin
-    vbytes = _read_cells(zstore, vert, cells)
-    fbytes = _read_cells(zstore, g["vertex_fragments"], cells)
-    attr_arrays = _attr_arrays(g, attributes)
-    abytes = {n: _read_cells(zstore, a, cells) for n, a in attr_arrays.items()}
+    if cells is None:
+        cells = level_cells(zstore, level, attributes)
+    names = [n for n in cells.arrays if n not in ("vertices", "vertex_fragments")]
+    if attributes is not None:
+        missing = [n for n in attributes if n not in cells.arrays]
+        if missing:
+            raise MetadataError(f"attributes {missing} are not in this level; it has {sorted(names)}")
+        names = list(attributes)
+    got = _payloads(zstore, cells, ["vertices", "vertex_fragments"] + names,
+                    chunks - np.asarray(cells.origin, np.int64))
     out = []
     for i, c in enumerate(chunks):
-        pos = decode_vertices(bytes(vbytes[i]), ndim, dtype)
-        frag = decode_fragments(bytes(fbytes[i]))
+        pos = decode_vertices(bytes(got["vertices"][i]), ndim, cells.dtype)
+        frag = decode_fragments(bytes(got["vertex_fragments"][i]))
         attrs = {}
-        for n, a in attr_arrays.items():
-            rs = a.attrs.get("row_shape") or []
-            attrs[n] = decode_attribute(bytes(abytes[n][i]), a.attrs["dtype"], len(pos), rs[0] if rs else None)
+        for n in names:
+            _, _, dtype, channels = cells.arrays[n]
+            attrs[n] = decode_attribute(bytes(got[n][i]), dtype, len(pos), channels)
         out.append(ChunkData(tuple(int(x) for x in c), pos, frag.starts, frag.counts, attrs))
     return out
 
