@@ -129,3 +129,9 @@ def fill_las_dimensions(las, rng, n: int) -> None:
         else:
             info = np.iinfo(d.dtype)
             las[d.name] = rng.integers(info.min, info.max, n, endpoint=True).astype(d.dtype)
+
+
+# a projected CRS as a LAS WKT VLR holds it (EPSG:32610)
+WKT = ('PROJCS["WGS 84 / UTM zone 10N",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
+       'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]],PROJECTION["Transverse_Mercator"],UNIT["metre",1],'
+       'AUTHORITY["EPSG","32610"]]')

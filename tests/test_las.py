@@ -12,12 +12,9 @@ from laspy.vlrs.known import GeoKeyDirectoryVlr, WktCoordinateSystemVlr
 
 import zv_dask
 from zv_dask.errors import InputError
-from helpers import fill_las_dimensions, reference_validate
+from helpers import WKT, fill_las_dimensions, reference_validate
 
 DATA = Path(__file__).parent / "data"
-WKT = ('PROJCS["WGS 84 / UTM zone 10N",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
-       'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]],PROJECTION["Transverse_Mercator"],UNIT["metre",1],'
-       'AUTHORITY["EPSG","32610"]]')
 
 
 @pytest.fixture(autouse=True)

@@ -265,29 +265,6 @@ def store_stats(store, *, levels=None, storage_options: dict | None = None, back
 
 
 # -- for people -------------------------------------------------------------------------
-def crs_text(crs) -> str:
-    """A CRS in a few words: ``EPSG:32633``, the name in a WKT or PROJJSON, else its JSON cut short."""
-    import json
-
-    if not crs:
-        return "none"
-    if not isinstance(crs, dict):
-        return str(crs)[:80]
-    if "epsg" in crs:
-        return f"EPSG:{crs['epsg']}" + (f"+{crs['vertical_epsg']}" if crs.get("vertical_epsg") else "")
-    if isinstance(crs.get("wkt"), str):
-        wkt = crs["wkt"]
-        start = wkt.find('"')
-        return f"WKT {wkt[start + 1:wkt.find(chr(34), start + 1)] if start >= 0 else wkt[:40]!r}"
-    pj = crs.get("projjson", crs)
-    if isinstance(pj, dict) and "name" in pj:
-        ident = pj.get("id") or {}
-        code = f" ({ident.get('authority')}:{ident.get('code')})" if ident.get("code") is not None else ""
-        return f"{pj['name']}{code}"
-    text = json.dumps(crs, sort_keys=True, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _num(v, digits: int) -> str:
     if v is None:
         return "-"
