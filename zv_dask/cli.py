@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shard-shape", type=_positive_ints, metavar="K",
                    help="chunks per shard along each axis (zarr sharding)")
     g.add_argument("--compression", choices=("none", "zstd", "blosc"),
-                   help="codec after vlen-bytes on every array (default: none)")
+                   help="codec after vlen-bytes on every array (default: zstd)")
     g.add_argument("--compression-level", type=int, metavar="N",
                    help="level of --compression (default: zstd 3, blosc 5)")
     g = p.add_argument_group("input")

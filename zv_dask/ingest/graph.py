@@ -172,8 +172,8 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         are refused); a ``crs`` given overrides them.
     compression, compression_level
         Codecs after ``vlen-bytes`` on every array the job makes (level 0,
-        coarse levels, links, object indexes): ``"none"`` (default, as
-        ``None``), ``"zstd"`` or ``"blosc"``, with a level (default zstd 3,
+        coarse levels, links, object indexes): ``"zstd"`` (default, as
+        ``None``), ``"blosc"`` or ``"none"``, with a level (default zstd 3,
         blosc 5); see :mod:`zv_dask.format.codecs`. An append keeps the store's.
     durable
         Keep the job's journal (and on icechunk, its checkpoints on a job
