@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,12 @@ def write_las(path, fmt, seed=0, n=N):
     h.vlrs.append(WktCoordinateSystemVlr(WKT))
     if fmt >= 6:
         h.global_encoding.wkt = True
+    # header identity an export must give back: adjusted standard GPS time, synthetic returns, ids
+    h.global_encoding.gps_time_type = laspy.header.GpsTimeType.STANDARD
+    h.global_encoding.synthetic_return_numbers = fmt % 2 == 1
+    h.file_source_id = 100 + fmt
+    h.system_identifier = "zv-dask tests"
+    h.uuid = uuid.UUID(int=0x1234_5678_9ABC_DEF0 + fmt)
     las = laspy.LasData(h)
     las.X = rng.integers(0, 400_000, n, dtype=np.int32)
     las.Y = rng.integers(-50_000, 350_000, n, dtype=np.int32)
@@ -88,6 +95,8 @@ def contract_store(las_path, store, **kw):
     h = las.header
     record = {"version": str(h.version), "point_format": pf.id, "scales": h.scales.tolist(),
               "offsets": h.offsets.tolist(), "dimensions": dims, "extra_bytes": extra, "uniform": True,
+              "global_encoding": h.global_encoding.value, "file_source_id": h.file_source_id,
+              "system_identifier": h.system_identifier, "project_id": str(h.uuid),
               "files": [{"name": Path(las_path).name, "points": len(las.points), "version": str(h.version),
                          "point_format": pf.id, "scales": h.scales.tolist(), "offsets": h.offsets.tolist()}]}
     set_root(store, crs={"wkt": WKT}, las=record)
@@ -168,6 +177,9 @@ def assert_same_las(got_path, want_path):
     assert wkt_of(got) == wkt_of(want) == WKT
     if want.header.version.minor >= 4:
         assert got.header.global_encoding.wkt
+    assert got.header.global_encoding.value == want.header.global_encoding.value
+    assert (got.header.file_source_id, got.header.system_identifier, got.header.uuid) == \
+        (want.header.file_source_id, want.header.system_identifier, want.header.uuid)
     assert got.header.mins.tolist() == want.header.mins.tolist()
     assert got.header.maxs.tolist() == want.header.maxs.tolist()
     assert got.header.number_of_points_by_return.tolist() == want.header.number_of_points_by_return.tolist()

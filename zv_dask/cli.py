@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--crs", metavar="CRS",
                    help="the points' coordinate system, e.g. EPSG:32610 or WKT (default: what LAS/LAZ headers say; "
                         "given, it overrides them, e.g. for files whose headers disagree)")
+    g.add_argument("--reproject", metavar="CRS",
+                   help="transform the positions to this CRS, e.g. EPSG:32610 (needs pyproj: "
+                        "pip install 'zv-dask[crs]'), from --crs or each file's own CRS")
     g.add_argument("--shard-shape", type=_positive_ints, metavar="K",
                    help="chunks per shard along each axis (zarr sharding)")
     g.add_argument("--compression", choices=("none", "zstd", "blosc"),
@@ -639,7 +642,7 @@ def cmd_ingest(args, out) -> int:
     kw = dict(attributes=args.attributes, object_ids=args.object_ids, columns=args.columns,
               chunk_shape=args.chunk_shape, bounds=args.bounds, base_bin_shape=args.bin_shape,
               out_of_bounds=args.out_of_bounds, dtype=args.dtype, shard_shape=args.shard_shape, crs=args.crs,
-              backend=_backend(args), storage_options=_options(args), overwrite=args.overwrite,
+              reproject=args.reproject, backend=_backend(args), storage_options=_options(args), overwrite=args.overwrite,
               partition_rows=args.partition_rows, branch=args.branch,
               pyramid=_pyramid_kwargs(args) if args.pyramid else None)
     job_kw = dict(group_points=args.group_points)

@@ -12,7 +12,7 @@ import numpy as np
 
 from zv_dask.errors import InputError
 
-__all__ = ["crs_label", "normalize_crs"]
+__all__ = ["crs_label", "normalize_crs", "crs_text", "pyproj_crs"]
 
 
 def crs_label(crs) -> str:
@@ -56,3 +56,24 @@ def normalize_crs(value) -> dict | None:
         if "[" in text:
             return {"wkt": text}
     raise InputError(f"crs {value!r} is not a CRS zv-dask understands: give 'EPSG:<code>', WKT, PROJJSON or a dict")
+
+
+def crs_text(crs: dict) -> str:
+    """A root ``crs`` as the text pyproj takes: ``EPSG:code`` (``+vertical``), the WKT, or PROJJSON."""
+    if "epsg" in crs:
+        return f"EPSG:{crs['epsg']}" + (f"+{crs['vertical_epsg']}" if crs.get("vertical_epsg") else "")
+    if isinstance(crs.get("wkt"), str):
+        return crs["wkt"]
+    return json.dumps(crs.get("projjson", crs))
+
+
+def pyproj_crs(crs: dict, what: str = "crs"):
+    """The ``pyproj.CRS`` of a root ``crs``; an :class:`InputError` naming ``what`` if pyproj does not know it."""
+    try:
+        import pyproj
+    except ImportError as e:
+        raise InputError(f"{what} needs pyproj: pip install 'zv-dask[crs]'") from e
+    try:
+        return pyproj.CRS.from_user_input(crs_text(crs))
+    except pyproj.exceptions.CRSError as e:
+        raise InputError(f"{what} {crs_label(crs)} is not a CRS pyproj knows: {e}") from None

@@ -76,15 +76,28 @@ def choose_point_format(needed: set[str], preferred: int | None = None) -> int:
     return full[0] if full else max(by_size, key=lambda f: len(needed & set(_dims(f))))
 
 
-def grid_for(lo, hi) -> tuple[list[float], list[float]]:
-    """Scales and offsets for positions in ``[lo, hi]``: 0.001 (or coarser) and ``floor(lo)``."""
+def grid_for(lo, hi, scales=None) -> tuple[list[float], list[float]]:
+    """Scales and offsets for positions in ``[lo, hi]``: ``scales`` (default 0.001) made 10x coarser
+    along an axis while its span overflows an int32, and offsets ``floor(lo)``."""
     lo = np.asarray(lo, np.float64)
     offsets = np.floor(lo)
-    span = float(np.max(np.asarray(hi, np.float64) - offsets))
-    k = 3
-    while span / 10.0 ** -k > INT32[1] - 1 and k > -12:
-        k -= 1
-    return [10.0 ** -k] * 3, offsets.tolist()
+    spans = np.asarray(hi, np.float64) - offsets
+    out = []
+    for span, s in zip(spans, scales or [0.001] * len(spans)):
+        s = float(s)
+        while span / s > INT32[1] - 1 and s < 1e12:
+            s *= 10.0
+        out.append(s)
+    return out, offsets.tolist()
+
+
+def _region(bounds, bbox) -> tuple[np.ndarray, np.ndarray]:
+    """The exported region: the store's bounds cut by the box (when there is one)."""
+    lo, hi = np.asarray(bounds[0], np.float64), np.asarray(bounds[1], np.float64)
+    if bbox is not None:
+        lo, hi = np.maximum(lo, bbox[0]), np.minimum(hi, bbox[1])
+        lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
+    return lo, hi
 
 
 def to_integers(x: np.ndarray, scale: float, offset: float) -> tuple[np.ndarray, np.ndarray]:
@@ -257,6 +270,30 @@ def add_crs(header, crs: dict | None, notes: list[str]) -> str | None:
     return f"GeoKeyDirectory VLR (EPSG:{code}, {kind}, {how})"
 
 
+# global-encoding bits set from what the export writes, never copied from the input
+GLOBAL_WKT, GLOBAL_WAVEFORM = 0b1_0000, 0b0110
+
+
+def _restore_identity(header, record: dict, notes: list[str]) -> None:
+    """The LAS input's global encoding (GPS time type, synthetic returns), file source id, system
+    identifier and project id, from the store's LAS record (stores made before these were kept have none)."""
+    from uuid import UUID
+
+    enc = record.get("global_encoding")
+    if isinstance(enc, int):
+        if enc & GLOBAL_WAVEFORM:
+            notes.append("the LAS input declared waveform data packets; they are not kept, so the flags are cleared")
+        header.global_encoding.value = enc & ~(GLOBAL_WKT | GLOBAL_WAVEFORM) & 0xFFFF
+    if isinstance(record.get("file_source_id"), int):
+        header.file_source_id = record["file_source_id"]
+    if isinstance(record.get("system_identifier"), str):
+        header.system_identifier = record["system_identifier"][:32]
+    try:
+        header.uuid = UUID(str(record["project_id"]))
+    except (KeyError, ValueError):
+        pass
+
+
 def plan_las(axes: list[str], attrs: dict, has_obj: bool, record: dict | None, crs: dict | None, *, bounds, bbox=None,
              level: int = 0, vertex_dtype="float64") -> LasLayout:
     """The header and field mapping of a LAS export.
@@ -290,8 +327,15 @@ def plan_las(axes: list[str], attrs: dict, has_obj: bool, record: dict | None, c
         version = str(record.get("version") or las_dims.preferred_file_version_for_point_format(fmt))
         if version not in las_dims.VERSION_TO_POINT_FMT or fmt not in las_dims.VERSION_TO_POINT_FMT[version]:
             version = las_dims.preferred_file_version_for_point_format(fmt)
-        scales, offsets = [float(s) for s in record["scales"]], [float(o) for o in record["offsets"]]
+        scales = [float(s) for s in record["scales"]]
         header_from = "the store's LAS record"
+        if record.get("offsets") is None:  # reprojected at ingest: the files' integers are gone
+            scales, offsets = grid_for(*_region(bounds, bbox), scales=scales)
+            notes.append(f"the points were reprojected at ingest ({record.get('reprojected', {}).get('to', '')}): "
+                         f"new LAS integers with scales {scales} and offsets {offsets} (floor of the exported "
+                         "region's minimum)")
+        else:
+            offsets = [float(o) for o in record["offsets"]]
         if fmt != preferred:
             notes.append(f"point format {preferred} of the store's LAS record cannot hold "
                          f"{sorted(needed - set(_dims(preferred)))}: point format {fmt} written")
@@ -300,11 +344,7 @@ def plan_las(axes: list[str], attrs: dict, has_obj: bool, record: dict | None, c
                          f"are used (point format {preferred}, scales {scales}, offsets {offsets})")
     else:
         version = las_dims.preferred_file_version_for_point_format(fmt)
-        lo, hi = np.asarray(bounds[0], np.float64), np.asarray(bounds[1], np.float64)
-        if bbox is not None:
-            lo, hi = np.maximum(lo, bbox[0]), np.minimum(hi, bbox[1])
-            lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
-        scales, offsets = grid_for(lo, hi)
+        scales, offsets = grid_for(*_region(bounds, bbox))
         header_from = "chosen (no LAS record in the store)"
         notes.append(f"no LAS record in the store: point format {fmt} (the smallest holding "
                      f"{', '.join(sorted(needed)) or 'positions only'}), LAS {version}, scales {scales[0]:g}, "
@@ -313,6 +353,8 @@ def plan_las(axes: list[str], attrs: dict, has_obj: bool, record: dict | None, c
     header.scales = np.asarray(scales, np.float64)
     header.offsets = np.asarray(offsets, np.float64)
     header.generating_software = "zv-dask export"
+    if record:
+        _restore_identity(header, record, notes)
     fmt_dims = set(_dims(fmt))
     fields: list[_Field] = []
     extra: dict[str, tuple[np.dtype, int | None]] = {}

@@ -99,8 +99,8 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
            backend=None, storage_options=None, client=None, compute: bool = True, overwrite: bool = False,
            axes=None, message: str | None = None, progress: bool = False, partition_rows: int | None = None,
            group_points: int | None = None, branch: str = "main", memory_budget=None, scratch=None,
-           resume: bool = False, durable: bool = True, mode: str = "write", crs=None, compression=None,
-           compression_level=None):
+           resume: bool = False, durable: bool = True, mode: str = "write", crs=None, reproject=None,
+           compression=None, compression_level=None):
     """Ingest a point cloud into level 0 of a ZV store, in parallel, and optionally build its pyramid.
 
     Parameters
@@ -170,6 +170,11 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
         ``"EPSG:32610"``, an EPSG number, WKT, PROJJSON or a dict. LAS/LAZ
         files bring theirs (WKT VLR or GeoTIFF keys; files with different CRS
         are refused); a ``crs`` given overrides them.
+    reproject
+        A CRS to transform the positions to before anything else (as ``crs``;
+        needs pyproj, the ``crs`` extra), from ``crs`` or each LAS file's own,
+        so files in different CRSs can be one job. The root ``crs`` is this one;
+        see :mod:`zv_dask.ingest.reproject`.
     compression, compression_level
         Codecs after ``vlen-bytes`` on every array the job makes (level 0,
         coarse levels, links, object indexes): ``"zstd"`` (default, as
@@ -205,7 +210,8 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
                                          shard_shape=shard_shape, backend=backend, storage_options=storage_options,
                                          overwrite=overwrite, axes=axes, partition_rows=partition_rows,
                                          branch=branch, budget=budget, slots=slots,
-                                         resume=resume and mode != "append", append=mode == "append", crs=crs)
+                                         resume=resume and mode != "append", append=mode == "append", crs=crs,
+                                         reproject=reproject)
     if mode == "append":
         if shard_shape is not None:
             raise InputError("shard_shape is the store's in an append (leave it out)")
@@ -215,13 +221,15 @@ def ingest(points, store, *, attributes=None, object_ids=None, columns=None, chu
                              group_points=group_points, scratch=scratch, pyramid=pyramid, message=message,
                              progress=progress, resume=resume, dtype_reason=dt_reason,
                              options=job_options(attributes=sorted(src.attributes), object_ids=src.has_object_ids,
-                                                 out_of_bounds=out_of_bounds))
+                                                 out_of_bounds=out_of_bounds,
+                                                 **({"reproject": reproject} if reproject is not None else {})))
     dt = plan.dtype
     pyramid_opts = pyramid_options(pyramid, src.ndim, budget)  # checked before anything is read or written
     rec = JobRecorder(plan.resume_state, job_options(
         attributes=sorted(src.attributes), object_ids=src.has_object_ids, columns=columns, chunk_shape=chunk_shape,
         bounds=bounds, base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,
         shard_shape=shard_shape, axes=axes, pyramid=_pyramid_identity(pyramid),
+        **({"reproject": reproject} if reproject is not None else {}),
         **({"compression": list(check_compression(compression, compression_level))} if compressors else {})),
         input_fingerprint(points, src), enabled=durable)
     try:
@@ -260,7 +268,7 @@ def _pending(points, store, options: dict) -> PendingIngest:
     cl = resolve_client(options.pop("client"))
     keys = ("attributes", "object_ids", "columns", "chunk_shape", "bounds", "base_bin_shape", "out_of_bounds",
             "dtype", "shard_shape", "backend", "storage_options", "overwrite", "axes", "partition_rows", "branch",
-            "crs")
+            "crs", "reproject")
     src, _, _, _ = preflight(points, store, **{k: options[k] for k in keys}, budget=resolve_budget(
         options["memory_budget"], cl), slots=task_slots(cl), resume=options["resume"] and options["mode"] != "append",
         append=options["mode"] == "append")

@@ -41,6 +41,7 @@ class LasFile:
     dimensions: dict  # attribute name -> (dtype, channels)
     extra_bytes: list  # [{"name", "dtype", "channels", "description"}]
     crs: dict | None
+    identity: dict  # global_encoding, file_source_id, system_identifier, project_id of the header
 
 
 def las_dimensions(point_format) -> tuple[dict, list]:
@@ -100,6 +101,14 @@ def las_crs(header) -> dict | None:
     return None
 
 
+def _identity(header) -> dict:
+    """The header fields that say what the points are besides their dimensions (GPS time type above all)."""
+    sid = header.system_identifier
+    return {"global_encoding": int(header.global_encoding.value), "file_source_id": int(header.file_source_id),
+            "system_identifier": (sid.decode("ascii", "replace") if isinstance(sid, bytes) else str(sid)).rstrip("\0"),
+            "project_id": str(header.uuid)}
+
+
 def read_las_files(files: list[str]) -> list[LasFile]:
     """Every file's header, read once (in this process)."""
     try:
@@ -114,7 +123,7 @@ def read_las_files(files: list[str]) -> list[LasFile]:
                 dims, extra = las_dimensions(h.point_format)
                 out.append(LasFile(f, int(h.point_count), f"{h.version.major}.{h.version.minor}",
                                    int(h.point_format.id), [float(s) for s in h.scales],
-                                   [float(o) for o in h.offsets], dims, extra, las_crs(h)))
+                                   [float(o) for o in h.offsets], dims, extra, las_crs(h), _identity(h)))
         except InputError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -169,15 +178,25 @@ def choose_crs(files: list[LasFile], crs) -> dict | None:
 
 
 def las_record(files: list[LasFile], dims: dict) -> dict:
-    """The header facts an export needs to restore the files' integers (root ``zv_dask`` -> ``las``)."""
+    """The header facts an export needs to restore the files' integers and header (root ``zv_dask`` -> ``las``).
+
+    ``global_encoding`` (GPS week or adjusted standard time, synthetic returns),
+    ``file_source_id``, ``system_identifier`` and ``project_id`` are the first
+    file's; ``uniform`` says whether every file agreed on version, point format,
+    scales, offsets and global encoding.
+    """
     first = files[0]
-    uniform = all((f.version, f.point_format, f.scales, f.offsets) == (first.version, first.point_format,
-                                                                      first.scales, first.offsets) for f in files)
+
+    def key(f):
+        return f.version, f.point_format, f.scales, f.offsets, f.identity["global_encoding"]
+
     return {"version": first.version, "point_format": first.point_format, "scales": first.scales,
             "offsets": first.offsets, "dimensions": list(dims),
-            "extra_bytes": [e for e in first.extra_bytes if e["name"] in dims], "uniform": uniform,
+            "extra_bytes": [e for e in first.extra_bytes if e["name"] in dims],
+            "uniform": all(key(f) == key(first) for f in files), **first.identity,
             "files": [{"name": os.path.basename(f.path), "points": f.points, "version": f.version,
-                       "point_format": f.point_format, "scales": f.scales, "offsets": f.offsets} for f in files]}
+                       "point_format": f.point_format, "scales": f.scales, "offsets": f.offsets,
+                       "global_encoding": f.identity["global_encoding"]} for f in files]}
 
 
 def las_slice(path: str, start: int, count: int, specs: dict):

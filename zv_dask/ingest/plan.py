@@ -186,7 +186,7 @@ def preflight(points, store, *, attributes=None, object_ids=None, columns=None, 
               base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, backend=None,
               storage_options=None, overwrite: bool = False, axes=None, partition_rows: int | None = None,
               branch: str = "main", budget: MemoryBudget | None = None, slots: int = 1, resume: bool = False,
-              append: bool = False, crs=None):
+              append: bool = False, crs=None, reproject=None):
     """The checks an ingest job makes before reading any point: input, target store and geometry.
 
     Cheap (file headers and store metadata only) and writes nothing. Raises the
@@ -196,7 +196,7 @@ def preflight(points, store, *, attributes=None, object_ids=None, columns=None, 
     """
     if out_of_bounds not in POLICIES:
         raise InputError(f"out_of_bounds={out_of_bounds!r} is not one of {POLICIES}")
-    kw = dict(attributes=attributes, object_ids=object_ids, columns=columns, crs=crs)
+    kw = dict(attributes=attributes, object_ids=object_ids, columns=columns, crs=crs, reproject=reproject)
     rows = auto_partition_rows(points, partition_rows, slots)
     src = as_source(points, partition_rows=rows, **kw)
     dt, dt_reason = choose_dtype(dtype, src)
@@ -225,7 +225,8 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
                 base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, pyramid=None,
                 backend=None, storage_options=None, client=None, overwrite: bool = False, axes=None,
                 progress: bool = False, partition_rows: int | None = None, group_points: int | None = None,
-                branch: str = "main", memory_budget=None, scratch=None, mode: str = "write", crs=None) -> IngestPlan:
+                branch: str = "main", memory_budget=None, scratch=None, mode: str = "write", crs=None,
+                reproject=None) -> IngestPlan:
     """Plan an ingest job without writing: the scan pass runs, the store is only inspected.
 
     Takes the arguments of :func:`zv_dask.ingest` (those that change what is
@@ -252,7 +253,8 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
                                          base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,
                                          shard_shape=shard_shape, backend=backend, storage_options=storage_options,
                                          overwrite=overwrite, axes=axes, partition_rows=partition_rows,
-                                         branch=branch, budget=budget, slots=slots, append=mode == "append", crs=crs)
+                                         branch=branch, budget=budget, slots=slots, append=mode == "append", crs=crs,
+                                         reproject=reproject)
     append_builder = None
     if mode == "append":
         from zv_dask.ingest.append import _pyramid_builder, check_compatible

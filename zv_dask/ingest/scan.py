@@ -80,4 +80,6 @@ def choose_dtype(dtype, src) -> tuple[str, str]:
         return dt.name, "as requested"
     if src.kind == "las":
         return "float64", "LAS coordinates are georeferenced; float32 would lose centimetres"
+    if getattr(src, "reprojected_from", None):
+        return "float64", "reprojected coordinates are georeferenced; float32 would lose centimetres"
     return "float32", "default; pass dtype='float64' to keep double precision"

@@ -24,6 +24,7 @@ from zv_dask.errors import InputError
 from zv_dask.format.crs import normalize_crs
 from zv_dask.ingest.inputs import check_attributes, check_object_ids, check_positions
 from zv_dask.ingest.las import choose_attributes, choose_crs, las_record, las_slice, read_las_files
+from zv_dask.ingest.reproject import check_reproject, reproject_source
 
 __all__ = ["Batch", "Source", "as_source", "DEFAULT_PARTITION_ROWS"]
 
@@ -68,6 +69,7 @@ class Source:
     in_memory: bool = False  # the data sit in this process (numpy, pandas): ship them to workers once
     crs: dict | None = None  # the root ``crs`` the input declares (LAS headers) or the user gave
     las: dict | None = None  # the LAS header record (``zv_dask`` -> ``las`` in the root attributes)
+    reprojected_from: list | None = None  # labels of the CRSs the positions were transformed from
 
 
 # -- helpers that run on workers (top level so they pickle by reference) ---------------
@@ -325,7 +327,7 @@ def _kind_of(path: str) -> str:
     return kind
 
 
-def _from_files(paths, columns, attributes, object_ids, partition_rows, crs=None) -> Source:
+def _from_files(paths, columns, attributes, object_ids, partition_rows, crs=None, target=None) -> Source:
     files = _expand(paths)
     kinds = {_kind_of(f) for f in files}
     if len(kinds) > 1:
@@ -369,7 +371,7 @@ def _from_files(paths, columns, attributes, object_ids, partition_rows, crs=None
                            object_ids, partition_rows, kind="zarr")
         src.description = desc
         return src
-    return _from_las(files, attributes, partition_rows, desc, crs)
+    return _from_las(files, attributes, partition_rows, desc, crs, target)
 
 
 def _from_npy(files, columns, partition_rows, desc) -> Source:
@@ -404,35 +406,46 @@ def _from_npy(files, columns, partition_rows, desc) -> Source:
     return Source(parts, ndim, np.dtype(dtype), specs, False, axes=cols, kind="npy", n_rows=total, description=desc)
 
 
-def _from_las(files, attributes, partition_rows, desc, crs=None) -> Source:
+def _from_las(files, attributes, partition_rows, desc, crs=None, target=None) -> Source:
     from dask import delayed
 
     headers = read_las_files(files)
     specs = choose_attributes(headers, attributes)
-    job_crs = choose_crs(headers, crs)
+    # reprojected, each file may have its own CRS (the one given overrides them all)
+    job_crs = choose_crs(headers, crs) if target is None else normalize_crs(crs)
     total = sum(h.points for h in headers)
     if not total:
         raise InputError(f"the LAS/LAZ input {files} holds no points")
+    spans = [(h, start) for h in headers for start in range(0, h.points, partition_rows)]
     parts = [delayed(_las_batch, pure=True)(h.path, start, min(partition_rows, h.points - start), specs)
-             for h in headers for start in range(0, h.points, partition_rows)]
-    return Source(parts, 3, np.dtype("float64"), dict(specs), False, axes=["x", "y", "z"], kind="las",
-                  n_rows=total, description=desc, crs=job_crs, las=las_record(headers, specs))
+             for h, start in spans]
+    src = Source(parts, 3, np.dtype("float64"), dict(specs), False, axes=["x", "y", "z"], kind="las",
+                 n_rows=total, description=desc, crs=job_crs, las=las_record(headers, specs))
+    if target is not None:
+        src = reproject_source(src, target, [job_crs or h.crs for h, _ in spans],
+                               [os.path.basename(h.path) for h, _ in spans], [h.scales[0] for h, _ in spans])
+    return src
 
 
 def as_source(points, *, attributes=None, object_ids=None, columns=None,
-              partition_rows: int | None = None, crs=None) -> Source:
+              partition_rows: int | None = None, crs=None, reproject=None) -> Source:
     """Recognise the input kind and describe it as lazy partitions.
 
     ``crs`` is the input's coordinate system: LAS/LAZ headers declare theirs
     (and a ``crs`` given overrides them); other inputs have the one given.
+    ``reproject``: a CRS to transform the positions to (pyproj), from ``crs``
+    or each LAS file's own; see :mod:`zv_dask.ingest.reproject`.
     """
-    src = _as_source(points, attributes, object_ids, columns, partition_rows, crs)
+    target = check_reproject(reproject) if reproject is not None else None
+    src = _as_source(points, attributes, object_ids, columns, partition_rows, crs, target)
     if src.kind != "las":
         src.crs = normalize_crs(crs)
+        if target is not None:
+            src = reproject_source(src, target)
     return src
 
 
-def _as_source(points, attributes, object_ids, columns, partition_rows, crs) -> Source:
+def _as_source(points, attributes, object_ids, columns, partition_rows, crs, target=None) -> Source:
     partition_rows = int(partition_rows or DEFAULT_PARTITION_ROWS)
     if partition_rows < 1:
         raise InputError(f"partition_rows must be >= 1, got {partition_rows}")
@@ -440,7 +453,7 @@ def _as_source(points, attributes, object_ids, columns, partition_rows, crs) -> 
     mod = type(points).__module__.split(".")[0]
     if isinstance(points, (str, os.PathLike)) or (isinstance(points, (list, tuple)) and points
                                                    and all(isinstance(p, (str, os.PathLike)) for p in points)):
-        return _from_files(points, columns, attributes, object_ids, partition_rows, crs)
+        return _from_files(points, columns, attributes, object_ids, partition_rows, crs, target)
     if mod == "xarray":
         return _from_xarray(points, columns, attributes, object_ids, partition_rows)
     if mod in ("pandas", "dask") and hasattr(points, "columns"):
