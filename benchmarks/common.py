@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import threading
 import time
 
@@ -78,3 +79,27 @@ def disk_of(path: str) -> str:
         return kind
     return "tmpfs" if kind in ("tmpfs", "ramfs") else f"disk ({kind})"
 
+
+
+def find_potree(path: str | None = None) -> str | None:
+    """PotreeConverter 2's executable: ``path``, else ``$POTREE_CONVERTER``, else ``PotreeConverter`` on PATH.
+
+    It is not part of the project: build it from its public repository (potree/PotreeConverter)
+    and point to it. ``None`` when there is none (the benchmarks then leave its rows out).
+    """
+    for cand in (path, os.environ.get("POTREE_CONVERTER"), shutil.which("PotreeConverter")):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return os.path.abspath(cand)
+    if path:
+        raise SystemExit(f"--potree {path!r} is not an executable file")
+    return None
+
+
+def tree_size(path: str) -> tuple[int, int]:
+    """Bytes and files under ``path``."""
+    size = files = 0
+    for d, _, fs in os.walk(path):
+        for f in fs:
+            size += os.path.getsize(os.path.join(d, f))
+            files += 1
+    return size, files

@@ -9,21 +9,26 @@ points in scan-line order, 1 cm scales, intensity, returns, classification,
 scan angle, point source id, GPS time and RGB. Every ingest builds 2 coarse
 levels (``pyramid={"levels": 2}``) with Dask's local threaded scheduler, in
 this process, timed whole (the fastest of ``--repeat`` runs). The table gives the store's bytes and files, the
-ingest wall time and the store's size against the LAS and LAZ files. Nothing
-here is asserted; the tests do not run it.
+ingest wall time, the store's size against the LAS and LAZ files, and the
+largest ``vertex_fragments`` cell of the coarse levels. With PotreeConverter 2
+(``--potree``, ``$POTREE_CONVERTER`` or PATH) its octree of the same file,
+uncompressed and BROTLI, is a row each (a whole process, its own LOD depth).
+Nothing here is asserted; the tests do not run it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 
 import numpy as np
 
-from benchmarks.common import disk_of, machine
+from benchmarks.common import disk_of, find_potree, machine, tree_size
 
 RUNS = [("none", None), ("zstd", 1), ("zstd", 3), ("blosc", 5)]
 
@@ -62,13 +67,24 @@ def write_las(path: str, n: int, seed: int = 0) -> None:
     las.write(path)
 
 
-def tree_size(path: str) -> tuple[int, int]:
-    size = files = 0
-    for d, _, fs in os.walk(path):
-        for f in fs:
-            size += os.path.getsize(os.path.join(d, f))
-            files += 1
-    return size, files
+def coarse_fragment_cells(store: str) -> int:
+    """The largest ``vertex_fragments`` cell of the coarse levels (bytes; 0 without coarse levels)."""
+    big = 0
+    for level in os.listdir(store):
+        frag = os.path.join(store, level, "vertex_fragments")
+        if level.isdigit() and int(level) > 0 and os.path.isdir(frag):
+            for d, _, fs in os.walk(os.path.join(frag, "c")):
+                big = max([big] + [os.path.getsize(os.path.join(d, f)) for f in fs])
+    return big
+
+
+def run_potree(exe: str, las: str, out: str, encoding: str) -> float:
+    """PotreeConverter 2 on ``las`` (its default poisson sampling), whole-process wall seconds."""
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    subprocess.run([exe, las, "-o", out, "--encoding", encoding], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.STDOUT)
+    return time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
@@ -78,6 +94,9 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=float, default=100.0, help="chunk edge in metres (default 100)")
     p.add_argument("--keep", action="store_true", help="keep the files")
     p.add_argument("--repeat", type=int, default=2, help="ingests per row; the table has the fastest (default 2)")
+    p.add_argument("--potree", help="PotreeConverter 2 executable (default: $POTREE_CONVERTER or PATH; "
+                                    "rows left out without one)")
+    p.add_argument("--json", help="also write the rows here")
     a = p.parse_args(argv)
     import dask
 
@@ -97,9 +116,18 @@ def main(argv=None) -> int:
           f"zarr {m['zarr']}, {m['date']}")
     print(f"LAS {las_size:,} bytes, LAZ {laz_size:,} bytes; chunk {a.chunk:g} m, 2 coarse levels, threaded scheduler")
     print()
-    print("| compression | level | store bytes | files | ingest s | / LAS | / LAZ | / none |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    base = None
+    print("| output | level | bytes | files | wall s | / LAS | / LAZ | / none | coarse fragments cell |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+
+    def row(name, level, size, files, dt, frag):
+        base = rows[0]["bytes"] if rows else size
+        rows.append({"output": name, "level": level, "bytes": size, "files": files, "seconds": round(dt, 3),
+                     "coarse_fragments_cell": frag})
+        print(f"| {name} | {'-' if level is None else level} | {size:,} | {files:,} | {dt:.2f} | "
+              f"{size / las_size:.2f} | {size / laz_size:.2f} | {size / base:.2f} | "
+              f"{'-' if frag is None else f'{frag:,}'} |", flush=True)
+
     with dask.config.set(scheduler="threads"):
         for name, level in RUNS:
             store = os.path.join(work, f"{name}{level or ''}.zv")
@@ -110,13 +138,23 @@ def main(argv=None) -> int:
                 zv_dask.ingest(las, store, chunk_shape=(a.chunk, a.chunk, a.chunk), pyramid={"levels": 2},
                                compression=name, compression_level=level)
                 times.append(time.perf_counter() - t0)
-            dt = min(times)
-            size, files = tree_size(store)
-            base = base or size
-            print(f"| {name} | {'-' if level is None else level} | {size:,} | {files:,} | {dt:.2f} | "
-                  f"{size / las_size:.2f} | {size / laz_size:.2f} | {size / base:.2f} |", flush=True)
+            row(f"zv-dask {name}", level, *tree_size(store), min(times), coarse_fragment_cells(store))
             if not a.keep:
                 shutil.rmtree(store, ignore_errors=True)
+    exe = find_potree(a.potree)
+    if exe:  # its own octree format, all of its LOD levels; a whole process each
+        for encoding in ("UNCOMPRESSED", "BROTLI"):
+            out = os.path.join(work, f"potree-{encoding.lower()}")
+            dt = min(run_potree(exe, las, out, encoding) for _ in range(max(a.repeat, 1)))
+            row(f"PotreeConverter 2 {encoding.lower()}", None, *tree_size(out), dt, None)
+            if not a.keep:
+                shutil.rmtree(out, ignore_errors=True)
+    else:
+        print("\n(no PotreeConverter 2: pass --potree PATH or set POTREE_CONVERTER for its rows)")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"machine": m, "points": n, "dir": disk_of(work), "las_bytes": las_size, "laz_bytes": laz_size,
+                       "chunk": a.chunk, "rows": rows}, fh, indent=1)
     if not a.keep and not a.dir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -60,7 +60,7 @@ def _cell_bytes(path: Path) -> int:
 def plain_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("plain") / "none.zv"
     with dask.config.set(scheduler="sync"):
-        _ingest(path, None)
+        _ingest(path, "none")
     return path
 
 
@@ -91,10 +91,22 @@ def test_compressed_store_is_valid_and_reads_the_same(tmp_path, compression, pla
     assert zv_dask.store_info(str(plain_store))["levels"][0]["compression"] == {"name": "none", "level": None}
 
 
-def test_default_is_uncompressed(plain_store):
+def test_none_is_plain_vlen_bytes(plain_store):
     for p, doc in _array_docs(plain_store).items():
         if "object_index" not in p:
             assert doc["codecs"] == [{"name": "vlen-bytes", "configuration": {}}], p
+
+
+def test_default_is_zstd_level_3(tmp_path):
+    """No compression asked: zstd 3 on every array the job makes, and the reference validates the store."""
+    path = tmp_path / "default.zv"
+    with dask.config.set(scheduler="sync"):
+        _ingest(path, None)
+    docs = _array_docs(path)
+    assert any("/links/" in p for p in docs) and any("object_index" in p for p in docs)
+    for p, doc in docs.items():
+        assert doc["codecs"][-1] == {"name": "zstd", "configuration": {"level": 3, "checksum": False}}, p
+    assert reference_validate(path) == []
 
 
 def test_direct_zstd_cells_are_zarrs_bytes(tmp_path):
@@ -182,7 +194,8 @@ def test_bad_compression_is_a_clear_error(tmp_path, bad, match):
 
 def test_option_definition():
     assert COMPRESSIONS == ("none", "zstd", "blosc")
-    assert check_compression(None) == ("none", None) and compressors_for(None) is None
+    assert check_compression(None) == ("zstd", 3) and check_compression("none") == ("none", None)
+    assert compressors_for("none") is None and [c.to_dict()["name"] for c in compressors_for(None)] == ["zstd"]
     assert check_compression("ZSTD") == ("zstd", 3)
     assert check_compression("blosc") == ("blosc", 5)
 

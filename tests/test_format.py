@@ -446,7 +446,7 @@ def test_appendix_b_tiny_store_bytes(tmp_path):
         "intensity": np.arange(6, dtype=np.float32) + 0.5,
         "rgb": np.arange(18, dtype=np.uint8).reshape(6, 3),
         "label": np.arange(7, 13, dtype=np.int32),
-    }, chunk_shape=[50] * 3, base_bin_shape=[25] * 3, bounds=([0, 0, 0], [99, 99, 99]))
+    }, chunk_shape=[50] * 3, base_bin_shape=[25] * 3, bounds=([0, 0, 0], [99, 99, 99]), compression="none")
     for rel, expected in APPENDIX_B.items():
         assert (path / rel).read_bytes() == expected, rel
     meta = json.loads((path / "0/vertices/zarr.json").read_text())
@@ -473,7 +473,7 @@ def test_appendix_b_object_variant(tmp_path):
 
     path = tmp_path / "tiny_obj.zarr"
     write_points(str(path), TINY_POINTS, object_ids=np.array([4, 4, 9, 4, 9, 9]), chunk_shape=[50] * 3,
-                 bounds=([0, 0, 0], [99, 99, 99]))
+                 bounds=([0, 0, 0], [99, 99, 99]), compression="none")
     oi = zarr.open_group(str(path / "0/object_index"), mode="r")
     assert dict(oi.attrs) == {"zv_array": "object_index", "num_objects": 2, "num_present": 2, "sid_ndim": 3,
                               "layout": "vlen_manifests_v2", "object_ids_sorted": True}
