@@ -24,7 +24,7 @@ __all__ = ["COMPRESSIONS", "DEFAULT_COMPRESSION", "DEFAULT_LEVELS", "check_compr
            "direct_codec"]
 
 COMPRESSIONS = ("none", "zstd", "blosc")
-#: what ``compression=None`` means: zstd (level 3) shrinks LAS cells ~3x and costs ~0.2x of ingest time
+#: what ``compression=None`` means: zstd 3 made a 1e7-point LAS store 2.9x smaller for 5% more ingest time
 DEFAULT_COMPRESSION = "zstd"
 #: zstd 3 (zstd's own default) and blosc-zstd 5: see benchmarks/results/compression.md
 DEFAULT_LEVELS = {"zstd": 3, "blosc": 5}
