@@ -47,7 +47,7 @@ from zv_dask.ingest.scan import precision_warnings, scan_pass
 from zv_dask.ingest.resume import JobRecorder, input_fingerprint, job_options, scan_fingerprint
 from zv_dask.ingest.shuffle import GroupPlan, UnitGrid, plan_groups
 from zv_dask.ingest.staging import group_refs, remove_stale_scratch
-from zv_dask.ingest.target import materialize_target
+from zv_dask.ingest.target import materialize_target, still_empty
 from zv_dask.ingest.tasks import (
     split_task,
     stage_task,
@@ -331,8 +331,13 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
     # a plain store that exists gets its metadata back byte for byte if the job fails
     old_metadata = (metadata_docs(plan.existing) if plan.existing is not None and not plan.overwrite
                     and plan.existing.session is None and state is None else None)
+    if state is None and plan.existing is not None and not plan.overwrite:  # an empty store made before the job
+        if rec.take(plan.existing.backend):  # another job may have adopted (or filled) it since the plan: ask again
+            still_empty(plan)
     zs = plan.existing if state is not None else materialize_target(plan, final_bounds, attr_specs, crs=src.crs,
                                                                     extra=_root_extra(src))
+    if state is None and plan.existing is None:
+        rec.take(zs.backend)  # the store this job made; a job that took it first keeps it (not removed)
     if state is not None:
         sweep_partials(zs.store)  # cells the killed job's tasks were writing
         remove_stale_scratch(zs.url, icechunk=zs.session is not None, options=zs.backend.options)

@@ -117,17 +117,28 @@ class JobRecorder:
             return None
         return self.journal.load("plan", "scan")
 
-    def start(self, backend, scanned: dict, plan: dict, scan) -> None:
-        """Before the first cell: the lease, and the job document (a new job) or the scan's check (a resumed one)."""
+    def take(self, backend) -> bool:
+        """The store's lease for this job now, before it touches the store; ``False`` when it keeps no journal.
+
+        Raises :class:`~zv_dask.errors.StoreError` naming the job that holds it.
+        """
         from zv_dask.store.journal import journal_for
 
+        if self.state is not None or self.lock is not None:
+            return self.lock is not None
+        self.journal = journal_for(backend) if self.enabled else None
+        if self.journal is None:
+            return False
+        self.lock = self.journal.acquire("zv-dask ingest")
+        return True
+
+    def start(self, backend, scanned: dict, plan: dict, scan) -> None:
+        """Before the first cell: the lease, and the job document (a new job) or the scan's check (a resumed one)."""
         if self.state is not None:
             check_resume(self.state, self.options, self.fingerprint, scanned)
             return
-        self.journal = journal_for(backend) if self.enabled else None
-        if self.journal is None:
+        if not self.take(backend):
             return
-        self.lock = self.journal.acquire("zv-dask ingest")
         self.journal.forget("level0")  # leftovers of a job discarded with overwrite
         self.journal.record("plan", "scan", scan)
         self.journal.write_json("job.json", job_document("ingest", self.options, self.fingerprint, scanned, plan))

@@ -105,6 +105,25 @@ def _unfinished_replacement(target: Path, backend) -> ZVStore | None:
     return zs if doc is not None and doc.get("kind") == "ingest" else None
 
 
+def still_empty(plan) -> None:
+    """Under the job's lease: the empty store the plan found is still empty and has no other job's journal."""
+    import zarr
+
+    from zv_dask.store.journal import journal_for, unfinished_message
+
+    be = plan.existing.backend
+    root = zarr.open_group(be.store, mode="r", zarr_format=3)  # read afresh, not the plan's cached view
+    where = plan.existing.url or plan.target
+    if "0" in root and "vertices" in root["0"] and root["0/vertices"].attrs.get("nonempty_chunks"):
+        raise StoreError(f"the store at {where!r} already holds points (another job wrote them while this one "
+                         "scanned its input); pass overwrite=True to replace it, or mode='append' to add the points "
+                         "to it")
+    journal = journal_for(be)
+    doc = journal.read_json("job.json") if journal is not None else None
+    if doc is not None:
+        raise StoreError(f"{where} has an {unfinished_message(doc, journal)}")
+
+
 def _has_points(zs: ZVStore) -> bool:
     if "0" not in zs.root or "vertices" not in zs.root["0"]:
         return False

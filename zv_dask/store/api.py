@@ -193,6 +193,33 @@ def _exists(backend: Backend) -> bool:
         return False
 
 
+def _claim(backend: Backend, exists_message: str) -> None:
+    """Make the root ``zarr.json`` of a new store only if there is none, or raise ``StoreError``.
+
+    Two jobs creating one store at once both find the place empty; the root
+    document is written create-if-absent (``O_EXCL`` locally, a conditional PUT on
+    object storage) with a token of this call, and read back: only the job whose
+    token is there goes on, the other gets ``exists_message``.
+    """
+    import json
+    import uuid
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    token = uuid.uuid4().hex
+    doc = {"zarr_format": 3, "node_type": "group", "attributes": {"zv_dask_creating": token}}
+    proto = default_buffer_prototype()
+    sync(backend.store.set_if_not_exists("zarr.json", proto.buffer.from_bytes(json.dumps(doc).encode())))
+    raw = sync(backend.store.get("zarr.json", prototype=proto))
+    try:
+        won = raw is not None and json.loads(raw.to_bytes())["attributes"].get("zv_dask_creating") == token
+    except (ValueError, KeyError, TypeError, AttributeError):
+        won = False
+    if not won:
+        raise StoreError(exists_message + " (another job created it a moment ago)")
+
+
 def create_store(
     path,
     *,
@@ -261,11 +288,16 @@ def create_store(
     be = resolve_backend(path, mode="w", backend=backend, storage_options=storage_options, branch=branch, create=True)
     if be.kind == "local" and be.url and local_path(be.url).exists() and not local_path(be.url).is_dir():
         raise StoreError(f"cannot create a store at {be.url!r}: it is a file, a store needs a directory")
+    exists_message = f"a store already exists at {be.url or path!r}; pass overwrite=True to replace it"
     if _exists(be) and not overwrite:
-        raise StoreError(f"a store already exists at {be.url or path!r}; pass overwrite=True to replace it")
-    root = zarr.open_group(be.store, mode="w", zarr_format=3)
+        raise StoreError(exists_message)
+    if overwrite or be.kind == "icechunk":  # icechunk: two jobs end in one commit and a conflict
+        root = zarr.open_group(be.store, mode="w", zarr_format=3)
+    else:
+        _claim(be, exists_message)
+        root = zarr.open_group(be.store, mode="r+", zarr_format=3)
     zs = ZVStore(be, root, "r+")
-    root.attrs.update({
+    root.attrs.put({
         "zarr_vectors": meta.to_dict(),
         "multiscales": multiscales_block(meta.axes, meta.effective_bin_shape, {0: meta.effective_bin_shape}),
         "ome": ome_block(store_name(be.url), meta.axes, [0]),

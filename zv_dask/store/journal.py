@@ -293,6 +293,14 @@ class Journal:
             obstore.delete(self._store(), [self._key(f"done/{stage}/{n}") for n in names])
 
     # the lease
+    def holder(self) -> dict | None:
+        """The lease of the live process that holds the store, or ``None`` (no lease, released or dead)."""
+        names = [n for n in self.names("locks") if n.isdigit()]
+        if not names:
+            return None
+        held = self.read_json(f"locks/{max(names, key=int)}") or {}
+        return held if held.get("state") != "released" and _alive(held) else None
+
     def acquire(self, what: str) -> "JobLock":
         """Take the store for this process, or raise :class:`StoreError` naming the job that holds it.
 
@@ -425,6 +433,12 @@ def unfinished_message(job: dict, journal: Journal) -> str:
         progress = ""
         fix = ("undo it with `zv-dask rollback` (zv_dask.roll_back), or run the append again with --resume "
                "(resume=True), which undoes it first")
+    held = journal.holder()
+    if held:  # not a killed job's leftover: a job at work now
+        age = time.time() - float(held.get("renewed", time.time()))
+        return (f"unfinished {job.get('kind', 'zv-dask')} job that another process is running now (process "
+                f"{held.get('pid')} on {held.get('host')}, since {held.get('since')}, lease renewed {age:.0f}s ago"
+                f"{progress}): wait for it to finish, or stop it and then {fix}")
     return f"unfinished {job.get('kind', 'zv-dask')} job (started {job.get('started', '?')}{progress}): {fix}"
 
 
