@@ -310,3 +310,21 @@ def test_prepare_ingest_makes_the_store_and_run_writes_it(tmp_path, cloud):
         rep = prepared.run()
     assert rep.points_written == N
     assert_reads_back(tmp_path / "lazy.zv", pts, attrs)
+
+
+def test_an_empty_store_keeps_its_geometry_and_dtype_or_says_so(tmp_path):
+    """create_store then ingest: arguments that disagree with the empty store are refused, not silently dropped."""
+    store = tmp_path / "empty.zv"
+    zv_dask.create_store(str(store), bounds=([0, 0, 0], [100, 100, 100]), chunk_shape=25)
+    pts = np.random.default_rng(2).uniform(0, 100, (1000, 3))
+    with dask.config.set(scheduler="sync"):
+        for kw, what in ((dict(dtype="float64"), r"dtype float64 differs from the store's position dtype float32"),
+                         (dict(base_bin_shape=5), r"base_bin_shape \[5\.0\] differs from the store's \[25\.0"),
+                         (dict(chunk_shape=10), r"chunk_shape \[10\.0\] differs from the store's \[25\.0")):
+            with pytest.raises(InputError, match=what + ".*overwrite=True"):
+                zv_dask.ingest(pts, store, **{"chunk_shape": 25, **kw})
+        assert zv_dask.store_info(str(store))["levels"][0]["vertex_count"] == 0
+        rep = zv_dask.ingest(pts, store, dtype="float32")  # what it has: fine
+        assert rep.dtype == "float32" and rep.points_written == 1000
+        rep = zv_dask.ingest(pts, store, dtype="float64", chunk_shape=10, overwrite=True)  # remade
+        assert rep.dtype == "float64" and zv_dask.store_info(str(store))["chunk_shape"] == [10.0] * 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 
 import dask
@@ -544,3 +545,48 @@ def test_coarsen_is_a_function_of_each_bin_alone(n, method, objects, seed):
     cb = np.floor(whole.positions.astype(np.float64) / 5).astype(np.int64) // 2
     src = bins // 2
     assert {tuple(r) for r in cb.tolist()} == {tuple(r) for r in src.tolist()}  # metavertices stay in their bins
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 80), st.integers(1, 2), st.floats(0, 1), st.integers(0, 2**31))
+def test_float_reductions_skip_nan_as_numpy_does(n, channels, nan_share, seed):
+    """mean / sum / min / max of float rows with NaN: numpy's nanmean / nansum / nanmin / nanmax per group."""
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, 5, n)
+    vals = rng.uniform(-10, 10, (n, channels)).astype(np.float32)
+    vals[rng.random((n, channels)) < nan_share] = np.nan
+    g = group_rows(keys)
+    sv = vals[g.order]
+    for how, fn in (("mean", np.nanmean), ("sum", np.nansum), ("min", np.nanmin), ("max", np.nanmax)):
+        got = reduce_rows(sv, g, how)
+        for i, key in enumerate(np.unique(keys)):
+            rows = vals[keys == key].astype(np.float64)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN groups: numpy warns, and gives NaN
+                want = fn(rows, axis=0)
+            np.testing.assert_allclose(np.asarray(got[i], np.float64), want, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{how} of {rows.tolist()}")
+
+
+def test_one_nan_attribute_does_not_spread_up_the_pyramid(tmp_path):
+    """A NaN value at level 0: kept there, skipped by the coarse levels' means, and named in the report."""
+    rng = np.random.default_rng(5)
+    pts = rng.uniform(0, 100, (4000, 3))
+    v = rng.uniform(0, 1, 4000)
+    v[[3, 10]] = np.nan
+    with dask.config.set(scheduler="sync"):
+        rep = zv_dask.ingest(pts, tmp_path / "n.zv", attributes={"v": v}, chunk_shape=25, pyramid={"levels": 2})
+    assert any("'v' holds 2 NaN value(s) (of 4,000)" in w for w in rep.warnings), rep.warnings
+    level0 = zv_dask.read_points(tmp_path / "n.zv", level=0).compute()
+    assert int(level0["v"].isna().sum()) == 2
+    one = zv_dask.read_points(tmp_path / "n.zv", level=1).compute()
+    assert not one["v"].isna().any()
+    # each level-1 bin (50 units: 2 x 2 x 2 chunks of 25) holds the nanmean of its level-0 points
+    bins = np.floor(pts / 50).astype(int)
+    want = {}
+    for b in {tuple(r) for r in bins.tolist()}:
+        want[b] = np.nanmean(v[(bins == b).all(axis=1)])
+    got = {tuple(np.floor(r[:3] / 50).astype(int).tolist()): r[3] for r in one[["x", "y", "z", "v"]].to_numpy()}
+    assert set(got) == set(want)
+    for b, m in want.items():
+        assert abs(got[b] - m) < 1e-5, b

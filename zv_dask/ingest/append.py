@@ -30,7 +30,7 @@ from zv_dask.format.metadata import LevelMetadata
 from zv_dask.ingest.level0 import plan_level0, scratch_for
 from zv_dask.ingest.recovery import stage_error
 from zv_dask.ingest.report import IngestReport
-from zv_dask.ingest.scan import precision_warnings, scan_pass
+from zv_dask.ingest.scan import scan_pass, scan_warnings
 from zv_dask.ingest.shuffle import plan_groups, unit_ids
 from zv_dask.ingest.staging import group_refs
 from zv_dask.ingest.tasks import append_group, split_task, stage_task
@@ -256,7 +256,7 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
                           dtype=plan.dtype, dtype_reason=dtype_reason, chunk_shape=list(plan.chunk_shape),
                           base_bin_shape=list(plan.base_bin_shape) if plan.base_bin_shape else None,
                           partitions=len(src.partitions), groups=groups.n_groups,
-                          warnings=precision_warnings(plan.dtype, stats, src) + l0.warnings,
+                          warnings=scan_warnings(plan.dtype, stats, src) + l0.warnings,
                           memory_budget=budget.per_worker, shuffle=l0.shuffle.mode,
                           scratch=staging.url if staging is not None else None, mode="append",
                           scheduler=describe_scheduler(cl))

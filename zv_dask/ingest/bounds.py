@@ -28,7 +28,7 @@ class PartitionStats:
     nonfinite: int
     first_nonfinite: int
     outside: int
-    attr_rows: dict
+    nan_values: dict  # float attribute -> NaN values in it (kept; the pyramid's reductions skip them)
     too_large: int = 0  # of the non-finite rows, those finite in the input but beyond the stored dtype's range
 
     @staticmethod
@@ -88,7 +88,9 @@ def partition_stats(positions: np.ndarray, dtype: str, bounds=None, offset: int 
 def combine_stats(a: PartitionStats, b: PartitionStats) -> PartitionStats:
     firsts = [f for f in (a.first_nonfinite, b.first_nonfinite) if f >= 0]
     return PartitionStats(a.count + b.count, np.minimum(a.lo, b.lo), np.maximum(a.hi, b.hi),
-                          a.nonfinite + b.nonfinite, min(firsts) if firsts else -1, a.outside + b.outside, {},
+                          a.nonfinite + b.nonfinite, min(firsts) if firsts else -1, a.outside + b.outside,
+                          {k: a.nan_values.get(k, 0) + b.nan_values.get(k, 0)
+                           for k in sorted(set(a.nan_values) | set(b.nan_values))},
                           a.too_large + b.too_large)
 
 

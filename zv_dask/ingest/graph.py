@@ -43,7 +43,7 @@ from zv_dask.ingest.plan import grid_warnings, preflight
 from zv_dask.ingest.recovery import put_back, stage_error, write_task_names
 from zv_dask.ingest.replace import swap_in
 from zv_dask.ingest.report import IngestReport
-from zv_dask.ingest.scan import precision_warnings, scan_pass
+from zv_dask.ingest.scan import scan_pass, scan_warnings
 from zv_dask.ingest.resume import JobRecorder, input_fingerprint, job_options, scan_fingerprint
 from zv_dask.ingest.shuffle import GroupPlan, UnitGrid, plan_groups
 from zv_dask.ingest.staging import group_refs, remove_stale_scratch
@@ -321,7 +321,7 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
     l0 = plan_level0(src, grid0, occ, counts, budget, group_points=group_points, slots=slots,
                      shard_shape=shard_shape, shipped=local is not None)
     staging = scratch_for(plan, cl, scratch, l0) if l0.staged else None
-    warnings = (precision_warnings(dt, stats, src) + l0.warnings + list(plan.notes or [])
+    warnings = (scan_warnings(dt, stats, src) + l0.warnings + list(plan.notes or [])
                 + grid_warnings(grid0, len(occ.counts), int(stats.count) - int(dropped)))
 
     # coordinator: the store, the grid, the groups ------------------------------------------

@@ -35,7 +35,7 @@ from zv_dask.ingest.level0 import (
     row_bytes,
     scratch_for,
 )
-from zv_dask.ingest.scan import choose_dtype, precision_warnings, scan_pass
+from zv_dask.ingest.scan import choose_dtype, scan_pass, scan_warnings
 from zv_dask.ingest.shuffle import UnitGrid, plan_groups
 from zv_dask.ingest.sources import DEFAULT_PARTITION_ROWS, as_source
 from zv_dask.ingest.target import plan_target
@@ -212,6 +212,11 @@ def preflight(points, store, *, attributes=None, object_ids=None, columns=None, 
     if append and dtype is not None and np.dtype(dt).name != plan.dtype:
         raise InputError(f"dtype {np.dtype(dt).name} differs from the store's position dtype {plan.dtype}: an append "
                          "keeps the store's (leave dtype out)")
+    if not append and plan.existing is not None and not plan.overwrite and dtype is not None \
+            and np.dtype(dt).name != plan.dtype:
+        raise InputError(f"dtype {np.dtype(dt).name} differs from the store's position dtype {plan.dtype}: an empty "
+                         "store keeps the dtype it was made with (leave dtype out, or pass overwrite=True to remake "
+                         "the store)")
     if plan.existing is not None and not plan.overwrite and dtype is None:
         dt_reason = "the store's dtype"
     if shard_shape is not None:
@@ -298,7 +303,7 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
     piece_row = l0.layout.row_bytes
     part_mem = largest_part * split_bytes_per_point(in_row, piece_row)
     group_mem = largest_group * write_bytes_per_point(piece_row, per_point)
-    warnings = precision_warnings(dt, stats, src) + l0.warnings + grid_warnings(grid, n_chunks, n_points)
+    warnings = scan_warnings(dt, stats, src) + l0.warnings + grid_warnings(grid, n_chunks, n_points)
     action = "create" if plan.existing is None else ("overwrite" if plan.overwrite else "fill")
     rewrites = None
     if mode == "append":

@@ -18,7 +18,7 @@ from zv_dask.ingest.shuffle import combine_occupancy
 from zv_dask.ingest.tasks import scan_task
 from zv_dask.scheduling import run_tasks
 
-__all__ = ["scan_pass", "precision_warnings", "choose_dtype"]
+__all__ = ["scan_pass", "scan_warnings", "precision_warnings", "nan_warnings", "choose_dtype"]
 
 
 def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False, sample: bool = True,
@@ -67,6 +67,18 @@ def precision_warnings(dtype: str, stats, src) -> list[str]:
         return [f"float32 positions round to {step:.3g} at coordinate magnitude {mag:.3g}; "
                 "pass dtype='float64' to keep the source's precision"]
     return []
+
+
+def nan_warnings(stats) -> list[str]:
+    """A warning per float attribute holding NaN: kept at level 0, skipped by the coarse levels' reductions."""
+    return [f"attribute {name!r} holds {n:,} NaN value(s) (of {stats.count:,}): kept as they are at level 0; the "
+            "coarse levels' mean, sum, min and max skip them (a bin of NaN only stays NaN)"
+            for name, n in sorted(getattr(stats, "nan_values", {}).items()) if n]
+
+
+def scan_warnings(dtype: str, stats, src) -> list[str]:
+    """What the scan found worth saying: float32 rounding, NaN attribute values."""
+    return precision_warnings(dtype, stats, src) + nan_warnings(stats)
 
 
 def choose_dtype(dtype, src) -> tuple[str, str]:

@@ -81,6 +81,11 @@ def scan_partition(batch: Batch, grid: Grid, bounds, drop_outside: bool, offset:
     with np.errstate(over="ignore"):  # past float32's range becomes inf: partition_stats says which
         pos = grid.cast(batch.positions)
     stats = partition_stats(pos, grid.dtype, bounds, offset, original=batch.positions)
+    for name, v in batch.attributes.items():
+        if np.asarray(v).dtype.kind == "f":
+            n_nan = int(np.count_nonzero(np.isnan(v)))
+            if n_nan:
+                stats.nan_values[name] = n_nan
     if stats.nonfinite:
         return ScanResult(stats, Occupancy(np.zeros((0, pos.shape[1]), np.int64), np.zeros(0, np.int64)))
     step = max(1, len(pos) // SAMPLE_POINTS) if sample else 1

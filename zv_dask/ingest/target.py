@@ -222,7 +222,14 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
         if meta.ndim != ndim:
             raise InputError(f"the points have {ndim} coordinates but the store has {meta.ndim} axes")
         if chunk_shape is not None and not np.allclose(_per_axis("chunk_shape", chunk_shape, ndim), meta.chunk_shape):
-            raise InputError(f"chunk_shape {list(chunk_shape)} differs from the store's {list(meta.chunk_shape)}")
+            raise InputError(f"chunk_shape {np.atleast_1d(chunk_shape).astype(float).tolist()} differs from the "
+                             f"store's {list(meta.chunk_shape)}: an empty store keeps the geometry it was made with "
+                             "(leave it out, or pass overwrite=True to remake the store)")
+        if base_bin_shape is not None and not np.allclose(_per_axis("base_bin_shape", base_bin_shape, ndim),
+                                                          meta.effective_bin_shape):
+            raise InputError(f"base_bin_shape {np.atleast_1d(base_bin_shape).astype(float).tolist()} differs from the "
+                             f"store's {list(meta.effective_bin_shape)}: an empty store keeps the geometry it was made "
+                             "with (leave it out, or pass overwrite=True to remake the store)")
         return TargetPlan(store, existing, ndim, meta.chunk_shape, meta.base_bin_shape,
                           bounds if bounds is not None else meta.bounds, existing.grid(0).dtype,
                           meta.axes, backend, storage_options, overwrite, branch, state, notes, build_at, replaces)

@@ -37,7 +37,7 @@ import numpy as np
 
 from zv_dask.errors import InputError
 from zv_dask.format.layout import ChunkPlan, order_by
-from zv_dask.pyramid.reduce import Groups, group_rows, group_runs, reduce_rows
+from zv_dask.pyramid.reduce import Groups, group_rows, group_runs, min_max_ufunc, nan_mean, reduce_rows
 
 __all__ = ["METHODS", "CoarsenParams", "Coarse", "coarsen_points", "coarsen_runs", "plan_coarse", "bin_keys",
            "hash64"]
@@ -286,7 +286,12 @@ def coarsen_runs(positions: np.ndarray, attributes: dict, params: CoarsenParams,
             continue
         v = np.asarray(attributes[name])
         dt = v.dtype
-        if how == "mean":
+        ok = ~np.isnan(v) if dt.kind == "f" and how in ("mean", "sum") and np.isnan(v).any() else None
+        if ok is not None:  # NaN values skipped, as numpy.nanmean / nansum
+            v0 = np.where(ok, v, 0)
+            attrs[name] = (nan_mean(two_stage(v0, np.add, np.float64), two_stage(ok, np.add, np.float64), dt)
+                           if how == "mean" else two_stage(v0, np.add, np.float64).astype(dt))
+        elif how == "mean":
             c = counts.reshape((-1,) + (1,) * (v.ndim - 1))
             attrs[name] = _cast_float(two_stage(v, np.add, np.float64) / c, dt)
         elif how == "sum" and dt.kind == "f":
@@ -297,10 +302,8 @@ def coarsen_runs(positions: np.ndarray, attributes: dict, params: CoarsenParams,
             wide = np.uint64 if dt.kind == "u" else np.int64
             info = np.iinfo(dt)
             attrs[name] = np.clip(two_stage(v.astype(wide), np.add), info.min, info.max).astype(dt)
-        elif how == "min":
-            attrs[name] = two_stage(v, np.minimum)
-        elif how == "max":
-            attrs[name] = two_stage(v, np.maximum)
+        elif how in ("min", "max"):
+            attrs[name] = two_stage(v, min_max_ufunc(how, dt))
         elif how == "first":
             attrs[name] = v[starts[ro[gfirst]]]
         else:  # mode: needs the rows of each group

@@ -11,6 +11,8 @@ Reductions (``attribute_reduction`` values):
 * ``min`` / ``max``: per channel;
 * ``sum``: floats in float64; integers exactly in 64 bits, then saturated to
   the attribute dtype; bools become "any";
+* NaN float values are skipped by ``mean``, ``sum``, ``min`` and ``max`` (a
+  group of NaN only gives NaN; ``sum`` then 0), as in ``numpy.nanmean``;
 * ``first``: the group's first row (canonical order: chunk, then row);
 * ``mode``: the most frequent *row* (all channels together), ties to the
   smallest row, so RGB triplets are never mixed;
@@ -26,7 +28,8 @@ import numpy as np
 from zv_dask.errors import InputError
 from zv_dask.format.layout import order_by, stable_order
 
-__all__ = ["REDUCTIONS", "Groups", "group_rows", "group_runs", "reduce_rows", "default_reduction"]
+__all__ = ["REDUCTIONS", "Groups", "group_rows", "group_runs", "reduce_rows", "default_reduction", "min_max_ufunc",
+           "nan_mean"]
 
 REDUCTIONS = ("mean", "min", "max", "sum", "first", "mode", "count")
 
@@ -129,6 +132,19 @@ def _row_mode(rows: np.ndarray, g: Groups) -> np.ndarray:
     return rows[o[best]]
 
 
+def min_max_ufunc(how: str, dtype) -> np.ufunc:
+    """``min`` / ``max`` as a ufunc; for floats the NaN-skipping ``fmin`` / ``fmax``."""
+    if np.dtype(dtype).kind == "f":
+        return np.fmin if how == "min" else np.fmax
+    return np.minimum if how == "min" else np.maximum
+
+
+def nan_mean(sums: np.ndarray, counts: np.ndarray, dtype) -> np.ndarray:
+    """Means of float values from the sums and counts of their non-NaN values (NaN where there are none)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (sums / counts).astype(dtype)
+
+
 def reduce_rows(rows: np.ndarray, g: Groups, how: str) -> np.ndarray:
     """Reduce group-sorted ``rows`` ((N,) or (N, C)) to one row per group, keeping the dtype."""
     dtype = rows.dtype
@@ -136,18 +152,19 @@ def reduce_rows(rows: np.ndarray, g: Groups, how: str) -> np.ndarray:
         return rows[:0]
     if how == "first":
         return rows[g.starts]
-    if how == "min":
-        return np.minimum.reduceat(rows, g.starts, axis=0)
-    if how == "max":
-        return np.maximum.reduceat(rows, g.starts, axis=0)
+    if how in ("min", "max"):
+        return min_max_ufunc(how, dtype).reduceat(rows, g.starts, axis=0)
     if how == "mode":
         return _row_mode(rows, g)
+    ok = ~np.isnan(rows) if dtype.kind == "f" and np.isnan(rows).any() else None
     if how == "mean":
+        if ok is not None:
+            return nan_mean(_sums64(np.where(ok, rows, 0), g), _sums64(ok, g), dtype)
         counts = g.counts.reshape((-1,) + (1,) * (rows.ndim - 1))
         return _cast_float(_sums64(rows, g) / counts, dtype)
     if how == "sum":
         if dtype.kind == "f":
-            return _sums64(rows, g).astype(dtype)
+            return _sums64(rows if ok is None else np.where(ok, rows, 0), g).astype(dtype)
         if dtype.kind == "b":
             return np.maximum.reduceat(rows, g.starts, axis=0)
         wide = np.uint64 if dtype.kind == "u" else np.int64
