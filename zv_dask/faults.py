@@ -6,7 +6,8 @@ killed job resumes. Points: ``scan`` (the scan done, nothing written),
 ``write:<n>`` (``n`` level-0 groups finished), ``append:<n>`` (``n`` groups
 of an append finished), ``level0`` (level 0's metadata
 written), ``pyramid:<n>`` (``n`` pyramid tasks finished), ``commit`` (all
-written, before the commit). ``ZV_DASK_FAIL_AT=<point>`` makes a task raise
+written, before the commit), ``swap`` (a rebuild beside a local store's
+levels, halfway through putting the new levels in their place). ``ZV_DASK_FAIL_AT=<point>`` makes a task raise
 there instead (``group:<g>``: level-0 write group ``g``; ``level:<k>``: a task
 building level ``k``), on the workers whose environment has it. Unset, each
 hook costs one dict lookup. ``ZV_DASK_PAUSE_AT=<point>`` makes the job wait

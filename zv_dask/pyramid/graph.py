@@ -58,6 +58,7 @@ from zv_dask.store.journal import (
 )
 from zv_dask.lazy import PendingPyramid, absolute, make_job
 from zv_dask.transaction import WriteJob
+from zv_dask.pyramid.rebuild import can_build_beside, finish_rebuild, open_rebuild, swap
 from zv_dask.format.codecs import check_compression, compressors_for
 
 __all__ = ["build_pyramid", "PyramidReport", "PyramidBuilder", "LINK_STORAGE"]
@@ -79,7 +80,15 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
         options["compression"] = list(check_compression(compression, compression_level))
     journal, doc, lock = _pyramid_journal(zs, options, resume)
     builder = None
+    store = zs  # the store the levels are for; ``zs`` is where they are built (beside it, on a local store)
+    beside = own and can_build_beside(zs, journal)
     try:
+        if beside:
+            if doc is not None and swap(store):  # killed during the swap: the build was complete
+                journal.remove()
+                return _finished_report(store, t0)
+            zs = open_rebuild(store, fresh=doc is None)
+            job = WriteJob(zs, message or "zv-dask build_pyramid")
         builder = PyramidBuilder(zs, job, levels=levels, bin_ratio=bin_ratio, chunk_scale=chunk_scale, method=method,
                                  attribute_reduction=attribute_reduction, sample_size=sample_size, seed=seed,
                                  min_points=min_points, client=client, points_per_task=points_per_task,
@@ -117,6 +126,8 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
             report.snapshot_id = job.commit()
         if lock is not None:
             lock.check()
+        if beside:
+            finish_rebuild(store, zs)
         if journal is not None:
             journal.remove()
     except BaseException as e:
@@ -142,6 +153,22 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
             lock.release()
             if not journal.exists():  # refused before the build began: no journal stays
                 journal.remove()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _finished_report(zs, t0: float) -> PyramidReport:
+    """The report of a build whose last step (the swap) a resumed run finished."""
+    from zv_dask.store.api import list_resolution_levels, read_level_metadata
+
+    report = PyramidReport(resumed=True, stop_reason="resumed: the build was complete, its levels swapped in")
+    for k in list_resolution_levels(zs):
+        report.vertex_counts[k] = int(read_level_metadata(zs, k).vertex_count)
+        report.chunk_counts[k] = len(zs.root[f"{k}/vertices"].attrs.get("nonempty_chunks", []))
+        if k > 0:
+            report.levels.append(k)
+            report.bin_shapes[k] = tuple(zs.grid(k).base_bin_shape)
+            report.tasks[k], report.level_seconds[k] = 0, 0.0
     report.seconds = time.perf_counter() - t0
     return report
 
