@@ -225,7 +225,7 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
             raise InputError(f"chunk_shape {np.atleast_1d(chunk_shape).astype(float).tolist()} differs from the "
                              f"store's {list(meta.chunk_shape)}: an empty store keeps the geometry it was made with "
                              "(leave it out, or pass overwrite=True to remake the store)")
-        if base_bin_shape is not None and not np.allclose(_per_axis("base_bin_shape", base_bin_shape, ndim),
+        if state is None and base_bin_shape is not None and not np.allclose(_per_axis("base_bin_shape", base_bin_shape, ndim),
                                                           meta.effective_bin_shape):
             raise InputError(f"base_bin_shape {np.atleast_1d(base_bin_shape).astype(float).tolist()} differs from the "
                              f"store's {list(meta.effective_bin_shape)}: an empty store keeps the geometry it was made "
