@@ -592,3 +592,27 @@ def test_one_nan_attribute_does_not_spread_up_the_pyramid(tmp_path):
     assert set(got) == set(want)
     for b, m in want.items():
         assert abs(got[b] - m) < 1e-5, b
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 400), st.integers(1, 40), st.sampled_from(["uint8", "int16", "uint16", "int64", "bool"]),
+       st.sampled_from([2, 5, 300, 70_000]), st.integers(0, 2**31))
+def test_mode_of_single_values_is_the_row_mode(n, groups, dtype, spread, seed):
+    """The packed-key mode (bincount or one sort) gives the generic row mode's rows, ties to the smallest."""
+    from zv_dask.pyramid import reduce as r
+
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype) if dtype != "bool" else None
+    lo = 0 if info is None else max(info.min, -spread // 2)
+    hi = 1 if info is None else min(info.max, lo + spread)
+    g = group_rows(rng.integers(0, groups, n))
+    for shape in ((n,), (n, 3)):  # a single value, and RGB-like rows of 3 channels
+        sv = rng.integers(lo, hi + 1, shape).astype(dtype)[g.order]
+        want = r._row_mode_sorted(sv, g)
+        np.testing.assert_array_equal(r._value_mode(sv, g), want)
+        old = r._BINCOUNT_CELLS
+        try:
+            r._BINCOUNT_CELLS = 0  # the sort path too
+            np.testing.assert_array_equal(r._value_mode(sv, g), want)
+        finally:
+            r._BINCOUNT_CELLS = old
