@@ -165,5 +165,8 @@ def test_cli_reproject(tmp_path):
                        timeout=120)
     assert p.returncode == 0, p.stderr
     assert "EPSG:32610" in p.stdout
+    info = subprocess.run([str(BIN), "info", str(tmp_path / "s.zv")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert "reprojected to EPSG:32610 (offsets chosen at export)" in info.stdout, info.stdout
     np.testing.assert_array_equal(sorted_rows(positions(tmp_path / "s.zv")),
                                   sorted_rows(transformed(f, "EPSG:32610", src="EPSG:2994")))

@@ -798,7 +798,9 @@ def format_info(info: dict) -> str:
     las = info.get("las")
     if las:
         lines.append(f"  LAS          {len(las.get('files') or [])} file(s), version {las['version']}, point format "
-                     f"{las['point_format']}, scales {las['scales']}, offsets {las['offsets']}"
+                     f"{las['point_format']}, scales {las['scales']}, "
+                     + (f"offsets {las['offsets']}" if las.get("offsets") is not None else
+                        f"reprojected to {(las.get('reprojected') or {}).get('to', '?')} (offsets chosen at export)")
                      + ("" if las.get("uniform", True) else " (the first file's; the files differ)"))
     xl = info.get("cross_level_links") or {}
     if xl.get("storage", "none") != "none":
