@@ -223,7 +223,7 @@ def test_warm_store_mismatch(tmp_path):
     assert_refused(warm, lambda: write_points(str(warm), PTS[:, :2]), InputError,
                    "the points have 2 coordinates but the store has 3 axes")
     assert_refused(warm, lambda: write_points(str(warm), PTS, chunk_shape=[10] * 3), InputError,
-                   r"chunk_shape \[10, 10, 10\] differs from the store's \[50.0, 50.0, 50.0\]")
+                   r"chunk_shape \[10\.0, 10\.0, 10\.0\] differs from the store's \[50.0, 50.0, 50.0\]")
     assert_refused(warm, lambda: write_points(str(warm), PTS + 80), OutOfBoundsError, "outside the bounds")
     assert json.loads((warm / "0/vertices/zarr.json").read_text())["attributes"]["nonempty_chunks"] == []
 
