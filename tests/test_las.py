@@ -174,3 +174,17 @@ def test_crs_of_other_inputs_and_append(tmp_path, rng):
     zv_dask.ingest(str(b), tmp_path / "l.zv", mode="append")
     assert [f["name"] for f in zv_dask.store_info(tmp_path / "l.zv")["las"]["files"]] == ["a.las", "b.las"]
     assert_same_points(tmp_path / "l.zv", [a, b])
+
+
+def test_cut_files_are_input_errors_that_name_them(tmp_path, rng):
+    """A LAS file cut short is refused before anything is read; a cut LAZ file when its points are: exit 2 both."""
+    whole = write_las(tmp_path / "whole.las", 3, rng, n=2000).read_bytes()
+    (tmp_path / "cut.las").write_bytes(whole[:-1000])
+    with pytest.raises(InputError, match=r"cut\.las' is truncated: its header declares 2,000 points, the file ends "
+                                         r"after 1,9\d\d of them"):
+        zv_dask.ingest(str(tmp_path / "cut.las"), tmp_path / "a.zv", chunk_shape=300)
+    laz = (DATA / "autzen_trim.laz").read_bytes()
+    (tmp_path / "cut.laz").write_bytes(laz[: len(laz) // 2])
+    with pytest.raises(InputError, match=r"cannot read points 0 to 110,000 of '.*cut\.laz' \(corrupt or truncated\?\)"):
+        zv_dask.ingest(str(tmp_path / "cut.laz"), tmp_path / "b.zv", chunk_shape=500)
+    assert not (tmp_path / "a.zv").exists() and not (tmp_path / "b.zv").exists()

@@ -109,6 +109,19 @@ def _identity(header) -> dict:
             "project_id": str(header.uuid)}
 
 
+def _check_whole(path: str, header) -> None:
+    """An uncompressed file that ends before the points its header declares: an :class:`InputError` saying so."""
+    if getattr(header, "are_points_compressed", path.lower().endswith(".laz")):
+        return  # LAZ: a cut file shows when its chunks are read (las_slice)
+    need = int(header.offset_to_point_data) + int(header.point_count) * int(header.point_format.size)
+    size = os.path.getsize(path)
+    if size < need:
+        holds = max(0, size - int(header.offset_to_point_data)) // int(header.point_format.size)
+        raise InputError(f"{path!r} is truncated: its header declares {int(header.point_count):,} points, the file "
+                         f"ends after {holds:,} of them ({size:,} of {need:,} bytes); copy it again, or fix its "
+                         "header's point count")
+
+
 def read_las_files(files: list[str]) -> list[LasFile]:
     """Every file's header, read once (in this process)."""
     try:
@@ -120,6 +133,7 @@ def read_las_files(files: list[str]) -> list[LasFile]:
         try:
             with laspy.open(f) as reader:
                 h = reader.header
+                _check_whole(f, h)
                 dims, extra = las_dimensions(h.point_format)
                 out.append(LasFile(f, int(h.point_count), f"{h.version.major}.{h.version.minor}",
                                    int(h.point_format.id), [float(s) for s in h.scales],
@@ -203,9 +217,15 @@ def las_slice(path: str, start: int, count: int, specs: dict):
     """Positions (float64) and attributes ``{name: array}`` of ``count`` points of a file from ``start``."""
     import laspy
 
-    with laspy.open(path) as reader:
-        reader.seek(start)
-        pts = reader.read_points(count)
+    try:
+        with laspy.open(path) as reader:
+            reader.seek(start)
+            pts = reader.read_points(count)
+    except Exception as e:  # noqa: BLE001 - a corrupt or cut file: name it and the points, not numpy's words
+        raise InputError(f"cannot read points {start:,} to {start + count:,} of {path!r} (corrupt or truncated?): "
+                         f"{type(e).__name__}: {e}") from None
+    if len(pts) < count:
+        raise InputError(f"{path!r} ends after {start + len(pts):,} points; its header declares more (truncated?)")
     pos = np.column_stack([np.asarray(pts.x, np.float64), np.asarray(pts.y, np.float64),
                            np.asarray(pts.z, np.float64)])
     attrs = {}
