@@ -34,7 +34,6 @@ def test_two_cli_ingests_into_one_new_path_one_wins(tmp_path):
         inputs[name] = tmp_path / f"{name}.npy"
         np.save(inputs[name], rng.uniform(0, 100, (n, 3)).astype(np.float32))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    seen = set()
     for i in range(6):
         store = tmp_path / f"s{i}.zv"
         delay = random.Random(i).uniform(0, 0.4)
@@ -51,10 +50,8 @@ def test_two_cli_ingests_into_one_new_path_one_wins(tmp_path):
         winner = next(k for k, (c, _) in out.items() if c == 0)
         loser_err = next(e for c, e in out.values() if c == 2)
         assert any(m in loser_err for m in LOSER) and "Traceback" not in loser_err, loser_err
-        seen.add(next(m for m in LOSER if m in loser_err))
         assert zv_dask.validate_store(str(store)).ok
         assert _rows(store) == {"a": 20_000, "b": 15_000}[winner]
-    assert seen  # the messages that were met, for the record when it fails
 
 
 def test_a_job_cannot_adopt_an_empty_store_another_job_holds(tmp_path):

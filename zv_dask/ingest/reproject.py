@@ -108,15 +108,16 @@ def reproject_source(src, target: dict, partition_crs: list | None = None, paths
         parts.append(part if same else delayed(_reproject_batch, pure=True)(part, key, dst, where))
     src.partitions = parts
     src.position_dtype = np.dtype(np.float64)
+    labels = sorted({crs_label(c) for c in crss})
     if src.las is not None:
         rec = dict(src.las)
         xy = min(_scale_in(s, known[key][1], dst_crs)
                  for s, key in set(zip(scales or [rec["scales"][0]] * len(crss), map(crs_text, crss))))
         rec["scales"] = [xy, xy, float(rec["scales"][2])]
         rec["offsets"] = None
-        rec["reprojected"] = {"from": sorted({crs_label(c) for c in crss}), "to": crs_label(target)}
+        rec["reprojected"] = {"from": labels, "to": crs_label(target)}
         src.las = rec
-    src.reprojected_from = sorted({crs_label(c) for c in crss})
+    src.reprojected_from = labels
     src.description += f", reprojected to {crs_label(target)}"
     src.crs = target
     return src

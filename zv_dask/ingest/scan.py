@@ -73,7 +73,7 @@ def nan_warnings(stats) -> list[str]:
     """A warning per float attribute holding NaN: kept at level 0, skipped by the coarse levels' reductions."""
     return [f"attribute {name!r} holds {n:,} NaN value(s) (of {stats.count:,}): kept as they are at level 0; the "
             "coarse levels' mean, sum, min and max skip them (a bin of NaN only stays NaN)"
-            for name, n in sorted(getattr(stats, "nan_values", {}).items()) if n]
+            for name, n in sorted(stats.nan_values.items()) if n]
 
 
 def scan_warnings(dtype: str, stats, src) -> list[str]:
@@ -92,6 +92,6 @@ def choose_dtype(dtype, src) -> tuple[str, str]:
         return dt.name, "as requested"
     if src.kind == "las":
         return "float64", "LAS coordinates are georeferenced; float32 would lose centimetres"
-    if getattr(src, "reprojected_from", None):
+    if src.reprojected_from:
         return "float64", "reprojected coordinates are georeferenced; float32 would lose centimetres"
     return "float32", "default; pass dtype='float64' to keep double precision"

@@ -16,7 +16,7 @@ import numpy as np
 
 from zv_dask.errors import InputError, StoreError
 from zv_dask.format.metadata import store_name
-from zv_dask.store.api import ZVStore, create_store, open_store, write_root_metadata
+from zv_dask.store.api import ZVStore, create_store, name_store, open_store, write_root_metadata
 from zv_dask.ingest.replace import OBJECT_SCHEMES, finish_swap, refuse_object_overwrite, replacement_path
 from zv_dask.store.backends import check_creatable, local_path, url_scheme
 
@@ -311,9 +311,7 @@ def materialize_target(plan: TargetPlan, final_bounds, attribute_specs: dict | N
                           storage_options=plan.storage_options, branch=plan.branch,
                           overwrite=plan.overwrite or plan.build_at is not None)
     if plan.build_at is not None:  # named after the store it will be, not the place it is built
-        ome = zs.root.attrs.get("ome")
-        if isinstance(ome, dict):
-            zs.root.attrs.update({"ome": {**ome, "name": store_name(plan.replaces)}})
+        name_store(zs, store_name(plan.replaces))
     if extra:
         zs.root.attrs.update(extra)
     return zs

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from zv_dask.faults import kill_point
 from zv_dask.pyramid.builder import drop_up_links
-from zv_dask.store.api import ZVStore, open_store
+from zv_dask.store.api import ZVStore, name_store, open_store
 from zv_dask.store.backends import local_path
 from zv_dask.store.journal import JOURNAL_DIR
 
@@ -71,8 +71,8 @@ def finish_rebuild(zs: ZVStore, built: ZVStore) -> None:
     """Put the levels of ``built`` in the place of ``zs``'s coarse levels (see the module docstring)."""
     work = rebuild_path(zs)
     ome = zs.root.attrs.get("ome")
-    if isinstance(ome, dict) and isinstance(built.root.attrs.get("ome"), dict):  # named after the store, not "rebuild"
-        built.root.attrs.update({"ome": {**built.root.attrs["ome"], "name": ome.get("name")}})
+    if isinstance(ome, dict):  # named after the store, not "rebuild"
+        name_store(built, ome.get("name"))
     levels = sorted((p.name for p in work.iterdir() if p.name.isdigit() and p.name != "0"), key=int)
     (work / _SWAP).write_text(json.dumps({"levels": levels, "links0": (work / "0" / "links").exists()}))
     swap(zs)

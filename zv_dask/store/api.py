@@ -34,6 +34,7 @@ __all__ = [
     "ZVStore",
     "create_store",
     "open_store",
+    "name_store",
     "store_info",
     "read_root_metadata",
     "read_level_metadata",
@@ -191,6 +192,13 @@ def _exists(backend: Backend) -> bool:
         return bool(sync(backend.store.exists("zarr.json")))
     except Exception:  # noqa: BLE001 - a store that cannot answer is treated as empty
         return False
+
+
+def name_store(zs: ZVStore, name: str) -> None:
+    """Set the OME ``name`` of a store built somewhere else than where it will be (an overwrite, a rebuild)."""
+    ome = zs.root.attrs.get("ome")
+    if isinstance(ome, dict):
+        zs.root.attrs.update({"ome": {**ome, "name": name}})
 
 
 def _claim(backend: Backend, exists_message: str) -> None:

@@ -293,13 +293,17 @@ class Journal:
             obstore.delete(self._store(), [self._key(f"done/{stage}/{n}") for n in names])
 
     # the lease
+    def _current_lease(self) -> tuple[int, dict | None]:
+        """``(number of the next lease, the current lease if a live process holds it)``."""
+        names = [int(n) for n in self.names("locks") if n.isdigit()]
+        if not names:
+            return 0, None
+        held = self.read_json(f"locks/{max(names):08d}") or {}
+        return max(names) + 1, (held if held.get("state") != "released" and _alive(held) else None)
+
     def holder(self) -> dict | None:
         """The lease of the live process that holds the store, or ``None`` (no lease, released or dead)."""
-        names = [n for n in self.names("locks") if n.isdigit()]
-        if not names:
-            return None
-        held = self.read_json(f"locks/{max(names, key=int)}") or {}
-        return held if held.get("state") != "released" and _alive(held) else None
+        return self._current_lease()[1]
 
     def acquire(self, what: str) -> "JobLock":
         """Take the store for this process, or raise :class:`StoreError` naming the job that holds it.
@@ -309,12 +313,9 @@ class Journal:
         ``n + 1``. A lease is dead when its process is gone (same host) or it
         has not been renewed for :data:`LEASE_SECONDS` (another host).
         """
-        names = [n for n in self.names("locks") if n.isdigit()]
-        n = max(map(int, names)) + 1 if names else 0
-        if names:
-            held = self.read_json(f"locks/{max(names, key=int)}") or {}
-            if held.get("state") != "released" and _alive(held):
-                raise StoreError(_held_message(self, held))
+        n, held = self._current_lease()
+        if held:
+            raise StoreError(_held_message(self, held))
         me = {"host": socket.gethostname(), "pid": os.getpid(), "what": what, "since": _now(),
               "renewed": time.time(), "state": "held"}
         if not self.write_json(f"locks/{n:08d}", me, create=True):
@@ -337,11 +338,15 @@ def _alive(lease: dict) -> bool:
     return time.time() - float(lease.get("renewed", 0)) < LEASE_SECONDS
 
 
-def _held_message(journal: Journal, held: dict) -> str:
+def _lease_words(held: dict) -> str:
+    """"process P on H, since S, lease renewed Ns ago"."""
     age = time.time() - float(held.get("renewed", time.time()))
-    return (f"another job is writing this store ({held.get('what', 'a zv-dask job')}, process {held.get('pid')} on "
-            f"{held.get('host')}, since {held.get('since')}, lease renewed {age:.0f}s ago); wait for it to finish, or "
-            f"stop it and resume (journal: {journal.where()})")
+    return f"process {held.get('pid')} on {held.get('host')}, since {held.get('since')}, lease renewed {age:.0f}s ago"
+
+
+def _held_message(journal: Journal, held: dict) -> str:
+    return (f"another job is writing this store ({held.get('what', 'a zv-dask job')}, {_lease_words(held)}); wait "
+            f"for it to finish, or stop it and resume (journal: {journal.where()})")
 
 
 def _now() -> str:
@@ -435,10 +440,8 @@ def unfinished_message(job: dict, journal: Journal) -> str:
                "(resume=True), which undoes it first")
     held = journal.holder()
     if held:  # not a killed job's leftover: a job at work now
-        age = time.time() - float(held.get("renewed", time.time()))
-        return (f"unfinished {job.get('kind', 'zv-dask')} job that another process is running now (process "
-                f"{held.get('pid')} on {held.get('host')}, since {held.get('since')}, lease renewed {age:.0f}s ago"
-                f"{progress}): wait for it to finish, or stop it and then {fix}")
+        return (f"unfinished {job.get('kind', 'zv-dask')} job that another process is running now "
+                f"({_lease_words(held)}{progress}): wait for it to finish, or stop it and then {fix}")
     return f"unfinished {job.get('kind', 'zv-dask')} job (started {job.get('started', '?')}{progress}): {fix}"
 
 
