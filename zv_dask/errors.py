@@ -17,7 +17,31 @@ __all__ = [
     "OutOfBoundsError",
     "IngestError",
     "UnfinishedJobWarning",
+    "cause_text",
 ]
+
+
+_NO_SPACE = (28, 122)  # ENOSPC, EDQUOT
+_NO_PERMISSION = (1, 13, 30)  # EPERM, EACCES, EROFS
+
+
+def cause_text(e: BaseException, where: object = None) -> str:
+    """One line for the cause of a failed task: what went wrong and, for a full or read-only disk, where.
+
+    ``where`` is the store (a zarr store or a path) the task was writing; an
+    :class:`OSError` that names no file of its own (``write()`` on a full disk)
+    is reported against it.
+    """
+    text = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    errno = getattr(e, "errno", None) if isinstance(e, OSError) else None
+    if errno is None and ("No space left on device" in text or "Disk quota exceeded" in text):
+        errno = _NO_SPACE[0]  # obstore's errors carry the OS's words, not its errno
+    if errno not in _NO_SPACE + _NO_PERMISSION:
+        return text
+    path = getattr(e, "filename", None) or getattr(where, "root", None) or where
+    if errno in _NO_SPACE:
+        return f"no space left on the device holding {path} ({text}); free space there and rerun"
+    return f"no permission to write {path} ({text})"
 
 
 class ZVError(Exception):

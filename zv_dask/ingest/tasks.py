@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from zv_dask.errors import IngestError, ZVError
+from zv_dask.errors import IngestError, ZVError, cause_text
 from zv_dask.faults import fail_point
 from zv_dask.format.grid import Grid
 from zv_dask.format.layout import plan_chunks
@@ -107,7 +107,7 @@ def _write_batch(batch, grid: Grid, level: int, target, attributes, group_index:
     except ZVError:
         raise
     except Exception as e:  # noqa: BLE001 - name the stage and chunk, keep the cause
-        raise IngestError(f"writing group {group_index} (first chunk {first}) failed: {type(e).__name__}: {e}",
+        raise IngestError(f"writing group {group_index} (first chunk {first}) failed: {cause_text(e, zstore)}",
                           stage="write", chunk=first) from e
     summary = ChunkSummary.from_plan(plan, nbytes)
     coarse = build_levels(zstore, level0, tuple(geoms)) if geoms else None
@@ -176,7 +176,7 @@ def append_group(pieces, grid: Grid, target, attributes, group_index: int, old_c
     except ZVError:
         raise
     except Exception as e:  # noqa: BLE001 - name the stage and chunk, keep the cause
-        raise IngestError(f"appending group {group_index} (first chunk {first}) failed: {type(e).__name__}: {e}",
+        raise IngestError(f"appending group {group_index} (first chunk {first}) failed: {cause_text(e, zstore)}",
                           stage="write", chunk=first) from e
     summary = ChunkSummary.from_plan(plan, nbytes)
     summary.extra["old_rows"] = n_old

@@ -36,7 +36,7 @@ import functools
 import time
 
 from zv_dask.budget import MemoryBudget, parse_size
-from zv_dask.errors import IngestError, InputError, StoreError, ZVError
+from zv_dask.errors import IngestError, InputError, StoreError, ZVError, cause_text
 from zv_dask.faults import kill_point
 from zv_dask.pyramid.builder import (
     PyramidBuilder,
@@ -142,8 +142,7 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
             drop_up_links(zs.root, building[0] - 1)
         if isinstance(e, Exception) and not isinstance(e, ZVError):  # e.g. KilledWorker, a storage error
             stage = "pyramid" if not building else f"pyramid level {building[0]}"
-            first = (str(e).strip().splitlines() or [""])[0]
-            err = IngestError(f"{stage} failed: {type(e).__name__}: {first}", stage=stage)
+            err = IngestError(f"{stage} failed: {cause_text(e, zs.url)}", stage=stage)
             raise (with_resume_hint(err, "build") if kept else err) from e
         if kept and isinstance(e, IngestError):  # a task's own error
             raise with_resume_hint(e, "build")

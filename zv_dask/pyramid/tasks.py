@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from zv_dask.errors import IngestError, ZVError
+from zv_dask.errors import IngestError, ZVError, cause_text
 from zv_dask.faults import fail_point
 from zv_dask.format.links import LinkCells
 from zv_dask.pyramid import stack
@@ -87,7 +87,7 @@ def build_levels(zstore, fine: LevelPoints, geoms: tuple[StepGeometry, ...],
             raise
         except Exception as e:  # name the level and the first fine chunk, keep the cause
             raise IngestError(f"pyramid level {k}: task over {len(fine.chunks)} level-{k - 1} chunks from {first} "
-                              f"failed: {type(e).__name__}: {e}", stage=f"pyramid level {k}", chunk=first) from e
+                              f"failed: {cause_text(e, zstore)}", stage=f"pyramid level {k}", chunk=first) from e
         out.levels[k] = ChunkSummary.from_plan(coarse.plan, nbytes)
         out.bytes_written += nbytes
         fine = coarse.points

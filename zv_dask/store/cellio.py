@@ -61,15 +61,16 @@ def _write_all(fd: int, parts: tuple) -> None:
         rest = rest[os.write(fd, rest):]
 
 
-def _write_files(root: str, items: list) -> None:
-    """Write files under ``root`` atomically (temporary name, then rename), straight from their buffers.
+def _write_files(root: str, items: list, atomic: bool = True) -> None:
+    """Write files under ``root`` straight from their buffers: atomically (temporary name, then rename), or in place.
 
-    Directories are made when a write finds them missing.
+    Directories are made when a write finds them missing. A failed write (a
+    full disk) removes its temporary file.
     """
     tag = f".{os.getpid()}.{threading.get_ident()}."
     for key, value in items:
         path = f"{root}/{key}"
-        tmp = f"{path}{tag}{next(_TMP)}.partial"
+        tmp = f"{path}{tag}{next(_TMP)}.partial" if atomic else path
         try:
             fd = os.open(tmp, _FLAGS, 0o644)
         except FileNotFoundError:
@@ -82,9 +83,17 @@ def _write_files(root: str, items: list) -> None:
                 view = memoryview(value)
                 while view.nbytes:
                     view = view[os.write(fd, view):]
-        finally:
+        except BaseException:
             os.close(fd)
-        os.replace(tmp, path)
+            if atomic:
+                try:
+                    os.remove(tmp)
+                except OSError:
+                    pass
+            raise
+        os.close(fd)
+        if atomic:
+            os.replace(tmp, path)
 
 
 def sweep_partials(zstore) -> int:
@@ -130,11 +139,14 @@ def _threads(fn, args, n_items, n_threads: int = 2):
     return [r for part in parts for r in part]
 
 
-def put_cells(zstore, items: list[tuple[str, bytes]]) -> None:
+def put_cells(zstore, items: list[tuple[str, bytes]], *, atomic: bool = True) -> None:
     """Store every ``(key, value)``; keys are store-relative (``"0/vertices/c/1/2/3"``).
 
     A value is bytes or a tuple of buffers (bytes, memoryviews) stored one after
     the other: local files take them with one ``writev``, other stores joined.
+    ``atomic=False`` overwrites local files in place (no temporary copy): only for
+    writes whose bytes are kept elsewhere until they land (a roll-back from the
+    journal), where a full disk has no room for the copy.
     """
     from zarr.core.sync import sync
 
@@ -146,11 +158,11 @@ def put_cells(zstore, items: list[tuple[str, bytes]]) -> None:
     if root is not None:
         root = root.rstrip("/")
         if len(items) < 64:
-            _write_files(root, items)
+            _write_files(root, items, atomic)
             return
         half = (len(items) + 1) // 2  # two threads: file I/O releases the GIL
         with ThreadPoolExecutor(2) as ex:
-            list(ex.map(lambda part: _write_files(root, part), [items[:half], items[half:]]))
+            list(ex.map(lambda part: _write_files(root, part, atomic), [items[:half], items[half:]]))
         return
     obs = _obstore_of(zstore)
     if obs is not None:

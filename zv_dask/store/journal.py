@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from zv_dask.errors import StoreError
+from zv_dask.errors import StoreError, cause_text
 from zv_dask.store.backends import local_path, prefix_store, url_scheme
 
 __all__ = ["Journal", "JOURNAL_DIR", "journal_for", "journal_at", "job_branch_name", "pack", "unpack",
@@ -151,8 +151,7 @@ class Journal:
         except Exception as e:  # noqa: BLE001 - obstore's own error types; name the place
             if create and "AlreadyExists" in type(e).__name__ + str(e)[:200]:
                 return False
-            raise StoreError(f"cannot write the job journal at {self.where(name)}: {type(e).__name__}: "
-                             f"{(str(e).splitlines() or [''])[0]}") from e
+            raise StoreError(f"cannot write the job journal at {self.where(name)}: {cause_text(e, self.where(name))}") from e
         return True
 
     def get(self, name: str) -> bytes | None:
@@ -191,8 +190,7 @@ class Journal:
         try:
             sync(run())
         except Exception as e:  # noqa: BLE001 - obstore's own error types; name the place
-            raise StoreError(f"cannot write the job journal at {self.where()}: {type(e).__name__}: "
-                             f"{(str(e).splitlines() or [''])[0]}") from e
+            raise StoreError(f"cannot write the job journal at {self.where()}: {cause_text(e, self.where())}") from e
 
     def get_many(self, names: list[str]) -> list[bytes | None]:
         """Read many objects concurrently (``None`` where one does not exist)."""

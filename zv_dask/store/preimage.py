@@ -132,8 +132,11 @@ def restore_cells(zstore, journal, unit: str) -> bool:
 
         raise StoreError(f"the journal at {journal.where()} lacks the saved bytes of {len(missing)} cells "
                          f"(first {missing[0]}): the append cannot be rolled back")
-    put_cells(zstore, list(zip(old, raws)))
+    # Deletions first, then the old bytes written in place: on a full disk (a common reason to roll
+    # back) there is no room for the temporary copies of atomic writes, and the journal keeps the
+    # bytes until the roll-back is over, so a write cut short is done again by the next roll-back.
     delete_cells(zstore, [k for k, e in zip(keys, existed) if not e])
+    put_cells(zstore, list(zip(old, raws)), atomic=False)
     return True
 
 
@@ -167,9 +170,6 @@ def roll_back(zs, journal) -> bool:
         journal.remove()
         return False
     docs = {k: v.encode() for k, v in snap.items()}
-    for name in journal.names(PRE):
-        if name.endswith(".json") and name != "meta.json":
-            restore_cells(zs.store, journal, name[: -len(".json")])
 
     async def live(prefix):
         return [k async for k in zs.store.list_prefix(prefix)]
@@ -184,7 +184,10 @@ def roll_back(zs, journal) -> bool:
         if listed is None:
             continue
         extra += [k for k in sync(live(f"{path}/c/")) if k not in listed]
-    delete_cells(zs.store, extra)
+    delete_cells(zs.store, extra)  # before the restores: see restore_cells
+    for name in journal.names(PRE):
+        if name.endswith(".json") and name != "meta.json":
+            restore_cells(zs.store, journal, name[: -len(".json")])
     restore_metadata(zs, docs)
     journal.remove()
     return True
