@@ -182,6 +182,34 @@ def test_killed_worker_leaves_the_icechunk_branch_as_it_was(tmp_path, fragile_cl
     assert _repo_contents(storage) == before
 
 
+def test_killed_worker_on_s3_leaves_nothing_half_made(s3_server, s3_prefix, s3_options, fragile_client, rng):
+    """A new store on S3 whose writer dies mid-write: removed, or kept with its journal and finished by resume."""
+    import obstore
+    from distributed import KilledWorker
+
+    fragile_client.wait_for_workers(2, timeout=30)
+    pts = rng.uniform(0, 100, (N, 3)).astype("f4")
+    store = FaultyStore(ObjectStore(s3_server.obstore(prefix=f"{s3_prefix}/new.zv"), read_only=False), after=2,
+                        action="kill")
+    with pytest.raises(IngestError) as info:
+        zv_dask.ingest(pts, store, chunk_shape=CHUNK, bounds=BOUNDS, client=fragile_client, **JOB)
+    _assert_stage_error(info.value, "write", secret=s3_server.secret_key)
+    assert isinstance(info.value.__cause__, KilledWorker)
+    time.sleep(0.3)
+    left = [m["path"] for m in obstore.list(s3_server.obstore(), prefix=f"{s3_prefix}/").collect()]
+    url = s3_server.url(s3_prefix, "new.zv")
+    if left:  # groups finished before the death: the store says it is unfinished, and --resume completes it
+        assert any("/.zv-job/" in k for k in left), left[:5]
+        with pytest.raises(zv_dask.StoreError, match="unfinished ingest job"):
+            zv_dask.ingest(pts, url, chunk_shape=CHUNK, bounds=BOUNDS, storage_options=s3_options,
+                           client=fragile_client, **JOB)
+        rep = zv_dask.ingest(pts, url, chunk_shape=CHUNK, bounds=BOUNDS, storage_options=s3_options,
+                             client=fragile_client, resume=True, **JOB)
+        assert rep.resumed
+        assert zv_dask.validate_store(url, storage_options=s3_options).ok
+        assert len(zv_dask.read_points(url, storage_options=s3_options).compute()) == N
+
+
 # -- (c) the S3 server stops mid-write and comes back ----------------------------------------------
 FLAKY = {"timeout": 2, "connect_timeout": 1, "max_retries": 1}
 

@@ -329,7 +329,8 @@ def gather_or_stop(client, futures, grace: float = 60.0, on_result=None) -> list
 
         index = {f.key: i for i, f in enumerate(futures)}
         results: list = [None] * len(futures)
-        for fut, res in as_completed(futures, with_results=True):
+        # the job's client's loop: as_completed otherwise asks for a default client (none with set_as_default=False)
+        for fut, res in as_completed(futures, loop=client.loop, with_results=True):
             i = index[fut.key]
             results[i] = res
             on_result(i, res)
