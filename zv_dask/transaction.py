@@ -19,6 +19,7 @@ nodes conflict (:meth:`WriteJob.commit`): nothing is lost either way.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -37,11 +38,61 @@ CHECKPOINT_SECONDS = float(os.environ.get("ZV_DASK_CHECKPOINT_SECONDS", "30"))
 
 
 def worker_store(target):
-    """The zarr store a task writes through, given the job's ``target``."""
+    """The zarr store a task writes through, given the job's ``target``.
+
+    A fork's store is handed out as a :func:`_task_store`, so that zarr never stringifies it (issue 19).
+    """
     store = getattr(target, "store", None)
     if store is not None and type(target).__name__ == "ForkSession":
-        return store
+        return _task_store(store)
     return target
+
+
+def _task_store(store):
+    """``store`` (an ``IcechunkStore``) as one whose ``str`` and ``repr`` do not call into icechunk.
+
+    zarr names its store in every array and group it builds (``AsyncArray.__init__`` calls
+    ``str(store_path)``, on zarr's event-loop thread). ``IcechunkStore.__str__`` waits for the
+    session's lock in Rust while holding the GIL (icechunk 2.3: ``PyStore`` ``fields()``, a
+    ``blocking_read`` without releasing it), and a ``set`` in flight on the same session holds
+    that lock while it waits for the GIL to release the Python buffer it was given. With dask's
+    threaded scheduler the tasks of a stage share one fork, so one task opening an array while
+    another PUTs cells deadlocked the job (issue 19: 14 of 37 runs without a client). The store
+    is otherwise the same one (the same Rust store and session, an ``IcechunkStore``); it
+    pickles as a plain ``IcechunkStore``. See benchmarks/results/icechunk_str_deadlock.md.
+    """
+    return _task_store_class()(store._store, read_only=store.read_only)
+
+
+@functools.cache
+def _task_store_class():
+    from icechunk import IcechunkStore
+
+    class TaskIcechunkStore(IcechunkStore):
+        def __str__(self) -> str:
+            return "<icechunk.IcechunkStore of a zv-dask task's fork>"
+
+        __repr__ = __str__
+
+        def _repr_html_(self) -> str:
+            return str(self)
+
+        def with_read_only(self, read_only: bool = False):
+            # zarr's mode="r" opens of a writable store go through this: keep the quiet str.
+            new = type(self)(self._store, read_only=read_only)
+            new._is_open = False
+            return new
+
+        def __reduce_ex__(self, protocol):
+            plain = IcechunkStore(self._store, read_only=self.read_only)
+            plain._is_open = self._is_open
+            return _unpickled, (plain,)
+
+    return TaskIcechunkStore
+
+
+def _unpickled(store):
+    return store
 
 
 def returned_fork(target):
@@ -106,11 +157,15 @@ class WriteJob:
 
     def _swap(self, session) -> None:
         import zarr
+        from zarr.errors import GroupNotFoundError
 
         be = self.store.backend
         be.session = session
         be.store = session.store
-        self.store.root = zarr.open_group(session.store, mode="r+", zarr_format=3)
+        try:
+            self.store.root = zarr.open_group(session.store, mode="r+", zarr_format=3)
+        except GroupNotFoundError:  # back on the branch of a repository the job created: nothing there yet
+            self.store.root = None
         self._fork = None
 
     def checkpoint(self, force: bool = False) -> bool:
