@@ -179,6 +179,8 @@ def _wait_readable(raw, key: str, deadline: float) -> None:
         try:
             obstore.get(raw, key).bytes()
             return
+        except FileNotFoundError:  # the server answers: the job's clean-up has removed the object already
+            return
         except Exception:  # noqa: BLE001 - 500 while the volume server comes back
             if time.monotonic() > deadline:
                 raise

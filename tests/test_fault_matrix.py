@@ -157,6 +157,20 @@ def test_s3_sigkill_then_resume_is_byte_identical(stage, survey, s3_server, s3_p
     assert [k for k in got if got[k] != s3_reference[k]] == []
 
 
+def test_local_sigkill_at_the_scan_leaves_nothing_and_an_existing_store_as_it_was(survey, tmp_path):
+    """(test_resume.py kills a plain local job mid-write, mid-pyramid and at the commit.)"""
+    from helpers import tree_bytes
+
+    new = tmp_path / "new.zv"
+    assert _killed(["ingest", survey, new, *JOB], at="scan") == -signal.SIGKILL
+    assert not new.exists(), "nothing was written before the scan ended"
+    old = tmp_path / "old.zv"
+    assert _cli("ingest", survey, old, *JOB, "--levels", "2").returncode == 0
+    before = tree_bytes(old)
+    assert _killed(["ingest", survey, old, *JOB, "--overwrite"], at="scan") == -signal.SIGKILL
+    assert tree_bytes(old) == before and sorted(p.name for p in tmp_path.iterdir()) == ["old.zv"]
+
+
 # -- icechunk: progress on a job branch, readers of main see nothing until the one commit -------------
 @pytest.fixture(scope="module")
 def icechunk_reference(survey, tmp_path_factory):

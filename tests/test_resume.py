@@ -176,7 +176,8 @@ def failing_cluster(tmp_path_factory):
     def make(point):
         cluster = LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=":0",
                                scheduler_kwargs={"dashboard": False}, host="127.0.0.1", memory_limit="1.5GiB",
-                               env={"ZV_DASK_FAIL_AT": point},
+                               # the failing task waits: the groups before it finish first, on a busy machine too
+                               env={"ZV_DASK_FAIL_AT": point, "ZV_DASK_FAIL_DELAY": "3"},
                                local_directory=str(tmp_path_factory.mktemp("failing")))
         return cluster, Client(cluster, set_as_default=False)
 

@@ -7,6 +7,7 @@ from zv_dask.errors import (
     MetadataError,
     OutOfBoundsError,
     StoreError,
+    UnfinishedJobError,
     UnfinishedJobWarning,
     ZVError,
 )
@@ -42,6 +43,7 @@ from zv_dask.store.api import (
     write_parametric_types,
 )
 from zv_dask.stats import store_stats
+from zv_dask.store.credentials import ClientCredentials
 from zv_dask.validate import ValidationReport, validate_store
 
 __version__ = "0.1.0"
@@ -74,6 +76,7 @@ __all__ = [
     "ZVStore",
     "ZVError",
     "UnfinishedJobWarning",
+    "UnfinishedJobError",
     "StoreError",
     "MetadataError",
     "FormatError",
@@ -99,4 +102,5 @@ __all__ = [
     "commit",
     "discard_changes",
     "rebind",
+    "ClientCredentials",
 ]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from zv_dask.format.crs import crs_label
 from zv_dask.scheduling import describe_scheduler
+from zv_dask.store.credentials import redact
 
 __all__ = ["main", "build_parser", "parse_storage_option", "demo_points"]
 
@@ -176,12 +177,28 @@ def _scalar(value: str):
     return value
 
 
+# options whose values stay strings as given (a key or a region of digits is not a number)
+_STRING_OPTIONS = ("access_key_id", "aws_access_key_id", "region", "endpoint", "endpoint_url", "account",
+                   "bucket", "worker_credentials")
+
+
 def parse_storage_option(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` -> ``(key, value)``; values become bool, int, float or stay str."""
+    """``KEY=VALUE`` -> ``(key, value)``; values become bool, int, float or stay str (secrets and keys stay str).
+
+    A malformed argument is never echoed back: it may hold a secret.
+    """
+    from zv_dask.store.credentials import SECRET_OPTIONS
+
     key, sep, value = text.partition("=")
     key = key.strip()
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if not sep:
+        raise argparse.ArgumentTypeError("expected KEY=VALUE (e.g. endpoint=http://127.0.0.1:9000), got an "
+                                         "argument with no '=' (not shown: it may hold a secret)")
+    if not key:
+        raise argparse.ArgumentTypeError("expected KEY=VALUE, got an empty KEY (the value is not shown: it may "
+                                         "hold a secret)")
+    if key.lower() in SECRET_OPTIONS or key.lower() in _STRING_OPTIONS:
+        return key, value
     return key, _scalar(value)
 
 
@@ -434,8 +451,13 @@ def _status(args, text: str) -> None:
 
 
 def _options(args) -> dict | None:
-    opts = dict(getattr(args, "storage_option", None) or [])
-    return opts or None
+    """The storage options of ``-S``; ``worker_credentials=env`` keeps the keys in this process."""
+    from zv_dask.store.credentials import prepare_credentials
+
+    if getattr(args, "_storage_options", None) is None:
+        opts = dict(getattr(args, "storage_option", None) or [])
+        args._storage_options = prepare_credentials(opts) or {}
+    return dict(args._storage_options) or None
 
 
 def _backend(args, store: str | None = None) -> str | None:
@@ -792,7 +814,7 @@ def format_info(info: dict) -> str:
              f"({' x '.join(map(str, info['bins_per_chunk']))} bins per chunk)",
              f"  attributes   {attr_text}"]
     if info.get("unfinished_job"):
-        lines.insert(1, f"  UNFINISHED   {info['unfinished_job']}")
+        lines.insert(1, f"  UNFINISHED   {cli_spelling(info['unfinished_job'])}")
     if "num_objects" in lv0:
         lines.append(f"  objects      {lv0['num_objects']:,}")
     las = info.get("las")
@@ -822,7 +844,8 @@ def format_info(info: dict) -> str:
         fams = ", ".join(f"{k} {v:,}" for k, v in (lv.get("links") or {}).items())
         lines.append(f"  {lv['level']:<6} {lv['vertex_count']:>12,} {lv['nonempty_chunks']:>8,}  "
                      f"{str([float(f'{b:g}') for b in lv['bin_shape']]):<24} {ratio_text:<12} "
-                     f"{_fmt_bytes(size) if size is not None else '-':>10}" + (f"  {fams}" if fams else ""))
+                     f"{_fmt_bytes(size) if size is not None else '-':>10}" + (f"  {fams}" if fams else "")
+                     + (f"  UNFINISHED: {lv['unfinished']}" if lv.get("unfinished") else ""))
     return "\n".join(lines)
 
 
@@ -1022,6 +1045,42 @@ def main(argv: list[str] | None = None) -> int:
             "argument --workers: not allowed with argument --scheduler (the scheduler's cluster has its workers)")
     _quiet_logs(args)
     prog = f"{PROG} {args.command}"
+    from zv_dask.errors import UnfinishedJobError
+
+    with _job_warnings() as said:
+        code = _run(args, prog)
+    if not isinstance(getattr(args, "error", None), UnfinishedJobError):  # (which says it already)
+        for m in said:
+            print(f"{prog}: warning: {cli_spelling(m)}", file=sys.stderr, flush=True)
+    return code
+
+
+@contextlib.contextmanager
+def _job_warnings():
+    """A store's unfinished job (:class:`UnfinishedJobWarning`), collected to be said once in the CLI's spelling.
+
+    Python would print it with a file name and a source line, among the progress bars.
+    """
+    from zv_dask.errors import UnfinishedJobWarning
+
+    said: list[str] = []
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if isinstance(category, type) and issubclass(category, UnfinishedJobWarning):
+            if str(message) not in said:
+                said.append(str(message))
+            return
+        shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield said
+    finally:
+        warnings.showwarning = shown
+
+
+def _run(args, prog: str) -> int:
     try:
         # Only the result goes to stdout (so --json output stays parseable): anything else printed
         # here or by worker processes started during the command goes to stderr.
@@ -1033,11 +1092,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: interrupted{kept}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI's job is to turn errors into one line and an exit code
+        args.error = e
+        secrets = dict(getattr(args, "storage_option", None) or [])  # never print a secret given with -S
         if args.debug:
             import traceback
-            traceback.print_exc()
+            print(redact("".join(traceback.format_exception(e)), secrets), end="", file=sys.stderr)
         code = 2 if isinstance(e, _bad_input_types()) else 1
-        message = cli_spelling(_one_line(e))
+        message = redact(cli_spelling(_one_line(e)), secrets)
         if getattr(args, "json", False):  # --json: the result on stdout is the error, as JSON
             _print_json({"error": message, "type": type(e).__name__, "exit_code": code}, sys.stdout)
         if code == 2:

@@ -17,6 +17,7 @@ __all__ = [
     "OutOfBoundsError",
     "IngestError",
     "UnfinishedJobWarning",
+    "UnfinishedJobError",
     "cause_text",
 ]
 
@@ -32,7 +33,9 @@ def cause_text(e: BaseException, where: object = None) -> str:
     :class:`OSError` that names no file of its own (``write()`` on a full disk)
     is reported against it.
     """
-    text = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+    whole = str(e)
+    text = f"{type(e).__name__}: {(whole.strip().splitlines() or [''])[0]}"
+    text += _storage_context(text, whole)
     errno = getattr(e, "errno", None) if isinstance(e, OSError) else None
     if errno is None and ("No space left on device" in text or "Disk quota exceeded" in text):
         errno = _NO_SPACE[0]  # obstore's errors carry the OS's words, not its errno
@@ -42,6 +45,26 @@ def cause_text(e: BaseException, where: object = None) -> str:
     if errno in _NO_SPACE:
         return f"no space left on the device holding {path} ({text}); free space there and rerun"
     return f"no permission to write {path} ({text})"
+
+
+# S3 error codes -> HTTP status, for errors (icechunk's) that give the code and not the status
+_S3_STATUS = {"SlowDown": 503, "ServiceUnavailable": 503, "InternalError": 500, "RequestTimeout": 400,
+              "AccessDenied": 403, "InvalidAccessKeyId": 403, "SignatureDoesNotMatch": 403, "ExpiredToken": 400,
+              "NoSuchBucket": 404, "NoSuchKey": 404, "RequestTimeTooSkewed": 403}
+
+
+def _storage_context(first: str, whole: str) -> str:
+    """What a storage error's later lines say and its first does not: the object's key, the HTTP status."""
+    import re
+
+    extra = []
+    key = re.search(r'with key="([^"]+)"', whole)
+    if key and key.group(1) not in first:
+        extra.append(f"object {key.group(1)}")
+    code = re.search(r'code: "(\w+)"', whole)
+    if code and code.group(1) in _S3_STATUS and not re.search(r"\b[45]\d\d\b", first):
+        extra.append(f"HTTP {_S3_STATUS[code.group(1)]} {code.group(1)}")
+    return f" ({', '.join(extra)})" if extra else ""
 
 
 class ZVError(Exception):
@@ -113,3 +136,12 @@ def _rebuild_ingest_error(cls, message, stage, chunk, cause):
 
 class UnfinishedJobWarning(UserWarning):
     """The store holds an unfinished job (killed or failed): resume it or discard it."""
+
+
+class UnfinishedJobError(StoreError):
+    """What was asked for is what an unfinished job (killed, failed or still running) has not finished.
+
+    Reading a level such a job was writing would return a part of it (or
+    nothing) as if it were the whole: the message says the job and how to
+    resume it (``--resume`` / ``resume=True``) or undo it.
+    """

@@ -44,7 +44,7 @@ import pandas as pd
 
 from zv_dask.errors import InputError, StoreError
 from zv_dask.format.las_layout import LasLayout, las_record, plan_las
-from zv_dask.read import _schema, parse_box, read_points
+from zv_dask.read import _schema, parse_box, read_points, require_finished
 from zv_dask.scheduling import resolve_client, run_tasks, task_slots
 from zv_dask.store.api import as_store, get_resolution_level
 
@@ -241,6 +241,7 @@ def export(store, out, *, level: int = 0, bbox=None, attributes=None, format: st
     fmt, directory = output_format(out, format)
     path = _target(out, overwrite)
     zs = as_store(store, storage_options=storage_options, backend=backend, branch=branch)
+    level = require_finished(zs, level)  # not a level an unfinished job is writing
     get_resolution_level(zs, level)  # StoreError naming the levels there are
     meta = zs.metadata
     box = _bbox_list(bbox, meta.ndim)

@@ -9,7 +9,8 @@ written), ``pyramid:<n>`` (``n`` pyramid tasks finished), ``commit`` (all
 written, before the commit), ``swap`` (a rebuild beside a local store's
 levels, halfway through putting the new levels in their place). ``ZV_DASK_FAIL_AT=<point>`` makes a task raise
 there instead (``group:<g>``: level-0 write group ``g``; ``level:<k>``: a task
-building level ``k``), on the workers whose environment has it. Unset, each
+building level ``k``), on the workers whose environment has it, after
+``ZV_DASK_FAIL_DELAY`` seconds (default 0). Unset, each
 hook costs one dict lookup. ``ZV_DASK_PAUSE_AT=<point>`` makes the job wait
 there for ``ZV_DASK_PAUSE_SECONDS`` (default 5): a job caught while it holds
 the store.
@@ -37,7 +38,8 @@ def kill_point(name: str) -> None:
 
 
 def fail_point(name: str) -> None:
-    """Raise :class:`OSError` here if ``ZV_DASK_FAIL_AT`` names this point."""
+    """Raise :class:`OSError` here if ``ZV_DASK_FAIL_AT`` names this point (after ``ZV_DASK_FAIL_DELAY`` s)."""
     at = os.environ.get(FAIL_AT)
     if at and at == name:
+        time.sleep(float(os.environ.get("ZV_DASK_FAIL_DELAY", "0")))  # a test's "other tasks finish first"
         raise OSError(f"injected failure at {name} ({FAIL_AT})")

@@ -31,13 +31,14 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from zv_dask.errors import FormatError, InputError, MetadataError
+from zv_dask.errors import FormatError, InputError, MetadataError, UnfinishedJobError
 from zv_dask.format.cells import decode_fragments, decode_manifest
 from zv_dask.format.grid import Grid, parse_chunk_key
 from zv_dask.store.api import as_store, get_resolution_level
 from zv_dask.store.levels import ChunkData, LevelCells, level_cells, level_chunk_keys, level_grid, read_chunks
 
-__all__ = ["read_points", "open_level", "read_plan", "parse_box", "object_entries", "row_object_ids", "chunks_in"]
+__all__ = ["read_points", "open_level", "read_plan", "parse_box", "object_entries", "row_object_ids", "chunks_in",
+           "require_finished"]
 
 MAX_PARTITIONS = 2048
 ROW_BITS = 32  # point id = chunk_number << ROW_BITS | row
@@ -219,6 +220,29 @@ def _point_ids(numbers: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(start, counts) + np.arange(int(counts.sum()), dtype=np.int64)
 
 
+# -- what may be read --------------------------------------------------------------------
+def require_finished(zs, level) -> int:
+    """``level`` as an int, or :class:`UnfinishedJobError` when an unfinished job has not finished it.
+
+    A killed ingest leaves level 0 empty or part written, a killed append a mix
+    of old and new chunks: read as they are, they would be a wrong answer that
+    looks right (0 rows, or some of them). So the read is refused, with what the
+    job is and how to resume or undo it. Levels the job did finish (level 0
+    under an unfinished pyramid build, any level on icechunk, whose job works
+    on a branch of its own) read as usual; opening the store warns.
+    """
+    if isinstance(level, str) and level.strip().isdigit():
+        level = int(level)
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or level < 0:
+        raise InputError(f"level must be a level number (0, 1, ...), got {level!r}")
+    level = int(level)
+    why = zs.unfinished_level(level)
+    if why:
+        raise UnfinishedJobError(f"cannot read level {level} of {zs.url or 'the store'}: {why}; the store holds an "
+                                 f"{zs.unfinished_job}")
+    return level
+
+
 # -- schema ------------------------------------------------------------------------------
 def _schema(zs, level: int, attributes) -> tuple[list[str], dict, bool, str]:
     """Axis names, ``{attribute: (dtype, channels)}``, whether object ids exist, vertex dtype."""
@@ -318,6 +342,7 @@ def read_points(store, *, level: int = 0, bbox=None, attributes=None, chunks_per
     import dask.dataframe as dd
 
     zs = as_store(store, storage_options=storage_options, backend=backend, branch=branch)
+    level = require_finished(zs, level)
     ndim = zs.metadata.ndim
     axes, attrs, has_obj, vdtype = _schema(zs, level, attributes)
     box = parse_box(bbox, ndim)
@@ -407,6 +432,7 @@ def open_level(store, level: int = 0, *, bbox=None, attributes=None, chunks_per_
     import xarray as xr
 
     zs = as_store(store, storage_options=storage_options, backend=backend, branch=branch)
+    level = require_finished(zs, level)
     ndim = zs.metadata.ndim
     ddf = read_points(zs, level=level, bbox=bbox, attributes=attributes, chunks_per_partition=chunks_per_partition)
     groups = read_plan(zs, level=level, bbox=bbox, chunks_per_partition=chunks_per_partition)

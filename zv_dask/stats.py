@@ -221,7 +221,7 @@ def level_bytes(zs, prefixes: list[str]) -> tuple[dict[str, int | None], str, st
 def _levels(zs, levels) -> list[int]:
     present = list_resolution_levels(zs)
     if zs.unfinished_job:  # as store_info: a level the unfinished job has not finished is not one yet
-        present = [k for k in present if "zarr_vectors_level" in zs.root[str(k)].attrs]
+        present = [k for k in present if zs.unfinished_level(k) is None]
     if levels is None:
         return present
     wanted = [levels] if isinstance(levels, int) else list(levels)

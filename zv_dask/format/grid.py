@@ -52,6 +52,24 @@ def _as_float_tuple(name: str, value, ndim: int | None = None) -> tuple[float, .
 MAX_GRID_CELLS = float(2 ** 62)  # chunks in a level's grid (int64 cell numbers, with room for arithmetic)
 
 
+def grid_size_problem(lo, hi, chunk_shape) -> str | None:
+    """Why chunks of ``chunk_shape`` over the box ``lo..hi`` cannot be addressed (int64 ids), or ``None``."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        extent = [(float(h) - float(l_)) / float(c) for l_, h, c in zip(lo, hi, chunk_shape)]
+        cells = math.prod(max(1.0, e + 2) for e in extent)
+        reach = max(max(abs(float(l_)), abs(float(h))) / float(c) for l_, h, c in zip(lo, hi, chunk_shape))
+    box = [[float(v) for v in lo], [float(v) for v in hi]]
+    if cells > MAX_GRID_CELLS:  # chunk ids are int64 cell numbers: a grid past that cannot be addressed
+        size = f"about {cells:.3g}" if math.isfinite(cells) else "more than 1e308"
+        return (f"chunk_shape {[float(c) for c in chunk_shape]} over the bounds {box} makes a grid of {size} "
+                f"chunks, more than the {MAX_GRID_CELLS:.3g} a store can address; use a larger chunk_shape")
+    if reach > MAX_GRID_CELLS:  # a small box far away: its chunk coordinates are past int64
+        return (f"the bounds {box} lie about {reach:.3g} chunks of chunk_shape {[float(c) for c in chunk_shape]} "
+                f"from the origin, more than the {MAX_GRID_CELLS:.3g} chunk coordinates can count; use a larger "
+                "chunk_shape, or subtract an offset from the coordinates")
+    return None
+
+
 @dataclass(frozen=True)
 class Grid:
     """The chunk grid of one level plus the base-bin lattice shared by all levels.
@@ -100,13 +118,9 @@ class Grid:
                     f"base_bin_shape {list(self.base_bin_shape)} on every axis"
                 )
         np.dtype(self.dtype)  # raises on nonsense
-        extent = [(hi - lo) / c for lo, hi, c in zip(self.bounds_min, self.bounds_max, self.chunk_shape)]
-        cells = math.prod(max(1.0, e + 2) for e in extent)
-        if cells > MAX_GRID_CELLS:  # chunk ids are int64 cell numbers: a grid past that cannot be addressed
-            raise MetadataError(f"chunk_shape {list(self.chunk_shape)} over the bounds "
-                                f"{[list(self.bounds_min), list(self.bounds_max)]} makes a grid of about {cells:.3g} "
-                                f"chunks, more than the {MAX_GRID_CELLS:.3g} a store can address; use a larger "
-                                "chunk_shape")
+        problem = grid_size_problem(self.bounds_min, self.bounds_max, self.chunk_shape)
+        if problem:
+            raise MetadataError(problem)
 
     # -- derived geometry -------------------------------------------------------------
     @property

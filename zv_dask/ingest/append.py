@@ -52,6 +52,9 @@ def _level0_specs(zs: ZVStore) -> list[AttributeSpec]:
 
 def check_compatible(src, zs: ZVStore) -> list[AttributeSpec]:
     """Raise :class:`InputError` naming every way the new points differ from the store's; its attribute specs."""
+    doc = zs.unfinished_job_document if zs.session is None else None  # (icechunk: the branch read is whole)
+    if doc is not None and doc.get("kind") != "append":  # (an unfinished append: append_points says what to do)
+        raise StoreError(f"cannot append to {zs.url or 'the store'}: it holds an {zs.unfinished_job}")
     specs = _level0_specs(zs)
     have = {s.name: (s.dtype, s.channels) for s in specs}
     new = {n: (np.dtype(d).name, c) for n, (d, c) in src.attributes.items()}

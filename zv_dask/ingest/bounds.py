@@ -94,22 +94,31 @@ def combine_stats(a: PartitionStats, b: PartitionStats) -> PartitionStats:
                           a.too_large + b.too_large)
 
 
-def settle_bounds(stats: PartitionStats, bounds, policy: str):
+def settle_bounds(stats: PartitionStats, bounds, policy: str, describe_row=None):
     """Final bounds for a job, or an error that names the problem.
 
     ``bounds`` are the store's (or the user's) bounds, ``None`` meaning "fit the
-    data exactly". Returns ``(final_bounds, n_dropped)``.
+    data exactly". Returns ``(final_bounds, n_dropped)``. ``describe_row(row)``
+    says where a row of the input is (``row 12 of 'a.parquet'``); default ``row 12``.
     """
     if policy not in POLICIES:
         raise InputError(f"out_of_bounds={policy!r} is not one of {POLICIES}")
+    where = None
+    if stats.nonfinite:
+        where = f"row {stats.first_nonfinite}"
+        if describe_row is not None:
+            try:
+                where = describe_row(stats.first_nonfinite)
+            except Exception:  # noqa: BLE001 - only a better message
+                pass
     if stats.nonfinite and stats.too_large == stats.nonfinite:
         raise InputError(f"{stats.nonfinite} point(s) have coordinates too large for the stored position dtype "
-                         f"(float32 holds up to 3.4e38), the first at row {stats.first_nonfinite}; pass "
+                         f"(float32 holds up to 3.4e38), the first at {where}; pass "
                          "dtype='float64' or fix them")
     if stats.nonfinite:
         raise InputError(f"{stats.nonfinite} point(s) have non-finite coordinates (NaN or inf"
                          + (f"; {stats.too_large} of them too large for the stored dtype" if stats.too_large else "")
-                         + f"), the first at row {stats.first_nonfinite}; drop or fix them before ingesting")
+                         + f"), the first at {where}; drop or fix them before ingesting")
     if stats.count == 0:
         raise InputError("the input holds no points")
     data = (stats.lo, stats.hi)

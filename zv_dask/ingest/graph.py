@@ -499,7 +499,9 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
             report.snapshot_id = job.commit()
             rec.finish()
             if plan.build_at is not None:  # an overwrite: the finished store takes the old one's place
-                swap_in(Path(plan.build_at), Path(plan.replaces))
+                left = swap_in(Path(plan.build_at), Path(plan.replaces))
+                if left:
+                    report.warnings.append(left)
         except BaseException as e:
             if staging is not None:
                 staging.remove()

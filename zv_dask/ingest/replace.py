@@ -45,15 +45,28 @@ def finish_swap(target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def swap_in(new: Path, target: Path) -> None:
-    """Put the finished store ``new`` at ``target``, replacing (and removing) what is there."""
+def swap_in(new: Path, target: Path) -> str | None:
+    """Put the finished store ``new`` at ``target``, replacing (and removing) what is there.
+
+    Returns a warning when the old store, once moved aside, could not be removed (files this
+    process may not delete): the new store is in place, the old one waits at the path named.
+    """
     old = replaced_path(target)
     if old.exists():
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():  # an earlier old store nobody could remove: park this one beside it
+            import uuid
+
+            old = old.with_name(f"{old.name}-{uuid.uuid4().hex[:8]}")
     if target.exists():
         os.rename(target, old)
     os.rename(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+    errors: list = []
+    shutil.rmtree(old, onexc=lambda fn, path, exc: errors.append(exc))
+    if old.exists():
+        why = (getattr(errors[0], "strerror", None) or type(errors[0]).__name__) if errors else "unknown"
+        return f"the replaced store could not be removed ({why}); it waits at {old}: remove it by hand"
+    return None
 
 
 def refuse_object_overwrite(url: str) -> None:

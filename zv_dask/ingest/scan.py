@@ -51,8 +51,9 @@ def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False, sam
         if s.stats.first_nonfinite >= 0:
             s.stats.first_nonfinite += int(off)
     stats = reduce(combine_stats, [s.stats for s in scanned])
-    final_bounds, dropped = settle_bounds(stats, plan.bounds, out_of_bounds)
     counts = [int(s.stats.count) for s in scanned]
+    final_bounds, dropped = settle_bounds(stats, plan.bounds, out_of_bounds,
+                                          lambda row: src.describe_row(row, counts))
     return stats, final_bounds, dropped, combine_occupancy([s.occupancy for s in scanned], src.ndim), counts
 
 
@@ -87,7 +88,7 @@ def choose_dtype(dtype, src) -> tuple[str, str]:
             dt = np.dtype(dtype)
         except TypeError:
             raise InputError(f"dtype {dtype!r} is not a numpy dtype; use float32 or float64") from None
-        if dt.kind != "f":
+        if dt.name not in ("float32", "float64"):  # (float16 and float128 are floats no ZV reader expects)
             raise InputError(f"dtype must be float32 or float64 for stored positions, got {dtype!r}")
         return dt.name, "as requested"
     if src.kind == "las":

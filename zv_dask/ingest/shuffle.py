@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zv_dask.format.grid import Grid
+from zv_dask.format.grid import Grid, grid_size_problem
 from zv_dask.format.layout import stable_order
 from zv_dask.ingest.bounds import PartitionStats, partition_stats
 from zv_dask.ingest.sources import Batch
@@ -93,6 +93,9 @@ def scan_partition(batch: Batch, grid: Grid, bounds, drop_outside: bool, offset:
     keep = _keep_mask(probe, grid, drop_outside)
     if keep is not None:
         probe = probe[keep]
+    if len(probe) and grid_size_problem(probe.min(axis=0), probe.max(axis=0), grid.chunk_shape):
+        # no chunk coordinates for points this far apart (or away): the client's grid of the bounds says why
+        return ScanResult(stats, Occupancy(np.zeros((0, pos.shape[1]), np.int64), np.zeros(0, np.int64)))
     occ = chunk_occupancy(grid.chunk_coords(probe))
     if step > 1 and len(occ.counts):  # scale the sample to the partition's kept points
         kept = len(pos) - (stats.outside if drop_outside else 0)

@@ -70,6 +70,19 @@ class Source:
     crs: dict | None = None  # the root ``crs`` the input declares (LAS headers) or the user gave
     las: dict | None = None  # the LAS header record (``zv_dask`` -> ``las`` in the root attributes)
     reprojected_from: list | None = None  # labels of the CRSs the positions were transformed from
+    where: list | None = None  # per partition, the file and place it reads (files.Part), to name a row
+
+    def describe_row(self, row: int, counts: list[int]) -> str:
+        """``row N`` of the whole input, or where it is in a file (``counts``: rows per partition)."""
+        if self.where is None or len(self.where) != len(counts):
+            return f"row {row}"
+        from zv_dask.ingest.files import describe_row
+
+        ends = np.cumsum(counts)
+        p = int(np.searchsorted(ends, row, side="right"))
+        if p >= len(self.where):
+            return f"row {row}"
+        return describe_row(self.where[p], row - (int(ends[p - 1]) if p else 0))
 
 
 # -- helpers that run on workers (top level so they pickle by reference) ---------------
@@ -191,42 +204,69 @@ def _from_frame(df, columns, attributes, object_ids, partition_rows, kind="dataf
     if in_memory:
         nparts = max(1, -(-len(df) // partition_rows))
         df = dd.from_pandas(df, npartitions=nparts, sort=False)
-    columns = list(columns) if columns is not None else [c for c in DEFAULT_AXES[:3] if c in df.columns]
-    missing = [c for c in columns if c not in df.columns]
+    columns, attr_names, oid_col, pos_dtype, specs = _frame_schema(dict(df.dtypes), columns, attributes, object_ids)
+    parts = [delayed(_batch_from_frame, pure=True)(p, columns, attr_names, oid_col) for p in df.to_delayed()]
+    return Source(parts, len(columns), np.dtype(pos_dtype), specs, oid_col is not None, axes=columns, kind=kind,
+                  description=description or f"{kind} with {df.npartitions} partitions", in_memory=in_memory)
+
+
+def _frame_schema(dtypes: dict, columns, attributes, object_ids, where: str = "the table", check=None):
+    """The coordinate, attribute and object id columns of a table of columns ``dtypes``, checked.
+
+    Returns ``(columns, attribute names, object id column or None, position dtype, attribute specs)``.
+    ``check(column, role)`` may raise a better error for a column that is not numeric (a CSV says where).
+    """
+    names = list(dtypes)
+    columns = list(columns) if columns is not None else [c for c in DEFAULT_AXES[:3] if c in names]
+    missing = [c for c in columns if c not in names]
     if missing or not columns:
-        raise InputError(f"coordinate columns {missing or columns} are not in the table; it has {list(df.columns)}. "
+        raise InputError(f"coordinate columns {missing or columns} are not in {where}; it has {names}. "
                          "Name them with columns=(...)")
     oid_col = None
     if object_ids is not None:
         if not isinstance(object_ids, str):
             raise InputError("with a DataFrame, object_ids must name a column, e.g. object_ids='cell_id'")
-        if object_ids not in df.columns:
-            raise InputError(f"object id column {object_ids!r} is not in the table; it has {list(df.columns)}")
+        if object_ids not in names:
+            raise InputError(f"object id column {object_ids!r} is not in {where}; it has {names}")
         oid_col = object_ids
-    numeric = [c for c in df.columns if _kind(df[c].dtype) in "biuf"]
+    numeric = [c for c in names if _kind(dtypes[c]) in "biuf"]
     for c in columns:
-        if _kind(df[c].dtype) not in "iuf":
-            if not in_memory and kind == "csv" and len(df.head(1, npartitions=-1)) == 0:  # on the error path only
-                raise InputError(f"{description or 'the CSV input'} holds no rows (a header only): no points to "
-                                 "ingest")
-            raise InputError(f"coordinate column {c!r} has dtype {df[c].dtype}; coordinates must be numbers")
+        if _kind(dtypes[c]) not in "iuf":
+            if check is not None:
+                check(c, "coordinate")
+            raise InputError(f"coordinate column {c!r} has dtype {dtypes[c]}; coordinates must be numbers")
     if attributes is None:
         attr_names = [c for c in numeric if c not in columns and c != oid_col]
     else:
         attr_names = list(attributes)
-        bad = [a for a in attr_names if a not in df.columns]
+        bad = [a for a in attr_names if a not in names]
         if bad:
-            raise InputError(f"attribute columns {bad} are not in the table; it has {list(df.columns)}")
+            raise InputError(f"attribute columns {bad} are not in {where}; it has {names}")
         nonnum = [a for a in attr_names if a not in numeric]
         if nonnum:
+            if check is not None:
+                for a in nonnum:
+                    check(a, "attribute")
             raise InputError(f"attribute columns {nonnum} are not numeric; encode them as integer codes first")
-    if oid_col is not None and _kind(df[oid_col].dtype) not in "iu":
-        raise InputError(f"object id column {oid_col!r} has dtype {df[oid_col].dtype}; ids must be integers")
-    pos_dtype = np.result_type(*[np.dtype(df[c].dtype) for c in columns])
-    parts = [delayed(_batch_from_frame, pure=True)(p, columns, attr_names, oid_col) for p in df.to_delayed()]
-    specs = {a: (np.dtype(df[a].dtype).name, None) for a in attr_names}
-    return Source(parts, len(columns), np.dtype(pos_dtype), specs, oid_col is not None, axes=columns, kind=kind,
-                  description=description or f"{kind} with {df.npartitions} partitions", in_memory=in_memory)
+    if oid_col is not None and _kind(dtypes[oid_col]) not in "iu":
+        if check is not None and _kind(dtypes[oid_col]) not in "biuf":
+            check(oid_col, "object id")
+        raise InputError(f"object id column {oid_col!r} has dtype {dtypes[oid_col]}; ids must be integers")
+    pos_dtype = np.result_type(*[np.dtype(dtypes[c]) for c in columns])
+    specs = {a: (np.dtype(dtypes[a]).name, None) for a in attr_names}
+    return columns, attr_names, oid_col, pos_dtype, specs
+
+
+def _file_source(parts, columns, attr_names, oid_col, pos_dtype, specs, dtypes, kind, desc) -> Source:
+    """The Source of CSV or Parquet partitions read by :func:`zv_dask.ingest.files.read_part`."""
+    from dask import delayed
+
+    from zv_dask.ingest.files import read_part
+
+    kept = {c: np.dtype(dtypes[c]).name for c in [*columns, *attr_names] + ([oid_col] if oid_col else [])}
+    tasks = [delayed(read_part, pure=True)(p, columns, attr_names, oid_col, kept) for p in parts]
+    return Source(tasks, len(columns), np.dtype(pos_dtype), specs, oid_col is not None, axes=columns, kind=kind,
+                  description=desc, where=list(parts))
 
 
 # -- xarray ------------------------------------------------------------------------------
@@ -337,25 +377,57 @@ def _from_files(paths, columns, attributes, object_ids, partition_rows, crs=None
     if kind == "parquet":
         import dask.dataframe as dd
         import pyarrow.parquet as pq
+        footers = {}
         for f in files:
             if os.path.isfile(f):
                 try:
-                    pq.ParquetFile(f)
+                    with pq.ParquetFile(f) as pf:  # (closed: thousands of files need no descriptor each)
+                        footers[f] = (pf.metadata, pf.schema_arrow)
                 except Exception as e:  # noqa: BLE001
                     raise InputError(f"{f!r} is not a valid Parquet file: {e}") from None
-        df = dd.read_parquet(files if len(files) > 1 else files[0])
-        src = _from_frame(df, columns, attributes, object_ids, partition_rows, kind="parquet", description=desc)
-        if all(os.path.isfile(f) for f in files):  # row counts from the footers read above
-            src.n_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        if len(footers) != len(files):  # a directory (a dataset): dask reads it
+            df = dd.read_parquet(files if len(files) > 1 else files[0])
+            return _from_frame(df, columns, attributes, object_ids, partition_rows, kind="parquet", description=desc)
+        # files: read here, partition by partition, so that a corrupt one is named
+        dtypes = {}
+        for f, (_, schema) in footers.items():
+            try:
+                here = dict(schema.empty_table().to_pandas().dtypes)
+            except Exception as e:  # noqa: BLE001
+                raise InputError(f"{f!r} has a schema pandas cannot read: {type(e).__name__}: {e}") from None
+            for c, dt in here.items():
+                dtypes.setdefault(c, dt)
+        where = repr(files[0]) if len(files) == 1 else "the Parquet files"
+        cols, attr_names, oid_col, pos_dtype, specs = _frame_schema(dtypes, columns, attributes, object_ids, where)
+        from zv_dask.ingest.files import parquet_parts
+
+        parts = parquet_parts(files, partition_rows, {f: md for f, (md, _) in footers.items()})
+        src = _file_source(parts, cols, attr_names, oid_col, pos_dtype, specs, dtypes, "parquet", desc)
+        src.n_rows = sum(md.num_rows for md, _ in footers.values())  # from the footers read above
         return src
     if kind == "csv":
-        import dask.dataframe as dd
-        try:
-            df = dd.read_csv(files, blocksize="64MB")
-            df._meta  # noqa: B018 - parse the header now
-        except Exception as e:  # noqa: BLE001
-            raise InputError(f"cannot read {files[0]!r} as CSV: {e}") from None
-        return _from_frame(df, columns, attributes, object_ids, partition_rows, kind="csv", description=desc)
+        from zv_dask.ingest.files import csv_parts, csv_sample, first_text_value
+
+        path, sample = csv_sample(files)
+
+        def check(column, role):  # a column of text in the sample: say where the first text is
+            line, value = first_text_value(path, column)
+            if line:
+                raise InputError(f"{path!r}: {role} column {column!r} holds text where numbers belong at line "
+                                 f"{line} ({value!r})")
+
+        dtypes = dict(sample.dtypes)
+        if attributes is None:  # a column of numbers but for a few bits of text is a number column gone wrong
+            import pandas as pd
+
+            for c, dt in dtypes.items():
+                if _kind(dt) == "O" and c not in (columns or DEFAULT_AXES[:3]) and c != object_ids:
+                    values = sample[c].dropna()
+                    if len(values) and pd.to_numeric(values, errors="coerce").notna().mean() >= 0.9:
+                        check(c, "attribute")
+        cols, attr_names, oid_col, pos_dtype, specs = _frame_schema(dtypes, columns, attributes, object_ids,
+                                                                    repr(path), check)
+        return _file_source(csv_parts(files), cols, attr_names, oid_col, pos_dtype, specs, dtypes, "csv", desc)
     if kind == "npy":
         return _from_npy(files, columns, partition_rows, desc)
     if kind == "zarr":
@@ -377,7 +449,9 @@ def _from_files(paths, columns, attributes, object_ids, partition_rows, crs=None
 def _from_npy(files, columns, partition_rows, desc) -> Source:
     from dask import delayed
 
-    parts, ndim, dtype, specs, total = [], None, None, {}, 0
+    from zv_dask.ingest.files import Part
+
+    parts, ndim, dtype, specs, total, where = [], None, None, {}, 0, []
     for f in files:
         try:
             arr = np.load(f, mmap_mode="r")
@@ -401,9 +475,11 @@ def _from_npy(files, columns, partition_rows, desc) -> Source:
         total += n
         for start in range(0, n, partition_rows):
             parts.append(delayed(_npy_slice, pure=True)(f, start, min(n, start + partition_rows), cols))
+            where.append(Part(f, "npy", first_row=start))
     if not total:
         raise InputError(f"the input files {files} hold no points")
-    return Source(parts, ndim, np.dtype(dtype), specs, False, axes=cols, kind="npy", n_rows=total, description=desc)
+    return Source(parts, ndim, np.dtype(dtype), specs, False, axes=cols, kind="npy", n_rows=total, description=desc,
+                  where=where)
 
 
 def _from_las(files, attributes, partition_rows, desc, crs=None, target=None) -> Source:
@@ -419,8 +495,11 @@ def _from_las(files, attributes, partition_rows, desc, crs=None, target=None) ->
     spans = [(h, start) for h in headers for start in range(0, h.points, partition_rows)]
     parts = [delayed(_las_batch, pure=True)(h.path, start, min(partition_rows, h.points - start), specs)
              for h, start in spans]
+    from zv_dask.ingest.files import Part
+
     src = Source(parts, 3, np.dtype("float64"), dict(specs), False, axes=["x", "y", "z"], kind="las",
-                 n_rows=total, description=desc, crs=job_crs, las=las_record(headers, specs))
+                 n_rows=total, description=desc, crs=job_crs, las=las_record(headers, specs),
+                 where=[Part(h.path, "las", first_row=start) for h, start in spans])
     if target is not None:
         src = reproject_source(src, target, [job_crs or h.crs for h, _ in spans],
                                [os.path.basename(h.path) for h, _ in spans], [h.scales[0] for h, _ in spans])

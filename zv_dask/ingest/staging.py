@@ -273,9 +273,12 @@ class Scratch:
                 return
             import obstore
 
+            from zv_dask.store.retry import retry_dropped
+
             store = self._store()
             for batch in obstore.list(store, prefix=self.prefix, chunk_size=1000):
-                obstore.delete(store, [m["path"] for m in batch])
+                paths = [m["path"] for m in batch]
+                retry_dropped(lambda: obstore.delete(store, paths))
         except Exception:  # noqa: BLE001 - best effort
             pass
 

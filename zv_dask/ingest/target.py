@@ -52,6 +52,9 @@ def _probe(store, backend, storage_options, branch) -> ZVStore | None:
         p = local_path(store)
         if not p.exists() or (p.is_dir() and not any(p.iterdir())):
             return None
+    if backend == "icechunk" and isinstance(store, str) and url_scheme(store) in ("", "file") \
+            and not local_path(store).exists():
+        check_creatable(store)  # a file in the way, a read-only place: said before icechunk's own error
     try:
         return open_store(store, "r+", backend=backend, storage_options=storage_options, branch=branch)
     except StoreError:
@@ -184,7 +187,7 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
         dtype = np.dtype(dtype).name
     except TypeError:
         raise InputError(f"dtype {dtype!r} is not a numpy dtype; use float32 or float64") from None
-    if np.dtype(dtype).kind != "f":
+    if np.dtype(dtype).name not in ("float32", "float64"):
         raise InputError(f"dtype must be float32 or float64 for positions, got {dtype!r}")
     existing = _probe(store, backend, storage_options, branch)
     if append:

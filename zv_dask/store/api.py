@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from zv_dask.errors import MetadataError, StoreError
+from zv_dask.errors import MetadataError, StoreError, ZVError, cause_text
 from zv_dask.format.codecs import compression_of
 from zv_dask.format.grid import Grid
 from zv_dask.format.metadata import (
@@ -136,8 +136,45 @@ class ZVStore:
 
             journal = journal_for(self.backend)
             doc = journal.job() if journal is not None else None
+            self._unfinished_doc = doc
             self._unfinished = None if doc is None else unfinished_message(doc, journal)
         return self._unfinished
+
+    @property
+    def unfinished_job_document(self) -> dict | None:
+        """The unfinished job's ``job.json`` (its ``kind``, options, scan and plan), or ``None``."""
+        self.unfinished_job  # noqa: B018 - read once, with the message
+        return getattr(self, "_unfinished_doc", None)
+
+    def unfinished_level(self, level: int) -> str | None:
+        """Why ``level`` is not what the unfinished job in this store will leave there, or ``None``.
+
+        ``None`` too when no job is unfinished, and on icechunk (a job works on
+        a branch of its own: the branch read is as the last commit left it). A
+        level is unfinished when its group or its metadata is missing, when an
+        append is part way through rewriting its chunks, or (level 0 of an
+        ingest) when it holds fewer points than the job scanned.
+        """
+        if not self.unfinished_job or self.backend.kind == "icechunk":
+            return None
+        doc = self.unfinished_job_document or {}
+        kind = doc.get("kind")
+        level = int(level)
+        if str(level) not in self.root or not isinstance(self.root[str(level)], zarr.Group):
+            return f"there is no level {level} (yet)"
+        attrs = self.root[str(level)].attrs.asdict()
+        if "zarr_vectors_level" not in attrs:
+            return f"level {level} is not finished"
+        if kind == "append":
+            return "an append was part way through rewriting its chunks"
+        if kind == "ingest" and level == 0 and isinstance(doc.get("scan"), dict):
+            scan = doc["scan"]
+            expected = int(scan.get("points", 0)) - int(scan.get("dropped", 0))
+            have = attrs["zarr_vectors_level"].get("vertex_count")
+            if have != expected:
+                return (f"level 0 holds {int(have or 0):,} of the job's {expected:,} points (its metadata is "
+                        "written when the last group is)")
+        return None
 
     def _require_writable(self):
         if self.read_only:
@@ -256,6 +293,8 @@ def create_store(
     :func:`~zv_dask.build_pyramid` then writes by default. Refuses an existing
     store unless ``overwrite=True``.
     """
+    chunk_shape, base_bin_shape, bounds, ndim, axes, vdt = _create_arguments(chunk_shape, base_bin_shape, bounds,
+                                                                             ndim, axes, vertex_dtype)
     scalars = {k: v for k, v in (("chunk_shape", chunk_shape), ("base_bin_shape", base_bin_shape))
                if v is not None and np.ndim(v) == 0}
     d = _resolve_ndim(ndim, axes, None if "chunk_shape" in scalars else chunk_shape, bounds,
@@ -272,14 +311,12 @@ def create_store(
         chunk_shape = tuple(max(h - l_, 1e-12) for l_, h in zip(lo, hi))
     if cross_level_storage not in ("none", "implicit", "explicit"):
         raise MetadataError(f"cross_level_storage must be 'none', 'implicit' or 'explicit', got {cross_level_storage!r}")
-    if isinstance(cross_level_depth, bool) or int(cross_level_depth) not in (0, 1):
+    if isinstance(cross_level_depth, bool) or not isinstance(cross_level_depth, (int, np.integer)) \
+            or int(cross_level_depth) not in (0, 1):
         raise MetadataError(f"cross_level_depth must be 0 or 1 (zv-dask writes +-1 links), got {cross_level_depth!r}")
     if (int(cross_level_depth) == 0) != (cross_level_storage == "none"):
         raise MetadataError(f"cross_level_depth={cross_level_depth} contradicts cross_level_storage="
                             f"{cross_level_storage!r}: use depth 0 with 'none', depth 1 otherwise")
-    vdt = np.dtype(vertex_dtype)
-    if vdt.kind != "f":
-        raise MetadataError(f"vertex_dtype must be a float type (float32 or float64), got {vertex_dtype!r}")
     meta = RootMetadata(
         chunk_shape=tuple(float(c) for c in chunk_shape),
         bounds=(lo, hi),
@@ -299,11 +336,22 @@ def create_store(
     exists_message = f"a store already exists at {be.url or path!r}; pass overwrite=True to replace it"
     if _exists(be) and not overwrite:
         raise StoreError(exists_message)
-    if overwrite or be.kind == "icechunk":  # icechunk: two jobs end in one commit and a conflict
-        root = zarr.open_group(be.store, mode="w", zarr_format=3)
-    else:
-        _claim(be, exists_message)
-        root = zarr.open_group(be.store, mode="r+", zarr_format=3)
+    try:
+        if overwrite or be.kind == "icechunk":  # icechunk: two jobs end in one commit and a conflict
+            root = zarr.open_group(be.store, mode="w", zarr_format=3)
+        else:
+            _claim(be, exists_message)
+            root = zarr.open_group(be.store, mode="r+", zarr_format=3)
+    except OSError as e:  # an existing directory this process may not write (read-only, no permission)
+        if be.kind != "local":
+            raise
+        where = str(local_path(be.url)) if be.url else str(path)
+        named = f" ({e.filename})" if e.filename and not str(e.filename).startswith(where) else ""
+        raise StoreError(f"cannot make a store at {where!r}: {e.strerror or type(e).__name__}{named}") from None
+    except ZVError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the storage answered with an error (obstore's, icechunk's)
+        raise StoreError(f"cannot make a store at {be.url or path!r}: {cause_text(e)}") from e
     zs = ZVStore(be, root, "r+")
     root.attrs.put({
         "zarr_vectors": meta.to_dict(),
@@ -316,6 +364,56 @@ def create_store(
     create_vlen_array(lg, "vertices", grid, vertices_attrs(vdt.name, [], grid.origin))
     create_vlen_array(lg, "vertex_fragments", grid, fragments_attrs([], grid.origin))
     return zs
+
+
+def _create_arguments(chunk_shape, base_bin_shape, bounds, ndim, axes, vertex_dtype):
+    """:func:`create_store`'s geometry arguments as numbers (``MetadataError`` naming one that is not)."""
+
+    def floats(name, value, pair=False):
+        if value is None:
+            return None
+        try:
+            if isinstance(value, (str, bytes)) or (not pair and isinstance(value, dict)):
+                raise TypeError
+            arr = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise MetadataError(f"{name} must be " + ("(min_corner, max_corner), two lists of numbers"
+                                                      if pair else "a number or a list of numbers")
+                                + f", got {value!r}") from None
+        if pair and (arr.ndim != 2 or arr.shape[0] != 2):
+            raise MetadataError(f"{name} must be (min_corner, max_corner), two lists of numbers, got {value!r}")
+        if not pair and arr.ndim > 1:
+            raise MetadataError(f"{name} must be a number or a list of numbers, got {value!r}")
+        if not pair and arr.ndim == 0:
+            return float(arr)
+        return [list(map(float, c)) for c in arr] if pair else tuple(map(float, arr))
+
+    chunk_shape = floats("chunk_shape", chunk_shape)
+    base_bin_shape = floats("base_bin_shape", base_bin_shape)
+    if bounds is not None:
+        try:
+            lo, hi = bounds
+            bounds = (floats("bounds", lo), floats("bounds", hi))
+            if np.ndim(bounds[0]) == 0 or np.ndim(bounds[1]) == 0 or len(bounds[0]) != len(bounds[1]):
+                raise TypeError
+        except (TypeError, ValueError, MetadataError):
+            if isinstance(bounds, (list, tuple)) and len(bounds) == 2 and all(
+                    isinstance(b, (list, tuple, np.ndarray)) for b in bounds):
+                raise MetadataError(f"bounds must be (min_corner, max_corner) with one number per axis in each, "
+                                    f"got {bounds!r}") from None
+            raise MetadataError(f"bounds must be (min_corner, max_corner), two lists of numbers, got {bounds!r}") \
+                from None
+    if ndim is not None and (isinstance(ndim, bool) or not isinstance(ndim, (int, np.integer)) or ndim < 1):
+        raise MetadataError(f"ndim must be a positive integer, got {ndim!r}")
+    if axes is not None and (isinstance(axes, (str, bytes, dict)) or not hasattr(axes, "__len__")):
+        raise MetadataError(f"axes must be a list of axis names (or dicts with 'name'), got {axes!r}")
+    try:
+        vdt = np.dtype(vertex_dtype)
+    except TypeError:
+        raise MetadataError(f"vertex_dtype {vertex_dtype!r} is not a numpy dtype; use float32 or float64") from None
+    if vdt.name not in ("float32", "float64"):
+        raise MetadataError(f"vertex_dtype must be a float type (float32 or float64), got {vertex_dtype!r}")
+    return chunk_shape, base_bin_shape, bounds, ndim, axes, vdt
 
 
 def create_vlen_array(group: zarr.Group, name: str, grid: Grid, attrs: dict, *, shards=None,
@@ -386,7 +484,12 @@ def open_store(path, mode: str = "r", *, backend: str | None = None, storage_opt
         raise StoreError(f"open_store mode must be 'r' or 'r+', got {mode!r} (use create_store to make one)")
     if isinstance(path, ZVStore):
         return path
-    be = resolve_backend(path, mode=mode, backend=backend, storage_options=storage_options, branch=branch)
+    try:
+        be = resolve_backend(path, mode=mode, backend=backend, storage_options=storage_options, branch=branch)
+    except ZVError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the storage answered with an error (icechunk's, obstore's)
+        raise StoreError(f"cannot open the store at {str(path)!r}: {cause_text(e)}") from e
     if be.kind == "local" and be.url and not local_path(be.url).exists():
         raise StoreError(f"no store at {be.url!r}: the path does not exist")
     if be.kind == "local" and be.url and not local_path(be.url).is_dir():
@@ -396,6 +499,8 @@ def open_store(path, mode: str = "r", *, backend: str | None = None, storage_opt
     except (zarr.errors.GroupNotFoundError, FileNotFoundError, KeyError, ValueError) as e:
         raise StoreError(f"not a ZV store at {be.url or path!r}: no zarr v3 group there ({type(e).__name__})"
                          + _unfinished_note(be)) from None
+    except Exception as e:  # noqa: BLE001 - the storage answered with an error (obstore's, icechunk's)
+        raise StoreError(f"cannot read the store at {be.url or path!r}: {cause_text(e)}") from e
     if "zarr_vectors" not in root.attrs:
         raise StoreError(f"not a ZV store at {be.url or path!r}: the root group has no 'zarr_vectors' attributes")
     zs = ZVStore(be, root, mode)
@@ -485,9 +590,16 @@ def get_resolution_level(store: ZVStore, level: int) -> zarr.Group:
 
 def list_resolution_levels(store: ZVStore) -> list[int]:
     """Sorted integer level groups of the store."""
+    import warnings
+
     store = as_store(store)
     out = []
-    for name, node in store.root.members():
+    with warnings.catch_warnings():
+        # zarr warns of every child that is not a node: a job's journal, scratch, or the empty "directory"
+        # that S3 servers built on a file system (SeaweedFS, ...) list where a journal was
+        warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component")
+        members = list(store.root.members())
+    for name, node in members:
         if isinstance(node, zarr.Group):
             try:
                 out.append(int(name))
@@ -587,6 +699,7 @@ def store_info(store, *, storage_options: dict | None = None, backend: str | Non
     for k in list_resolution_levels(store):
         if unfinished and "zarr_vectors_level" not in store.root[str(k)].attrs:
             continue  # a level the unfinished job has not finished
+        not_yet = store.unfinished_level(k) if unfinished else None
         lm = read_level_metadata(store, k)
         g = get_resolution_level(store, k)
         entry: dict[str, Any] = {
@@ -610,6 +723,8 @@ def store_info(store, *, storage_options: dict | None = None, backend: str | Non
             entry["num_objects"] = int(g["object_index"].attrs.get("num_objects", 0))
         if "links" in g:
             entry["links"] = {name: int(fam.attrs.get("num_links", 0)) for name, fam in sorted(g["links"].groups())}
+        if not_yet:
+            entry["unfinished"] = not_yet
         levels.append(entry)
     return {
         "zv_version": meta.zv_version,

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from zv_dask.errors import StoreError
+from zv_dask.store.credentials import icechunk_credentials, redact
 
 __all__ = ["Backend", "resolve_backend", "local_path", "url_scheme", "object_store", "check_creatable"]
 
@@ -123,6 +124,21 @@ def _max_retries(value) -> int:
     return int(value)
 
 
+# Retries of object-storage requests (obstore's ``retry_config``, icechunk's ``StorageRetriesSettings``)
+# when storage_options do not say otherwise. obstore (object_store 0.12) retries 5xx answers (503
+# SlowDown), 429, refused connections, and dropped connections and timeouts of idempotent requests (not
+# of a conditional create, ``mode="create"``), 10 times by default, backing off from 100 ms (jittered,
+# x2, at most 15 s; none after 3 min); icechunk tries 10 times in all, from 100 ms up to 3 min apart.
+# Here: 15 retries, from 50 ms up to 5 s apart. With 35 % of the requests failing (503s and resets) one
+# request in 0.35**16 (~5e-8) fails for good, where with 10 retries one in ~1e-5 does (a job of a few
+# thousand requests in a few dozen); a dead endpoint is given up after ~3 s of backoff per request on
+# average. ``max_retries`` and ``retry_config`` (obstore's keys, merged over these) set them for both.
+RETRY_DEFAULTS = {"max_retries": 15,
+                  "backoff": {"init_backoff": timedelta(milliseconds=50), "max_backoff": timedelta(seconds=5),
+                              "base": 2},
+                  "retry_timeout": timedelta(minutes=3)}
+
+
 def _obstore_kwargs(scheme: str, options: dict) -> dict:
     """Map zv-dask's storage-option names onto obstore's constructor keywords."""
     opts = dict(options)
@@ -133,9 +149,15 @@ def _obstore_kwargs(scheme: str, options: dict) -> dict:
         client["timeout"] = timedelta(seconds=_seconds(opts.pop("timeout"), "timeout"))
     if "connect_timeout" in opts:
         client["connect_timeout"] = timedelta(seconds=_seconds(opts.pop("connect_timeout"), "connect_timeout"))
-    retry = dict(opts.pop("retry_config", {}) or {})
+    given = dict(opts.pop("retry_config", {}) or {})
+    retry = {**RETRY_DEFAULTS, **given,
+             "backoff": {**RETRY_DEFAULTS["backoff"], **dict(given.get("backoff") or {})}}
     if "max_retries" in opts:
         retry["max_retries"] = _max_retries(opts.pop("max_retries"))
+    retry["max_retries"] = _max_retries(retry["max_retries"])
+    retry["retry_timeout"] = timedelta(seconds=_seconds(retry["retry_timeout"], "retry_timeout"))
+    for k in ("init_backoff", "max_backoff"):  # (obstore takes timedeltas only; seconds and "50ms" work here)
+        retry["backoff"][k] = timedelta(seconds=_seconds(retry["backoff"][k], k))
     if "endpoint_url" in opts:
         opts["endpoint"] = opts.pop("endpoint_url")
     if "anonymous" in opts:  # obstore's name for unsigned requests
@@ -152,15 +174,14 @@ def _obstore_kwargs(scheme: str, options: dict) -> dict:
             opts["virtual_hosted_style_request"] = False
     if client:
         opts["client_options"] = client
-    if retry:
-        opts["retry_config"] = retry
+    opts["retry_config"] = retry
     return opts
 
 
 def _obstore_store(url: str, scheme: str, options: dict, read_only: bool):
     try:
         from obstore.store import AzureStore, GCSStore, HTTPStore, MemoryStore, S3Store
-        from zarr.storage import ObjectStore
+        from zv_dask.store.retry import RetryingObjectStore
     except ImportError as e:  # pragma: no cover - obstore is a hard dependency
         raise StoreError(f"object storage needs obstore and zarr>=3.1: {e}") from e
     kw = _obstore_kwargs(scheme, options)
@@ -183,8 +204,8 @@ def _obstore_store(url: str, scheme: str, options: dict, read_only: bool):
         raise
     except Exception as e:  # unknown option names, malformed values: say which, never echo the values
         raise StoreError(f"cannot configure the obstore {scheme}:// store for {url!r} from storage_options "
-                         f"{sorted(options)}: {type(e).__name__}: {_first_line(e)}") from None
-    return ObjectStore(obs, read_only=read_only)
+                         f"{sorted(options)}: {type(e).__name__}: {redact(_first_line(e), options)}") from None
+    return RetryingObjectStore(obs, read_only=read_only)
 
 
 _PREFIX_STORES: dict = {}
@@ -221,7 +242,7 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
-# storage_options that only the obstore backend understands; the icechunk backend ignores them
+# storage_options that icechunk's Storage constructors do not take (retry_config becomes its StorageSettings)
 _OBSTORE_ONLY = ("client_options", "retry_config", "virtual_hosted_style_request", "skip_signature")
 
 
@@ -240,7 +261,7 @@ def _icechunk_s3_kwargs(options: dict) -> dict:
         opts["allow_http"] = bool(opts["allow_http"])
     for k in (*_OBSTORE_ONLY, *_RUNTIME_OPTIONS):
         opts.pop(k, None)
-    return opts
+    return icechunk_credentials(opts)
 
 
 # storage_options applied as icechunk repository settings rather than Storage arguments
@@ -274,29 +295,38 @@ def icechunk_storage(target, options: dict):
             return icechunk.azure_storage(account=account, container=container, prefix=prefix, **opts)
     except TypeError as e:  # an option icechunk does not know
         raise StoreError(f"cannot configure icechunk {scheme}:// storage for {target!r} from storage_options "
-                         f"{sorted(options)}: {_first_line(e)}") from None
+                         f"{sorted(options)}: {redact(_first_line(e), options)}") from None
     raise StoreError(f"icechunk cannot store a repository at {target!r}: scheme {scheme!r} is not "
                      "one of file, memory, s3, gs, az")
 
 
 def icechunk_storage_settings(options: dict):
-    """``timeout`` / ``connect_timeout`` / ``max_retries`` as icechunk ``StorageSettings`` (or ``None``).
+    """``timeout`` / ``connect_timeout`` / ``max_retries`` / ``retry_config`` as icechunk ``StorageSettings``.
 
     ``timeout`` bounds one request attempt, as in obstore; ``max_retries`` counts
-    retries after the first attempt, as in obstore.
+    retries after the first attempt, as in obstore; ``retry_config`` is read as
+    obstore's (``max_retries``, ``backoff.init_backoff`` / ``max_backoff``,
+    ``retry_timeout``, which bounds a whole operation with its retries). Without
+    them the retries are :data:`RETRY_DEFAULTS`, as for obstore.
     """
     import icechunk
 
+    given = dict(options.get("retry_config") or {})
+    backoff = {**RETRY_DEFAULTS["backoff"], **dict(given.get("backoff") or {})}
     timeouts = {}
     if options.get("timeout") is not None:
         timeouts["operation_attempt_timeout_ms"] = max(1, int(_seconds(options["timeout"], "timeout") * 1000))
     if options.get("connect_timeout") is not None:
         timeouts["connect_timeout_ms"] = max(1, int(_seconds(options["connect_timeout"], "connect_timeout") * 1000))
-    retries = None
-    if options.get("max_retries") is not None:
-        retries = icechunk.StorageRetriesSettings(max_tries=_max_retries(options["max_retries"]) + 1)
-    if not timeouts and retries is None:
-        return None
+    if given.get("retry_timeout") is not None:
+        timeouts["operation_timeout_ms"] = max(1, int(_seconds(given["retry_timeout"], "retry_timeout") * 1000))
+    max_retries = options.get("max_retries")
+    if max_retries is None:
+        max_retries = given.get("max_retries", RETRY_DEFAULTS["max_retries"])
+    retries = icechunk.StorageRetriesSettings(
+        max_tries=_max_retries(max_retries) + 1,
+        initial_backoff_ms=max(1, int(_seconds(backoff["init_backoff"], "init_backoff") * 1000)),
+        max_backoff_ms=max(1, int(_seconds(backoff["max_backoff"], "max_backoff") * 1000)))
     return icechunk.StorageSettings(retries=retries,
                                     timeouts=icechunk.StorageTimeoutSettings(**timeouts) if timeouts else None)
 

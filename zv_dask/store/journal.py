@@ -40,6 +40,7 @@ import numpy as np
 
 from zv_dask.errors import StoreError, cause_text
 from zv_dask.store.backends import local_path, prefix_store, url_scheme
+from zv_dask.store.retry import retry_dropped
 
 __all__ = ["Journal", "JOURNAL_DIR", "journal_for", "journal_at", "job_branch_name", "pack", "unpack",
            "unfinished_message", "with_resume_hint", "JobLock", "LEASE_SECONDS", "job_options", "job_document",
@@ -144,13 +145,19 @@ class Journal:
         """Write one object whole; with ``create``, only if it does not exist (``False`` if it did)."""
         import obstore
 
-        try:
+        tries = []
+
+        def put():
+            tries.append(1)
             obstore.put(self._store(), self._key(name), data, mode="create" if create else "overwrite")
+
+        try:
+            retry_dropped(put)
         except FileExistsError:
-            return False
+            return len(tries) > 1 and self.get(name) == data  # (a retry: the first try may have landed)
         except Exception as e:  # noqa: BLE001 - obstore's own error types; name the place
             if create and "AlreadyExists" in type(e).__name__ + str(e)[:200]:
-                return False
+                return len(tries) > 1 and self.get(name) == data
             raise StoreError(f"cannot write the job journal at {self.where(name)}: {cause_text(e, self.where(name))}") from e
         return True
 
@@ -235,13 +242,22 @@ class Journal:
         return self.get("job.json") is not None
 
     def remove(self) -> None:
-        """Remove the whole journal (the job is over)."""
+        """Remove the whole journal (the job is over).
+
+        The job document goes first: a journal is a job only while it has one, so a
+        reader never finds a job whose lease (``locks/``) is already gone and takes a
+        job that is finishing for a killed one.
+        """
         import obstore
 
         if self.local:
             import shutil
 
             root = str(local_path(self.url))
+            try:
+                os.remove(os.path.join(root, self.prefix, "job.json"))
+            except OSError:
+                pass
             shutil.rmtree(os.path.join(root, self.prefix), ignore_errors=True)
             if self.url.endswith(JOURNAL_DIR):  # beside an icechunk repository: the directory is ours
                 try:
@@ -250,8 +266,10 @@ class Journal:
                     pass
             return
         store = self._store()
+        retry_dropped(lambda: obstore.delete(store, self._key("job.json")))
         for batch in obstore.list(store, prefix=self.prefix + "/", chunk_size=1000):
-            obstore.delete(store, [m["path"] for m in batch])
+            paths = [m["path"] for m in batch]
+            retry_dropped(lambda: obstore.delete(store, paths))
 
     # structured
     def write_json(self, name: str, doc: dict, *, create: bool = False) -> bool:
@@ -288,7 +306,7 @@ class Journal:
 
         names = self.names(f"done/{stage}")
         if names:
-            obstore.delete(self._store(), [self._key(f"done/{stage}/{n}") for n in names])
+            retry_dropped(lambda: obstore.delete(self._store(), [self._key(f"done/{stage}/{n}") for n in names]))
 
     # the lease
     def _current_lease(self) -> tuple[int, dict | None]:
@@ -383,7 +401,7 @@ class JobLock:
         self._thread.join(timeout=5)
         try:
             if self.journal.get(self.name) is not None:  # (gone with the journal of a finished job)
-                obstore.delete(self.journal._store(), self.journal._key(self.name))
+                retry_dropped(lambda: obstore.delete(self.journal._store(), self.journal._key(self.name)))
         except Exception:  # noqa: BLE001 - best effort: a dead process's lease is dead anyway
             pass
 
