@@ -330,3 +330,23 @@ def test_a_full_disk_mid_job_names_it_and_keeps_the_store(job, small_disk):
     assert tree_bytes(store) == before, "the store is as it was"
     assert sorted(p.name for p in mnt.iterdir()) == ["x.zv"], "nothing of the job is left on the disk"
     assert _free(mnt) == free, "the space the job took is given back"
+
+
+def test_a_full_disk_under_an_icechunk_repository_leaves_the_branch_as_it_was(small_disk):
+    import icechunk
+
+    mnt, store, big, _ = small_disk
+    repo = mnt / "repo"
+    assert _cli("ingest", big.parent / "small.npy", repo, "--icechunk", *SMALL).returncode == 0
+    storage = icechunk.local_filesystem_storage(str(repo))
+    before = _icechunk_state(storage)
+    with open(mnt / "filler", "wb") as fh:  # another program takes all but 64 KiB
+        fh.write(b"\0" * (_free(mnt) - (64 << 10)))
+    r = _cli("ingest", big, repo, "--icechunk", *SMALL, "--overwrite")
+    assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
+    assert "no space left on the device holding" in r.stderr, r.stderr
+    keys, history, branches = _icechunk_state(storage)
+    assert (keys, history) == before[:2], "main: the same keys, bytes and history"
+    # Its job branch may stay (deleting a branch is a write too, on a full disk), and the chunks the job
+    # wrote stay as objects no snapshot refers to, until icechunk's garbage collection (README).
+    assert set(branches) <= {"main", "zv-dask-job/main"}

@@ -6,6 +6,7 @@ a user reading one line of a traceback (or of the CLI) knows what to change.
 
 from __future__ import annotations
 
+import os
 import pickle
 
 __all__ = [
@@ -41,7 +42,9 @@ def cause_text(e: BaseException, where: object = None) -> str:
         errno = _NO_SPACE[0]  # obstore's errors carry the OS's words, not its errno
     if errno not in _NO_SPACE + _NO_PERMISSION:
         return text
-    path = getattr(e, "filename", None) or getattr(where, "root", None) or where
+    path = getattr(e, "filename", None) or getattr(where, "root", None)
+    if path is None:  # a path or URL names itself; a store object without a root (icechunk's) would not
+        path = where if isinstance(where, (str, os.PathLike)) else "the store"
     if errno in _NO_SPACE:
         return f"no space left on the device holding {path} ({text}); free space there and rerun"
     return f"no permission to write {path} ({text})"
