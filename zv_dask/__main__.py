@@ -1,8 +1,6 @@
 """``python -m zv_dask``: the ``zv-dask`` command line."""
 
-import sys
-
-from zv_dask.cli import main
+from zv_dask.cli import console_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

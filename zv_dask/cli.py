@@ -1109,5 +1109,34 @@ def _run(args, prog: str) -> int:
         return 1
 
 
+def console_main() -> None:
+    """The ``zv-dask`` executable: :func:`main`, then the process ends without the interpreter's finalization.
+
+    Measured: a command that had used icechunk sometimes died *after* printing its result or
+    error, at interpreter exit, with SIGSEGV (-11; a CI run and a soak job, 2026-12-03) or an
+    abort (134, "terminate called without an active exception", reported in issue 19): icechunk's
+    runtime threads still running while Python tears itself down. Every command closes its
+    clusters, stores and files itself, so once the output is flushed nothing is left for
+    finalization to do.
+    """
+    import logging
+
+    try:
+        code = main()
+    except SystemExit as e:  # argparse's errors and --help
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        code = 130
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe: nothing more to say
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
