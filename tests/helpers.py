@@ -135,3 +135,19 @@ def fill_las_dimensions(las, rng, n: int) -> None:
 WKT = ('PROJCS["WGS 84 / UTM zone 10N",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
        'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]],PROJECTION["Transverse_Mercator"],UNIT["metre",1],'
        'AUTHORITY["EPSG","32610"]]')
+
+
+def icechunk_state(storage) -> tuple[dict, list, list]:
+    """(every key -> bytes at ``main``'s tip, ``main``'s commit messages, branches) of an icechunk repository."""
+    import asyncio
+
+    import icechunk
+    from zarr.core.buffer import default_buffer_prototype
+
+    repo = icechunk.Repository.open(storage)
+    st = repo.readonly_session(branch="main").store
+
+    async def read():
+        return {k: (await st.get(k, default_buffer_prototype())).to_bytes() async for k in st.list()}
+
+    return asyncio.run(read()), [a.message for a in repo.ancestry(branch="main")], sorted(repo.list_branches())

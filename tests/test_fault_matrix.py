@@ -13,7 +13,6 @@ that fails the test.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from helpers import icechunk_state
 
 BIN = Path(sys.executable).parent / "zv-dask"
 N = 60_000
@@ -94,20 +95,6 @@ def _s3_objects(srv, prefix: str) -> dict[str, bytes]:
 
     obs = srv.obstore(prefix=prefix)
     return {m["path"]: bytes(obstore.get(obs, m["path"]).bytes()) for batch in obstore.list(obs) for m in batch}
-
-
-def _icechunk_state(storage) -> tuple[dict, list, list]:
-    """(key -> bytes at main's tip, main's commit messages, branches) of an icechunk repository."""
-    import icechunk
-    from zarr.core.buffer import default_buffer_prototype
-
-    repo = icechunk.Repository.open(storage)
-    st = repo.readonly_session(branch="main").store
-
-    async def read():
-        return {k: (await st.get(k, default_buffer_prototype())).to_bytes() async for k in st.list()}
-
-    return asyncio.run(read()), [a.message for a in repo.ancestry(branch="main")], sorted(repo.list_branches())
 
 
 # -- S3: a plain store under a key prefix ------------------------------------------------------------
@@ -179,7 +166,7 @@ def icechunk_reference(survey, tmp_path_factory):
     path = tmp_path_factory.mktemp("iref") / "repo"
     r = _cli("ingest", survey, path, "--icechunk", *JOB)
     assert r.returncode == 0, r.stderr
-    return _icechunk_state(icechunk.local_filesystem_storage(str(path)))
+    return icechunk_state(icechunk.local_filesystem_storage(str(path)))
 
 
 @pytest.mark.parametrize("stage", ["scan", "pyramid:2", "commit"])
@@ -192,11 +179,11 @@ def test_icechunk_sigkill_then_resume_is_one_commit(stage, survey, tmp_path, ice
     assert _killed(args, at=stage, env=env) == -signal.SIGKILL
     storage = icechunk.local_filesystem_storage(str(path))
     if icechunk.Repository.exists(storage):
-        _, history, _ = _icechunk_state(storage)
+        _, history, _ = icechunk_state(storage)
         assert history == ["Repository initialized"], "readers of main never see a partial job"
     r = _cli(*args, "--resume", "--json", env=env)
     assert r.returncode == 0, r.stderr
-    got, history, branches = _icechunk_state(storage)
+    got, history, branches = icechunk_state(storage)
     want, want_history, _ = icechunk_reference
     assert history == want_history == ["zv-dask ingest", "Repository initialized"], "one commit for the whole job"
     assert branches == ["main"], "the job branch is gone"
@@ -209,12 +196,12 @@ def test_icechunk_on_s3_killed_mid_pyramid_resumes(survey, s3_server, s3_prefix,
     env = {"ZV_DASK_CHECKPOINT_SECONDS": "0"}
     assert _killed(args, at="pyramid:2", env=env) == -signal.SIGKILL
     storage = s3_server.icechunk_storage(prefix)
-    _, history, branches = _icechunk_state(storage)
+    _, history, branches = icechunk_state(storage)
     assert history == ["Repository initialized"] and "zv-dask-job/main" in branches
     r = _cli(*args, "--resume", "--json", env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["resumed"]
-    got, history, branches = _icechunk_state(storage)
+    got, history, branches = icechunk_state(storage)
     want, want_history, _ = icechunk_reference
     assert history == want_history and branches == ["main"]
     assert got.keys() == want.keys() and [k for k in want if got[k] != want[k]] == []
@@ -339,13 +326,13 @@ def test_a_full_disk_under_an_icechunk_repository_leaves_the_branch_as_it_was(sm
     repo = mnt / "repo"
     assert _cli("ingest", big.parent / "small.npy", repo, "--icechunk", *SMALL).returncode == 0
     storage = icechunk.local_filesystem_storage(str(repo))
-    before = _icechunk_state(storage)
+    before = icechunk_state(storage)
     with open(mnt / "filler", "wb") as fh:  # another program takes all but 64 KiB
         fh.write(b"\0" * (_free(mnt) - (64 << 10)))
     r = _cli("ingest", big, repo, "--icechunk", *SMALL, "--overwrite")
     assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr
     assert "no space left on the device holding" in r.stderr, r.stderr
-    keys, history, branches = _icechunk_state(storage)
+    keys, history, branches = icechunk_state(storage)
     assert (keys, history) == before[:2], "main: the same keys, bytes and history"
     # Its job branch may stay (deleting a branch is a write too, on a full disk), and the chunks the job
     # wrote stay as objects no snapshot refers to, until icechunk's garbage collection (README).

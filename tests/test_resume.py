@@ -29,7 +29,7 @@ import zv_dask
 from zv_dask.errors import IngestError, InputError, StoreError, UnfinishedJobWarning
 from zv_dask.store.journal import JOURNAL_DIR, Journal
 
-from helpers import reference_validate, tree_bytes
+from helpers import icechunk_state, reference_validate, tree_bytes
 
 BIN = Path(sys.executable).parent / "zv-dask"
 N = 150_000
@@ -310,19 +310,10 @@ def test_property_resume_equals_uninterrupted(tmp_path_factory, n, seed, fail_at
 
 # -- icechunk: progress on a job branch, one commit on the user's branch ------------------------------------
 def _repo_state(path):
-    """(every key -> bytes at main's tip, main's commit messages, branches) of a local icechunk repository."""
-    import asyncio
-
+    """:func:`helpers.icechunk_state` of a local icechunk repository."""
     import icechunk
-    from zarr.core.buffer import default_buffer_prototype
 
-    repo = icechunk.Repository.open(icechunk.local_filesystem_storage(str(path)))
-    st = repo.readonly_session(branch="main").store
-
-    async def read():
-        return {k: (await st.get(k, default_buffer_prototype())).to_bytes() async for k in st.list()}
-
-    return asyncio.run(read()), [a.message for a in repo.ancestry(branch="main")], sorted(repo.list_branches())
+    return icechunk_state(icechunk.local_filesystem_storage(str(path)))
 
 
 @pytest.fixture(scope="module")

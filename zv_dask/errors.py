@@ -20,11 +20,20 @@ __all__ = [
     "UnfinishedJobWarning",
     "UnfinishedJobError",
     "cause_text",
+    "out_of_space",
 ]
 
 
 _NO_SPACE = (28, 122)  # ENOSPC, EDQUOT
 _NO_PERMISSION = (1, 13, 30)  # EPERM, EACCES, EROFS
+
+
+def out_of_space(e: BaseException) -> bool:
+    """Whether ``e`` is a full disk (or quota): by its errno, or by the OS's words in another library's error."""
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+        return True
+    text = str(e).lower()
+    return "no space left" in text or "disk quota" in text
 
 
 def cause_text(e: BaseException, where: object = None) -> str:
@@ -38,7 +47,7 @@ def cause_text(e: BaseException, where: object = None) -> str:
     text = f"{type(e).__name__}: {(whole.strip().splitlines() or [''])[0]}"
     text += _storage_context(text, whole)
     errno = getattr(e, "errno", None) if isinstance(e, OSError) else None
-    if errno is None and ("No space left on device" in text or "Disk quota exceeded" in text):
+    if errno is None and out_of_space(e):
         errno = _NO_SPACE[0]  # obstore's errors carry the OS's words, not its errno
     if errno not in _NO_SPACE + _NO_PERMISSION:
         return text

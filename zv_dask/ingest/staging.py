@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from zv_dask.errors import InputError, StoreError
+from zv_dask.errors import InputError, StoreError, out_of_space
 from zv_dask.ingest.shuffle import key_dtypes, sort_by_group
 from zv_dask.ingest.sources import Batch
 from zv_dask.store.backends import prefix_store, url_scheme
@@ -220,7 +220,7 @@ class Scratch:
         except OSError as e:
             raise _space_error(self, e) from None
         except Exception as e:  # noqa: BLE001 - obstore raises its own types; name the place and the cause
-            if _out_of_space(e):
+            if out_of_space(e):
                 raise _space_error(self, e) from None
             raise StoreError(f"cannot write scratch object {self.where(name)}: {type(e).__name__}: "
                              f"{_first_line(e)}") from e
@@ -271,14 +271,9 @@ class Scratch:
                     except OSError:
                         pass
                 return
-            import obstore
+            from zv_dask.store.retry import delete_prefix
 
-            from zv_dask.store.retry import retry_dropped
-
-            store = self._store()
-            for batch in obstore.list(store, prefix=self.prefix, chunk_size=1000):
-                paths = [m["path"] for m in batch]
-                retry_dropped(lambda: obstore.delete(store, paths))
+            delete_prefix(self._store(), self.prefix)
         except Exception:  # noqa: BLE001 - best effort
             pass
 
@@ -293,13 +288,8 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _out_of_space(e: BaseException) -> bool:
-    text = str(e).lower()
-    return getattr(e, "errno", None) == 28 or "no space left" in text or "disk quota" in text
-
-
 def _space_error(scratch: Scratch, e: BaseException) -> Exception:
-    if _out_of_space(e):
+    if out_of_space(e):
         return StoreError(f"scratch space at {scratch.url} ran out: {_first_line(e)}; free space there or "
                           "pass another scratch location (scratch=..., --scratch)")
     return StoreError(f"cannot write scratch objects under {scratch.where()}: {_first_line(e)}")

@@ -40,7 +40,7 @@ import numpy as np
 
 from zv_dask.errors import StoreError, cause_text
 from zv_dask.store.backends import local_path, prefix_store, url_scheme
-from zv_dask.store.retry import retry_dropped
+from zv_dask.store.retry import delete_prefix, retry_dropped
 
 __all__ = ["Journal", "JOURNAL_DIR", "journal_for", "journal_at", "job_branch_name", "pack", "unpack",
            "unfinished_message", "with_resume_hint", "JobLock", "LEASE_SECONDS", "job_options", "job_document",
@@ -267,9 +267,7 @@ class Journal:
             return
         store = self._store()
         retry_dropped(lambda: obstore.delete(store, self._key("job.json")))
-        for batch in obstore.list(store, prefix=self.prefix + "/", chunk_size=1000):
-            paths = [m["path"] for m in batch]
-            retry_dropped(lambda: obstore.delete(store, paths))
+        delete_prefix(store, self.prefix + "/")
 
     # structured
     def write_json(self, name: str, doc: dict, *, create: bool = False) -> bool:

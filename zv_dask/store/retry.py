@@ -23,7 +23,8 @@ import time
 
 from zarr.storage import ObjectStore
 
-__all__ = ["is_dropped", "retry_dropped", "retry_dropped_async", "RetryingObjectStore", "DROPPED_ATTEMPTS"]
+__all__ = ["is_dropped", "retry_dropped", "retry_dropped_async", "delete_prefix", "RetryingObjectStore",
+           "DROPPED_ATTEMPTS"]
 
 DROPPED_ATTEMPTS = 6  # tries of a request whose connection dropped (backoff 0.05 s, doubling)
 _WORDS = ("error sending request", "connection reset", "connection closed", "broken pipe", "incomplete message",
@@ -58,6 +59,15 @@ async def retry_dropped_async(call, attempts: int = DROPPED_ATTEMPTS):
             if i == attempts - 1 or not is_dropped(e):
                 raise
             await asyncio.sleep(0.05 * 2 ** i)
+
+
+def delete_prefix(store, prefix: str) -> None:
+    """Delete every object under ``prefix`` of an obstore store, a listing page (1,000 keys) per request."""
+    import obstore
+
+    for batch in obstore.list(store, prefix=prefix, chunk_size=1000):
+        paths = [m["path"] for m in batch]
+        retry_dropped(lambda: obstore.delete(store, paths))
 
 
 class RetryingObjectStore(ObjectStore):
