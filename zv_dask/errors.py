@@ -12,6 +12,7 @@ import pickle
 __all__ = [
     "ZVError",
     "StoreError",
+    "StoreBusyError",
     "MetadataError",
     "FormatError",
     "InputError",
@@ -89,6 +90,11 @@ class StoreError(ZVError):
     Examples: creating over an existing store, opening something that is not a
     ZV store, an unknown URL scheme or backend.
     """
+
+
+class StoreBusyError(StoreError):
+    """Another job is creating or writing the store right now (its lease is live, or its
+    nodes changed while this job read them): wait for it, or stop it and resume."""
 
 
 class MetadataError(ZVError):

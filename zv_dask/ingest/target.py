@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zv_dask.errors import InputError, StoreError
+from zv_dask.errors import InputError, StoreBusyError, StoreError
 from zv_dask.format.metadata import store_name
 from zv_dask.store.api import ZVStore, create_store, name_store, open_store, write_root_metadata
 from zv_dask.ingest.replace import OBJECT_SCHEMES, finish_swap, refuse_object_overwrite, replacement_path
@@ -57,6 +57,8 @@ def _probe(store, backend, storage_options, branch) -> ZVStore | None:
         check_creatable(store)  # a file in the way, a read-only place: said before icechunk's own error
     try:
         return open_store(store, "r+", backend=backend, storage_options=storage_options, branch=branch)
+    except StoreBusyError:
+        raise
     except StoreError:
         if backend == "icechunk" or not isinstance(store, str) or url_scheme(store) not in ("", "file"):
             return None
@@ -108,8 +110,21 @@ def _unfinished_replacement(target: Path, backend) -> ZVStore | None:
     return zs if doc is not None and doc.get("kind") == "ingest" else None
 
 
+def _changed_under(where, e: KeyError) -> StoreBusyError:
+    """A node found a moment before is gone: another job is making the store (or its level 0) right now."""
+    return StoreBusyError(f"another job is writing this store ({where}): its {e.args[0] if e.args else 'metadata'!r} "
+                          "changed while this job read it; wait for that job to finish, or pass overwrite=True")
+
+
 def still_empty(plan) -> None:
     """Under the job's lease: the empty store the plan found is still empty and has no other job's journal."""
+    try:
+        _still_empty(plan)
+    except KeyError as e:
+        raise _changed_under(plan.existing.url or plan.target, e) from None
+
+
+def _still_empty(plan) -> None:
     import zarr
 
     from zv_dask.store.journal import journal_for, unfinished_message
@@ -170,8 +185,19 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
     With ``resume``, an unfinished ingest in the store is the job to continue
     (its geometry applies); a store with no unfinished job is a new job. With
     ``append``, the store must exist and hold a ZV point cloud, whose geometry
-    applies (any geometry given must agree with it).
+    applies (any geometry given must agree with it). A store another job is
+    making at this moment raises :class:`~zv_dask.errors.StoreBusyError`.
     """
+    try:
+        return _plan_target(store, ndim=ndim, chunk_shape=chunk_shape, bounds=bounds, base_bin_shape=base_bin_shape,
+                            dtype=dtype, axes=axes, backend=backend, storage_options=storage_options,
+                            overwrite=overwrite, branch=branch, resume=resume, append=append)
+    except KeyError as e:  # a level 0 array the probe saw is being remade (another job's prepare_level)
+        raise _changed_under(os.fspath(store) if isinstance(store, (str, os.PathLike)) else store, e) from None
+
+
+def _plan_target(store, *, ndim, chunk_shape, bounds, base_bin_shape, dtype, axes, backend, storage_options,
+                 overwrite, branch, resume, append) -> TargetPlan:
     if bounds is not None:
         try:
             lo, hi = (np.asarray(b, dtype=np.float64).reshape(-1) for b in bounds)
@@ -189,7 +215,12 @@ def plan_target(store, *, ndim: int, chunk_shape=None, bounds=None, base_bin_sha
         raise InputError(f"dtype {dtype!r} is not a numpy dtype; use float32 or float64") from None
     if np.dtype(dtype).name not in ("float32", "float64"):
         raise InputError(f"dtype must be float32 or float64 for positions, got {dtype!r}")
-    existing = _probe(store, backend, storage_options, branch)
+    try:
+        existing = _probe(store, backend, storage_options, branch)
+    except StoreBusyError:  # a root claimed by a job that has not written the metadata (or was killed doing so)
+        if not overwrite or append:
+            raise
+        existing = None  # nothing there to keep: overwrite makes the store in its place
     if append:
         return _append_target(store, existing, ndim=ndim, chunk_shape=chunk_shape, bounds=bounds,
                               base_bin_shape=base_bin_shape, backend=backend, storage_options=storage_options,

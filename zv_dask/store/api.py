@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from zv_dask.errors import MetadataError, StoreError, ZVError, cause_text
+from zv_dask.errors import MetadataError, StoreBusyError, StoreError, ZVError, cause_text
 from zv_dask.format.codecs import compression_of
 from zv_dask.format.grid import Grid
 from zv_dask.format.metadata import (
@@ -502,6 +502,9 @@ def open_store(path, mode: str = "r", *, backend: str | None = None, storage_opt
     except Exception as e:  # noqa: BLE001 - the storage answered with an error (obstore's, icechunk's)
         raise StoreError(f"cannot read the store at {be.url or path!r}: {cause_text(e)}") from e
     if "zarr_vectors" not in root.attrs:
+        if "zv_dask_creating" in root.attrs:  # the claim of create_store: its metadata follow in a moment
+            raise StoreBusyError(f"another job is creating a store at {be.url or path!r} right now: wait for it to "
+                                 "finish (if no job is running, one was killed as it began: pass overwrite=True)")
         raise StoreError(f"not a ZV store at {be.url or path!r}: the root group has no 'zarr_vectors' attributes")
     zs = ZVStore(be, root, mode)
     zs.metadata  # parse strictly; raises MetadataError on malformed roots

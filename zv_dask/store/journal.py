@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from zv_dask.errors import StoreError, cause_text
+from zv_dask.errors import StoreBusyError, StoreError, cause_text
 from zv_dask.store.backends import local_path, prefix_store, url_scheme
 from zv_dask.store.retry import delete_prefix, retry_dropped
 
@@ -329,12 +329,12 @@ class Journal:
         """
         n, held = self._current_lease()
         if held:
-            raise StoreError(_held_message(self, held))
+            raise StoreBusyError(_held_message(self, held))
         me = {"host": socket.gethostname(), "pid": os.getpid(), "what": what, "since": _now(),
               "renewed": time.time(), "state": "held"}
         if not self.write_json(f"locks/{n:08d}", me, create=True):
             held = self.read_json(f"locks/{n:08d}") or {}
-            raise StoreError(_held_message(self, held))
+            raise StoreBusyError(_held_message(self, held))
         return JobLock(self, f"locks/{n:08d}", me)
 
 
