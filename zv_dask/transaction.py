@@ -384,21 +384,33 @@ def gather_or_stop(client, futures, grace: float = 60.0, on_result=None) -> list
 
         index = {f.key: i for i, f in enumerate(futures)}
         results: list = [None] * len(futures)
-        # the job's client's loop: as_completed otherwise asks for a default client (none with set_as_default=False)
-        for fut, res in as_completed(futures, loop=client.loop, with_results=True):
-            i = index[fut.key]
-            results[i] = res
-            on_result(i, res)
+        # Not as_completed(with_results=True): its gather of a finished future whose result died with its
+        # worker can loop for ever (dask/distributed#7331, #6074: seen here with allowed-failures 0).
+        # The job's client's loop: as_completed otherwise asks for a default client (none with set_as_default=False).
+        done = as_completed(futures, loop=client.loop)
+        for fut in done:
+            batch = [fut, *done.next_batch(block=False)]
+            for f in batch:
+                if f.status in ("error", "cancelled"):
+                    f.result()  # raises the task's error (KilledWorker, the write's own) or CancelledError
+            for f, res in zip(batch, client.gather(batch)):
+                i = index[f.key]
+                results[i] = res
+                on_result(i, res)
         return results
     except BaseException:
         try:
-            from distributed import wait
+            from distributed import as_completed
 
             busy = {k for keys in client.processing().values() for k in keys}
             running = [f for f in futures if f.key in busy]
             client.cancel([f for f in futures if f.key not in busy])
             if running:
-                wait(running, timeout=grace)
+                try:
+                    for _ in as_completed(running, loop=client.loop, timeout=grace):
+                        pass
+                except TimeoutError:
+                    pass
             client.cancel(running)
         except Exception:  # noqa: BLE001 - a cluster going down: the original error matters more
             pass
