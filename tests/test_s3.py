@@ -160,7 +160,7 @@ def test_storage_option_vocabulary(s3_server, s3_prefix, s3_options, rng):
         {"timeout": "30s"},
         {"timeout": 12.5},
         {"endpoint_url": s3_options["endpoint"], "endpoint": None, "force_path_style": True},
-        {"concurrency": 8},  # zv-dask's own knob, not obstore's: ignored here
+        {"concurrency": 8},  # zv-dask's own (requests in flight per cell I/O call), not passed to obstore
         {"client_options": {"allow_http": True}, "retry_config": {"max_retries": 1}},
     ]
     for extra in variants:

@@ -16,6 +16,7 @@ from zv_dask.ingest.shuffle import merge_pieces, scan_partition, split_partition
 from zv_dask.ingest.staging import PieceLayout, Scratch, load_group, stage_partition
 from zv_dask.pyramid.stack import LevelPoints, encode_level
 from zv_dask.pyramid.tasks import BatchResult, build_levels
+from zv_dask.store.cellio import cell_keys
 from zv_dask.store.journal import Journal
 from zv_dask.store.levels import ChunkSummary, write_chunk_payloads
 from zv_dask.transaction import returned_fork, worker_store
@@ -149,7 +150,7 @@ def append_group(pieces, grid: Grid, target, attributes, group_index: int, old_c
         first = ".".join(map(str, touched[0]))
         if journal is not None:
             arrays = ["0/vertices", "0/vertex_fragments"] + [f"0/vertex_attributes/{n}" for n in attr_names]
-            keys = [f"{a}/c/" + "/".join(map(str, c)) for a in arrays for c in grid.cells(touched).tolist()]
+            keys = [k for a in arrays for k in cell_keys(a, grid.cells(touched))]
             unit = f"level0-{group_index:07d}"
             if not restore_cells(zstore, journal, unit):  # (a retried task: the cells are as they were again)
                 save_cells(zstore, journal, unit, keys)

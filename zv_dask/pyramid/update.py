@@ -39,11 +39,12 @@ from zv_dask.pyramid.builder import (
 from zv_dask.read import chunks_in, object_entries
 from zv_dask.store.api import create_resolution_level, create_vlen_arrays, list_resolution_levels, \
     remove_resolution_level, update_node_attrs
+from zv_dask.store.cellio import cell_keys
 from zv_dask.store.cellio import delete_cells
 from zv_dask.store.levels import ChunkSummary, finalize_level, level_chunk_keys, read_payloads, write_cells
 from zv_dask.store.preimage import save_cells
 
-__all__ = ["update_pyramid", "predict_rewrites", "LevelUpdate", "cell_keys"]
+__all__ = ["update_pyramid", "predict_rewrites", "LevelUpdate", "keys_at"]
 
 
 @dataclass
@@ -66,12 +67,12 @@ class _Family:
     old: dict = field(default_factory=dict)  # segment -> (chunks in the regions, records there)
 
 
-def cell_keys(path: str, origin, chunks: np.ndarray) -> list[str]:
+def keys_at(path: str, origin, chunks: np.ndarray) -> list[str]:
     """The store keys of an array's cells at absolute ``chunks``."""
     if not len(chunks):
         return []
     cells = np.asarray(chunks, np.int64).reshape(len(chunks), -1) - np.asarray(origin, np.int64)
-    return [f"{path}/c/" + "/".join(map(str, c)) for c in cells.tolist()]
+    return cell_keys(path, cells)
 
 
 def _chunks_of(keys) -> np.ndarray:
@@ -136,10 +137,10 @@ class _Rebuild:
         frag = read_payloads(zs.store, root[f"{k}/vertex_fragments"], old_in)
         old_rows = int(sum(int(decode_fragments(p).counts.sum()) for p in frag if p))
         families = {d: self._old_family(d) for d in lv.link_axes}
-        keys = [key for path in arrays for key in cell_keys(path, grid.origin, old_in)]
+        keys = [key for path in arrays for key in keys_at(path, grid.origin, old_in)]
         for fam in families.values():
             for seg, (chunks, _) in fam.old.items():
-                keys += cell_keys(f"{fam.owner}/links/{fam.delta:+d}/{seg}", fam.grid.origin, chunks)
+                keys += keys_at(f"{fam.owner}/links/{fam.delta:+d}/{seg}", fam.grid.origin, chunks)
         if self.journal is not None:  # a plain store: the old bytes are kept before they change
             save_cells(zs.store, self.journal, f"level-{k:03d}", keys)
         self._prepare_links(families)
@@ -153,7 +154,7 @@ class _Rebuild:
         new = ChunkSummary.concat(parts, ndim)
         new_present = new.chunks[new.rows > 0].reshape(-1, ndim)
         stale = old_in[~chunks_in(old_in, new_present)] if len(old_in) else old_in
-        delete_cells(zs.store, [key for path in arrays for key in cell_keys(path, grid.origin, stale)])
+        delete_cells(zs.store, [key for path in arrays for key in keys_at(path, grid.origin, stale)])
         # the level's metadata, merged
         present = np.concatenate([old_out, new_present]).reshape(-1, ndim)
         count = int(g.attrs.get("zarr_vectors_level", {}).get("vertex_count", 0)) - old_rows + int(new.rows.sum())
@@ -252,7 +253,7 @@ class _Rebuild:
             chunks_new = _cat([c for c, _ in parts], self.ndim)
             total += int(sum(int(np.sum(c)) for _, c in parts))
             stale = in_old[~chunks_in(in_old, chunks_new)] if len(in_old) else in_old
-            stale_keys += cell_keys(f"{owner}/links/{name}/{seg}", fam.grid.origin, stale)
+            stale_keys += keys_at(f"{owner}/links/{name}/{seg}", fam.grid.origin, stale)
             listed = _chunks_of(fam_g[seg].attrs.get("nonempty_chunks", [])).reshape(-1, self.ndim) \
                 if seg in fam_g else np.zeros((0, self.ndim), np.int64)
             outside = listed[~_in_regions(listed, self.per(owner), self.regions)]

@@ -163,7 +163,7 @@ def _obstore_kwargs(scheme: str, options: dict) -> dict:
     if "anonymous" in opts:  # obstore's name for unsigned requests
         if opts.pop("anonymous"):
             opts["skip_signature"] = True
-    opts.pop("concurrency", None)  # used by zv-dask's writer, not by obstore
+    opts.pop("concurrency", None)  # zv-dask's cell I/O's (see concurrency_option), not obstore's
     if scheme in ("s3", "s3a"):
         if "force_path_style" in opts:  # icechunk's name for path-style addressing
             opts.setdefault("virtual_hosted_style_request", not opts.pop("force_path_style"))
@@ -205,7 +205,18 @@ def _obstore_store(url: str, scheme: str, options: dict, read_only: bool):
     except Exception as e:  # unknown option names, malformed values: say which, never echo the values
         raise StoreError(f"cannot configure the obstore {scheme}:// store for {url!r} from storage_options "
                          f"{sorted(options)}: {type(e).__name__}: {redact(_first_line(e), options)}") from None
-    return RetryingObjectStore(obs, read_only=read_only)
+    return RetryingObjectStore(obs, read_only=read_only, concurrency=concurrency_option(options))
+
+
+def concurrency_option(options: dict) -> int | None:
+    """The ``concurrency`` storage option (requests in flight per cell I/O call), checked; ``None`` if not given."""
+    value = (options or {}).get("concurrency")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit() \
+            or int(value) < 1:
+        raise StoreError(f"storage option concurrency must be a whole number of requests >= 1, got {value!r}")
+    return int(value)
 
 
 _PREFIX_STORES: dict = {}

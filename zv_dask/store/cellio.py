@@ -8,6 +8,9 @@ about 0.3 ms per object here; this module goes one layer down when it can:
   (atomic, like zarr's own put), about 0.05 ms per file;
 * a zarr ``ObjectStore``: the wrapped obstore store, with concurrent requests;
 * anything else (icechunk, fsspec): the zarr store's own async ``set``/``get``.
+
+Keys are zarr's (``cell_keys`` uses zarr's ``encode_chunk_key``); which arrays
+may take this path at all is :func:`zv_dask.store.levels.write_cells`' call.
 """
 
 from __future__ import annotations
@@ -18,9 +21,60 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["put_cells", "get_cells", "delete_cells", "sweep_partials", "CONCURRENCY"]
+from zv_dask.errors import StoreError
 
-CONCURRENCY = 64
+__all__ = ["put_cells", "get_cells", "delete_cells", "sweep_partials", "cell_keys", "CONCURRENCY"]
+
+CONCURRENCY = 64  # requests in flight per call on object storage: the ``concurrency`` storage option
+
+
+def cell_keys(path: str, cells, encoding=None) -> list[str]:
+    """The store keys of an array's cells: ``path`` + zarr's chunk key of each row of ``cells`` (grid indices).
+
+    ``encoding`` is the array's ``ChunkKeyEncoding`` (``arr.metadata.chunk_key_encoding``); by default the one
+    zv-dask creates arrays with (zarr's ``default``, separator ``/``: ``"<path>/c/i/j/k"``).
+    """
+    if encoding is None:
+        encoding = _default_encoding()
+    prefix = f"{path.strip('/')}/" if path.strip("/") else ""
+    return [prefix + encoding.encode_chunk_key(tuple(c)) for c in _rows(cells)]
+
+
+def _rows(cells) -> list:
+    import numpy as np
+
+    a = np.asarray(cells, np.int64)
+    return a.reshape(len(a), -1).tolist() if a.size else []
+
+
+def _default_encoding():
+    from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
+
+    return DefaultChunkKeyEncoding(separator="/")
+
+
+def _writable(zstore) -> None:
+    """``StoreError`` for a store opened read-only (before any request)."""
+    if getattr(zstore, "read_only", False):
+        where = getattr(zstore, "root", None)
+        raise StoreError(f"cannot write cells: the store{f' at {str(where)!r}' if where else ''} is open read-only")
+
+
+def _limited(zstore, fn, args: list) -> list:
+    """``[await fn(*a) for a in args]`` on zarr's event loop, as many at a time as the store's ``concurrency``
+    storage option says (:data:`CONCURRENCY` by default)."""
+    from zarr.core.sync import sync
+
+    async def run():
+        sem = asyncio.Semaphore(getattr(zstore, "concurrency", None) or CONCURRENCY)
+
+        async def one(a):
+            async with sem:
+                return await fn(*a)
+
+        return await asyncio.gather(*(one(a) for a in args))
+
+    return list(sync(run()))
 
 
 def _local_root(zstore):
@@ -76,6 +130,7 @@ def _write_files(root: str, items: list, atomic: bool = True) -> None:
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(tmp, _FLAGS, 0o644)
+        closed = False
         try:
             if type(value) is tuple:
                 _write_all(fd, value)
@@ -83,17 +138,19 @@ def _write_files(root: str, items: list, atomic: bool = True) -> None:
                 view = memoryview(value)
                 while view.nbytes:
                     view = view[os.write(fd, view):]
-        except BaseException:
             os.close(fd)
+            closed = True
+            if atomic:
+                os.replace(tmp, path)
+        except BaseException:
+            if not closed:
+                os.close(fd)
             if atomic:
                 try:
                     os.remove(tmp)
                 except OSError:
                     pass
             raise
-        os.close(fd)
-        if atomic:
-            os.replace(tmp, path)
 
 
 def sweep_partials(zstore) -> int:
@@ -148,12 +205,9 @@ def put_cells(zstore, items: list[tuple[str, bytes]], *, atomic: bool = True) ->
     writes whose bytes are kept elsewhere until they land (a roll-back from the
     journal), where a full disk has no room for the copy.
     """
-    from zarr.core.sync import sync
-
     if not items:
         return
-    if getattr(zstore, "read_only", False):
-        raise PermissionError("the store is read-only")
+    _writable(zstore)
     root = _local_root(zstore)
     if root is not None:
         root = root.rstrip("/")
@@ -168,37 +222,16 @@ def put_cells(zstore, items: list[tuple[str, bytes]], *, atomic: bool = True) ->
     if obs is not None:
         import obstore
 
-        async def run():
-            sem = asyncio.Semaphore(CONCURRENCY)
-
-            async def one(k, v):
-                async with sem:
-                    await obstore.put_async(obs, k, _joined(v))
-
-            await asyncio.gather(*(one(k, v) for k, v in items))
-
-        sync(run())
+        _limited(zstore, lambda k, v: obstore.put_async(obs, k, _joined(v)), items)
         return
     from zarr.core.buffer import default_buffer_prototype
 
     proto = default_buffer_prototype()
-
-    async def run_zarr():
-        sem = asyncio.Semaphore(CONCURRENCY)
-
-        async def one(k, v):
-            async with sem:
-                await zstore.set(k, proto.buffer.from_bytes(_joined(v)))
-
-        await asyncio.gather(*(one(k, v) for k, v in items))
-
-    sync(run_zarr())
+    _limited(zstore, lambda k, v: zstore.set(k, proto.buffer.from_bytes(_joined(v))), items)
 
 
 def get_cells(zstore, keys: list[str]) -> list:
     """Bytes of every key (``None`` where the object does not exist)."""
-    from zarr.core.sync import sync
-
     if not keys:
         return []
     root = _local_root(zstore)
@@ -208,43 +241,30 @@ def get_cells(zstore, keys: list[str]) -> list:
     if obs is not None:
         import obstore
 
-        async def run():
-            sem = asyncio.Semaphore(CONCURRENCY)
+        async def one(k):
+            try:
+                r = await obstore.get_async(obs, k)
+            except FileNotFoundError:
+                return None
+            return bytes(await r.bytes_async())
 
-            async def one(k):
-                async with sem:
-                    try:
-                        r = await obstore.get_async(obs, k)
-                    except FileNotFoundError:
-                        return None
-                    return bytes(await r.bytes_async())
-
-            return await asyncio.gather(*(one(k) for k in keys))
-
-        return list(sync(run()))
+        return _limited(zstore, one, [(k,) for k in keys])
     from zarr.core.buffer import default_buffer_prototype
 
     proto = default_buffer_prototype()
 
-    async def run_zarr():
-        sem = asyncio.Semaphore(CONCURRENCY)
+    async def one_zarr(k):
+        b = await zstore.get(k, proto)
+        return None if b is None else b.to_bytes()
 
-        async def one(k):
-            async with sem:
-                b = await zstore.get(k, proto)
-                return None if b is None else b.to_bytes()
-
-        return await asyncio.gather(*(one(k) for k in keys))
-
-    return list(sync(run_zarr()))
+    return _limited(zstore, one_zarr, [(k,) for k in keys])
 
 
 def delete_cells(zstore, keys: list[str]) -> None:
     """Delete every key (a missing one is no error), through the zarr store's own ``delete``."""
-    from zarr.core.sync import sync
-
     if not keys:
         return
+    _writable(zstore)
     root = _local_root(zstore)
     if root is not None:
         for k in keys:
@@ -253,14 +273,4 @@ def delete_cells(zstore, keys: list[str]) -> None:
             except FileNotFoundError:
                 pass
         return
-
-    async def run():
-        sem = asyncio.Semaphore(CONCURRENCY)
-
-        async def one(k):
-            async with sem:
-                await zstore.delete(k)
-
-        await asyncio.gather(*(one(k) for k in keys))
-
-    sync(run())
+    _limited(zstore, zstore.delete, [(k,) for k in keys])

@@ -31,7 +31,7 @@ from zv_dask.format.cells import (
 from zv_dask.format.codecs import direct_codec
 from zv_dask.format.grid import Grid, chunk_keys, parse_chunk_key
 from zv_dask.format.layout import ChunkPayload
-from zv_dask.store.cellio import get_cells, put_cells
+from zv_dask.store.cellio import cell_keys, get_cells, put_cells
 from zv_dask.format.metadata import LevelMetadata, attribute_attrs, fragments_attrs, vertices_attrs
 
 __all__ = [
@@ -141,6 +141,8 @@ def _direct(arr: zarr.Array):
     ``("zstd", level, checksum)``), or ``None`` when zarr's codec pipeline must (sharding, blosc, another key
     encoding)."""
     md = arr.metadata
+    if tuple(arr.chunks) != (1,) * arr.ndim:  # one frame per object holds one cell only
+        return None
     enc = md.chunk_key_encoding.to_dict()
     if enc.get("name") != "default" or enc.get("configuration", {}).get("separator", "/") != "/":
         return None
@@ -258,8 +260,8 @@ def write_cells(zstore, targets: list[tuple[str, np.ndarray, list[bytes]]], *, p
         total += sum(payload_size(v) for v in values)
         how = "plain" if arr is None else _direct(arr)
         if how is not None:
-            cell_paths = ["/".join(map(str, c)) for c in np.asarray(cells).tolist()]
-            direct.extend((f"{path}/c/{cp}", encode_frame(v, how)) for cp, v in zip(cell_paths, values))
+            keys = cell_keys(path, cells, None if arr is None else arr.metadata.chunk_key_encoding)
+            direct.extend((k, encode_frame(v, how)) for k, v in zip(keys, values))
         else:
             joined = [b"".join(payload_parts(v)) for v in values]
             arr.set_coordinate_selection(tuple(np.asarray(cells).T), _object_array(joined))
@@ -403,7 +405,7 @@ def _read_cells(zstore, arr: zarr.Array, cells: np.ndarray) -> list:
     itself (plain or zstd vlen arrays, see :func:`write_cells`), else through zarr."""
     how = _direct(arr)
     if how is not None:
-        keys = [f"{arr.path}/c/" + "/".join(map(str, c)) for c in cells.tolist()]
+        keys = cell_keys(arr.path, cells, arr.metadata.chunk_key_encoding)
         return [decode_frame(f, how) for f in get_cells(zstore, keys)]
     return list(arr.get_coordinate_selection(tuple(cells.T)))
 

@@ -18,7 +18,7 @@ import json
 import numpy as np
 
 from zv_dask.format.grid import parse_chunk_key
-from zv_dask.store.cellio import delete_cells, get_cells, put_cells
+from zv_dask.store.cellio import cell_keys, delete_cells, get_cells, put_cells
 
 __all__ = ["metadata_docs", "restore_metadata", "snapshot_metadata", "save_cells", "restore_cells", "roll_back",
            "PRE"]
@@ -147,13 +147,10 @@ def _listed_cells(key: str, doc: dict) -> set[str] | None:
         return None
     path = key[: -len("/zarr.json")]
     origin = attrs.get("chunk_grid_origin")
-    out = set()
-    for ck in attrs["nonempty_chunks"]:
-        c = np.asarray(parse_chunk_key(ck), np.int64)
-        if origin is not None:
-            c = c - np.asarray(origin, np.int64)
-        out.add(f"{path}/c/" + "/".join(map(str, c.tolist())))
-    return out
+    cells = np.asarray([parse_chunk_key(ck) for ck in attrs["nonempty_chunks"]], np.int64)
+    if origin is not None and len(cells):
+        cells = cells - np.asarray(origin, np.int64)
+    return set(cell_keys(path, cells))
 
 
 def roll_back(zs, journal) -> bool:

@@ -71,7 +71,18 @@ def delete_prefix(store, prefix: str) -> None:
 
 
 class RetryingObjectStore(ObjectStore):
-    """zarr's :class:`~zarr.storage.ObjectStore` whose conditional puts and deletes survive a dropped connection."""
+    """zarr's :class:`~zarr.storage.ObjectStore` whose conditional puts and deletes survive a dropped connection.
+
+    ``concurrency`` (the ``concurrency`` storage option) is how many requests
+    zv-dask's cell I/O keeps in flight per call (:mod:`zv_dask.store.cellio`).
+    """
+
+    def __init__(self, store, *, read_only: bool = False, concurrency: int | None = None) -> None:
+        super().__init__(store, read_only=read_only)
+        self.concurrency = concurrency
+
+    def with_read_only(self, read_only: bool = False) -> "RetryingObjectStore":
+        return type(self)(self.store, read_only=read_only, concurrency=self.concurrency)
 
     async def set_if_not_exists(self, key, value) -> None:
         import obstore
