@@ -53,13 +53,12 @@ import resource
 import shlex
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from benchmarks.common import HERE, disk_of, find_potree, machine, tree_size
 
@@ -333,7 +332,7 @@ class TreeSampler:
                 pass
         return out
 
-    def __enter__(self) -> "TreeSampler":
+    def __enter__(self) -> TreeSampler:
         self._thread.start()
         return self
 

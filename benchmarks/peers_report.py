@@ -64,11 +64,12 @@ def table(rows: list[dict]) -> list[str]:
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     m = meta["machine"]
+    warmup = "after one untimed warm-up run of each tool on a 10,000-point file" if meta["warmup"] else "no warm-up"
     out = ["# zv-dask against peer LiDAR LOD converters", "",
            f"`{shlex.join(meta['argv'])}`, {m['date']}: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB, "
            f"Python {m['python']}. LAS files and outputs in `{meta['dir']}` ({meta['disk']}). "
            f"{meta['repeat']} run(s) of each tool per input, alternating tools; "
-           f"{'after one untimed warm-up run of each tool on a 10,000-point file' if meta['warmup'] else 'no warm-up'}. "
+           f"{warmup}. "
            "Each tool runs as a whole process; its output directory is removed before each run.", "",
            "Versions: " + "; ".join(f"{fam} {ver}" for fam, ver in meta["versions"].items()) + ".", ""]
     for line in meta.get("skipped", []):

@@ -17,9 +17,10 @@ def main(argv):
     n, chunk, bin_, levels, links = int(float(n)), float(chunk), float(bin_), int(levels), links == "1"
     import warnings
     warnings.filterwarnings("ignore")
-    from benchmarks.data import make_points
     from zarr_vectors.multiresolution.coarsen import build_pyramid
     from zarr_vectors.types.points import write_points
+
+    from benchmarks.data import make_points
 
     pts, attrs = make_points(kind, n)
     shutil.rmtree(out, ignore_errors=True)

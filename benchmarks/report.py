@@ -30,7 +30,8 @@ def _total(r):
 
 def headline(rows) -> list[str]:
     """The like-for-like lines: zv-dask on its most workers against the reference, same arrays."""
-    out = ["| N | data | bins | arrays | zv-dask s (workers) | reference s | reference / zv-dask |", "|---|---|---|---|---|---|---|"]
+    out = ["| N | data | bins | arrays | zv-dask s (workers) | reference s | reference / zv-dask |",
+           "|---|---|---|---|---|---|---|"]
     seen = set()
     for r in rows:
         key = (r["n"], r["kind"], r["bins"])

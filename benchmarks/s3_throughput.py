@@ -83,10 +83,10 @@ def floor_put(raw, cells: dict[str, bytes], prefix: str, concurrency: int) -> fl
 def run(n: int, workers: int, concurrency: int, partition_rows: int | None) -> dict:
     import obstore
     from distributed import Client, LocalCluster
+    from s3server import SeaweedS3
 
     import zv_dask
     from benchmarks.data import make_points
-    from s3server import SeaweedS3
 
     pts, attrs = make_points("uniform", n)
     tmp = tempfile.mkdtemp(prefix="zv-s3bench-")

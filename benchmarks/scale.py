@@ -45,7 +45,8 @@ def run_one(client, source: list[str], n: int, store: str, budget, label: str) -
     rss = sorted((v for p, v in mon.peak.items() if p in worker_pids), reverse=True)
     return {"n": n, "series": label, "budget": budget or "default",
             "memory_budget_bytes": getattr(rep, "memory_budget", 0), "wall_s": wall,
-            "points_per_s": rep.points_written / wall, "points": rep.points_written, "shuffle": getattr(rep, "shuffle", "memory"),
+            "points_per_s": rep.points_written / wall, "points": rep.points_written,
+            "shuffle": getattr(rep, "shuffle", "memory"),
             "bytes_staged": getattr(rep, "bytes_staged", 0), "store_bytes": store_bytes, "stages": rep.seconds,
             "levels": {lv["level"]: lv["vertex_count"] for lv in rep.levels},
             "levels_in_write_tasks": rep.levels_in_write_tasks, "groups": rep.groups, "partitions": rep.partitions,
@@ -65,7 +66,8 @@ def write_report(result: dict, out: str) -> str:
              " client RSS GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         rss = ", ".join(f"{v / 2**30:.2f}" for v in r["peak_worker_rss"])
-        budget = f"{r['budget']} ({r['memory_budget_bytes'] / 2**30:.1f} GiB)" if r["memory_budget_bytes"] else r["series"]
+        budget = (f"{r['budget']} ({r['memory_budget_bytes'] / 2**30:.1f} GiB)" if r["memory_budget_bytes"]
+                  else r["series"])
         lines.append(f"| {r['n']:.0e} | {budget} | {r['shuffle']} | "
                      f"{r['wall_s']:.1f} | {r['points_per_s'] / 1e6:.2f} | {r['bytes_staged'] / 2**30:.1f} | "
                      f"{r['store_bytes'] / 2**30:.1f} | {rss} | {r['peak_client_rss'] / 2**30:.2f} |")

@@ -217,7 +217,7 @@ class ChaosProxy:
         self.port: int | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
-    def start(self) -> "ChaosProxy":
+    def start(self) -> ChaosProxy:
         if self._listener is not None:
             return self
         ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -253,7 +253,7 @@ class ChaosProxy:
             t.join(timeout=5)
         self._threads = [t for t in self._threads if t.is_alive()]
 
-    def __enter__(self) -> "ChaosProxy":
+    def __enter__(self) -> ChaosProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -383,7 +383,7 @@ class ChaosProxy:
                     pass
                 client.close()
 
-    def _forward(self, up: "_Conn | None", request: bytes, method: str):
+    def _forward(self, up: _Conn | None, request: bytes, method: str):
         """Send ``request`` on the kept-alive upstream connection ``up`` (a new one if ``None``) and read the answer.
 
         A kept-alive connection the server closed while it was idle fails before any byte of an answer;

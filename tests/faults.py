@@ -181,7 +181,7 @@ def _wait_readable(raw, key: str, deadline: float) -> None:
             return
         except FileNotFoundError:  # the server answers: the job's clean-up has removed the object already
             return
-        except Exception:  # noqa: BLE001 - 500 while the volume server comes back
+        except Exception:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)

@@ -70,10 +70,9 @@ def reference_rows(path, level):
     Chunks in ascending coordinate order, rows in each chunk's buffer order (so a
     link endpoint ``(chunk, vi)`` is row ``first[chunk] + vi``).
     """
+    import zarr
     from zarr_vectors.core.arrays import read_chunk_vertices
     from zarr_vectors.core.store import get_resolution_level, open_store
-
-    import zarr
 
     lg = get_resolution_level(open_store(str(path)), level)
     plain = zarr.open_group(str(path), mode="r")

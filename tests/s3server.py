@@ -96,7 +96,7 @@ class SeaweedS3:
     # -- lifecycle ------------------------------------------------------------------------
     @classmethod
     def start(cls, data_dir, *, bucket: str = "test", access_key: str = "zvtestkey",
-              secret_key: str = "zvtestsecret", timeout: float = 30.0, attempts: int = 3) -> "SeaweedS3":
+              secret_key: str = "zvtestsecret", timeout: float = 30.0, attempts: int = 3) -> SeaweedS3:
         """Start a server in a fresh subdirectory of ``data_dir``; new ports on each retry."""
         weed_binary()  # fail loudly before anything else
         last: Exception | None = None
@@ -113,7 +113,7 @@ class SeaweedS3:
                 last = e
         raise RuntimeError(f"SeaweedFS did not start in {attempts} attempts: {last}")
 
-    def restart(self, timeout: float = 30.0) -> "SeaweedS3":
+    def restart(self, timeout: float = 30.0) -> SeaweedS3:
         """Stop (if running) and start again on the same data dir and ports; the data survive."""
         self.stop()
         self._launch(timeout)

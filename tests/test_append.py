@@ -12,24 +12,22 @@ from __future__ import annotations
 
 import os
 import signal
-import warnings
 import subprocess
 import sys
-import time
+import warnings
 from pathlib import Path
 
 import dask
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import reference_validate, store_contents, tree_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zv_dask
 from zv_dask.errors import InputError, StoreError, UnfinishedJobWarning
 from zv_dask.store.journal import JOURNAL_DIR
-
-from helpers import reference_validate, store_contents, tree_bytes
 
 BIN = Path(sys.executable).parent / "zv-dask"
 

@@ -98,7 +98,8 @@ def test_size_problem_says_what_the_bytes_suggest():
     assert attribute_size_problem(4250, 2125, "float64", None) == \
         "4250 bytes for 2125 rows is 2 bytes a value (uint16/int16/float16?), not float64 (8 bytes a value)"
     assert attribute_size_problem(4250, 2125, "uint16", None) is None
-    assert attribute_size_problem(30, 10, "uint8", None) == "30 bytes for 10 rows is 3 uint8 values a row, not 1 (uint8)"
+    assert attribute_size_problem(30, 10, "uint8", None) == \
+        "30 bytes for 10 rows is 3 uint8 values a row, not 1 (uint8)"
     assert "is not a whole number of values a row" in attribute_size_problem(31, 10, "uint8", 3)
     assert attribute_size_problem(0, 0, "float64", 3) is None
     assert attribute_size_problem(8, 0, "float64", None) == "8 bytes for 0 rows, expected none (float64)"

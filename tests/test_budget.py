@@ -34,12 +34,12 @@ import zv_dask
 from zv_dask.budget import MemoryBudget, parse_size, plan_shuffle, resolve_budget
 from zv_dask.errors import InputError, StoreError
 from zv_dask.format.grid import Grid
+from zv_dask.ingest.batch import Batch
 from zv_dask.ingest.shuffle import merge_pieces, sort_by_group, split_partition
-from zv_dask.ingest.sources import Batch
 from zv_dask.ingest.staging import SCRATCH_DIR, PieceLayout
 
-JOB = dict(chunk_shape=(250.0,) * 3, base_bin_shape=(25.0,) * 3, bounds=([0, 0, 0], [1000, 1000, 1000]), partition_rows=5000,
-           pyramid={"levels": 3, "links": "explicit"})
+JOB = dict(chunk_shape=(250.0,) * 3, base_bin_shape=(25.0,) * 3, bounds=([0, 0, 0], [1000, 1000, 1000]),
+           partition_rows=5000, pyramid={"levels": 3, "links": "explicit"})
 TINY = "1.5MiB"  # room for a task, not for the pieces of these clouds as well: the shuffle stages them
 
 
@@ -295,11 +295,11 @@ def test_cli_memory_budget(tmp_path, rng):
     pd.DataFrame({"x": pts[:, 0], "y": pts[:, 1], "z": pts[:, 2]}).to_parquet(src)
     base = [sys.executable, "-m", "zv_dask", "ingest", str(src), str(tmp_path / "c.zv"), "--chunk-shape", "250",
             "--bin-shape", "25", "--levels", "2", "--scheduler", "synchronous", "--json", "--quiet"]
-    plan = json.loads(subprocess.run(base + ["--dry-run", "--memory-budget", "1.5MiB", "--partition-rows", "5000"], capture_output=True,
-                                     text=True, check=True).stdout)
+    plan = json.loads(subprocess.run(base + ["--dry-run", "--memory-budget", "1.5MiB", "--partition-rows", "5000"],
+                                     capture_output=True, text=True, check=True).stdout)
     assert plan["shuffle"] == "staged" and plan["memory_budget"] == int(1.5 * 2**20)
-    rep = json.loads(subprocess.run(base + ["--memory-budget", "1.5MiB", "--partition-rows", "5000"], capture_output=True, text=True,
-                                    check=True).stdout)
+    rep = json.loads(subprocess.run(base + ["--memory-budget", "1.5MiB", "--partition-rows", "5000"],
+                                    capture_output=True, text=True, check=True).stdout)
     assert rep["shuffle"] == "staged" and rep["bytes_staged"] > 0 and rep["points_written"] == len(pts)
     bad = subprocess.run(base + ["--memory-budget", "lots"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--memory-budget" in bad.stderr and "lots" in bad.stderr

@@ -14,10 +14,10 @@ from zarr.storage import LocalStore, MemoryStore
 
 from zv_dask.errors import StoreError
 from zv_dask.format.grid import Grid
-from zv_dask.store.api import create_vlen_array
 from zv_dask.store.backends import concurrency_option
 from zv_dask.store.cellio import cell_keys, delete_cells, get_cells, put_cells
 from zv_dask.store.levels import read_payloads, write_cells
+from zv_dask.store.nodes import create_vlen_array
 from zv_dask.store.retry import RetryingObjectStore
 
 # a cell value: bytes, or a tuple of buffers stored one after the other (never empty: a cell is a frame)

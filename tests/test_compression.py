@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import zarr
 import zarr_vectors
+from helpers import canon, reference_validate
 
 import zv_dask
 from zv_dask.errors import InputError
 from zv_dask.format.codecs import COMPRESSIONS, check_compression, compressors_for
 from zv_dask.local import read_points
 from zv_dask.store.levels import write_cells
-
-from helpers import canon, reference_validate
 
 N = 20_000
 

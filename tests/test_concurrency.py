@@ -84,7 +84,7 @@ def test_a_store_remade_while_a_job_plans_is_busy_not_a_crash(tmp_path):
 
     from zv_dask.errors import StoreBusyError
     from zv_dask.ingest.target import plan_target
-    from zv_dask.store.api import create_vlen_array
+    from zv_dask.store.nodes import create_vlen_array
 
     path = tmp_path / "s.zv"
     zs = zv_dask.create_store(str(path), bounds=([0] * 3, [100] * 3), chunk_shape=25)

@@ -183,7 +183,8 @@ def test_write_into_not_a_store(tmp_path, kind):
 def test_open_missing_and_malformed(tmp_path):
     missing = tmp_path / "missing.zarr"
     for mode in ("r", "r+"):
-        assert_refused(missing, lambda: Z.open_store(str(missing), mode), StoreError, "the path does not exist")
+        assert_refused(missing, lambda mode=mode: Z.open_store(str(missing), mode), StoreError,
+                       "the path does not exist")
     assert_refused(missing, lambda: Z.open_store(str(missing), "r", backend="icechunk"), StoreError,
                    "no icechunk repository")
     assert not missing.exists()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import dask
@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from helpers import WKT, fill_las_dimensions
 from laspy.vlrs.known import GeoKeyDirectoryVlr, WktCoordinateSystemVlr
 
 import zv_dask
 from zv_dask.errors import InputError, StoreError
 from zv_dask.format.las_layout import choose_point_format, las_record, to_integers
-from helpers import WKT, fill_las_dimensions
 
 BIN = Path(sys.executable).parent / "zv-dask"
 N = 5000

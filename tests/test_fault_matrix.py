@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from helpers import icechunk_state
 
 BIN = Path(sys.executable).parent / "zv-dask"

@@ -19,12 +19,12 @@ import dask
 import icechunk
 import numpy as np
 import pytest
+from faults import FaultyStore, bounce_during, faulty_cloud
+from helpers import canon, reference_points, reference_validate, store_contents, tree_bytes
 from zarr.storage import LocalStore, ObjectStore
 
 import zv_dask
 from zv_dask import IngestError
-from faults import FaultyStore, bounce_during, faulty_cloud
-from helpers import canon, reference_points, reference_validate, store_contents, tree_bytes
 
 BOUNDS = ([0.0] * 3, [100.0] * 3)
 CHUNK = (25.0, 25.0, 25.0)
@@ -141,8 +141,8 @@ def test_write_failure_leaves_the_icechunk_branch_as_it_was(repo_with_points, da
     before = _repo_contents(storage)
     pts = faulty_cloud(N, ROWS, tmp_path, fail_block=2)  # block 2 loads for the scan, fails in the shuffle
     with pytest.raises(IngestError) as info:
-        zv_dask.ingest(pts, url, backend="icechunk", storage_options=opts, overwrite=True, chunk_shape=CHUNK, base_bin_shape=BIN, client=dask_client,
-                       pyramid=True, message="doomed", **JOB)
+        zv_dask.ingest(pts, url, backend="icechunk", storage_options=opts, overwrite=True, chunk_shape=CHUNK,
+                       base_bin_shape=BIN, client=dask_client, pyramid=True, message="doomed", **JOB)
     _assert_stage_error(info.value, "write", chunk=False, secret=(opts or {}).get("secret_access_key"))
     assert "injected fault" in str(info.value) and "input block 2" in str(info.value)
     assert _repo_contents(storage) == before, "same snapshot, same history, same bytes"
@@ -166,6 +166,7 @@ def test_killed_worker_keeps_an_existing_plain_store(tmp_path, fragile_client, r
 
 def test_killed_worker_leaves_the_icechunk_branch_as_it_was(tmp_path, fragile_client, rng):
     from distributed import KilledWorker
+
     from zv_dask.local import write_points
 
     fragile_client.wait_for_workers(2, timeout=30)
@@ -176,7 +177,8 @@ def test_killed_worker_leaves_the_icechunk_branch_as_it_was(tmp_path, fragile_cl
     before = _repo_contents(storage)
     pts = faulty_cloud(N, ROWS, tmp_path, fail_block=1, action="kill")
     with pytest.raises(IngestError) as info:
-        zv_dask.ingest(pts, url, backend="icechunk", overwrite=True, chunk_shape=CHUNK, base_bin_shape=BIN, client=fragile_client, **JOB)
+        zv_dask.ingest(pts, url, backend="icechunk", overwrite=True, chunk_shape=CHUNK, base_bin_shape=BIN,
+                       client=fragile_client, **JOB)
     _assert_stage_error(info.value, "write", chunk=False)
     assert isinstance(info.value.__cause__, KilledWorker)
     assert _repo_contents(storage) == before
@@ -260,7 +262,8 @@ def test_s3_server_restart_mid_write_icechunk(s3_server, s3_prefix, dask_client,
     pts = rng.uniform(0, 100, (N, 3)).astype("f4")
     err = _bounced(s3_server, f"{s3_prefix}/repo",
                    lambda: zv_dask.ingest(pts, url, backend="icechunk", storage_options={**opts, **FLAKY},
-                                          overwrite=True, chunk_shape=CHUNK, base_bin_shape=BIN, client=dask_client, pyramid=True, **JOB))
+                                          overwrite=True, chunk_shape=CHUNK, base_bin_shape=BIN, client=dask_client,
+                                          pyramid=True, **JOB))
     if err is None:
         tip, n, _ = _repo_contents(storage)
         assert n == before[1] + 1

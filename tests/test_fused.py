@@ -14,11 +14,11 @@ import os
 import dask
 import numpy as np
 import pytest
+from helpers import cell_bytes, reference_validate, tree_bytes
 
 import zv_dask
-from helpers import cell_bytes, reference_validate, tree_bytes
-from zv_dask.ingest.shuffle import UnitGrid
 from zv_dask.format.grid import Grid
+from zv_dask.ingest.shuffle import UnitGrid
 
 SYNC = {"scheduler": "synchronous"}
 

@@ -20,12 +20,11 @@ import dask
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import tree_bytes
 
 import zv_dask as Z
 from zv_dask import cli
 from zv_dask.errors import InputError, MetadataError, StoreError, UnfinishedJobError, UnfinishedJobWarning, ZVError
-
-from helpers import tree_bytes
 
 files = importlib.import_module("zv_dask.ingest.files")  # (zv_dask.ingest is also the function)
 BIN = Path(sys.executable).parent / "zv-dask"

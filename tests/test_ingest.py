@@ -7,14 +7,12 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import canon, cell_bytes, reference_points, reference_validate, tree_bytes
 
 import zv_dask
-from zv_dask.errors import InputError, OutOfBoundsError, StoreError
+from zv_dask.errors import InputError, OutOfBoundsError, StoreError, UnfinishedJobWarning
 from zv_dask.ingest.graph import PreparedIngest
-from zv_dask.errors import UnfinishedJobWarning
 from zv_dask.local import write_points
-
-from helpers import canon, cell_bytes, reference_points, reference_validate, tree_bytes
 
 N = 20_000
 CS = (125.0, 125.0, 125.0)

@@ -8,11 +8,11 @@ import dask
 import laspy
 import numpy as np
 import pytest
+from helpers import WKT, fill_las_dimensions, reference_validate
 from laspy.vlrs.known import GeoKeyDirectoryVlr, WktCoordinateSystemVlr
 
 import zv_dask
 from zv_dask.errors import InputError
-from helpers import WKT, fill_las_dimensions, reference_validate
 
 DATA = Path(__file__).parent / "data"
 

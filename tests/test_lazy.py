@@ -7,10 +7,10 @@ import icechunk
 import numpy as np
 import pytest
 from distributed import progress, wait
+from helpers import canon, cell_bytes, reference_validate
 
 import zv_dask
 from zv_dask.errors import IngestError, InputError, StoreError
-from helpers import canon, cell_bytes, reference_validate
 
 CS = (25.0, 25.0, 25.0)
 

@@ -16,6 +16,7 @@ import os
 import dask
 import numpy as np
 import pytest
+from helpers import reference_links, reference_rows, reference_validate
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +33,6 @@ from zv_dask.format.links import (
 )
 from zv_dask.local import write_points
 from zv_dask.store.api import open_store
-from helpers import reference_links, reference_rows, reference_validate
 
 pytest.importorskip("zarr_vectors")
 SYNC = {"scheduler": "synchronous"}
@@ -341,7 +341,8 @@ def test_every_offset_array_written_is_declared_and_non_empty(tmp_path):
 # -- reading links back --------------------------------------------------------------------------
 def test_read_links_matches_the_reference_reader(tmp_path):
     from zarr_vectors.core.arrays import read_link_arrays
-    from zarr_vectors.core.store import get_resolution_level, open_store as ref_open
+    from zarr_vectors.core.store import get_resolution_level
+    from zarr_vectors.core.store import open_store as ref_open
 
     rng = np.random.default_rng(13)
     path = str(tmp_path / "r.zv")

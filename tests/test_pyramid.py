@@ -9,10 +9,10 @@ from collections import Counter
 import dask
 import numpy as np
 import pytest
+from helpers import tree_bytes
 
 import zv_dask
-from helpers import tree_bytes
-from zv_dask.errors import InputError, IngestError
+from zv_dask.errors import IngestError, InputError
 from zv_dask.local import write_points
 from zv_dask.store.api import open_store, read_level_metadata
 from zv_dask.transaction import WriteJob
@@ -251,7 +251,8 @@ def test_pyramid_on_reference_written_store(tmp_path):
     assert rep.vertex_counts[1] <= 64 and rep.vertex_counts[2] <= 8
     assert_valid(plain)
     r1 = ref_read(str(plain), level=1, attribute_names=["intensity", "rgb"])
-    assert len(r1["positions"]) == rep.vertex_counts[1] and r1["vertex_attributes"]["rgb"].shape == (len(r1["positions"]), 3)
+    assert len(r1["positions"]) == rep.vertex_counts[1]
+    assert r1["vertex_attributes"]["rgb"].shape == (len(r1["positions"]), 3)
     objs = tmp_path / "objs.zarr"
     oids = rng.integers(0, 7, 2000)
     ref_write(str(objs), pts, chunk_shape=(25.0,) * 3, object_ids=oids)  # base bin = chunk
@@ -282,7 +283,8 @@ def test_reference_pyramid_is_replaced(tmp_path):
     assert os.path.isdir(path / "0" / "links") and os.path.isdir(path / "3")
     with dask.config.set(SYNC):
         rep = zv_dask.build_pyramid(str(path), levels=1)
-    assert rep.links == "explicit" and not os.path.exists(path / "2") and not os.path.exists(path / "1" / "links" / "+1")
+    assert rep.links == "explicit" and not os.path.exists(path / "2")
+    assert not os.path.exists(path / "1" / "links" / "+1")
     assert sorted(os.listdir(path / "0" / "links")) == ["+1", "zarr.json"]
     assert_valid(path)
     zs = open_store(str(path))
@@ -382,7 +384,8 @@ def test_plain_failure_keeps_finished_levels_and_resumes(tmp_path, monkeypatch, 
         zv_dask.build_pyramid(str(ref), **opts)
     real = stack.coarsen_level
     monkeypatch.setattr(stack, "coarsen_level",
-                        lambda fine, step: (_ for _ in ()).throw(RuntimeError("x")) if step.level == 2 else real(fine, step))
+                        lambda fine, step: (_ for _ in ()).throw(RuntimeError("x")) if step.level == 2
+                        else real(fine, step))
     with dask.config.set(SYNC), pytest.raises(IngestError, match="pyramid level 2.*resume=True"):
         zv_dask.build_pyramid(str(path), **opts)
     with pytest.warns(zv_dask.UnfinishedJobWarning, match="unfinished pyramid job"):

@@ -151,7 +151,8 @@ def partitions(ddf) -> list[pd.DataFrame]:
 
 
 def chunk_of_numbers(zs, numbers, level=0, scheme="grid"):
-    """Absolute chunk of each chunk number: its C-order cell in the ``vertices`` grid, or its rank in ``nonempty_chunks``."""
+    """Absolute chunk of each chunk number: its C-order cell in the ``vertices`` grid, or its rank in
+    ``nonempty_chunks``."""
     vert = zs.root[f"{level}/vertices"]
     ndim = len(vert.shape)
     if scheme == "rank":

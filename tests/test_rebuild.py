@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import reference_validate, tree_bytes
 
 import zv_dask
 from zv_dask.store.journal import JOURNAL_DIR
-
-from helpers import reference_validate, tree_bytes
 
 BIN = Path(sys.executable).parent / "zv-dask"
 OLD = ["--levels", "3", "--links", "explicit"]

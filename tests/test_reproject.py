@@ -12,11 +12,11 @@ import laspy
 import numpy as np
 import pyproj
 import pytest
+from helpers import reference_validate
 from laspy.vlrs.known import WktCoordinateSystemVlr
 
 import zv_dask
 from zv_dask.errors import InputError
-from helpers import reference_validate
 
 DATA = Path(__file__).parent / "data"
 BIN = Path(sys.executable).parent / "zv-dask"

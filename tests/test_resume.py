@@ -22,14 +22,13 @@ import dask
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import icechunk_state, reference_validate, tree_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zv_dask
 from zv_dask.errors import IngestError, InputError, StoreError, UnfinishedJobWarning
 from zv_dask.store.journal import JOURNAL_DIR, Journal
-
-from helpers import icechunk_state, reference_validate, tree_bytes
 
 BIN = Path(sys.executable).parent / "zv-dask"
 N = 150_000

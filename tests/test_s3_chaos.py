@@ -31,11 +31,11 @@ import numpy as np
 import obstore
 import pytest
 import zarr
-
-import zv_dask
 from chaosproxy import ChaosProxy, header, is_conditional_put
 from faults import _wait_readable
 from helpers import store_contents
+
+import zv_dask
 from zv_dask import IngestError, StoreError
 from zv_dask.errors import ZVError
 

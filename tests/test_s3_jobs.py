@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import zarr
 from distributed import get_task_stream
+from helpers import canon
 
 import zv_dask
 from zv_dask import StoreError
-from helpers import canon
 
 CHUNK = (50.0, 50.0, 50.0)
 BIN = (6.25, 6.25, 6.25)

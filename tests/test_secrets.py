@@ -40,7 +40,6 @@ from distributed import Client, LocalCluster, get_task_stream
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 import zv_dask
-from zv_dask.store import backends
 from zv_dask.store.credentials import ClientCredentials, icechunk_credentials, prepare_credentials, redact
 
 pytestmark = pytest.mark.s3
@@ -314,7 +313,8 @@ def test_icechunk_job_with_keys_shows_them_nowhere(srv, cluster, client, points,
     zs = zv_dask.open_store(url, "r+", storage_options=opts, backend="icechunk")
     fork = zs.session.fork()
     places.update({"fork repr": f"{fork!r} {fork!s}", "session repr": f"{zs.session!r}",
-                   "repository repr": f"{zs.backend.repository!r}", "storage repr": f"{zs.backend.repository.storage!r}"})
+                   "repository repr": f"{zs.backend.repository!r}",
+                   "storage repr": f"{zs.backend.repository.storage!r}"})
     assert SECRET.encode() in pickle.dumps(fork), "icechunk's fork carries its static credentials"
     places.update(dashboard_pages(cluster))
     places.update(cluster.audit.places())
@@ -342,14 +342,14 @@ def test_failed_jobs_name_no_secret(srv, cluster, client, points, prefix, tmp_pa
     }
     places = {}
     for name, (opts, backend) in cases.items():
-        with pytest.raises(Exception) as e:  # noqa: PT011 - any error; what it says is what is checked
+        with pytest.raises(Exception) as e:
             zv_dask.ingest(pts, srv.url(prefix, name.replace(" ", "-").replace(",", "")), attributes=attrs,
                            storage_options=opts, backend=backend, client=client, **JOB)
         places.update({f"{name}: {k}": v for k, v in error_texts(e.value).items()})
     # a task that fails on a worker, mid-write on S3 (the job's journal stays for --resume: searched too)
     client.run(_setenv, "ZV_DASK_FAIL_AT", "group:0")
     try:
-        with pytest.raises(Exception) as e:  # noqa: PT011
+        with pytest.raises(Exception) as e:
             zv_dask.ingest(pts, srv.url(prefix, "task.zv"), attributes=attrs, storage_options=srv.storage_options(),
                            client=client, **JOB)
     finally:
@@ -474,7 +474,7 @@ def test_client_credentials_stay_in_the_client(srv, cluster, client, points, pre
     wrong = "zvW0RKERenv" + uuid.uuid4().hex
     client.run(_setenv, "AWS_SECRET_ACCESS_KEY", wrong)
     try:
-        with pytest.raises(Exception) as e:  # noqa: PT011
+        with pytest.raises(Exception) as e:
             zv_dask.ingest(pts, srv.url(prefix, "cc-bad.zv"), attributes=attrs, storage_options={
                 **opts, "max_retries": 0}, client=client, **JOB)
     finally:

@@ -12,16 +12,17 @@ from zv_dask.errors import (
     UnfinishedJobWarning,
     ZVError,
 )
-from zv_dask.format.metadata import ZV_VERSION
-from zv_dask.pyramid import PyramidReport, build_pyramid
-from zv_dask.read import open_level, read_points
 from zv_dask.export import export
-from zv_dask.read_links import parent_rows, read_links
+from zv_dask.format.metadata import ZV_VERSION
 from zv_dask.ingest.append import roll_back_append as roll_back
 from zv_dask.ingest.graph import ingest, prepare_ingest
-from zv_dask.lazy import PendingIngest, PendingPyramid
-from zv_dask.ingest.report import IngestReport
 from zv_dask.ingest.plan import IngestPlan, plan_ingest
+from zv_dask.ingest.report import IngestReport
+from zv_dask.lazy import PendingIngest, PendingPyramid
+from zv_dask.pyramid import PyramidReport, build_pyramid
+from zv_dask.read import open_level, read_points
+from zv_dask.read_links import parent_rows, read_links
+from zv_dask.stats import store_stats
 from zv_dask.store.api import (
     ZVStore,
     add_resolution_level,
@@ -39,12 +40,11 @@ from zv_dask.store.api import (
     rebind,
     remove_resolution_level,
     session_for,
-    set_bounds,
     store_info,
     write_parametric_types,
 )
-from zv_dask.stats import store_stats
 from zv_dask.store.credentials import ClientCredentials
+from zv_dask.store.rewrite import set_bounds
 from zv_dask.validate import ValidationReport, validate_store
 
 __version__ = "0.1.0"

@@ -24,9 +24,32 @@ import time
 import warnings
 from pathlib import Path
 
+import zv_dask
+from zv_dask import __version__
+from zv_dask.budget import parse_size
+from zv_dask.errors import (
+    InputError,
+    MetadataError,
+    OutOfBoundsError,
+    StoreError,
+    UnfinishedJobError,
+    UnfinishedJobWarning,
+)
+from zv_dask.export import export
+from zv_dask.format.codecs import COMPRESSIONS, check_compression
 from zv_dask.format.crs import crs_label
-from zv_dask.scheduling import describe_scheduler
-from zv_dask.store.credentials import redact
+from zv_dask.format.metadata import LINK_STORAGE, ZV_VERSION
+from zv_dask.ingest.bounds import POLICIES
+from zv_dask.ingest.fused import pyramid_options
+from zv_dask.ingest.plan import plan_ingest, preflight
+from zv_dask.ingest.report import _fmt_bytes as fmt
+from zv_dask.ingest.sources import input_files
+from zv_dask.pyramid.coarsen import METHODS
+from zv_dask.scheduling import describe_scheduler, local_cluster
+from zv_dask.stats import format_stats, store_stats
+from zv_dask.store.backends import local_path
+from zv_dask.store.credentials import SECRET_OPTIONS, prepare_credentials, redact
+from zv_dask.validate import validate_store
 
 __all__ = ["main", "build_parser", "parse_storage_option", "demo_points"]
 
@@ -46,8 +69,6 @@ class BadArguments(Exception):
 
 
 def _bad_input_types() -> tuple[type, ...]:
-    from zv_dask.errors import InputError, MetadataError, OutOfBoundsError, StoreError
-
     return (InputError, StoreError, MetadataError, OutOfBoundsError, BadArguments)
 
 
@@ -147,9 +168,6 @@ def _memory(text: str) -> str:
 
 
 def _size(text: str) -> str:
-    from zv_dask.budget import parse_size
-    from zv_dask.errors import InputError
-
     try:
         parse_size(text, "--memory-budget")
     except InputError as e:
@@ -187,8 +205,6 @@ def parse_storage_option(text: str) -> tuple[str, object]:
 
     A malformed argument is never echoed back: it may hold a secret.
     """
-    from zv_dask.store.credentials import SECRET_OPTIONS
-
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep:
@@ -210,7 +226,7 @@ def _ratio(values: list[int]):
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2)."""
 
-    def error(self, message):  # noqa: D401 - argparse API
+    def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -264,7 +280,7 @@ def _add_pyramid(p, include_flag: bool) -> None:
                    help="bin growth per level: one integer or one per axis, e.g. 2 or 2,2,1 (default: 2)")
     g.add_argument("--chunk-scale", type=_positive_ints, default=[1], metavar="S",
                    help="chunk growth per level, as --bin-ratio (default: 1)")
-    g.add_argument("--method", choices=("centroid", "first", "random", "sample"), default="centroid",
+    g.add_argument("--method", choices=METHODS, default="centroid",
                    help="how a bin's points become its coarse points (default: centroid)")
     g.add_argument("--sample-size", type=_count, default=8, metavar="N",
                    help="points kept per bin by --method sample (default: 8)")
@@ -272,7 +288,7 @@ def _add_pyramid(p, include_flag: bool) -> None:
                    help="seed of --method random/sample, reproducible whatever the workers (default: 0)")
     g.add_argument("--min-points", type=_non_negative, default=1024, metavar="N",
                    help="stop adding levels once a level holds at most N points (default: 1024)")
-    g.add_argument("--links", choices=("explicit", "implicit", "none"),
+    g.add_argument("--links", choices=LINK_STORAGE,
                    help="cross-level links from each point to its coarse point: +1 and the -1 mirror (explicit), "
                         "+1 only (implicit) or none (default: what the store declares; new stores: none)")
     g.add_argument("--levels-per-task", type=_count, metavar="N",
@@ -284,9 +300,6 @@ def _add_pyramid(p, include_flag: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``zv-dask`` argument parser (one sub-command per job)."""
-    from zv_dask import __version__
-    from zv_dask.format.metadata import ZV_VERSION
-
     parser = _Parser(prog=PROG, description="Huge point clouds into multi-resolution Zarr Vectors "
                                             f"(ZV {ZV_VERSION}) stores, in parallel with Dask.",
                      epilog="Run 'zv-dask COMMAND --help' for a command's options. Exit codes: 0 done, "
@@ -311,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store bounds xmin,ymin,zmin,xmax,ymax,zmax (default: fit the data)")
     g.add_argument("--bin-shape", type=_positive_floats, metavar="B",
                    help="base bin edge (divides the chunk shape; default: one bin per chunk)")
-    g.add_argument("--out-of-bounds", choices=("raise", "ignore", "expand"), default="raise",
+    g.add_argument("--out-of-bounds", choices=POLICIES, default="raise",
                    help="points outside --bounds: refuse (default), drop and count, or grow the bounds")
     g.add_argument("--dtype", choices=("float32", "float64"),
                    help="stored position dtype (default: float32; float64 for LAS/LAZ)")
@@ -323,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "pip install 'zv-dask[crs]'), from --crs or each file's own CRS")
     g.add_argument("--shard-shape", type=_positive_ints, metavar="K",
                    help="chunks per shard along each axis (zarr sharding)")
-    g.add_argument("--compression", choices=("none", "zstd", "blosc"),
+    g.add_argument("--compression", choices=COMPRESSIONS,
                    help="codec after vlen-bytes on every array (default: zstd)")
     g.add_argument("--compression-level", type=int, metavar="N",
                    help="level of --compression (default: zstd 3, blosc 5)")
@@ -452,8 +465,6 @@ def _status(args, text: str) -> None:
 
 def _options(args) -> dict | None:
     """The storage options of ``-S``; ``worker_credentials=env`` keeps the keys in this process."""
-    from zv_dask.store.credentials import prepare_credentials
-
     if getattr(args, "_storage_options", None) is None:
         opts = dict(getattr(args, "storage_option", None) or [])
         args._storage_options = prepare_credentials(opts) or {}
@@ -503,7 +514,6 @@ def _print_json(obj, out) -> None:
 def _fmt_bytes(n) -> str:
     if n is None:
         return "-"
-    from zv_dask.ingest.report import _fmt_bytes as fmt
     return fmt(int(n))
 
 
@@ -522,8 +532,6 @@ def _estimated_points(src, sources) -> int | None:
     if src.n_rows is not None:
         return int(src.n_rows)
     if src.kind == "csv":
-        from zv_dask.ingest.sources import input_files
-
         return sum(os.path.getsize(f) for f in input_files(sources) if os.path.isfile(f)) // 16
     return None
 
@@ -580,7 +588,6 @@ def _cluster(args, in_process: str | None = None):
         finally:
             client.close()
         return
-    from zv_dask.scheduling import local_cluster
 
     n = args.workers or max(1, os.cpu_count() or 1)
     if args.command == "demo" and not args.workers:
@@ -641,12 +648,11 @@ def _one_line(e: BaseException) -> str:
 def _pyramid_kwargs(args) -> dict:
     return {"levels": args.levels, "bin_ratio": _ratio(args.bin_ratio), "chunk_scale": _ratio(args.chunk_scale),
             "method": args.method, "sample_size": args.sample_size, "seed": args.seed,
-            "min_points": args.min_points, "links": args.links, "levels_per_task": args.levels_per_task, "points_per_task": args.points_per_task}
+            "min_points": args.min_points, "links": args.links, "levels_per_task": args.levels_per_task,
+            "points_per_task": args.points_per_task}
 
 
 def _check_pyramid_steps(ndim: int, kw: dict) -> None:
-    from zv_dask.ingest.fused import pyramid_options
-
     pyramid_options(kw, ndim)
 
 
@@ -657,15 +663,11 @@ def _sources(args):
 # -- commands --------------------------------------------------------------------------------
 def cmd_ingest(args, out) -> int:
     """``zv-dask ingest``: :func:`zv_dask.ingest` (or :func:`zv_dask.plan_ingest` with ``--dry-run``)."""
-    import zv_dask
-    from zv_dask.format.codecs import check_compression
-    from zv_dask.ingest.plan import plan_ingest, preflight
-
     kw = dict(attributes=args.attributes, object_ids=args.object_ids, columns=args.columns,
               chunk_shape=args.chunk_shape, bounds=args.bounds, base_bin_shape=args.bin_shape,
               out_of_bounds=args.out_of_bounds, dtype=args.dtype, shard_shape=args.shard_shape, crs=args.crs,
-              reproject=args.reproject, backend=_backend(args), storage_options=_options(args), overwrite=args.overwrite,
-              partition_rows=args.partition_rows, branch=args.branch,
+              reproject=args.reproject, backend=_backend(args), storage_options=_options(args),
+              overwrite=args.overwrite, partition_rows=args.partition_rows, branch=args.branch,
               pyramid=_pyramid_kwargs(args) if args.pyramid else None)
     job_kw = dict(group_points=args.group_points)
     check_compression(args.compression, args.compression_level)  # before a cluster starts
@@ -713,8 +715,6 @@ def _pyramid_dict(store: str, rep) -> dict:
 
 def cmd_pyramid(args, out) -> int:
     """``zv-dask pyramid``: :func:`zv_dask.build_pyramid` on an existing store."""
-    import zv_dask
-
     zs = zv_dask.open_store(args.store, "r+", backend=_backend(args, args.store), storage_options=_options(args),
                             branch=args.branch)
     kw = _pyramid_kwargs(args)
@@ -765,8 +765,6 @@ def _dir_size(path: Path) -> int:
 
 def store_sizes(zs) -> dict:
     """Bytes on disk where that is cheap to know: per level of a local store, or a local icechunk repository."""
-    from zv_dask.store.backends import local_path
-
     url = zs.url
     if not url or ("://" in url and not url.startswith("file://")):
         return {"total": None, "levels": {}, "note": "sizes are only measured for local stores"}
@@ -782,8 +780,6 @@ def store_sizes(zs) -> dict:
 
 def info_dict(zs) -> dict:
     """:func:`zv_dask.store_info` plus the store location, position dtype and sizes on disk."""
-    import zv_dask
-
     info = zv_dask.store_info(zs)
     info["store"] = zs.url or zs.backend.kind
     info["dtype"] = zs.grid(0).dtype
@@ -851,8 +847,6 @@ def format_info(info: dict) -> str:
 
 def cmd_rollback(args, out) -> int:
     """``zv-dask rollback``: :func:`zv_dask.roll_back`."""
-    import zv_dask
-
     with warnings.catch_warnings():  # the unfinished append is what this command is about
         warnings.simplefilter("ignore")
         done = zv_dask.roll_back(args.store, storage_options=_options(args))
@@ -867,8 +861,6 @@ def cmd_rollback(args, out) -> int:
 
 def cmd_info(args, out) -> int:
     """``zv-dask info``: levels, counts, bounds, attributes and sizes of a store."""
-    import zv_dask
-
     with warnings.catch_warnings():  # an unfinished job is the first line of the summary
         warnings.simplefilter("ignore", zv_dask.UnfinishedJobWarning)
         zs = zv_dask.open_store(args.store, "r", backend=_backend(args, args.store), storage_options=_options(args),
@@ -879,8 +871,6 @@ def cmd_info(args, out) -> int:
     stats = None
     if args.stats:
         import dask
-
-        from zv_dask.stats import format_stats, store_stats
 
         with dask.config.set(scheduler="threads"):  # dask tasks read the data, in this process
             stats = store_stats(zs, levels=args.levels, progress=not args.quiet)
@@ -895,8 +885,6 @@ def cmd_info(args, out) -> int:
 
 def cmd_validate(args, out) -> int:
     """``zv-dask validate``: :func:`zv_dask.validate_store`; exit 1 when the store has errors."""
-    from zv_dask.validate import validate_store
-
     rep = validate_store(args.store, backend=_backend(args, args.store), storage_options=_options(args),
                          branch=args.branch, progress=not args.quiet)
     if args.json:
@@ -909,8 +897,6 @@ def cmd_validate(args, out) -> int:
 def cmd_export(args, out) -> int:
     """``zv-dask export``: :func:`zv_dask.export`, on threads in this process."""
     import dask
-
-    from zv_dask.export import export
 
     with dask.config.set(scheduler="threads"):
         d = export(args.store, args.out, level=args.level, bbox=args.bbox, attributes=args.attributes,
@@ -961,9 +947,6 @@ def demo_points(n: int = DEMO_POINTS, seed: int = 0):
 def cmd_demo(args, out) -> int:
     """``zv-dask demo``: synthetic points -> ingest + pyramid on a LocalCluster -> report, info, validation."""
     import dask.array as da
-
-    import zv_dask
-    from zv_dask.validate import validate_store
 
     store = args.store or DEMO_STORE
     backend = "icechunk" if args.icechunk else None
@@ -1045,7 +1028,6 @@ def main(argv: list[str] | None = None) -> int:
             "argument --workers: not allowed with argument --scheduler (the scheduler's cluster has its workers)")
     _quiet_logs(args)
     prog = f"{PROG} {args.command}"
-    from zv_dask.errors import UnfinishedJobError
 
     with _job_warnings() as said:
         code = _run(args, prog)
@@ -1061,8 +1043,6 @@ def _job_warnings():
 
     Python would print it with a file name and a source line, among the progress bars.
     """
-    from zv_dask.errors import UnfinishedJobWarning
-
     said: list[str] = []
     shown = warnings.showwarning
 

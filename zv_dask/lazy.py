@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 import pickle
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from dask.base import DaskMethodsMixin
 from dask.delayed import Delayed, delayed

@@ -10,36 +10,14 @@ from __future__ import annotations
 import numpy as np
 
 from zv_dask.format.codecs import compressors_for
-from zv_dask.format.layout import encode_plan, plan_chunks
 from zv_dask.format.metadata import LevelMetadata, attribute_spec
 from zv_dask.ingest.bounds import partition_stats, settle_bounds
 from zv_dask.ingest.inputs import check_attributes, check_object_ids, check_positions
 from zv_dask.ingest.target import materialize_target, plan_target
-from zv_dask.store.api import ZVStore, as_store
-from zv_dask.store.levels import (
-    AttributeSpec,
-    ChunkSummary,
-    finalize_level,
-    prepare_level,
-    read_level,
-    write_chunk_payloads,
-)
+from zv_dask.store.api import ZVStore, as_store, commit
+from zv_dask.store.levels import read_level, write_level_points
 
-__all__ = ["write_points", "read_points", "write_level_points"]
-
-
-def write_level_points(zs: ZVStore, level: int, positions, attributes: dict, object_ids, meta: LevelMetadata,
-                       *, shards=None, compressors=None, all_object_ids=None) -> LevelMetadata:
-    """Lay out, encode and write in-bounds points as one level, metadata last."""
-    grid = zs.grid(level) if level == 0 else zs.grid(level)
-    specs = [AttributeSpec.of(n, v) for n, v in attributes.items()]
-    prepare_level(zs.root, level, grid, specs, shards=shards, compressors=compressors)
-    plan = plan_chunks(positions, grid, object_ids)
-    payloads = list(encode_plan(plan, grid.cast(positions), attributes, grid.dtype, specs, level=level))
-    write_chunk_payloads(zs.store, level, grid, payloads, specs)
-    summary = ChunkSummary.from_plan(plan)
-    meta.fragments_tile = True
-    return finalize_level(zs.root, level, grid, summary, meta, specs)
+__all__ = ["write_points", "read_points"]
 
 
 def write_points(store, points, *, attributes=None, object_ids=None, chunk_shape=None, bounds=None,
@@ -73,7 +51,6 @@ def write_points(store, points, *, attributes=None, object_ids=None, chunk_shape
     write_level_points(zs, 0, grid.cast(points), attributes, object_ids, LevelMetadata(level=0),
                        shards=shard_shape, compressors=compressors)
     if zs.session is not None and commit_message:
-        from zv_dask.store.api import commit
         commit(zs, commit_message)
     return zs
 

@@ -58,7 +58,8 @@ def show_progress(futures, label: str) -> None:
 
 
 def compute_with_progress(objs, label: str) -> list:
-    """``dask.compute(*objs)`` on the current local scheduler, with a bar (a terminal) or two lines (a log) on stderr."""
+    """``dask.compute(*objs)`` on the current local scheduler, with a bar (a terminal) or two lines (a log) on
+    stderr."""
     import time
 
     import dask

@@ -17,6 +17,7 @@ from zv_dask.errors import MetadataError
 from zv_dask.format.cells import decode_fragments
 from zv_dask.format.grid import parse_chunk_key
 from zv_dask.format.links import anchor, decode_link_rows, parse_offset_segment
+from zv_dask.pyramid.coarsen import bin_keys
 from zv_dask.store.api import as_store, get_resolution_level
 from zv_dask.store.levels import _read_cells, level_chunk_keys, level_grid
 
@@ -85,8 +86,6 @@ def _row_offsets(zs, level: int) -> tuple[np.ndarray, np.ndarray]:
 
 def locate_chunks(table: np.ndarray, chunks: np.ndarray) -> np.ndarray:
     """Position of each of ``chunks`` (N, D) in ``table`` (M, D), ``-1`` where absent; vectorised."""
-    from zv_dask.pyramid.coarsen import bin_keys
-
     table, chunks = np.asarray(table, np.int64), np.asarray(chunks, np.int64)
     if not len(chunks) or not len(table):
         return np.full(len(chunks), -1, np.int64)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from zv_dask.errors import InputError
+from zv_dask.progress import compute_with_progress, show_progress
+from zv_dask.transaction import gather_or_stop
+
 __all__ = ["resolve_client", "run_tasks", "task_slots", "local_cluster", "describe_scheduler"]
 
 
@@ -41,7 +45,7 @@ def describe_scheduler(client) -> str:
         threads = sum(int(w.get("nthreads", 1)) for w in workers.values())
         return (f"{info.get('address', 'distributed')}: {len(workers)} worker{'s' if len(workers) != 1 else ''}, "
                 f"{threads} thread{'s' if threads != 1 else ''}")
-    except Exception:  # a client that cannot say: name it anyway
+    except Exception:  # noqa: BLE001 - a client that cannot say: name it anyway
         return type(client).__name__
 
 
@@ -70,12 +74,8 @@ def run_tasks(objs, client, progress: bool = False, label: str = "", on_result=N
     if not objs:
         return []
     if client is not None:
-        from zv_dask.transaction import gather_or_stop
-
         futures = client.compute(objs)
         if progress:
-            from zv_dask.progress import show_progress
-
             show_progress(futures, label)
         return gather_or_stop(client, futures, on_result=on_result)
     results = _run_local(objs, progress, label)
@@ -98,8 +98,6 @@ def _run_local(objs, progress: bool, label: str) -> list:
         with worker_client() as c:
             return c.gather(c.compute(objs))
     if progress:
-        from zv_dask.progress import compute_with_progress
-
         return compute_with_progress(objs, label)
     return list(dask.compute(*objs))
 
@@ -127,9 +125,8 @@ def local_cluster(n_workers: int | None = None, *, threads_per_worker: int = 1, 
         try:
             import bokeh  # noqa: F401
         except ImportError:
-            from zv_dask.errors import InputError
-
-            raise InputError("the Dask dashboard needs bokeh: pip install 'zv-dask[dashboard]' (or bokeh>=3.1)") from None
+            raise InputError("the Dask dashboard needs bokeh: pip install 'zv-dask[dashboard]' "
+                             "(or bokeh>=3.1)") from None
     else:
         opts["scheduler_kwargs"] = {"dashboard": False}
     opts.update(kwargs)

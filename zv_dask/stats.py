@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from zv_dask.budget import fmt_bytes as fb
 from zv_dask.errors import InputError
 from zv_dask.format.crs import crs_label
 from zv_dask.read import read_points
@@ -289,8 +290,6 @@ def _counts(name: str, e: dict, out: list[str]) -> None:
 def format_stats(stats: dict, fmt_bytes=None) -> str:
     """The human summary of :func:`store_stats`: per level a line per column, counts, bytes on disk."""
     if fmt_bytes is None:
-        from zv_dask.budget import fmt_bytes as fb
-
         def fmt_bytes(n):
             return "-" if n is None else fb(int(n))
     levels = ", ".join(str(lv["level"]) for lv in stats["levels"]) or "none"

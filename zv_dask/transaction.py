@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from zv_dask.errors import StoreError
+from zv_dask.store.api import commit, discard_changes
 from zv_dask.store.journal import job_branch_name
 
 __all__ = ["WriteJob", "worker_store", "returned_fork", "gather_or_stop", "CHECKPOINT_SECONDS"]
@@ -237,7 +238,7 @@ class WriteJob:
             _copy_changes(ours, repo.readonly_session(snapshot_id=tip).store, session.store)
             try:
                 return session.commit(message)
-            except Exception as e:  # noqa: BLE001 - the branch moved again: look again
+            except Exception as e:
                 import icechunk
 
                 if not isinstance(e, icechunk.ConflictError):
@@ -273,8 +274,6 @@ class WriteJob:
         nodes a :class:`StoreError` names them and the job's changes stay in the
         session (the caller aborts). Plain stores have nothing to commit.
         """
-        from zv_dask.store.api import commit
-
         message = message or self.message
         if not self.transactional:
             return commit(self.store, message)
@@ -295,8 +294,6 @@ class WriteJob:
 
     def abort(self) -> None:
         """Drop everything the job wrote to an icechunk session."""
-        from zv_dask.store.api import discard_changes
-
         self._fork = None
         if self.transactional and not getattr(self.store.session, "read_only", False):  # (spent by a commit)
             discard_changes(self.store)

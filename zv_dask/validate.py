@@ -39,9 +39,11 @@ import numpy as np
 import zarr
 
 from zv_dask.errors import FormatError, MetadataError, UnfinishedJobWarning
-from zv_dask.format.cells import decode_fragments, decode_vertices
+from zv_dask.format.cells import decode_fragments, decode_manifest, decode_vertices
 from zv_dask.format.grid import Grid, parse_chunk_key
+from zv_dask.format.links import parse_offset_segment
 from zv_dask.format.metadata import ZV_VERSION, LevelMetadata, level_bins_from_multiscales
+from zv_dask.read_links import locate_chunks, read_links
 from zv_dask.store.api import ZVStore, as_store, list_resolution_levels
 
 __all__ = ["ValidationReport", "validate_store", "attribute_size_problem"]
@@ -166,7 +168,8 @@ def _check_root(zs: ZVStore, found: _Found, levels: list[int]) -> dict[int, tupl
     if meta.zv_version != ZV_VERSION:
         found.warning("root", f"zv_version is {meta.zv_version!r}; these checks follow ZV {ZV_VERSION}")
     if "point_cloud" not in meta.geometry_types:
-        found.warning("root", f"geometry_types {meta.geometry_types} has no 'point_cloud'; only point cells are checked")
+        found.warning("root", f"geometry_types {meta.geometry_types} has no 'point_cloud'; "
+                              "only point cells are checked")
     try:
         axes = attrs["multiscales"][0]["axes"]
         if len(axes) != meta.ndim:
@@ -412,13 +415,10 @@ def _check_level(zs: ZVStore, k: int, bins: dict, found: _Found, bar) -> dict | 
 
 def _check_links(zs: ZVStore, infos: dict[int, dict], found: _Found) -> None:
     """Cross-level link families: metadata, counts, every record's two endpoints, and coverage."""
-    from zv_dask.format.links import parse_offset_segment
-    from zv_dask.read_links import locate_chunks, read_links
-
     meta = zs.metadata
     ndim = meta.ndim
     any_links = False
-    for k, info in sorted(infos.items()):
+    for k in sorted(infos):
         g = zs.root[str(k)]
         if "links" not in g:
             if meta.cross_level_storage != "none" and int(meta.cross_level_depth) > 0:
@@ -487,8 +487,6 @@ def _check_links(zs: ZVStore, infos: dict[int, dict], found: _Found) -> None:
 
 
 def _check_objects(g, k, ndim, chunks, rows, nfrag, frag_idx, lm, found: _Found) -> int | None:
-    from zv_dask.format.cells import decode_manifest
-
     lk = f"level {k} object_index"
     oi = g["object_index"]
     if not isinstance(oi, zarr.Group) or "manifests" not in oi:
@@ -607,8 +605,9 @@ def validate_store(store, *, backend: str | None = None, storage_options: dict |
         found.error("levels", f"levels are not contiguous from 0: {levels}")
     bar = None
     if progress:
-        from tqdm import tqdm
         import sys
+
+        from tqdm import tqdm
 
         total = 0
         for k in levels:

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 from zv_dask.errors import InputError
 
-__all__ = ["COMPRESSIONS", "DEFAULT_COMPRESSION", "DEFAULT_LEVELS", "check_compression", "compressors_for", "compression_of",
-           "direct_codec"]
+__all__ = ["COMPRESSIONS", "DEFAULT_COMPRESSION", "DEFAULT_LEVELS", "check_compression", "compressors_for",
+           "compression_of", "direct_codec"]
 
 COMPRESSIONS = ("none", "zstd", "blosc")
 #: what ``compression=None`` means: zstd 3 made a 1e7-point LAS store 2.9x smaller for 5% more ingest time
@@ -32,7 +32,8 @@ _LEVEL_RANGE = {"zstd": (-7, 22), "blosc": (0, 9)}
 
 
 def check_compression(compression, level=None) -> tuple[str, int | None]:
-    """``(name, level)`` of a ``compression`` option (``None`` is the default, zstd); an :class:`InputError` if unusable."""
+    """``(name, level)`` of a ``compression`` option (``None`` is the default, zstd); an :class:`InputError` if
+    unusable."""
     name = DEFAULT_COMPRESSION if compression is None else compression
     if not isinstance(name, str) or name.lower() not in COMPRESSIONS:
         raise InputError(f"compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")

@@ -154,7 +154,7 @@ class Grid:
     def n_cells(self) -> int:
         return int(np.prod(self.shape))
 
-    def with_bounds(self, bounds_min, bounds_max) -> "Grid":
+    def with_bounds(self, bounds_min, bounds_max) -> Grid:
         return Grid(tuple(map(float, bounds_min)), tuple(map(float, bounds_max)), self.chunk_shape,
                     self.base_bin_shape, self.dtype)
 
@@ -254,7 +254,9 @@ class Grid:
         if chunks is None:
             chunks = self.chunks_of_bins(bins)
         local = bins - chunks * bpc
-        return np.ravel_multi_index(tuple(local.T), tuple(bpc)).astype(np.int64) if len(local) else np.zeros(0, np.int64)
+        if not len(local):
+            return np.zeros(0, np.int64)
+        return np.ravel_multi_index(tuple(local.T), tuple(bpc)).astype(np.int64)
 
     def cells(self, chunks: np.ndarray) -> np.ndarray:
         """Absolute chunk coordinates -> zero-based cell indices in the array grid."""
@@ -268,7 +270,9 @@ class Grid:
             bad = cells[((cells < 0) | (cells >= shape)).any(axis=1)][0] + np.asarray(self.origin)
             raise InputError(f"chunk {chunk_key(bad)} lies outside the grid of bounds "
                              f"{[list(self.bounds_min), list(self.bounds_max)]}")
-        return np.ravel_multi_index(tuple(cells.T), self.shape).astype(np.int64) if len(cells) else np.zeros(0, np.int64)
+        if not len(cells):
+            return np.zeros(0, np.int64)
+        return np.ravel_multi_index(tuple(cells.T), self.shape).astype(np.int64)
 
     def chunks_of_cell_ids(self, ids: np.ndarray) -> np.ndarray:
         cells = np.stack(np.unravel_index(np.asarray(ids, np.int64), self.shape), axis=1)

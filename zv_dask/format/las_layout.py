@@ -315,7 +315,7 @@ def plan_las(axes: list[str], attrs: dict, has_obj: bool, record: dict | None, c
     if has_obj:
         items["object_id"] = (np.dtype(np.int64), None)
     wanted = {}  # attribute -> standard dimensions it would fill
-    for n, (dt, ch) in items.items():
+    for n, (_dt, ch) in items.items():
         if n == "rgb" and ch == 3:
             wanted[n] = list(COLOUR)
         elif ch is None and n in standard:

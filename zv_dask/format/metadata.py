@@ -19,6 +19,7 @@ from zv_dask.errors import MetadataError
 
 __all__ = [
     "ZV_VERSION",
+    "LINK_STORAGE",
     "DEFAULT_AXES",
     "RootMetadata",
     "LevelMetadata",
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 ZV_VERSION = "0.9.2"
+LINK_STORAGE = ("none", "implicit", "explicit")  # the root cross_level_storage values
 DEFAULT_AXES = ("x", "y", "z", "w")
 VALID_COARSENING = ("none", "per_object", "manual")
 _ROOT_DEFAULTS = {
@@ -140,7 +142,7 @@ class RootMetadata:
         return out
 
     @classmethod
-    def from_attrs(cls, attrs: dict) -> "RootMetadata":
+    def from_attrs(cls, attrs: dict) -> RootMetadata:
         """Parse the root group attributes (``zarr_vectors`` plus ``multiscales`` axes)."""
         zv = attrs.get("zarr_vectors")
         if not isinstance(zv, dict):
@@ -222,7 +224,7 @@ class LevelMetadata:
         return {"zarr_vectors_level": out}
 
     @classmethod
-    def from_attrs(cls, attrs: dict) -> "LevelMetadata":
+    def from_attrs(cls, attrs: dict) -> LevelMetadata:
         lv = attrs.get("zarr_vectors_level")
         if not isinstance(lv, dict):
             raise MetadataError("level group has no 'zarr_vectors_level' attributes")
@@ -250,7 +252,8 @@ class LevelMetadata:
         )
 
 
-def multiscales_block(axes: list[dict], base_bin: tuple[float, ...], level_bins: dict[int, tuple[float, ...]]) -> list[dict]:
+def multiscales_block(axes: list[dict], base_bin: tuple[float, ...],
+                      level_bins: dict[int, tuple[float, ...]]) -> list[dict]:
     """NGFF ``multiscales``: level k gets scale ``bin_k / base_bin`` and translation ``bin_k / 2``."""
     datasets = []
     for level in sorted(level_bins):

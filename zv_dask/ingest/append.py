@@ -27,6 +27,7 @@ from zv_dask.faults import kill_point
 from zv_dask.format.crs import crs_label
 from zv_dask.format.grid import Grid, parse_chunk_key
 from zv_dask.format.metadata import LevelMetadata
+from zv_dask.ingest.fused import pyramid_builder, pyramid_options
 from zv_dask.ingest.level0 import plan_level0, scratch_for
 from zv_dask.ingest.recovery import stage_error
 from zv_dask.ingest.report import IngestReport
@@ -34,10 +35,16 @@ from zv_dask.ingest.scan import scan_pass, scan_warnings
 from zv_dask.ingest.shuffle import plan_groups, unit_ids
 from zv_dask.ingest.staging import group_refs
 from zv_dask.ingest.tasks import append_group, split_task, stage_task
+from zv_dask.pyramid.builder import LevelSource, specs_of
+from zv_dask.pyramid.plan import options_from_record
+from zv_dask.pyramid.update import update_pyramid
 from zv_dask.scheduling import describe_scheduler, run_tasks
-from zv_dask.store.api import ZVStore, list_resolution_levels, write_root_metadata
-from zv_dask.store.levels import AttributeSpec, ChunkSummary, finalize_level, level_chunk_keys
-from zv_dask.store.preimage import roll_back, snapshot_metadata
+from zv_dask.store.api import ZVStore, list_resolution_levels, open_store, write_root_metadata
+from zv_dask.store.cellio import put_cells
+from zv_dask.store.journal import job_document, journal_for, unfinished_message
+from zv_dask.store.levels import AttributeSpec, ChunkSummary, finalize_level, level_chunk_keys, level_grid
+from zv_dask.store.objects import chunks_in, object_entries
+from zv_dask.store.preimage import metadata_docs, roll_back, snapshot_metadata
 from zv_dask.transaction import WriteJob
 
 __all__ = ["append_points", "check_compatible", "recorded_pyramid", "roll_back_append"]
@@ -45,8 +52,6 @@ __all__ = ["append_points", "check_compatible", "recorded_pyramid", "roll_back_a
 
 
 def _level0_specs(zs: ZVStore) -> list[AttributeSpec]:
-    from zv_dask.pyramid.builder import specs_of
-
     return specs_of(zs.root["0"])
 
 
@@ -101,8 +106,6 @@ def _appended_las_record(zs: ZVStore, src) -> dict | None:
 
 def recorded_pyramid(zs: ZVStore) -> dict | None:
     """The options the store's pyramid was built with (``None``: it has no pyramid), as zv-dask recorded them."""
-    from zv_dask.pyramid.plan import options_from_record
-
     rec = zs.root.attrs.get("zv_dask", {}).get("pyramid") if isinstance(zs.root.attrs.get("zv_dask"), dict) else None
     coarse = [k for k in list_resolution_levels(zs) if k > 0]
     if rec is None:
@@ -114,8 +117,6 @@ def recorded_pyramid(zs: ZVStore) -> dict | None:
 
 def _pyramid_builder(zs, job, client, progress, slots, budget, pyramid):
     """The builder that rebuilds the store's pyramid as it was built (``pyramid``, if given, must agree)."""
-    from zv_dask.ingest.fused import pyramid_builder, pyramid_options
-
     recorded = recorded_pyramid(zs)
     if recorded is None and not pyramid:
         return None
@@ -139,8 +140,6 @@ def _pyramid_builder(zs, job, client, progress, slots, budget, pyramid):
 
 def _grid_change(zs: ZVStore, new_bounds) -> tuple[bool, list[str]]:
     """Whether the bounds grow the grids (``True``: arrays to resize), and what would move a grid's origin."""
-    from zv_dask.store.levels import level_grid
-
     moved, grows = [], False
     lo, hi = (tuple(map(float, b)) for b in new_bounds)
     for k in list_resolution_levels(zs):
@@ -156,10 +155,6 @@ def _grid_change(zs: ZVStore, new_bounds) -> tuple[bool, list[str]]:
 def _resize_arrays(zs: ZVStore, new_bounds) -> None:
     """Grow every per-chunk array's shape to the grid of the new bounds (origins unchanged: no cell moves)."""
     import json
-
-    from zv_dask.store.cellio import put_cells
-    from zv_dask.store.levels import level_grid
-    from zv_dask.store.preimage import metadata_docs
 
     lo, hi = (tuple(map(float, b)) for b in new_bounds)
     grids = {}
@@ -197,9 +192,6 @@ def roll_back_append(store, *, storage_options=None) -> bool:
     the store has no unfinished append. (An icechunk append needs no undo: it
     is one commit.)
     """
-    from zv_dask.store.api import open_store
-    from zv_dask.store.journal import journal_for
-
     zs = store if isinstance(store, ZVStore) else open_store(store, "r+", storage_options=storage_options)
 
     journal = journal_for(zs.backend)
@@ -217,8 +209,6 @@ def roll_back_append(store, *, storage_options=None) -> bool:
 def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_points, scratch, pyramid, message,
                   progress, resume, dtype_reason, options) -> IngestReport:
     """Run an append (see the module docstring); ``plan`` is the target's, ``src`` the new points."""
-    from zv_dask.store.journal import job_document, journal_for
-
     zs: ZVStore = plan.existing
     seconds: dict[str, float] = {}
     specs = check_compatible(src, zs)
@@ -232,8 +222,6 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
         if doc is not None and doc.get("kind") == "append" and resume:
             roll_back_append(zs)  # an append resumes by undoing what it did and running again
         elif doc is not None:
-            from zv_dask.store.journal import unfinished_message
-
             raise StoreError(f"{zs.url} has an {unfinished_message(doc, journal)}")
     job = WriteJob(zs, message or "zv-dask append")
     builder = _pyramid_builder(zs, job, cl, progress, slots, budget, pyramid)
@@ -277,8 +265,6 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
         old0 = np.array([parse_chunk_key(k) for k in level_chunk_keys(root["0"])], np.int64).reshape(-1, ndim)
         objects = None
         if src.has_object_ids:
-            from zv_dask.read import object_entries
-
             all_ids, oid, och, ofr = object_entries(root["0"], ndim)
             objects = (all_ids, oid, och, ofr)
         las = _appended_las_record(zs, src)
@@ -323,8 +309,6 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
         summary = ChunkSummary.concat([s for s, _ in results], ndim)
         touched = summary.chunks[summary.rows > 0].reshape(-1, ndim)
         count0 = old_count - int(sum(s.extra.get("old_rows", 0) for s, _ in results)) + int(summary.rows.sum())
-        from zv_dask.read import chunks_in
-
         present = np.concatenate([old0[~chunks_in(old0, touched)], touched]).reshape(-1, ndim)
         merged = ChunkSummary(present, np.ones(len(present), np.int64))
         entries = None
@@ -345,9 +329,6 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
                           "rewritten": len(touched)}]
         seconds["finalize"] = time.perf_counter() - t3
         if builder is not None:
-            from zv_dask.pyramid.builder import LevelSource
-            from zv_dask.pyramid.update import update_pyramid
-
             t4 = time.perf_counter()
             ids = None if objects is None else np.unique(np.concatenate([objects[0], entries[0]]))
             src0 = LevelSource(0, grid, (1,) * ndim, present, None, count0, specs,

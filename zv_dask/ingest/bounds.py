@@ -32,7 +32,7 @@ class PartitionStats:
     too_large: int = 0  # of the non-finite rows, those finite in the input but beyond the stored dtype's range
 
     @staticmethod
-    def empty(ndim: int) -> "PartitionStats":
+    def empty(ndim: int) -> PartitionStats:
         return PartitionStats(0, np.full(ndim, np.inf), np.full(ndim, -np.inf), 0, -1, 0, {})
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from zv_dask.errors import InputError
+from zv_dask.ingest.batch import Batch
 
 __all__ = ["Part", "csv_sample", "csv_parts", "parquet_parts", "read_part", "describe_row", "first_text_value"]
 
@@ -332,14 +333,12 @@ def _read_parquet_part(part: Part, needed: list[str]):
 
 # -- a partition -------------------------------------------------------------------------------
 def read_part(part: Part, columns: list[str], attr_names: list[str], oid_col: str | None, dtypes: dict):
-    """One partition as a :class:`~zv_dask.ingest.sources.Batch` (runs on a worker).
+    """One partition as a :class:`~zv_dask.ingest.batch.Batch` (runs on a worker).
 
     ``dtypes`` are the columns' types as the input declared them (the Parquet
     schema, the CSV sample): attributes are stored as those, so a block that
     does not fit them is an error naming the line or row.
     """
-    from zv_dask.ingest.sources import Batch
-
     needed = list(dict.fromkeys([*columns, *attr_names] + ([oid_col] if oid_col else [])))
     frame, locate, text_value = None, None, None
     if part.kind == "parquet":

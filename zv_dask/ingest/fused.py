@@ -15,6 +15,9 @@ import numpy as np
 
 from zv_dask.errors import InputError
 from zv_dask.ingest.shuffle import UnitGrid
+from zv_dask.pyramid import build_pyramid
+from zv_dask.pyramid.builder import LevelSource, PyramidBuilder, drop_coarse_levels
+from zv_dask.pyramid.plan import check_build_options, level_steps, region_loads, region_shape
 from zv_dask.store.levels import ChunkSummary
 
 __all__ = ["pyramid_options", "pyramid_builder", "fused_steps", "plan_fused_levels", "level0_source"]
@@ -36,7 +39,6 @@ def pyramid_options(pyramid, ndim: int, budget=None) -> dict | None:
     unknown = sorted(set(opts) - set(_PYRAMID_KEYS))
     if unknown:
         raise InputError(f"pyramid options {unknown} are not build_pyramid options; choose from {list(_PYRAMID_KEYS)}")
-    from zv_dask.pyramid.plan import check_build_options, level_steps
 
     level_steps(ndim, opts.get("levels"), opts.get("bin_ratio", 2), opts.get("chunk_scale", 1))
     check_build_options(**{k: opts[k] for k in ("method", "points_per_task", "levels_per_task", "links") if k in opts})
@@ -48,9 +50,6 @@ def pyramid_options(pyramid, ndim: int, budget=None) -> dict | None:
 def pyramid_builder(zs, job, client, progress, opts, slots, meta=None):
     """A :class:`~zv_dask.pyramid.builder.PyramidBuilder` for ``ingest(pyramid=opts)`` (``zs=None``: plan only)."""
     import inspect
-
-    from zv_dask.pyramid import build_pyramid
-    from zv_dask.pyramid.builder import PyramidBuilder
 
     params = inspect.signature(build_pyramid).parameters
     kw = {k: params[k].default for k in _PYRAMID_KEYS}  # build_pyramid's defaults, the single source
@@ -66,8 +65,6 @@ def fused_steps(builder, grid, occ, shard_shape, fused_points: int = DEFAULT_GRO
     sharded) within ``fused_points`` (what the memory budget allows a write
     task, or the ``group_points`` asked for); the others in rounds of their own.
     """
-    from zv_dask.pyramid.plan import region_loads, region_shape
-
     n_points = int(occ.counts.sum())
     if builder.first_reason(n_points, len(occ.counts)):
         return [], None
@@ -88,8 +85,6 @@ def fused_steps(builder, grid, occ, shard_shape, fused_points: int = DEFAULT_GRO
 
 def _units_for(builder, grid, shard_shape, steps):
     """The write units holding whole regions of the last of ``steps`` (``None``: shards and regions do not nest)."""
-    from zv_dask.pyramid.plan import region_shape
-
     block = tuple(r // b for r, b in zip(region_shape(steps[-1], builder.bpc), builder.bpc))
     return UnitGrid.of(grid, shard_shape, block)
 
@@ -101,8 +96,6 @@ def plan_fused_levels(zs, job, client, progress, opts, grid, specs, occ, has_obj
     ``fused_levels`` (a resumed job) is how many levels the interrupted job's
     write tasks were building: the same batch, its arrays already made.
     """
-    from zv_dask.pyramid.builder import LevelSource, drop_coarse_levels
-
     builder = pyramid_builder(zs, job, client, progress, opts, slots)
     builder.check_attributes(specs, grid.dtype)
     if fused_levels is None:
@@ -124,8 +117,6 @@ def plan_fused_levels(zs, job, client, progress, opts, grid, specs, occ, has_obj
 
 def level0_source(zs, grid, summary: ChunkSummary, vertex_count: int, specs):
     """The :class:`~zv_dask.pyramid.builder.LevelSource` of the level 0 just written."""
-    from zv_dask.pyramid.builder import LevelSource
-
     nonempty = summary.rows > 0
     objects = all_ids = None
     if summary.object_ids is not None:

@@ -33,6 +33,7 @@ from dask import delayed
 from zv_dask.budget import resolve_budget
 from zv_dask.errors import InputError, ZVError
 from zv_dask.faults import kill_point
+from zv_dask.format.codecs import check_compression, compressors_for
 from zv_dask.format.grid import Grid
 from zv_dask.format.metadata import LevelMetadata, attribute_spec
 from zv_dask.ingest.append import append_points
@@ -43,8 +44,8 @@ from zv_dask.ingest.plan import grid_warnings, preflight
 from zv_dask.ingest.recovery import put_back, stage_error, write_task_names
 from zv_dask.ingest.replace import swap_in
 from zv_dask.ingest.report import IngestReport
-from zv_dask.ingest.scan import scan_pass, scan_warnings
 from zv_dask.ingest.resume import JobRecorder, input_fingerprint, job_options, scan_fingerprint
+from zv_dask.ingest.scan import scan_pass, scan_warnings
 from zv_dask.ingest.shuffle import GroupPlan, UnitGrid, plan_groups
 from zv_dask.ingest.staging import group_refs, remove_stale_scratch
 from zv_dask.ingest.target import materialize_target, still_empty
@@ -54,18 +55,17 @@ from zv_dask.ingest.tasks import (
     write_group,
     write_staged_group,
 )
+from zv_dask.lazy import PendingIngest, absolute, make_job
 from zv_dask.scheduling import describe_scheduler, resolve_client, run_tasks, task_slots
 from zv_dask.store.cellio import sweep_partials
 from zv_dask.store.journal import journal_for, with_resume_hint
-from zv_dask.store.preimage import metadata_docs
-from zv_dask.format.codecs import check_compression, compressors_for
 from zv_dask.store.levels import (
     AttributeSpec,
     ChunkSummary,
     finalize_level,
     prepare_level,
 )
-from zv_dask.lazy import PendingIngest, absolute, make_job
+from zv_dask.store.preimage import metadata_docs
 from zv_dask.transaction import WriteJob
 
 __all__ = ["ingest", "prepare_ingest", "PreparedIngest", "MODES"]
@@ -514,9 +514,10 @@ def _ingest(src, plan, rec, pyramid_opts, cl, slots, budget, t0, seconds, dt, dt
                 rec.release()
                 if isinstance(e, Exception) and not isinstance(e, ZVError):
                     raise with_resume_hint(stage_error(_stage_name(stage, builder), e,
-                                                        _task_names(stage, writes, splits, groups, grid, staging))) from e
+                                                       _task_names(stage, writes, splits, groups, grid,
+                                                                   staging))) from e
                 if isinstance(e, ZVError):
-                    raise with_resume_hint(e)
+                    raise with_resume_hint(e)  # noqa: B904 - e itself, with the hint: its own cause stands
                 raise
             put_back(job, zs, created_here, old_metadata)
             job.drop_job_branch()

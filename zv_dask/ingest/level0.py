@@ -23,12 +23,12 @@ from zv_dask.budget import (
     write_bytes_per_point,
 )
 from zv_dask.budget import fmt_bytes as _fmt_bytes
-from zv_dask.errors import InputError
+from zv_dask.errors import InputError, StoreError
 from zv_dask.format.grid import Grid
 from zv_dask.ingest.fused import DEFAULT_GROUP_POINTS
 from zv_dask.ingest.shuffle import Occupancy, UnitGrid, unit_ids
 from zv_dask.ingest.sources import DEFAULT_PARTITION_ROWS, Source
-from zv_dask.ingest.staging import PieceLayout
+from zv_dask.ingest.staging import PieceLayout, default_scratch
 
 __all__ = ["Level0Plan", "plan_level0", "auto_group_points", "auto_partition_rows", "row_bytes", "MIN_AUTO_ROWS"]
 
@@ -68,7 +68,8 @@ def partition_cap(budget: MemoryBudget, src: Source, dtype: str) -> int:
     in_row, _ = row_bytes(src, dtype)
     piece = PieceLayout.of(Grid((0.0,) * src.ndim, (0.0,) * src.ndim, (1.0,) * src.ndim, (1.0,) * src.ndim, dtype),
                            src.attributes, src.has_object_ids).row_bytes
-    return rows_within(budget.per_task, split_bytes_per_point(in_row, piece), DEFAULT_PARTITION_ROWS, MIN_AUTO_ROWS // 8)
+    return rows_within(budget.per_task, split_bytes_per_point(in_row, piece), DEFAULT_PARTITION_ROWS,
+                       MIN_AUTO_ROWS // 8)
 
 
 @dataclass
@@ -160,9 +161,6 @@ def scratch_for(plan, client, scratch, l0: Level0Plan):
     On a local file system the free space must hold every piece of the job, or
     :class:`~zv_dask.errors.StoreError` says how much is missing before anything is written.
     """
-    from zv_dask.errors import StoreError
-    from zv_dask.ingest.staging import default_scratch
-
     url, icechunk, options = _location(plan)
     sc = default_scratch(url, icechunk=icechunk, options=options, client=client, scratch=scratch)
     free = sc.free_bytes()

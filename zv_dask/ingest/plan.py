@@ -25,9 +25,12 @@ from zv_dask.budget import (
     write_bytes_per_point,
 )
 from zv_dask.errors import InputError
-from zv_dask.format.grid import Grid
+from zv_dask.format.grid import Grid, parse_chunk_key
 from zv_dask.format.metadata import DEFAULT_AXES as DEFAULT_AXIS_NAMES
+from zv_dask.format.metadata import RootMetadata
+from zv_dask.ingest.append import _pyramid_builder, check_compatible
 from zv_dask.ingest.bounds import POLICIES
+from zv_dask.ingest.fused import fused_steps, pyramid_builder, pyramid_options
 from zv_dask.ingest.level0 import (
     auto_partition_rows,
     partition_cap,
@@ -39,7 +42,10 @@ from zv_dask.ingest.scan import choose_dtype, scan_pass, scan_warnings
 from zv_dask.ingest.shuffle import UnitGrid, plan_groups
 from zv_dask.ingest.sources import DEFAULT_PARTITION_ROWS, as_source
 from zv_dask.ingest.target import plan_target
-from zv_dask.scheduling import resolve_client
+from zv_dask.pyramid.update import predict_rewrites
+from zv_dask.scheduling import resolve_client, task_slots
+from zv_dask.store.levels import level_chunk_keys
+from zv_dask.store.objects import chunks_in
 
 __all__ = ["IngestPlan", "plan_ingest", "preflight", "grid_warnings"]
 _FRAGMENT_HEADER = 16 + 4  # fragment index v1 header and the empty CSR offsets
@@ -111,8 +117,8 @@ class IngestPlan:
         attrs = ", ".join(f"{k} ({d}{'' if c is None else f' x{c}'})" for k, (d, c) in self.attributes.items())
         lines = [
             f"IngestPlan: {self.source} -> {self.store} ({self.store_action}; nothing written)",
-            f"  input       {self.input_kind}, {self.partitions} partitions (largest {pts(self.largest_partition_points)}"
-            f" points)",
+            f"  input       {self.input_kind}, {self.partitions} partitions "
+            f"(largest {pts(self.largest_partition_points)} points)",
             f"  points      {pts(self.points)} to write" + (f", {pts(self.points_dropped)} dropped outside the bounds"
                                                            if self.points_dropped else ""),
             f"  attributes  {attrs or 'none'}" + ("; object ids" if self.object_ids else ""),
@@ -246,9 +252,6 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
         chunks, write groups, estimated bytes and per-task memory, the memory
         budget and how the shuffle holds its pieces within it.
     """
-    from zv_dask.ingest.fused import fused_steps, pyramid_builder, pyramid_options
-    from zv_dask.scheduling import task_slots
-
     cl = resolve_client(client)
     slots = task_slots(cl)
     budget = resolve_budget(memory_budget, cl)
@@ -262,8 +265,6 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
                                          reproject=reproject)
     append_builder = None
     if mode == "append":
-        from zv_dask.ingest.append import _pyramid_builder, check_compatible
-
         check_compatible(src, plan.existing)
         append_builder = _pyramid_builder(plan.existing, None, cl, False, slots, budget, pyramid)
         pyramid = None  # the store's, shown as the rewrites below
@@ -277,8 +278,6 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
     fused = []
     pyramid_opts = pyramid_options(pyramid, src.ndim, budget)
     if pyramid_opts is not None:
-        from zv_dask.format.metadata import RootMetadata
-
         meta = plan.existing.metadata if plan.existing is not None and not plan.overwrite else RootMetadata(
             chunk_shape=tuple(plan.chunk_shape), bounds=(tuple(final_bounds[0]), tuple(final_bounds[1])),
             base_bin_shape=tuple(plan.base_bin_shape) if plan.base_bin_shape else None)
@@ -307,17 +306,11 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
     action = "create" if plan.existing is None else ("overwrite" if plan.overwrite else "fill")
     rewrites = None
     if mode == "append":
-        from zv_dask.format.grid import parse_chunk_key
-        from zv_dask.read import chunks_in
-        from zv_dask.store.levels import level_chunk_keys
-
         action = "append"
         old0 = np.array([parse_chunk_key(k) for k in level_chunk_keys(plan.existing.root["0"])],
                         np.int64).reshape(-1, src.ndim)
         rewrites = [{"level": 0, "chunks": n_chunks, "existing": int(chunks_in(occ.chunks, old0).sum()), "regions": 0}]
         if append_builder is not None:
-            from zv_dask.pyramid.update import predict_rewrites
-
             rewrites += [{"level": u.level, "chunks": u.chunks, "regions": u.regions, "existing": u.chunks}
                          for u in predict_rewrites(append_builder, occ.chunks)]
     pyr = None

@@ -14,7 +14,7 @@ import numpy as np
 
 from zv_dask.errors import IngestError
 from zv_dask.format.grid import chunk_key
-from zv_dask.store.preimage import metadata_docs, restore_metadata
+from zv_dask.store.preimage import restore_metadata
 
 __all__ = ["stage_error", "write_task_names", "remove_new_store", "put_back"]
 

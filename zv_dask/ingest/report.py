@@ -65,7 +65,8 @@ class IngestReport:
         lines = [f"IngestReport: {self.store}" + (" (append)" if self.mode == "append" else ""),
                  f"  points      {self.points_written:,} written, {self.points_dropped:,} dropped "
                  f"(of {self.points_read:,} read)",
-                 f"  positions   {self.dtype} ({self.dtype_reason})" if self.dtype_reason else f"  positions   {self.dtype}",
+                 (f"  positions   {self.dtype} ({self.dtype_reason})" if self.dtype_reason
+                  else f"  positions   {self.dtype}"),
                  f"  bounds      {self.bounds}",
                  f"  chunks      {self.chunks_written:,} written, chunk_shape {self.chunk_shape}",
                  f"  tasks       {self.partitions} input partitions -> {self.groups} write groups"
@@ -85,7 +86,8 @@ class IngestReport:
                                                                  else "") + ")" if "rewritten" in lv else ""))
         if self.links != "none":
             n = sum(self.link_counts.values())
-            lines.append(f"  links       {self.links}: {n:,} cross-level link records in {len(self.link_counts)} families")
+            lines.append(f"  links       {self.links}: {n:,} cross-level link records in "
+                         f"{len(self.link_counts)} families")
         if self.seconds:
             stages = ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
             lines.append(f"  time        {self.total_seconds:.2f}s ({stages}); "

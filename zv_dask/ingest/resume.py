@@ -15,15 +15,15 @@ import os
 import numpy as np
 
 from zv_dask.errors import InputError
-from zv_dask.store.journal import Journal, differences, job_document, job_options
+from zv_dask.faults import kill_point
+from zv_dask.ingest.sources import _expand
+from zv_dask.store.journal import Journal, differences, job_document, job_options, journal_for
 
 __all__ = ["input_fingerprint", "scan_fingerprint", "check_resume", "ResumeState", "JobRecorder", "job_options"]
 
 
 def input_fingerprint(points, src) -> dict:
     """What identifies the input before it is read: its files (size, mtime) or its shape and dtype."""
-    from zv_dask.ingest.sources import _expand  # the same expansion of paths and globs as the reader's
-
     fp: dict = {"kind": src.kind, "ndim": int(src.ndim), "position_dtype": np.dtype(src.position_dtype).name,
                 "attributes": {k: [str(d), c] for k, (d, c) in sorted(src.attributes.items())},
                 "object_ids": bool(src.has_object_ids), "rows": src.n_rows}
@@ -122,8 +122,6 @@ class JobRecorder:
 
         Raises :class:`~zv_dask.errors.StoreError` naming the job that holds it.
         """
-        from zv_dask.store.journal import journal_for
-
         if self.state is not None or self.lock is not None:
             return self.lock is not None
         self.journal = journal_for(backend) if self.enabled else None
@@ -145,8 +143,6 @@ class JobRecorder:
 
     def on_group(self, i: int, result) -> None:
         """A write group finished (its record is in the journal already)."""
-        from zv_dask.faults import kill_point
-
         self.written += 1
         job = self.job
         if job is not None and job.durable:

@@ -18,8 +18,8 @@ import numpy as np
 
 from zv_dask.format.grid import Grid, grid_size_problem
 from zv_dask.format.layout import stable_order
+from zv_dask.ingest.batch import Batch
 from zv_dask.ingest.bounds import PartitionStats, partition_stats
-from zv_dask.ingest.sources import Batch
 
 __all__ = ["Occupancy", "ScanResult", "scan_partition", "combine_occupancy", "plan_groups", "GroupPlan",
            "key_dtypes", "sort_by_group", "split_partition", "merge_pieces", "unit_ids", "UnitGrid"]
@@ -146,7 +146,7 @@ class UnitGrid:
         return np.array(np.unravel_index(int(unit), self.shape), np.int64) * self.size + np.asarray(self.anchor)
 
     @classmethod
-    def of(cls, grid: Grid, shard_shape=None, block=None) -> "UnitGrid | None":
+    def of(cls, grid: Grid, shard_shape=None, block=None) -> UnitGrid | None:
         """Units holding whole shards (cells aligned) and whole blocks (aligned on absolute chunk 0).
 
         ``None`` when no unit can hold both whole (the grid origin is not

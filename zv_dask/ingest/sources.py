@@ -15,42 +15,23 @@ from __future__ import annotations
 
 import glob as _glob
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from zv_dask.errors import InputError
 from zv_dask.format.crs import normalize_crs
+from zv_dask.ingest.batch import Batch
+from zv_dask.ingest.files import Part, csv_parts, csv_sample, describe_row, first_text_value, parquet_parts, read_part
 from zv_dask.ingest.inputs import check_attributes, check_object_ids, check_positions
 from zv_dask.ingest.las import choose_attributes, choose_crs, las_record, las_slice, read_las_files
 from zv_dask.ingest.reproject import check_reproject, reproject_source
 
-__all__ = ["Batch", "Source", "as_source", "DEFAULT_PARTITION_ROWS"]
+__all__ = ["Source", "as_source", "DEFAULT_PARTITION_ROWS"]
 
 DEFAULT_PARTITION_ROWS = 1 << 21  # ~2 M points: big enough to amortise, small enough for 2 GiB workers
 DEFAULT_AXES = ("x", "y", "z", "w")
-
-
-@dataclass
-class Batch:
-    """One partition of points in memory."""
-
-    positions: np.ndarray
-    attributes: dict = field(default_factory=dict)
-    object_ids: np.ndarray | None = None
-    cells: np.ndarray | None = None  # grid cell id of every point, once the split has binned them
-    fragments: np.ndarray | None = None  # and its bin inside the chunk
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def take(self, idx) -> "Batch":
-        def pick(a):
-            return None if a is None else np.take(a, idx, axis=0)
-
-        return Batch(pick(self.positions), {k: pick(v) for k, v in self.attributes.items()}, pick(self.object_ids),
-                     pick(self.cells), pick(self.fragments))
 
 
 @dataclass
@@ -76,7 +57,6 @@ class Source:
         """``row N`` of the whole input, or where it is in a file (``counts``: rows per partition)."""
         if self.where is None or len(self.where) != len(counts):
             return f"row {row}"
-        from zv_dask.ingest.files import describe_row
 
         ends = np.cumsum(counts)
         p = int(np.searchsorted(ends, row, side="right"))
@@ -261,7 +241,6 @@ def _file_source(parts, columns, attr_names, oid_col, pos_dtype, specs, dtypes, 
     """The Source of CSV or Parquet partitions read by :func:`zv_dask.ingest.files.read_part`."""
     from dask import delayed
 
-    from zv_dask.ingest.files import read_part
 
     kept = {c: np.dtype(dtypes[c]).name for c in [*columns, *attr_names] + ([oid_col] if oid_col else [])}
     tasks = [delayed(read_part, pure=True)(p, columns, attr_names, oid_col, kept) for p in parts]
@@ -399,14 +378,12 @@ def _from_files(paths, columns, attributes, object_ids, partition_rows, crs=None
                 dtypes.setdefault(c, dt)
         where = repr(files[0]) if len(files) == 1 else "the Parquet files"
         cols, attr_names, oid_col, pos_dtype, specs = _frame_schema(dtypes, columns, attributes, object_ids, where)
-        from zv_dask.ingest.files import parquet_parts
 
         parts = parquet_parts(files, partition_rows, {f: md for f, (md, _) in footers.items()})
         src = _file_source(parts, cols, attr_names, oid_col, pos_dtype, specs, dtypes, "parquet", desc)
         src.n_rows = sum(md.num_rows for md, _ in footers.values())  # from the footers read above
         return src
     if kind == "csv":
-        from zv_dask.ingest.files import csv_parts, csv_sample, first_text_value
 
         path, sample = csv_sample(files)
 
@@ -449,7 +426,6 @@ def _from_files(paths, columns, attributes, object_ids, partition_rows, crs=None
 def _from_npy(files, columns, partition_rows, desc) -> Source:
     from dask import delayed
 
-    from zv_dask.ingest.files import Part
 
     parts, ndim, dtype, specs, total, where = [], None, None, {}, 0, []
     for f in files:
@@ -495,7 +471,6 @@ def _from_las(files, attributes, partition_rows, desc, crs=None, target=None) ->
     spans = [(h, start) for h in headers for start in range(0, h.points, partition_rows)]
     parts = [delayed(_las_batch, pure=True)(h.path, start, min(partition_rows, h.points - start), specs)
              for h, start in spans]
-    from zv_dask.ingest.files import Part
 
     src = Source(parts, 3, np.dtype("float64"), dict(specs), False, axes=["x", "y", "z"], kind="las",
                  n_rows=total, description=desc, crs=job_crs, las=las_record(headers, specs),

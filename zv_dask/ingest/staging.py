@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zv_dask.errors import InputError, StoreError, out_of_space
+from zv_dask.ingest.batch import Batch
 from zv_dask.ingest.shuffle import key_dtypes, sort_by_group
-from zv_dask.ingest.sources import Batch
-from zv_dask.store.backends import prefix_store, url_scheme
+from zv_dask.store.backends import local_path, prefix_store, url_scheme
+from zv_dask.store.retry import delete_prefix
 
 __all__ = ["PieceLayout", "Scratch", "StagedPartition", "stage_partition", "load_group", "group_refs",
            "default_scratch", "remove_stale_scratch", "lossless_cast", "SCRATCH_DIR"]
@@ -95,7 +96,7 @@ class PieceLayout:
     object_ids: bool = False
 
     @classmethod
-    def of(cls, grid, attributes: dict, object_ids: bool) -> "PieceLayout":
+    def of(cls, grid, attributes: dict, object_ids: bool) -> PieceLayout:
         """The layout for a grid and a source's ``{name: (dtype, channels)}`` attributes."""
         cell, frag = key_dtypes(grid)
         attrs = tuple((name, np.dtype(dt).name, ch) for name, (dt, ch) in attributes.items())
@@ -219,7 +220,7 @@ class Scratch:
             obstore.put(self._store(), f"{self.prefix}/{name}", memoryview(buffer))
         except OSError as e:
             raise _space_error(self, e) from None
-        except Exception as e:  # noqa: BLE001 - obstore raises its own types; name the place and the cause
+        except Exception as e:
             if out_of_space(e):
                 raise _space_error(self, e) from None
             raise StoreError(f"cannot write scratch object {self.where(name)}: {type(e).__name__}: "
@@ -271,16 +272,12 @@ class Scratch:
                     except OSError:
                         pass
                 return
-            from zv_dask.store.retry import delete_prefix
-
             delete_prefix(self._store(), self.prefix)
         except Exception:  # noqa: BLE001 - best effort
             pass
 
 
 def _local(url: str) -> str:
-    from zv_dask.store.backends import local_path
-
     return str(local_path(url))
 
 

@@ -9,16 +9,19 @@ zv-dask never half-overwrites.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from zv_dask.errors import InputError, StoreBusyError, StoreError
+from zv_dask.format.grid import Grid
 from zv_dask.format.metadata import store_name
-from zv_dask.store.api import ZVStore, create_store, name_store, open_store, write_root_metadata
 from zv_dask.ingest.replace import OBJECT_SCHEMES, finish_swap, refuse_object_overwrite, replacement_path
+from zv_dask.ingest.resume import ResumeState
+from zv_dask.store.api import ZVStore, create_store, name_store, open_store, write_root_metadata
 from zv_dask.store.backends import check_creatable, local_path, url_scheme
+from zv_dask.store.journal import job_branch_name, journal_at, journal_for, unfinished_message
 
 __all__ = ["TargetPlan", "plan_target", "materialize_target"]
 
@@ -67,8 +70,6 @@ def _probe(store, backend, storage_options, branch) -> ZVStore | None:
 
 def _on_job_branch(store, storage_options, branch) -> ZVStore | None:
     """An interrupted job's store on its job branch, when the user's branch holds no store yet (a new repository)."""
-    from zv_dask.store.journal import job_branch_name, journal_at
-
     journal = journal_at(store, icechunk=True, options=storage_options, branch=branch)
     if journal is None or journal.job() is None:
         return None
@@ -95,8 +96,6 @@ def _local_target(store, existing: ZVStore | None, backend) -> Path | None:
 
 def _unfinished_replacement(target: Path, backend) -> ZVStore | None:
     """The store a killed overwrite of ``target`` was building, when it holds an unfinished ingest job."""
-    from zv_dask.store.journal import journal_for
-
     finish_swap(target)  # our own leftovers of a swap killed between its renames: completed, nothing else moves
     beside = replacement_path(target)
     if not beside.is_dir():
@@ -126,8 +125,6 @@ def still_empty(plan) -> None:
 
 def _still_empty(plan) -> None:
     import zarr
-
-    from zv_dask.store.journal import journal_for, unfinished_message
 
     be = plan.existing.backend
     root = zarr.open_group(be.store, mode="r", zarr_format=3)  # read afresh, not the plan's cached view
@@ -162,9 +159,6 @@ def _per_axis(name: str, value, ndim: int) -> tuple[float, ...]:
 
 def _unfinished(existing: ZVStore | None, resume: bool, overwrite: bool):
     """The unfinished job in ``existing`` to resume (``None``: none); refuses a plain job into an unfinished store."""
-    from zv_dask.ingest.resume import ResumeState
-    from zv_dask.store.journal import journal_for, unfinished_message
-
     journal = journal_for(existing.backend) if existing is not None else None
     doc = journal.job() if journal is not None else None
     if doc is None or overwrite:
@@ -259,8 +253,8 @@ def _plan_target(store, *, ndim, chunk_shape, bounds, base_bin_shape, dtype, axe
             raise InputError(f"chunk_shape {np.atleast_1d(chunk_shape).astype(float).tolist()} differs from the "
                              f"store's {list(meta.chunk_shape)}: an empty store keeps the geometry it was made with "
                              "(leave it out, or pass overwrite=True to remake the store)")
-        if state is None and base_bin_shape is not None and not np.allclose(_per_axis("base_bin_shape", base_bin_shape, ndim),
-                                                          meta.effective_bin_shape):
+        if state is None and base_bin_shape is not None and not np.allclose(
+                _per_axis("base_bin_shape", base_bin_shape, ndim), meta.effective_bin_shape):
             raise InputError(f"base_bin_shape {np.atleast_1d(base_bin_shape).astype(float).tolist()} differs from the "
                              f"store's {list(meta.effective_bin_shape)}: an empty store keeps the geometry it was made "
                              "with (leave it out, or pass overwrite=True to remake the store)")
@@ -275,7 +269,6 @@ def _plan_target(store, *, ndim, chunk_shape, bounds, base_bin_shape, dtype, axe
     bb = _per_axis("base_bin_shape", base_bin_shape, ndim) if base_bin_shape is not None else None
     if axes is not None and len(axes) != ndim:
         raise InputError(f"axes has {len(axes)} entries ({list(axes)!r}) but the points have {ndim} coordinates")
-    from zv_dask.format.grid import Grid
     Grid((0.0,) * ndim, (0.0,) * ndim, cs, bb or cs, np.dtype(dtype).name)  # validate geometry early
     return TargetPlan(store, existing, ndim, cs, bb, bounds, np.dtype(dtype).name, axes, backend,
                       storage_options, overwrite, branch, None, notes, build_at, replaces)

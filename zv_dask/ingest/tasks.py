@@ -18,7 +18,9 @@ from zv_dask.pyramid.stack import LevelPoints, encode_level
 from zv_dask.pyramid.tasks import BatchResult, build_levels
 from zv_dask.store.cellio import cell_keys
 from zv_dask.store.journal import Journal
-from zv_dask.store.levels import ChunkSummary, write_chunk_payloads
+from zv_dask.store.levels import ChunkSummary, read_chunks, write_chunk_payloads
+from zv_dask.store.objects import chunks_in, row_object_ids
+from zv_dask.store.preimage import restore_cells, save_cells
 from zv_dask.transaction import returned_fork, worker_store
 
 __all__ = ["scan_task", "split_task", "stage_task", "write_group", "write_staged_group", "append_group"]
@@ -46,7 +48,7 @@ def _recorded(result, journal: Journal | None, group_index: int):
         summary, coarse, _ = result
         try:
             journal.record("level0", f"{group_index:07d}", (summary, coarse))
-        except Exception as e:  # noqa: BLE001 - the group's cells are written; its record is what failed
+        except Exception as e:
             raise IngestError(f"writing group {group_index}: recording it in the job's journal failed: {e}",
                               stage="write") from e
     return result
@@ -59,7 +61,7 @@ def write_staged_group(refs, scratch: Scratch, layout: PieceLayout, grid: Grid, 
         batch = load_group(scratch, layout, refs)
     except ZVError:
         raise
-    except Exception as e:  # noqa: BLE001 - name the stage and the group, keep the cause
+    except Exception as e:
         raise IngestError(f"reading the staged pieces of group {group_index} from {scratch.where()} failed: "
                           f"{type(e).__name__}: {e}", stage="write") from e
     return _recorded(_write_batch(batch, grid, level, target, attributes, group_index, geoms), journal,
@@ -107,7 +109,7 @@ def _write_batch(batch, grid: Grid, level: int, target, attributes, group_index:
                                                                              level=level)), specs)
     except ZVError:
         raise
-    except Exception as e:  # noqa: BLE001 - name the stage and chunk, keep the cause
+    except Exception as e:
         raise IngestError(f"writing group {group_index} (first chunk {first}) failed: {cause_text(e, zstore)}",
                           stage="write", chunk=first) from e
     summary = ChunkSummary.from_plan(plan, nbytes)
@@ -130,10 +132,6 @@ def append_group(pieces, grid: Grid, target, attributes, group_index: int, old_c
     Returns ``(ChunkSummary, fork or None)``; the summary's ``extra["old_rows"]``
     counts the rows the touched chunks held before.
     """
-    from zv_dask.read import chunks_in, row_object_ids
-    from zv_dask.store.levels import read_chunks
-    from zv_dask.store.preimage import restore_cells, save_cells
-
     ndim = grid.ndim
     specs = list(attributes)
     attr_names = [s.name for s in specs]
@@ -176,7 +174,7 @@ def append_group(pieces, grid: Grid, target, attributes, group_index: int, old_c
                                       specs)
     except ZVError:
         raise
-    except Exception as e:  # noqa: BLE001 - name the stage and chunk, keep the cause
+    except Exception as e:
         raise IngestError(f"appending group {group_index} (first chunk {first}) failed: {cause_text(e, zstore)}",
                           stage="write", chunk=first) from e
     summary = ChunkSummary.from_plan(plan, nbytes)

@@ -20,6 +20,7 @@ import numpy as np
 
 from zv_dask.budget import MemoryBudget, pyramid_bytes_per_point, resolve_budget, rows_within
 from zv_dask.errors import StoreError
+from zv_dask.faults import kill_point
 from zv_dask.format.grid import Grid, chunk_keys, parse_chunk_key
 from zv_dask.format.links import (
     link_array_attrs,
@@ -45,7 +46,7 @@ from zv_dask.pyramid.plan import (
 )
 from zv_dask.pyramid.stack import StepGeometry
 from zv_dask.pyramid.tasks import batch_task
-from zv_dask.read import chunks_in, object_entries
+from zv_dask.scheduling import run_tasks, task_slots
 from zv_dask.store.api import (
     ZVStore,
     create_resolution_level,
@@ -64,10 +65,10 @@ from zv_dask.store.levels import (
     prepare_level,
     write_cells,
 )
-from zv_dask.scheduling import run_tasks, task_slots
+from zv_dask.store.objects import chunks_in, object_entries
 from zv_dask.transaction import WriteJob
 
-__all__ = ["PyramidBuilder", "PyramidReport", "LevelSource", "Batch", "source_from_store",
+__all__ = ["PyramidBuilder", "PyramidReport", "LevelSource", "Round", "source_from_store",
            "drop_coarse_levels", "drop_up_links", "specs_of", "small_enough", "mark_links_present",
            "DEFAULT_POINTS_PER_TASK"]
 
@@ -135,7 +136,7 @@ class _Level:
 
 
 @dataclass
-class Batch:
+class Round:
     """Levels ``a..b`` built by one round of tasks from level ``a - 1``."""
 
     fine_level: int
@@ -327,7 +328,7 @@ class PyramidBuilder:
             out.append(nxt)
         return out
 
-    def plan_batch(self, src: LevelSource, steps: list[LevelStep]) -> Batch:
+    def plan_batch(self, src: LevelSource, steps: list[LevelStep]) -> Round:
         """Geometry, attributes and link arrays of a batch (nothing is written)."""
         meta = self.zs.metadata
         levels = []
@@ -349,15 +350,16 @@ class PyramidBuilder:
             lv = _Level(step, geom, specs, bin_shape, axes, created)
             levels.append(lv)
             parent_specs, parent_grid, parent_scale = specs, grid, step.total_scale
-        return Batch(src.level, levels, read_names or (), region_shape(steps[-1], self.bpc))
+        return Round(src.level, levels, read_names or (), region_shape(steps[-1], self.bpc))
 
     def _plan_links(self, parent_scale, step: LevelStep) -> tuple[dict, dict, tuple[int, ...]]:
         """Link families of a level and its parent: ``(offsets per axis, arrays made up front, returned)``.
 
         Per delta, the offsets each axis allows and the offsets arrays made before
-        the tasks run; and the deltas whose cells the tasks return. Plain stores make no array up front (the cells come first, the arrays around them at the
-        end); other stores make a family's arrays up front unless there are more than
-        ``EAGER_LINK_ARRAYS`` of them (coarse bins many chunks wide), when only those used are made.
+        the tasks run; and the deltas whose cells the tasks return. Plain stores make no array up front
+        (the cells come first, the arrays around them at the end); other stores make a family's arrays
+        up front unless there are more than ``EAGER_LINK_ARRAYS`` of them (coarse bins many chunks wide),
+        when only those used are made.
         """
         axes, created, returned = {}, {}, []
         if self.links == "none":
@@ -375,7 +377,7 @@ class PyramidBuilder:
         return axes, created, tuple(returned)
 
     # -- preparing and finishing -------------------------------------------------------------
-    def prepare(self, batch: Batch) -> None:
+    def prepare(self, batch: Round) -> None:
         """Create the batch's level arrays and link arrays (empty presence lists)."""
         root = self.zs.root
         for lv in batch.levels:
@@ -396,7 +398,7 @@ class PyramidBuilder:
                                                    for off in offsets], compressors=self.compressors)
         self.job.absorb([])  # the next target must see the arrays just created
 
-    def finish_batch(self, batch: Batch, results: list, src: LevelSource, t0: float, n_tasks: int):
+    def finish_batch(self, batch: Round, results: list, src: LevelSource, t0: float, n_tasks: int):
         """Write the metadata of each level of a finished batch; returns ``(source, stop reason)``.
 
         With ``levels=None`` the stop criteria are checked level by level, and
@@ -527,7 +529,7 @@ class PyramidBuilder:
         self.report.link_counts.pop(f"{last}/+1", None)
 
     # -- running ------------------------------------------------------------------------------
-    def build_batch(self, batch: Batch, src: LevelSource) -> list:
+    def build_batch(self, batch: Round, src: LevelSource) -> list:
         """Run the tasks of a batch (regions of the top level, grouped up to ``points_per_task``)."""
         import dask
 
@@ -557,7 +559,8 @@ class PyramidBuilder:
                 obj = tuple(a[m] for a in src.objects)
             record = (stage, "t" + "_".join(map(str, chunks[0])))
             tasks.append(task_fn(target, batch.geoms, src.level, batch.read_names, self.ndim, chunks, obj,
-                                 self.journal if self.record_tasks else None, record, dask_key_name=f"zv-pyramid-{batch.numbers[0]}-{i}-{token}"))
+                                 self.journal if self.record_tasks else None, record,
+                                 dask_key_name=f"zv-pyramid-{batch.numbers[0]}-{i}-{token}"))
         a, b = batch.numbers[0], batch.numbers[-1]
         label = (f"pyramid level {a}" if a == b else f"pyramid levels {a}-{b}" if self.levels is not None
                  else f"pyramid level {a} (and up to {b}, until a level is small enough)")
@@ -566,8 +569,6 @@ class PyramidBuilder:
         return earlier + results
 
     def _task_finished(self, i: int, result) -> None:
-        from zv_dask.faults import kill_point
-
         self.tasks_done += 1
         kill_point(f"pyramid:{self.tasks_done}")
 
@@ -599,7 +600,7 @@ class PyramidBuilder:
         rec = self.journal.load("started", f"{first:03d}")
         return None if rec is None else int(rec)
 
-    def record_round(self, batch: Batch, src: LevelSource, reason: str) -> None:
+    def record_round(self, batch: Round, src: LevelSource, reason: str) -> None:
         """The round's metadata is written: record what the next round starts from."""
         if self.journal is not None:
             if self.before_record is not None:
@@ -651,7 +652,7 @@ class PyramidBuilder:
         write_root_metadata(self.zs, meta, extra={"zv_dask": {"pyramid": self.record}})
 
 
-def _round_stage(batch: Batch) -> str:
+def _round_stage(batch: Round) -> str:
     return f"round-{batch.numbers[0]:03d}"
 
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zv_dask.errors import InputError
-from zv_dask.format.layout import ChunkPlan, order_by
-from zv_dask.pyramid.reduce import Groups, group_rows, group_runs, min_max_ufunc, nan_mean, reduce_rows
+from zv_dask.format.layout import ChunkPlan, order_by, stable_order
+from zv_dask.pyramid.reduce import Groups, _cast_float, group_rows, group_runs, min_max_ufunc, nan_mean, reduce_rows
 
 __all__ = ["METHODS", "CoarsenParams", "Coarse", "coarsen_points", "coarsen_runs", "plan_coarse", "bin_keys",
            "hash64"]
@@ -107,14 +107,14 @@ def bin_keys(bins: np.ndarray) -> np.ndarray:
         return np.zeros(0, np.int64)
     cols = [bins[:, d] for d in range(bins.shape[1])]
     lo = [int(c.min()) for c in cols]
-    ext = [int(c.max()) - l + 1 for c, l in zip(cols, lo)]
+    ext = [int(c.max()) - low + 1 for c, low in zip(cols, lo)]
     if float(np.prod(np.asarray(ext, np.float64))) >= 2.0 ** 62:
         return np.unique(bins, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
     key = cols[0] - lo[0]
-    for c, l, e in zip(cols[1:], lo[1:], ext[1:]):
+    for c, low, e in zip(cols[1:], lo[1:], ext[1:]):
         key *= e
         key += c
-        key -= l
+        key -= low
     return key
 
 
@@ -239,9 +239,6 @@ def coarsen_runs(positions: np.ndarray, attributes: dict, params: CoarsenParams,
     puts outside its bin (``bins_of`` maps positions to coarse bins) is clipped
     to the group's ``[min, max]``. Returns per-run parents, not per-row ones.
     """
-    from zv_dask.format.layout import stable_order
-    from zv_dask.pyramid.reduce import _cast_float
-
     if params.method != "centroid":
         raise InputError(f"coarsen_runs makes centroids only, not {params.method!r}")
     pos = np.asarray(positions)
@@ -264,7 +261,8 @@ def coarsen_runs(positions: np.ndarray, attributes: dict, params: CoarsenParams,
     run_group[ro] = np.repeat(np.arange(n_groups, dtype=np.int64), np.diff(np.r_[gfirst, n_runs]))
 
     def two_stage(values: np.ndarray, ufunc, dtype=None) -> np.ndarray:
-        per_run = ufunc.reduceat(values, starts, axis=0, dtype=dtype) if dtype else ufunc.reduceat(values, starts, axis=0)
+        per_run = (ufunc.reduceat(values, starts, axis=0, dtype=dtype) if dtype
+                   else ufunc.reduceat(values, starts, axis=0))
         return ufunc.reduceat(per_run[ro], gfirst, axis=0)
 
     counts = np.add.reduceat(lens[ro], gfirst)

@@ -38,6 +38,8 @@ import time
 from zv_dask.budget import MemoryBudget, parse_size
 from zv_dask.errors import IngestError, InputError, StoreError, ZVError, cause_text
 from zv_dask.faults import kill_point
+from zv_dask.format.codecs import check_compression, compressors_for
+from zv_dask.lazy import PendingPyramid, absolute, make_job
 from zv_dask.pyramid.builder import (
     PyramidBuilder,
     PyramidReport,
@@ -46,7 +48,8 @@ from zv_dask.pyramid.builder import (
     source_from_store,
 )
 from zv_dask.pyramid.plan import LINK_STORAGE, check_build_options
-from zv_dask.store.api import as_store
+from zv_dask.pyramid.rebuild import can_build_beside, finish_rebuild, open_rebuild, swap
+from zv_dask.store.api import as_store, list_resolution_levels, read_level_metadata
 from zv_dask.store.cellio import sweep_partials
 from zv_dask.store.journal import (
     differences,
@@ -56,10 +59,7 @@ from zv_dask.store.journal import (
     unfinished_message,
     with_resume_hint,
 )
-from zv_dask.lazy import PendingPyramid, absolute, make_job
 from zv_dask.transaction import WriteJob
-from zv_dask.pyramid.rebuild import can_build_beside, finish_rebuild, open_rebuild, swap
-from zv_dask.format.codecs import check_compression, compressors_for
 
 __all__ = ["build_pyramid", "PyramidReport", "PyramidBuilder", "LINK_STORAGE"]
 
@@ -145,7 +145,7 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
             err = IngestError(f"{stage} failed: {cause_text(e, zs.url)}", stage=stage)
             raise (with_resume_hint(err, "build") if kept else err) from e
         if kept and isinstance(e, IngestError):  # a task's own error
-            raise with_resume_hint(e, "build")
+            raise with_resume_hint(e, "build")  # noqa: B904 - e itself, with the hint: its own cause stands
         raise
     finally:
         if lock is not None:
@@ -158,8 +158,6 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
 
 def _finished_report(zs, t0: float) -> PyramidReport:
     """The report of a build whose last step (the swap) a resumed run finished."""
-    from zv_dask.store.api import list_resolution_levels, read_level_metadata
-
     report = PyramidReport(resumed=True, stop_reason="resumed: the build was complete, its levels swapped in")
     for k in list_resolution_levels(zs):
         report.vertex_counts[k] = int(read_level_metadata(zs, k).vertex_count)

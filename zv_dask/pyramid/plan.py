@@ -16,20 +16,21 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
 from zv_dask.errors import InputError
-from zv_dask.pyramid.coarsen import METHODS
+from zv_dask.format.metadata import LINK_STORAGE
+from zv_dask.pyramid.coarsen import METHODS, bin_keys
 from zv_dask.pyramid.reduce import REDUCTIONS, default_reduction
+from zv_dask.store.levels import AttributeSpec
 
 __all__ = ["LevelStep", "level_steps", "region_shape", "region_loads", "plan_tasks", "resolve_attributes",
            "resolve_links", "check_build_options", "LINK_STORAGE", "BUILD_OPTIONS", "build_record",
            "options_from_record"]
 
-LINK_STORAGE = ("none", "implicit", "explicit")
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,6 @@ def region_shape(step: LevelStep, bins_per_chunk: tuple[int, ...]) -> tuple[int,
 def region_loads(chunks: np.ndarray, weights: np.ndarray, fine_bins_per_chunk: tuple[int, ...],
                  region: tuple[int, ...]) -> tuple[int, float]:
     """How many regions of edge ``region`` (base bins) the chunks fall in, and the most points one holds."""
-    from zv_dask.pyramid.coarsen import bin_keys
-
     chunks = np.asarray(chunks, np.int64)
     if not len(chunks):
         return 0, 0.0
@@ -132,8 +131,6 @@ def plan_tasks(chunks: np.ndarray, fine_bins_per_chunk: tuple[int, ...], region:
     ascending chunk order. A region never spans two tasks, so no two tasks
     write the same coarse chunk; regions with no fine chunk produce no task.
     """
-    from zv_dask.pyramid.coarsen import bin_keys
-
     chunks = np.asarray(chunks, np.int64)
     if not len(chunks):
         return []
@@ -170,7 +167,6 @@ def resolve_attributes(parent: list, attribute_reduction, method: str):
     if unknown:
         raise InputError(f"attribute_reduction names {unknown}, which level 0 does not have "
                          f"(it has {sorted(names)}); only 'count' may create a new attribute")
-    from zv_dask.store.levels import AttributeSpec
 
     reductions, explicit, specs = {}, set(), []
     for s in parent:

@@ -43,7 +43,7 @@ def rebuild_path(zs: ZVStore) -> Path:
 
 def _link_tree(src: Path, dst: Path) -> None:
     """``dst`` mirrors the directory ``src``: the same directories, every file hard-linked."""
-    for d, dirs, files in os.walk(src):
+    for d, _dirs, files in os.walk(src):
         rel = Path(d).relative_to(src)
         (dst / rel).mkdir(parents=True, exist_ok=True)
         for f in files:

@@ -75,21 +75,21 @@ class LevelPoints:
         return self.chunk_index[rows], self.vi[rows]
 
     @classmethod
-    def from_layout(cls, positions, attributes, object_ids, chunks, row_splits, runs=None) -> "LevelPoints":
+    def from_layout(cls, positions, attributes, object_ids, chunks, row_splits, runs=None) -> LevelPoints:
         """Points already in storage order, ``row_splits`` (m+1) cutting them into ``chunks``."""
         row_splits = np.asarray(row_splits, np.int64)
         return cls(positions, attributes, object_ids,
                    np.asarray(chunks, np.int64).reshape(len(row_splits) - 1, -1), row_splits, runs)
 
     @classmethod
-    def from_plan(cls, positions, attributes, object_ids, plan: ChunkPlan, bins_per_chunk, scale) -> "LevelPoints":
+    def from_plan(cls, positions, attributes, object_ids, plan: ChunkPlan, bins_per_chunk, scale) -> LevelPoints:
         """Points in the storage order of ``plan`` (a bins layout also gives the rows' bin runs)."""
         return cls.from_layout(positions, attributes, object_ids, plan.chunks, plan.row_splits,
                                bin_runs(plan, bins_per_chunk, scale) if plan.fragment_objects is None else None)
 
     @classmethod
     def from_chunk_data(cls, data: list, chunks: np.ndarray, ndim: int, dtype: str, names, grid: Grid | None = None,
-                        bins_per_chunk=None, scale=None) -> "LevelPoints":
+                        bins_per_chunk=None, scale=None) -> LevelPoints:
         """Decoded chunks (:func:`~zv_dask.store.levels.read_chunks`, in the order of ``chunks``) as one block.
 
         With ``grid``, ``bins_per_chunk`` and the level's chunk ``scale``, a bins
@@ -105,7 +105,7 @@ class LevelPoints:
             runs = stored_runs(data, chunks, pos, grid, bins_per_chunk, scale)
         return cls.from_layout(pos, attrs, None, chunks, splits, runs)
 
-    def take(self, rows: np.ndarray) -> "LevelPoints":
+    def take(self, rows: np.ndarray) -> LevelPoints:
         """A subset of rows (their ``vi`` stay those of the cells they came from; runs are dropped)."""
         return LevelPoints(self.positions[rows], {k: v[rows] for k, v in self.attributes.items()},
                            None if self.object_ids is None else self.object_ids[rows], self.chunks, None, None,
@@ -225,7 +225,8 @@ def coarsen_level(fine: LevelPoints, step: StepGeometry) -> CoarseLevel:
     return CoarseLevel(points, plan, where[coarse.parents] if len(o) else np.zeros(0, np.int64))
 
 
-def level_links(fine: LevelPoints, coarse: CoarseLevel, step: StepGeometry) -> tuple[LinkCells | None, LinkCells | None]:
+def level_links(fine: LevelPoints, coarse: CoarseLevel,
+                step: StepGeometry) -> tuple[LinkCells | None, LinkCells | None]:
     """The ``+1`` cells of the fine level and (``explicit``) the ``-1`` cells of the coarse level."""
     if step.links == "none":
         return None, None

@@ -18,8 +18,8 @@ from zv_dask.faults import fail_point
 from zv_dask.format.links import LinkCells
 from zv_dask.pyramid import stack
 from zv_dask.pyramid.stack import LevelPoints, StepGeometry
-from zv_dask.read import row_object_ids
 from zv_dask.store.levels import ChunkSummary, payload_targets, read_chunks, write_cells
+from zv_dask.store.objects import row_object_ids
 from zv_dask.transaction import returned_fork, worker_store
 
 __all__ = ["BatchResult", "build_levels", "link_targets", "batch_task"]

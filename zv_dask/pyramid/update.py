@@ -33,15 +33,21 @@ from zv_dask.pyramid.builder import (
     LevelSource,
     PyramidBuilder,
     PyramidReport,
+    drop_up_links,
     mark_links_present,
     small_enough,
 )
-from zv_dask.read import chunks_in, object_entries
-from zv_dask.store.api import create_resolution_level, create_vlen_arrays, list_resolution_levels, \
-    remove_resolution_level, update_node_attrs
-from zv_dask.store.cellio import cell_keys
-from zv_dask.store.cellio import delete_cells
+from zv_dask.pyramid.plan import region_shape
+from zv_dask.store.api import (
+    create_resolution_level,
+    create_vlen_arrays,
+    list_resolution_levels,
+    remove_resolution_level,
+    update_node_attrs,
+)
+from zv_dask.store.cellio import cell_keys, delete_cells
 from zv_dask.store.levels import ChunkSummary, finalize_level, level_chunk_keys, read_payloads, write_cells
+from zv_dask.store.objects import chunks_in, object_entries
 from zv_dask.store.preimage import save_cells
 
 __all__ = ["update_pyramid", "predict_rewrites", "LevelUpdate", "keys_at"]
@@ -327,7 +333,6 @@ def update_pyramid(builder: PyramidBuilder, src: LevelSource, changed: np.ndarra
             if reason:
                 for j in range(top, k, -1):  # levels the larger pyramid no longer reaches
                     remove_resolution_level(zs, j)
-                from zv_dask.pyramid.builder import drop_up_links
 
                 drop_up_links(zs.root, k)
                 rep.link_counts.pop(f"{k}/+1", None)
@@ -345,8 +350,6 @@ def update_pyramid(builder: PyramidBuilder, src: LevelSource, changed: np.ndarra
 def predict_rewrites(builder: PyramidBuilder, changed: np.ndarray) -> list[LevelUpdate]:
     """Per existing coarse level, the regions an append touching the level-0 ``changed`` chunks rebuilds and
     the chunks there now (what a dry run shows; the rebuild may add chunks the old pyramid did not have)."""
-    from zv_dask.pyramid.plan import region_shape
-
     zs = builder.zs
     ndim = builder.ndim
     bpc = np.asarray(builder.bpc, np.int64)

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import zarr
 
-from zv_dask.errors import MetadataError, StoreBusyError, StoreError, ZVError, cause_text
+from zv_dask.errors import MetadataError, StoreBusyError, StoreError, UnfinishedJobWarning, ZVError, cause_text
 from zv_dask.format.codecs import compression_of
 from zv_dask.format.grid import Grid
 from zv_dask.format.metadata import (
-    ZV_VERSION,
+    LINK_STORAGE,
     LevelMetadata,
     RootMetadata,
     fragments_attrs,
@@ -28,7 +28,9 @@ from zv_dask.format.metadata import (
     store_name,
     vertices_attrs,
 )
-from zv_dask.store.backends import Backend, check_creatable, local_path, resolve_backend, url_scheme
+from zv_dask.store.backends import Backend, check_creatable, local_path, resolve_backend
+from zv_dask.store.journal import journal_for, unfinished_message
+from zv_dask.store.nodes import create_vlen_array, create_vlen_arrays, update_node_attrs  # noqa: F401 - part of the store API
 
 __all__ = [
     "ZVStore",
@@ -46,7 +48,6 @@ __all__ = [
     "list_available_ratios",
     "write_parametric_types",
     "read_parametric_types",
-    "set_bounds",
     "session_for",
     "commit",
     "discard_changes",
@@ -125,15 +126,13 @@ class ZVStore:
             meta = self.metadata
             return (f"<ZVStore {self.url or self.backend.kind} mode={self.mode} ndim={meta.ndim} "
                     f"levels={self.levels} bounds={[list(meta.bounds[0]), list(meta.bounds[1])]}>")
-        except Exception:  # pragma: no cover - repr must never raise
+        except Exception:  # noqa: BLE001 - repr must never raise  # pragma: no cover
             return f"<ZVStore {self.url or self.backend.kind} mode={self.mode}>"
 
     @property
     def unfinished_job(self) -> str | None:
         """What the unfinished job in this store is and how to go on, or ``None`` (checked once)."""
         if not hasattr(self, "_unfinished"):
-            from zv_dask.store.journal import journal_for, unfinished_message
-
             journal = journal_for(self.backend)
             doc = journal.job() if journal is not None else None
             self._unfinished_doc = doc
@@ -309,8 +308,8 @@ def create_store(
     hi = tuple(float(v) for v in bounds[1])
     if chunk_shape is None:
         chunk_shape = tuple(max(h - l_, 1e-12) for l_, h in zip(lo, hi))
-    if cross_level_storage not in ("none", "implicit", "explicit"):
-        raise MetadataError(f"cross_level_storage must be 'none', 'implicit' or 'explicit', got {cross_level_storage!r}")
+    if cross_level_storage not in LINK_STORAGE:
+        raise MetadataError(f"cross_level_storage must be one of {LINK_STORAGE}, got {cross_level_storage!r}")
     if isinstance(cross_level_depth, bool) or not isinstance(cross_level_depth, (int, np.integer)) \
             or int(cross_level_depth) not in (0, 1):
         raise MetadataError(f"cross_level_depth must be 0 or 1 (zv-dask writes +-1 links), got {cross_level_depth!r}")
@@ -350,7 +349,7 @@ def create_store(
         raise StoreError(f"cannot make a store at {where!r}: {e.strerror or type(e).__name__}{named}") from None
     except ZVError:
         raise
-    except Exception as e:  # noqa: BLE001 - the storage answered with an error (obstore's, icechunk's)
+    except Exception as e:
         raise StoreError(f"cannot make a store at {be.url or path!r}: {cause_text(e)}") from e
     zs = ZVStore(be, root, "r+")
     root.attrs.put({
@@ -416,67 +415,6 @@ def _create_arguments(chunk_shape, base_bin_shape, bounds, ndim, axes, vertex_dt
     return chunk_shape, base_bin_shape, bounds, ndim, axes, vdt
 
 
-def create_vlen_array(group: zarr.Group, name: str, grid: Grid, attrs: dict, *, shards=None,
-                      compressors=None, overwrite: bool = True) -> zarr.Array:
-    """A vlen-bytes array over ``grid`` with one cell per chunk (optionally sharded)."""
-    return group.create_array(
-        name, shape=grid.shape, chunks=(1,) * grid.ndim, shards=tuple(shards) if shards else None,
-        dtype="bytes", fill_value=b"", compressors=compressors, attributes=attrs, overwrite=overwrite,
-    )
-
-
-def create_vlen_arrays(group: zarr.Group, grid: Grid, arrays: list[tuple[str, dict]], *, shards=None,
-                       compressors=None) -> None:
-    """Many :func:`create_vlen_array` at once: same grid and codecs, each with its own attributes.
-
-    zarr makes the first (its metadata document is the template); the others'
-    documents differ only in their attributes and are written in one concurrent
-    batch, which for tens of arrays is much faster than one zarr call each.
-    Nothing may exist at the new paths.
-    """
-    import json
-
-    from zarr.core.buffer import default_buffer_prototype
-
-    from zv_dask.store.cellio import put_cells
-
-    if not arrays:
-        return
-    first = create_vlen_array(group, arrays[0][0], grid, arrays[0][1], shards=shards, compressors=compressors,
-                              overwrite=False)
-    doc = json.loads(first.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
-    prefix = f"{group.path}/" if group.path else ""
-    items = []
-    for name, attrs in arrays[1:]:
-        doc["attributes"] = attrs
-        items.append((f"{prefix}{name}/zarr.json", json.dumps(doc, indent=2, allow_nan=False).encode()))
-    put_cells(group.store, items)
-
-
-def update_node_attrs(zstore, updates: dict[str, dict]) -> None:
-    """Merge attributes into many existing nodes (arrays or groups) at once: ``{node path: attributes}``.
-
-    The same as ``node.attrs.update(attributes)`` for each, in two concurrent
-    batches (read every ``zarr.json``, write every ``zarr.json``).
-    """
-    import json
-
-    from zv_dask.store.cellio import get_cells, put_cells
-
-    if not updates:
-        return
-    keys = [f"{p}/zarr.json" if p else "zarr.json" for p in updates]
-    docs = get_cells(zstore, keys)
-    items = []
-    for key, raw, attrs in zip(keys, docs, updates.values()):
-        if raw is None:
-            raise StoreError(f"cannot update the attributes of {key[:-len('/zarr.json')] or '/'}: no such node")
-        doc = json.loads(raw)
-        doc["attributes"] = {**doc.get("attributes", {}), **attrs}
-        items.append((key, json.dumps(doc, indent=2, allow_nan=False).encode()))
-    put_cells(zstore, items)
-
-
 def open_store(path, mode: str = "r", *, backend: str | None = None, storage_options: dict | None = None,
                branch: str = "main") -> ZVStore:
     """Open an existing ZV store; ``mode`` is ``"r"`` or ``"r+"``."""
@@ -488,7 +426,7 @@ def open_store(path, mode: str = "r", *, backend: str | None = None, storage_opt
         be = resolve_backend(path, mode=mode, backend=backend, storage_options=storage_options, branch=branch)
     except ZVError:
         raise
-    except Exception as e:  # noqa: BLE001 - the storage answered with an error (icechunk's, obstore's)
+    except Exception as e:
         raise StoreError(f"cannot open the store at {str(path)!r}: {cause_text(e)}") from e
     if be.kind == "local" and be.url and not local_path(be.url).exists():
         raise StoreError(f"no store at {be.url!r}: the path does not exist")
@@ -499,7 +437,7 @@ def open_store(path, mode: str = "r", *, backend: str | None = None, storage_opt
     except (zarr.errors.GroupNotFoundError, FileNotFoundError, KeyError, ValueError) as e:
         raise StoreError(f"not a ZV store at {be.url or path!r}: no zarr v3 group there ({type(e).__name__})"
                          + _unfinished_note(be)) from None
-    except Exception as e:  # noqa: BLE001 - the storage answered with an error (obstore's, icechunk's)
+    except Exception as e:
         raise StoreError(f"cannot read the store at {be.url or path!r}: {cause_text(e)}") from e
     if "zarr_vectors" not in root.attrs:
         if "zv_dask_creating" in root.attrs:  # the claim of create_store: its metadata follow in a moment
@@ -507,11 +445,9 @@ def open_store(path, mode: str = "r", *, backend: str | None = None, storage_opt
                                  "finish (if no job is running, one was killed as it began: pass overwrite=True)")
         raise StoreError(f"not a ZV store at {be.url or path!r}: the root group has no 'zarr_vectors' attributes")
     zs = ZVStore(be, root, mode)
-    zs.metadata  # parse strictly; raises MetadataError on malformed roots
+    zs.metadata  # noqa: B018 - parse strictly; raises MetadataError on malformed roots
     if mode == "r" and zs.unfinished_job:
         import warnings
-
-        from zv_dask.errors import UnfinishedJobWarning
 
         warnings.warn(f"{zs.url or 'the store'} has an {zs.unfinished_job}", UnfinishedJobWarning, stacklevel=2)
     return zs
@@ -519,8 +455,6 @@ def open_store(path, mode: str = "r", *, backend: str | None = None, storage_opt
 
 def _unfinished_note(be) -> str:
     """``"; it has an unfinished ingest job (...)"`` when a job that would make it one was interrupted."""
-    from zv_dask.store.journal import journal_for, unfinished_message
-
     try:
         journal = journal_for(be)
         doc = journal.job() if journal is not None else None
@@ -555,7 +489,8 @@ def write_root_metadata(store: ZVStore, meta: RootMetadata, level_bins: dict[int
     ome = ome_block(store_name(store.url), meta.axes, levels)
     old = attrs.get("ome")
     if isinstance(old, dict):
-        ome = {**old, **{k: ome[k] for k in ("version", "type", "nodes", "attributes")}, "name": old.get("name", ome["name"])}
+        ome = {**old, **{k: ome[k] for k in ("version", "type", "nodes", "attributes")},
+               "name": old.get("name", ome["name"])}
     extra = dict(extra or {})
     if isinstance(extra.get("zv_dask"), dict) and isinstance(attrs.get("zv_dask"), dict):
         extra["zv_dask"] = {**attrs["zv_dask"], **extra["zv_dask"]}  # one block, several writers (las, pyramid)
@@ -585,7 +520,8 @@ def get_resolution_level(store: ZVStore, level: int) -> zarr.Group:
     try:
         g = store.root[str(int(level))]
     except KeyError:
-        raise StoreError(f"resolution level {level} not found; the store has levels {list_resolution_levels(store)}") from None
+        raise StoreError(f"resolution level {level} not found; the store has levels "
+                         f"{list_resolution_levels(store)}") from None
     if not isinstance(g, zarr.Group):
         raise StoreError(f"{level!r} in the store is not a group")
     return g
@@ -795,29 +731,3 @@ def rebind(store: ZVStore, backend: str | Any, **storage_options) -> ZVStore:
             raise StoreError("this store was opened from an object, not a URL; pass a zarr Store to rebind to")
         return open_store(store.url, store.mode, backend=backend, storage_options=storage_options)
     return open_store(backend, store.mode)
-
-
-# -- bounds ---------------------------------------------------------------------------
-def set_bounds(store: ZVStore, bounds, *, force: bool = False) -> ZVStore:
-    """Change the store bounds.
-
-    Growing is always allowed; cells are moved when the grid origin moves.
-    Shrinking needs ``force=True`` and prunes the vertices (with their
-    attributes) that fall outside; object manifests keep their now-empty fragments.
-    """
-    from zv_dask.store.rewrite import regrid_store
-
-    store._require_writable()
-    meta = store.metadata
-    lo = tuple(float(v) for v in bounds[0])
-    hi = tuple(float(v) for v in bounds[1])
-    if len(lo) != meta.ndim or len(hi) != meta.ndim:
-        raise MetadataError(f"bounds need {meta.ndim} values per corner, got {[list(lo), list(hi)]}")
-    if any(a > b for a, b in zip(lo, hi)):
-        raise MetadataError(f"bounds are inverted: min {list(lo)} exceeds max {list(hi)} on some axis")
-    shrinks = any(n > o for n, o in zip(lo, meta.bounds[0])) or any(n < o for n, o in zip(hi, meta.bounds[1]))
-    if shrinks and not force:
-        raise MetadataError(f"new bounds {[list(lo), list(hi)]} do not contain the current "
-                            f"{[list(meta.bounds[0]), list(meta.bounds[1])]}; pass force=True to shrink and prune")
-    regrid_store(store, lo, hi, prune=shrinks)
-    return store

@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlparse
 
 from zv_dask.errors import StoreError
 from zv_dask.store.credentials import icechunk_credentials, redact
+from zv_dask.store.retry import RetryingObjectStore
 
 __all__ = ["Backend", "resolve_backend", "local_path", "url_scheme", "object_store", "check_creatable"]
 
@@ -181,7 +182,6 @@ def _obstore_kwargs(scheme: str, options: dict) -> dict:
 def _obstore_store(url: str, scheme: str, options: dict, read_only: bool):
     try:
         from obstore.store import AzureStore, GCSStore, HTTPStore, MemoryStore, S3Store
-        from zv_dask.store.retry import RetryingObjectStore
     except ImportError as e:  # pragma: no cover - obstore is a hard dependency
         raise StoreError(f"object storage needs obstore and zarr>=3.1: {e}") from e
     kw = _obstore_kwargs(scheme, options)
@@ -202,7 +202,7 @@ def _obstore_store(url: str, scheme: str, options: dict, read_only: bool):
             raise StoreError(f"no obstore backend for scheme {scheme!r}")
     except StoreError:
         raise
-    except Exception as e:  # unknown option names, malformed values: say which, never echo the values
+    except Exception as e:  # noqa: BLE001 - unknown option names, malformed values: say which, never echo the values
         raise StoreError(f"cannot configure the obstore {scheme}:// store for {url!r} from storage_options "
                          f"{sorted(options)}: {type(e).__name__}: {redact(_first_line(e), options)}") from None
     return RetryingObjectStore(obs, read_only=read_only, concurrency=concurrency_option(options))

@@ -155,10 +155,11 @@ class Journal:
             retry_dropped(put)
         except FileExistsError:
             return len(tries) > 1 and self.get(name) == data  # (a retry: the first try may have landed)
-        except Exception as e:  # noqa: BLE001 - obstore's own error types; name the place
+        except Exception as e:
             if create and "AlreadyExists" in type(e).__name__ + str(e)[:200]:
                 return len(tries) > 1 and self.get(name) == data
-            raise StoreError(f"cannot write the job journal at {self.where(name)}: {cause_text(e, self.where(name))}") from e
+            raise StoreError(f"cannot write the job journal at {self.where(name)}: "
+                             f"{cause_text(e, self.where(name))}") from e
         return True
 
     def get(self, name: str) -> bytes | None:
@@ -168,7 +169,7 @@ class Journal:
             return bytes(obstore.get(self._store(), self._key(name)).bytes())
         except FileNotFoundError:
             return None
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if "NotFound" in type(e).__name__ or "not found" in str(e).lower()[:300]:
                 return None
             raise StoreError(f"cannot read the job journal at {self.where(name)}: {type(e).__name__}: "
@@ -196,7 +197,7 @@ class Journal:
 
         try:
             sync(run())
-        except Exception as e:  # noqa: BLE001 - obstore's own error types; name the place
+        except Exception as e:
             raise StoreError(f"cannot write the job journal at {self.where()}: {cause_text(e, self.where())}") from e
 
     def get_many(self, names: list[str]) -> list[bytes | None]:
@@ -319,7 +320,7 @@ class Journal:
         """The lease of the live process that holds the store, or ``None`` (no lease, released or dead)."""
         return self._current_lease()[1]
 
-    def acquire(self, what: str) -> "JobLock":
+    def acquire(self, what: str) -> JobLock:
         """Take the store for this process, or raise :class:`StoreError` naming the job that holds it.
 
         Leases are ``locks/<n>`` objects created with create-if-absent, so of two
@@ -364,7 +365,7 @@ def _held_message(journal: Journal, held: dict) -> str:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 class JobLock:
@@ -439,7 +440,8 @@ def journal_at(url, *, icechunk: bool = False, options: dict | None = None, bran
 
 
 def unfinished_message(job: dict, journal: Journal) -> str:
-    """"unfinished <kind> job (started ..., N of M groups written): resume with --resume or discard with --overwrite"."""
+    """"unfinished <kind> job (started ..., N of M groups written): resume with --resume or discard with
+    --overwrite"."""
     done = len(journal.finished("level0")) if job.get("kind") == "ingest" else None
     total = job.get("plan", {}).get("groups")
     progress = f", {done} of {total} groups written" if done is not None and total is not None else ""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
@@ -30,9 +31,14 @@ from zv_dask.format.cells import (
 )
 from zv_dask.format.codecs import direct_codec
 from zv_dask.format.grid import Grid, chunk_keys, parse_chunk_key
-from zv_dask.format.layout import ChunkPayload
-from zv_dask.store.cellio import cell_keys, get_cells, put_cells
+from zv_dask.format.layout import ChunkPayload, encode_plan, plan_chunks
 from zv_dask.format.metadata import LevelMetadata, attribute_attrs, fragments_attrs, vertices_attrs
+from zv_dask.store.cellio import cell_keys, get_cells, put_cells
+from zv_dask.store.nodes import create_vlen_arrays, update_node_attrs
+from zv_dask.store.objects import object_entries, row_object_ids
+
+if TYPE_CHECKING:
+    from zv_dask.store.api import ZVStore
 
 __all__ = [
     "AttributeSpec",
@@ -47,6 +53,7 @@ __all__ = [
     "read_chunks",
     "read_payloads",
     "read_level",
+    "write_level_points",
     "level_chunk_keys",
 ]
 
@@ -62,7 +69,7 @@ class AttributeSpec:
     description: str | None = None
 
     @classmethod
-    def of(cls, name: str, values) -> "AttributeSpec":
+    def of(cls, name: str, values) -> AttributeSpec:
         v = np.asarray(values) if not hasattr(values, "dtype") else values
         if v.dtype.kind not in "biuf":
             raise MetadataError(f"attribute {name!r} has dtype {v.dtype}; only bool, integer and float attributes "
@@ -85,7 +92,7 @@ class ChunkSummary:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_plan(cls, plan, bytes_written: int = 0) -> "ChunkSummary":
+    def from_plan(cls, plan, bytes_written: int = 0) -> ChunkSummary:
         """Summary of a written :class:`~zv_dask.format.layout.ChunkPlan` (with its object entries)."""
         out = cls(plan.chunks, np.diff(plan.row_splits), bytes_written=bytes_written)
         if plan.fragment_objects is not None:
@@ -96,7 +103,7 @@ class ChunkSummary:
         return out
 
     @staticmethod
-    def concat(parts: list["ChunkSummary"], ndim: int) -> "ChunkSummary":
+    def concat(parts: list[ChunkSummary], ndim: int) -> ChunkSummary:
         parts = [p for p in parts if p is not None]
         chunks = np.concatenate([p.chunks for p in parts]) if parts else np.zeros((0, ndim), np.int64)
         rows = np.concatenate([p.rows for p in parts]) if parts else np.zeros(0, np.int64)
@@ -113,7 +120,6 @@ class ChunkSummary:
 def prepare_level(root: zarr.Group, level: int, grid: Grid, attributes: list[AttributeSpec], *,
                   shards=None, compressors=None) -> zarr.Group:
     """(Re)create the arrays of a level with empty presence lists."""
-    from zv_dask.store.api import create_vlen_arrays
 
     g = root.require_group(str(level))
     for name in list(g.keys()):
@@ -283,7 +289,6 @@ def finalize_level(root: zarr.Group, level: int, grid: Grid, summary: ChunkSumma
     ``vertex_count`` is the level's when ``summary`` holds only presence (an
     append, which knows the chunks it did not touch but not their rows).
     """
-    from zv_dask.store.api import update_node_attrs
 
     g = root[str(level)]
     keys = _sorted_keys(summary.chunks[summary.rows > 0]) if len(summary.chunks) else []
@@ -543,8 +548,21 @@ def read_level(zstore, level: int, *, bbox=None, attributes=None, ndim: int | No
 
 def _object_ids_of_rows(g: zarr.Group, data: list[ChunkData], ndim: int) -> np.ndarray:
     """Per row, the id of the object whose fragment holds it (objects layout)."""
-    from zv_dask.read import object_entries, row_object_ids
 
     _, oid, och, ofr = object_entries(g, ndim)
     ids, _ = row_object_ids(data, oid, och, ofr)
     return ids
+
+
+def write_level_points(zs: ZVStore, level: int, positions, attributes: dict, object_ids, meta: LevelMetadata,
+                       *, shards=None, compressors=None, all_object_ids=None) -> LevelMetadata:
+    """Lay out, encode and write in-bounds points as one level, metadata last."""
+    grid = zs.grid(level)
+    specs = [AttributeSpec.of(n, v) for n, v in attributes.items()]
+    prepare_level(zs.root, level, grid, specs, shards=shards, compressors=compressors)
+    plan = plan_chunks(positions, grid, object_ids)
+    payloads = list(encode_plan(plan, grid.cast(positions), attributes, grid.dtype, specs, level=level))
+    write_chunk_payloads(zs.store, level, grid, payloads, specs)
+    summary = ChunkSummary.from_plan(plan)
+    meta.fragments_tile = True
+    return finalize_level(zs.root, level, grid, summary, meta, specs)

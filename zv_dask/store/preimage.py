@@ -17,6 +17,7 @@ import json
 
 import numpy as np
 
+from zv_dask.errors import StoreError
 from zv_dask.format.grid import parse_chunk_key
 from zv_dask.store.cellio import cell_keys, delete_cells, get_cells, put_cells
 
@@ -128,8 +129,6 @@ def restore_cells(zstore, journal, unit: str) -> bool:
     raws = journal.get_many([f"{PRE}/cells/{k}" for k in old])
     missing = [k for k, r in zip(old, raws) if r is None]
     if missing:
-        from zv_dask.errors import StoreError
-
         raise StoreError(f"the journal at {journal.where()} lacks the saved bytes of {len(missing)} cells "
                          f"(first {missing[0]}): the append cannot be rolled back")
     # Deletions first, then the old bytes written in place: on a full disk (a common reason to roll

@@ -44,7 +44,7 @@ def retry_dropped(call, attempts: int = DROPPED_ATTEMPTS):
     for i in range(attempts):
         try:
             return call()
-        except Exception as e:  # noqa: BLE001 - obstore's error types
+        except Exception as e:
             if i == attempts - 1 or not is_dropped(e):
                 raise
             time.sleep(0.05 * 2 ** i)
@@ -55,7 +55,7 @@ async def retry_dropped_async(call, attempts: int = DROPPED_ATTEMPTS):
     for i in range(attempts):
         try:
             return await call()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if i == attempts - 1 or not is_dropped(e):
                 raise
             await asyncio.sleep(0.05 * 2 ** i)
@@ -67,7 +67,7 @@ def delete_prefix(store, prefix: str) -> None:
 
     for batch in obstore.list(store, prefix=prefix, chunk_size=1000):
         paths = [m["path"] for m in batch]
-        retry_dropped(lambda: obstore.delete(store, paths))
+        retry_dropped(lambda paths=paths: obstore.delete(store, paths))
 
 
 class RetryingObjectStore(ObjectStore):
@@ -81,7 +81,7 @@ class RetryingObjectStore(ObjectStore):
         super().__init__(store, read_only=read_only)
         self.concurrency = concurrency
 
-    def with_read_only(self, read_only: bool = False) -> "RetryingObjectStore":
+    def with_read_only(self, read_only: bool = False) -> RetryingObjectStore:
         return type(self)(self.store, read_only=read_only, concurrency=self.concurrency)
 
     async def set_if_not_exists(self, key, value) -> None:
