@@ -217,6 +217,34 @@ def test_concurrent_commits_conflict_and_lose_nothing(repo_target):
     assert both.levels == [0, 1] and zv_dask.read_parametric_types(both) == [{"name": "from_a"}]
 
 
+def test_a_jobs_commit_is_rebased_by_icechunk_or_names_the_conflict(repo_target):
+    """WriteJob.commit (icechunk's own rebase): onto a concurrent commit on other nodes; a clear error on the same."""
+    url, opts, storage = repo_target
+    _warm_store(url, opts)
+    a = zv_dask.open_store(url, "r+", backend="icechunk", storage_options=opts)
+    b = zv_dask.open_store(url, "r+", backend="icechunk", storage_options=opts)
+    job = WriteJob(b, "writer b")
+    zv_dask.add_resolution_level(b, 1, 2)  # the root's multiscales and a new level group
+    zv_dask.write_parametric_types(a, [{"name": "from_a"}])  # a new group: root untouched
+    snap_a = zv_dask.commit(a, "writer a")
+    snap_b = job.commit()
+    assert _ancestry(storage)[0].id == snap_b and _ancestry(storage)[0].parent_id == snap_a
+    both = zv_dask.open_store(url, "r", backend="icechunk", storage_options=opts)
+    assert both.levels == [0, 1] and zv_dask.read_parametric_types(both) == [{"name": "from_a"}]
+
+    c = zv_dask.open_store(url, "r+", backend="icechunk", storage_options=opts)
+    d = zv_dask.open_store(url, "r+", backend="icechunk", storage_options=opts)
+    job = WriteJob(d, "writer d")
+    zv_dask.write_parametric_types(c, [{"name": "from_c"}])
+    zv_dask.write_parametric_types(d, [{"name": "from_d"}])  # the same node
+    snap_c = zv_dask.commit(c, "writer c")
+    with pytest.raises(StoreError, match=r"conflicts with a concurrent commit on branch 'main'"):
+        job.commit()
+    assert _tip(storage) == snap_c
+    tip = zv_dask.open_store(url, "r", backend="icechunk", storage_options=opts)
+    assert zv_dask.read_parametric_types(tip) == [{"name": "from_c"}]
+
+
 # -- distributed: one fork per stage, tasks return forks, merge, one commit ------------------------
 def _job_payloads(zs, pts, attrs):
     grid = zs.grid(0)

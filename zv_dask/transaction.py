@@ -44,7 +44,7 @@ def worker_store(target):
     A fork's store is handed out as a :func:`_task_store`, so that zarr never stringifies it (issue 19).
     """
     store = getattr(target, "store", None)
-    if store is not None and type(target).__name__ == "ForkSession":
+    if store is not None and _is_fork(target):
         return _task_store(store)
     return target
 
@@ -98,7 +98,16 @@ def _unpickled(store):
 
 def returned_fork(target):
     """What a task hands back for merging (its fork), or ``None`` on plain stores."""
-    return target if type(target).__name__ == "ForkSession" else None
+    return target if _is_fork(target) else None
+
+
+def _is_fork(target) -> bool:
+    """Whether ``target`` is an icechunk ``ForkSession`` (icechunk, 0.8 s to import, only loaded if it may be)."""
+    if not type(target).__module__.startswith("icechunk"):
+        return False
+    import icechunk
+
+    return isinstance(target, icechunk.ForkSession)
 
 
 class WriteJob:
@@ -281,16 +290,13 @@ class WriteJob:
             return self._finish_branch(message)
         import icechunk
 
-        for _ in range(REBASE_TRIES):
-            try:
-                return commit(self.store, message)
-            except icechunk.ConflictError:
-                try:
-                    self.store.session.rebase(icechunk.ConflictDetector())
-                except icechunk.RebaseFailedError as r:
-                    raise StoreError(_conflict_message(self.store.backend.branch, message, r)) from r
-        raise StoreError(f"commit {message!r}: the branch {self.store.backend.branch!r} kept moving; gave up after "
-                         f"{REBASE_TRIES} rebases (nothing of this job was committed)")
+        try:
+            return commit(self.store, message, rebase_tries=REBASE_TRIES)  # icechunk's own rebase loop
+        except icechunk.RebaseFailedError as r:
+            raise StoreError(_conflict_message(self.store.backend.branch, message, r)) from r
+        except icechunk.ConflictError as e:
+            raise StoreError(f"commit {message!r}: the branch {self.store.backend.branch!r} kept moving; gave up "
+                             f"after {REBASE_TRIES} rebases (nothing of this job was committed)") from e
 
     def abort(self) -> None:
         """Drop everything the job wrote to an icechunk session."""

@@ -697,14 +697,24 @@ def session_for(store: ZVStore):
     return as_store(store).session
 
 
-def commit(store: ZVStore, message: str = "zv-dask write") -> str | None:
-    """Commit pending icechunk changes; returns the snapshot id (``None`` for plain stores)."""
+def commit(store: ZVStore, message: str = "zv-dask write", *, rebase_tries: int = 0) -> str | None:
+    """Commit pending icechunk changes; returns the snapshot id (``None`` for plain stores).
+
+    ``rebase_tries > 0``: when another writer committed to the branch meanwhile,
+    icechunk rebases the changes onto its commit (``ConflictDetector``: only when
+    the two touched different nodes) up to that many times, then commits.
+    """
     s = session_for(store)
     if s is None:
         return None
     if not s.has_uncommitted_changes:
         return s.snapshot_id
-    snap = s.commit(message)
+    if rebase_tries > 0:
+        import icechunk
+
+        snap = s.commit(message, rebase_with=icechunk.ConflictDetector(), rebase_tries=rebase_tries)
+    else:
+        snap = s.commit(message)
     # A committed session is spent in icechunk 2; continue on a fresh one on the same branch.
     repo = store.backend.repository
     if repo is not None:
