@@ -366,3 +366,39 @@ def test_prebuilt_zarr_and_obstore_stores(tmp_path, cloud):
     assert Z.list_resolution_levels(local) == [0, 1]
     Z.rebind(Z.open_store(str(p1), "r"), "obstore")  # read-only carries over
     assert Z.rebind(Z.open_store(str(p1), "r"), "obstore").store.read_only
+
+
+def test_zv_dask_keeps_zarrs_warnings_to_itself_and_the_users_filters_alone(tmp_path):
+    """No global warning filter at import; a whole job (vlen arrays, an object index, a pyramid, a journal's
+    directory in the store) shows none of zarr's warnings about what zv-dask does on purpose."""
+    import subprocess
+    import sys
+    import warnings
+
+    probe = ("import warnings, zarr, numpy, pandas, dask; before = list(warnings.filters); "
+             "import zv_dask, zv_dask.cli; print([f for f in warnings.filters if f not in before])")
+    added = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.strip() == "[]", added.stdout
+
+    import dask
+
+    import zv_dask
+
+    rng = np.random.default_rng(3)
+    pts = rng.uniform(0, 100, (3000, 3)).astype("f4")
+    path = tmp_path / "s.zv"
+    with warnings.catch_warnings(record=True) as seen, dask.config.set(scheduler="sync"):
+        warnings.simplefilter("always")
+        zv_dask.ingest(pts, str(path), chunk_shape=25, bounds=([0] * 3, [100] * 3),
+                       attributes={"i": rng.integers(0, 9, 3000).astype("u2")},
+                       object_ids=rng.integers(0, 50, 3000), pyramid=True)
+        (path / ".zv-job" / "done").mkdir(parents=True)  # what a running job keeps in the store
+        zs = zv_dask.open_store(str(path))
+        assert zs.levels[:2] == [0, 1]
+        assert zv_dask.validate_store(str(path)).ok
+    from zarr.errors import UnstableSpecificationWarning
+
+    noisy = [str(w.message)[:120] for w in seen
+             if issubclass(w.category, UnstableSpecificationWarning) or "is not recognized" in str(w.message)]
+    assert not noisy, noisy

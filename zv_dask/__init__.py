@@ -49,11 +49,6 @@ from zv_dask.validate import ValidationReport, validate_store
 
 __version__ = "0.1.0"
 
-# zarr warns about every directory of a store that is not a zarr node; a running (or unfinished) job's
-# journal and scratch are such directories, and say so themselves (ZVStore.unfinished_job)
-import warnings as _warnings
-
-_warnings.filterwarnings("ignore", message=r"Object at \.zv-(job|scratch) is not recognized")
 
 __all__ = [
     "ZV_VERSION",

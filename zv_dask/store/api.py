@@ -57,7 +57,6 @@ __all__ = [
 
 DEFAULT_BOUNDS_SIDE = 128.0
 PARAMETRIC = "parametric"
-warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
 
 
 class ZVStore:
@@ -529,8 +528,6 @@ def get_resolution_level(store: ZVStore, level: int) -> zarr.Group:
 
 def list_resolution_levels(store: ZVStore) -> list[int]:
     """Sorted integer level groups of the store."""
-    import warnings
-
     store = as_store(store)
     out = []
     with warnings.catch_warnings():

@@ -34,7 +34,7 @@ from zv_dask.format.grid import Grid, chunk_keys, parse_chunk_key
 from zv_dask.format.layout import ChunkPayload, encode_plan, plan_chunks
 from zv_dask.format.metadata import LevelMetadata, attribute_attrs, fragments_attrs, vertices_attrs
 from zv_dask.store.cellio import cell_keys, get_cells, put_cells
-from zv_dask.store.nodes import create_vlen_arrays, update_node_attrs
+from zv_dask.store.nodes import create_vlen_arrays, update_node_attrs, vlen_bytes
 from zv_dask.store.objects import object_entries, row_object_ids
 
 if TYPE_CHECKING:
@@ -343,8 +343,9 @@ def write_object_index(g: zarr.Group, summary: ChunkSummary, ndim: int, all_ids:
     oi = g.create_group("object_index")
     # a compressed level's index takes its codecs; else the reference's (manifests zstd 0, ids uncompressed)
     comp = _level_compressors(g)
-    m = oi.create_array("manifests", shape=(len(ids),), chunks=(chunk,), dtype="bytes", fill_value=b"",
-                        **({"compressors": comp} if comp else {}))
+    with vlen_bytes():
+        m = oi.create_array("manifests", shape=(len(ids),), chunks=(chunk,), dtype="bytes", fill_value=b"",
+                            **({"compressors": comp} if comp else {}))
     ia = oi.create_array("object_ids", shape=(len(ids),), chunks=(chunk,), dtype="int64", fill_value=0,
                          compressors=comp or None)
     if len(ids):
