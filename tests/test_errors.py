@@ -251,3 +251,30 @@ def test_hostile_inputs_get_errors_that_name_them(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.csv"]
     zs = Z.create_store(tmp_path / "s.zv", chunk_shape=25, bounds=([0] * 3, [100] * 3))  # a scalar: every axis
     assert zs.metadata.chunk_shape == (25.0, 25.0, 25.0)
+
+
+def test_task_stage_names_the_stage_the_chunk_and_the_cause():
+    """TaskStage: a ZVError passes untouched; anything else becomes an IngestError with stage, chunk and cause,
+    which survives pickling (a worker's error on its way to the client)."""
+    import pickle
+
+    from zv_dask.errors import IngestError, InputError, TaskStage
+
+    with pytest.raises(InputError, match="^as it was$"):
+        with TaskStage("write", "writing group 3"):
+            raise InputError("as it was")
+    with pytest.raises(IngestError) as info:
+        with TaskStage("write", "writing group 3") as st:
+            st.chunk = "1.2.3"
+            raise OSError(28, "No space left on device")
+    err = info.value
+    assert str(err).startswith("writing group 3 (first chunk 1.2.3) failed: ") and "no space left" in str(err).lower()
+    assert (err.stage, err.chunk) == ("write", "1.2.3") and isinstance(err.__cause__, OSError)
+    back = pickle.loads(pickle.dumps(err))
+    assert (str(back), back.stage, back.chunk) == (str(err), "write", "1.2.3")
+    with pytest.raises(IngestError, match=r"^pyramid level 2: reading 4 chunks failed: KeyError: 'x'$"):
+        with TaskStage("pyramid level 2", "pyramid level 2: reading 4 chunks", raw=True):
+            raise KeyError("x")
+    with pytest.raises(KeyboardInterrupt):  # not an Exception: passes
+        with TaskStage("write", "w"):
+            raise KeyboardInterrupt

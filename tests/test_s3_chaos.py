@@ -276,7 +276,7 @@ def test_plain_s3_server_gone_for_good_cli(s3_server, s3_prefix, s3_options, das
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     # the stage, the request and the object: "failed: IngestError: pyramid level 1: task over 1 level-0
-    # chunks from 0.0.0 failed: GenericError: ... Error performing GET http://127.0.0.1:PORT/test/<store>/1/
+    # chunks (first chunk 0.0.0) failed: GenericError: ... Error performing GET http://127.0.0.1:PORT/test/<store>/1/
     # vertices/zarr.json in 52ms, after 1 retries ... - HTTP error: error sending request; the finished work
     # is kept: run the same job again with --resume to continue, ..."
     assert re.search(rf"failed: (IngestError|StoreError): .* http://127\.0\.0\.1:\d+/test/{store}/", stderr), stderr

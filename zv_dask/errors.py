@@ -18,6 +18,7 @@ __all__ = [
     "InputError",
     "OutOfBoundsError",
     "IngestError",
+    "TaskStage",
     "UnfinishedJobWarning",
     "UnfinishedJobError",
     "cause_text",
@@ -144,6 +145,32 @@ class IngestError(ZVError):
 
     def __reduce_ex__(self, protocol):  # (tblib, which distributed installs, patches this one; ours wins)
         return self.__reduce__()
+
+
+class TaskStage:
+    """What a task is doing, for its error: ``with TaskStage("write", "writing group 3", where=store) as st:``.
+
+    Inside the block a :class:`ZVError` passes as it is; any other exception
+    becomes an :class:`IngestError` "<what>[ (first chunk <chunk>)] failed: <cause>"
+    with the stage and chunk, the cause chained. ``st.chunk`` (and ``st.what``)
+    may be set as the block learns them; ``where`` names a full or read-only disk
+    in the cause (:func:`cause_text`); ``raw=True`` gives the cause as
+    ``Type: message`` instead.
+    """
+
+    def __init__(self, stage: str, what: str, *, where: object = None, chunk: str | None = None,
+                 raw: bool = False):
+        self.stage, self.what, self.where, self.chunk, self.raw = stage, what, where, chunk, raw
+
+    def __enter__(self) -> TaskStage:
+        return self
+
+    def __exit__(self, typ, e, tb) -> bool:
+        if e is None or isinstance(e, ZVError) or not isinstance(e, Exception):
+            return False
+        cause = f"{type(e).__name__}: {e}" if self.raw else cause_text(e, self.where)
+        first = f" (first chunk {self.chunk})" if self.chunk else ""
+        raise IngestError(f"{self.what}{first} failed: {cause}", stage=self.stage, chunk=self.chunk) from e
 
 
 def _rebuild_ingest_error(cls, message, stage, chunk, cause):

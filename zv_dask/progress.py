@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-__all__ = ["show_progress", "compute_with_progress"]
+__all__ = ["task_bar", "compute_with_progress"]
 
 
 def _in_notebook() -> bool:
@@ -24,44 +27,39 @@ def _has_widgets() -> bool:
     return True
 
 
-def show_progress(futures, label: str) -> None:
-    """Block until ``futures`` finish, showing a bar labelled ``label``.
+@contextmanager
+def task_bar(futures, label: str) -> Iterator[Callable[[], None]]:
+    """A bar over ``futures`` while the block gathers them; yields ``tick()``, called once per finished task.
 
-    Works with any client, including one that is not the default client.
-    In a notebook with ipywidgets this is Dask's widget; otherwise a tqdm bar
-    on stderr.
+    The caller's own loop over the finished tasks drives it, so that what it does
+    per task (a journal checkpoint) happens as each one finishes, and a failure
+    ends the bar at once. In a notebook with ipywidgets it is Dask's widget
+    (which follows the futures itself); on a terminal a tqdm bar on stderr; in a
+    log two lines on stderr, when the stage starts and when it is done.
     """
     futures = list(futures)
-    if not futures:
-        return
     if _in_notebook() and _has_widgets():
         from distributed import progress
-        print(label)
+
+        print(label, file=sys.stderr)
         progress(futures, notebook=True)
+        yield lambda: None
         return
-    import time
-
-    from distributed import as_completed
-    from tqdm import tqdm
-
-    loop = getattr(getattr(futures[0], "client", None), "loop", None)
-    if not sys.stderr.isatty():  # a log file: a line when it starts and one when it ends, no bar frames
+    if not sys.stderr.isatty():
         t = time.perf_counter()
         print(f"{label}: {len(futures)} tasks", file=sys.stderr, flush=True)
-        for _ in as_completed(futures, loop=loop):
-            pass
+        yield lambda: None
         print(f"{label}: done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
         return
+    from tqdm import tqdm
+
     with tqdm(total=len(futures), desc=label, unit="task", file=sys.stderr, leave=True) as bar:
-        for _ in as_completed(futures, loop=loop):
-            bar.update(1)
+        yield lambda: bar.update(1)
 
 
 def compute_with_progress(objs, label: str) -> list:
     """``dask.compute(*objs)`` on the current local scheduler, with a bar (a terminal) or two lines (a log) on
     stderr."""
-    import time
-
     import dask
 
     if not sys.stderr.isatty():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from zv_dask.errors import InputError
-from zv_dask.progress import compute_with_progress, show_progress
+from zv_dask.progress import compute_with_progress, task_bar
 from zv_dask.transaction import gather_or_stop
 
 __all__ = ["resolve_client", "run_tasks", "task_slots", "local_cluster", "describe_scheduler"]
@@ -75,9 +75,15 @@ def run_tasks(objs, client, progress: bool = False, label: str = "", on_result=N
         return []
     if client is not None:
         futures = client.compute(objs)
-        if progress:
-            show_progress(futures, label)
-        return gather_or_stop(client, futures, on_result=on_result)
+        if not progress:
+            return gather_or_stop(client, futures, on_result=on_result)
+        with task_bar(futures, label) as tick:
+            def each(i, result):
+                tick()
+                if on_result is not None:
+                    on_result(i, result)
+
+            return gather_or_stop(client, futures, on_result=each)
     results = _run_local(objs, progress, label)
     for i, r in enumerate(results):
         if on_result is not None:

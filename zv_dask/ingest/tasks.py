@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from zv_dask.errors import IngestError, ZVError, cause_text
+from zv_dask.errors import IngestError, TaskStage
 from zv_dask.faults import fail_point
 from zv_dask.format.grid import Grid
 from zv_dask.format.layout import plan_chunks
@@ -57,13 +57,8 @@ def _recorded(result, journal: Journal | None, group_index: int):
 def write_staged_group(refs, scratch: Scratch, layout: PieceLayout, grid: Grid, level: int, target, attributes,
                        group_index: int, geoms=(), journal: Journal | None = None):
     """:func:`write_group` of a group whose pieces are on scratch (``refs``: where, in input order)."""
-    try:
+    with TaskStage("write", f"reading the staged pieces of group {group_index} from {scratch.where()}", raw=True):
         batch = load_group(scratch, layout, refs)
-    except ZVError:
-        raise
-    except Exception as e:
-        raise IngestError(f"reading the staged pieces of group {group_index} from {scratch.where()} failed: "
-                          f"{type(e).__name__}: {e}", stage="write") from e
     return _recorded(_write_batch(batch, grid, level, target, attributes, group_index, geoms), journal,
                      group_index)
 
@@ -96,22 +91,16 @@ def _write_batch(batch, grid: Grid, level: int, target, attributes, group_index:
     if batch is None:
         empty = ChunkSummary(np.zeros((0, grid.ndim), np.int64), np.zeros(0, np.int64))
         return empty, (BatchResult() if geoms else None), returned_fork(target)
-    first = None
     zstore = worker_store(target)
-    try:
+    with TaskStage("write", f"writing group {group_index}", where=zstore) as st:
         fail_point(f"group:{group_index}")
         oids = None if batch.object_ids is None else np.asarray(batch.object_ids).astype(np.int64)
         plan, level0 = _lay_out(batch.positions, batch.attributes, oids, grid, batch.cells, batch.fragments)
-        first = ".".join(map(str, plan.chunks[0])) if plan.n_chunks else None
+        st.chunk = ".".join(map(str, plan.chunks[0])) if plan.n_chunks else None
         del batch
         specs = list(attributes)
         nbytes = write_chunk_payloads(zstore, level, grid, list(encode_level(level0, plan, grid.dtype, specs,
                                                                              level=level)), specs)
-    except ZVError:
-        raise
-    except Exception as e:
-        raise IngestError(f"writing group {group_index} (first chunk {first}) failed: {cause_text(e, zstore)}",
-                          stage="write", chunk=first) from e
     summary = ChunkSummary.from_plan(plan, nbytes)
     coarse = build_levels(zstore, level0, tuple(geoms)) if geoms else None
     return summary, coarse, returned_fork(target)
@@ -136,8 +125,7 @@ def append_group(pieces, grid: Grid, target, attributes, group_index: int, old_c
     specs = list(attributes)
     attr_names = [s.name for s in specs]
     zstore = worker_store(target)
-    first = None
-    try:
+    with TaskStage("write", f"appending group {group_index}", where=zstore) as st:
         batch = load_group(scratch, layout, pieces) if scratch is not None else merge_pieces(list(pieces))
         if batch is None:
             empty = ChunkSummary(np.zeros((0, ndim), np.int64), np.zeros(0, np.int64), extra={"old_rows": 0})
@@ -145,7 +133,7 @@ def append_group(pieces, grid: Grid, target, attributes, group_index: int, old_c
         fail_point(f"group:{group_index}")
         cells = np.unique(np.asarray(batch.cells, np.int64))
         touched = grid.chunks_of_cell_ids(cells).reshape(-1, ndim)
-        first = ".".join(map(str, touched[0]))
+        first = st.chunk = ".".join(map(str, touched[0]))
         if journal is not None:
             arrays = ["0/vertices", "0/vertex_fragments"] + [f"0/vertex_attributes/{n}" for n in attr_names]
             keys = [k for a in arrays for k in cell_keys(a, grid.cells(touched))]
@@ -172,11 +160,6 @@ def append_group(pieces, grid: Grid, target, attributes, group_index: int, old_c
         plan, level0 = _lay_out(positions, attrs, oids, grid)
         nbytes = write_chunk_payloads(zstore, 0, grid, list(encode_level(level0, plan, grid.dtype, specs, level=0)),
                                       specs)
-    except ZVError:
-        raise
-    except Exception as e:
-        raise IngestError(f"appending group {group_index} (first chunk {first}) failed: {cause_text(e, zstore)}",
-                          stage="write", chunk=first) from e
     summary = ChunkSummary.from_plan(plan, nbytes)
     summary.extra["old_rows"] = n_old
     return summary, returned_fork(target)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from zv_dask.errors import IngestError, ZVError, cause_text
+from zv_dask.errors import TaskStage
 from zv_dask.faults import fail_point
 from zv_dask.format.links import LinkCells
 from zv_dask.pyramid import stack
@@ -70,7 +70,8 @@ def build_levels(zstore, fine: LevelPoints, geoms: tuple[StepGeometry, ...],
     for geom in geoms:
         k = geom.level
         first = ".".join(map(str, fine.chunks[0])) if len(fine.chunks) else None
-        try:
+        with TaskStage(f"pyramid level {k}", f"pyramid level {k}: task over {len(fine.chunks)} level-{k - 1} chunks",
+                       where=zstore, chunk=first):
             fail_point(f"level:{k}")
             coarse = stack.coarsen_level(fine, geom)
             up, down = stack.level_links(fine, coarse, geom)
@@ -83,11 +84,6 @@ def build_levels(zstore, fine: LevelPoints, geoms: tuple[StepGeometry, ...],
                 else:
                     targets += family
             nbytes = write_cells(zstore, targets, plain=geom.plain or None)
-        except ZVError:
-            raise
-        except Exception as e:  # name the level and the first fine chunk, keep the cause
-            raise IngestError(f"pyramid level {k}: task over {len(fine.chunks)} level-{k - 1} chunks from {first} "
-                              f"failed: {cause_text(e, zstore)}", stage=f"pyramid level {k}", chunk=first) from e
         out.levels[k] = ChunkSummary.from_plan(coarse.plan, nbytes)
         out.bytes_written += nbytes
         fine = coarse.points
@@ -101,7 +97,9 @@ def batch_task(target, geoms: tuple[StepGeometry, ...], fine_level: int, read_na
     With a ``journal``, the task is recorded finished (``record``: stage and
     name) with the chunks it covered, once its cells are written.
     """
-    try:
+    first = ".".join(map(str, chunks[0])) if len(chunks) else None
+    with TaskStage(f"pyramid level {geoms[0].level}", f"pyramid level {geoms[0].level}: reading {len(chunks)} "
+                   f"level-{fine_level} chunks", chunk=first, raw=True):
         zstore = worker_store(target)
         data = read_chunks(zstore, fine_level, chunks, list(read_names), ndim=ndim)
         g0 = geoms[0]
@@ -113,13 +111,6 @@ def batch_task(target, geoms: tuple[StepGeometry, ...], fine_level: int, read_na
             fine.object_ids = oids
             if not ok.all():
                 fine = fine.take(np.flatnonzero(ok))
-    except ZVError:
-        raise
-    except Exception as e:  # name the stage and the chunks
-        first = ".".join(map(str, chunks[0])) if len(chunks) else None
-        raise IngestError(f"pyramid level {geoms[0].level}: reading {len(chunks)} level-{fine_level} chunks "
-                          f"from {first} failed: {type(e).__name__}: {e}", stage=f"pyramid level {geoms[0].level}",
-                          chunk=first) from e
     out = build_levels(zstore, fine, geoms)
     if journal is not None:
         journal.record(record[0], record[1], (np.asarray(chunks), out))

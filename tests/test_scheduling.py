@@ -1,0 +1,52 @@
+"""run_tasks on a real cluster: results are handed on as each task finishes, bar or no bar (a job's
+checkpoints: with the bar on they used to wait for the whole stage)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from dask import delayed
+
+from zv_dask.scheduling import run_tasks
+
+
+def _wait_for(path: str, seconds: float = 60.0) -> bool:
+    """Block until ``path`` exists (True) or ``seconds`` pass (False)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if os.path.exists(path):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _quick(i):
+    return i
+
+
+def _waits_for_the_first_result(marker):
+    return "saw the first result" if _wait_for(marker) else "timed out"
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_each_result_is_handed_on_while_the_others_still_run(dask_client, tmp_path, progress, capsys):
+    """The slow task waits for a file that on_result writes for the quick one: it can only see it if results
+    are handed on as they come (a job's checkpoints), with the progress bar on too."""
+    marker = str(tmp_path / "first-result")
+    seen = []
+
+    def on_result(i, result):
+        seen.append(result)
+        if result == 0:
+            open(marker, "w").close()
+
+    objs = [delayed(_waits_for_the_first_result)(marker, dask_key_name="slow"),
+            delayed(_quick)(0, dask_key_name="quick")]
+    out = run_tasks(objs, dask_client, progress=progress, label="probe", on_result=on_result)
+    assert out == ["saw the first result", 0]
+    assert seen == [0, "saw the first result"]
+    if progress:
+        err = capsys.readouterr().err
+        assert "probe" in err  # the bar (a terminal) or the two log lines (pytest's captured stderr)
