@@ -269,13 +269,13 @@ def small_disk(tmp_path):
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True)
     if r.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-    rng = np.random.default_rng(2)
-    small, big = tmp_path / "small.npy", tmp_path / "big.npy"
-    np.save(small, rng.uniform(0, 1000, (20_000, 3)).astype(np.float32))
-    np.save(big, rng.uniform(0, 1000, (150_000, 3)).astype(np.float32))
-    store = mnt / "x.zv"
-    assert _cli("ingest", small, store, *SMALL).returncode == 0
-    try:
+    try:  # unmounted whatever fails from here on
+        rng = np.random.default_rng(2)
+        small, big = tmp_path / "small.npy", tmp_path / "big.npy"
+        np.save(small, rng.uniform(0, 1000, (20_000, 3)).astype(np.float32))
+        np.save(big, rng.uniform(0, 1000, (150_000, 3)).astype(np.float32))
+        store = mnt / "x.zv"
+        assert _cli("ingest", small, store, *SMALL).returncode == 0
         yield mnt, store, big, tree_bytes(store)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

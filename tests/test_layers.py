@@ -2,7 +2,8 @@
 
 The layers, lowest first (README, "How the code is laid out")::
 
-    errors, faults, format   <- store <- job machinery <- read <- pyramid <- ingest <- local <- checks <- api, cli
+    errors, faults, format, options <- store <- job machinery <- read <- pyramid <- ingest <- local
+        <- checks <- api, cli
 
 A module may import its own layer and those below it. Imports inside
 functions count (they are how cycles hide); imports under ``TYPE_CHECKING``
@@ -22,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zv_dask"
 
 # module (or package) -> layer; a module not named here takes its package's layer
 LAYERS = {
-    "errors": 0, "faults": 0, "format": 0,
+    "errors": 0, "faults": 0, "format": 0, "options": 0,
     "store": 1,
     "transaction": 2, "budget": 2, "progress": 2, "scheduling": 2,   # job machinery
     "lazy": 3, "read": 3,

@@ -301,3 +301,30 @@ def test_missing_mirror_is_a_warning(linked):
     g.attrs["zarr_vectors_level"] = {**lm, "arrays_present": [a for a in lm["arrays_present"] if a != "links"]}
     rep = validate_store(linked)
     assert rep.ok and any("no links/-1" in w for w in rep.warnings), rep.warnings
+
+
+# -- nodes of the wrong kind ---------------------------------------------------------------------
+@pytest.mark.parametrize("node, kind, where", [
+    ("2/vertices", "group", "level 2"),
+    ("0/vertex_attributes", "array", "level 0"),
+    ("0/object_index/manifests", "group", "level 0 object_index"),
+    ("0/object_index/object_ids", "group", "level 0 object_index"),
+])
+def test_a_node_of_the_wrong_kind_is_an_error(store, node, kind, where):
+    parent, name = node.rsplit("/", 1)
+    shutil.rmtree(store / node)
+    g = zarr.open_group(str(store / parent), mode="r+")
+    if kind == "group":
+        g.create_group(name)
+    else:
+        g.create_array(name, shape=(1,), dtype="int8")
+    r = validate_store(store)
+    assert has_error(r, f"{where}: nodes of the wrong kind: the store has a{'n' if kind == 'array' else ''} {kind} "
+                        f"at {node} where a")
+
+
+def test_links_of_the_wrong_kind_are_an_error(linked):
+    shutil.rmtree(linked / "2" / "links")
+    zarr.open_group(str(linked / "2"), mode="r+").create_array("links", shape=(1,), dtype="int8")
+    assert has_error(validate_store(linked), "level 2: nodes of the wrong kind: the store has an array at 2/links "
+                                             "where a group belongs")

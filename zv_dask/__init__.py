@@ -15,11 +15,13 @@ from zv_dask.errors import (
 from zv_dask.export import export
 from zv_dask.format.metadata import ZV_VERSION
 from zv_dask.ingest.append import roll_back_append as roll_back
-from zv_dask.ingest.graph import ingest, prepare_ingest
+from zv_dask.ingest.graph import PreparedIngest, ingest, prepare_ingest
+from zv_dask.ingest.options import IngestOptions
 from zv_dask.ingest.plan import IngestPlan, plan_ingest
 from zv_dask.ingest.report import IngestReport
 from zv_dask.lazy import PendingIngest, PendingPyramid
 from zv_dask.pyramid import PyramidReport, build_pyramid
+from zv_dask.pyramid.options import PyramidOptions
 from zv_dask.read import open_level, read_points
 from zv_dask.read_links import parent_rows, read_links
 from zv_dask.stats import store_stats
@@ -53,6 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ZV_VERSION",
     "build_pyramid",
+    "PyramidOptions",
     "PyramidReport",
     "read_points",
     "open_level",
@@ -60,7 +63,9 @@ __all__ = [
     "read_links",
     "parent_rows",
     "ingest",
+    "IngestOptions",
     "IngestReport",
+    "PreparedIngest",
     "PendingIngest",
     "PendingPyramid",
     "prepare_ingest",

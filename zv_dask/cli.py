@@ -26,7 +26,6 @@ from pathlib import Path
 
 import zv_dask
 from zv_dask import __version__
-from zv_dask.budget import parse_size
 from zv_dask.errors import (
     InputError,
     MetadataError,
@@ -36,15 +35,15 @@ from zv_dask.errors import (
     UnfinishedJobWarning,
 )
 from zv_dask.export import export
-from zv_dask.format.codecs import COMPRESSIONS, check_compression
 from zv_dask.format.crs import crs_label
-from zv_dask.format.metadata import LINK_STORAGE, ZV_VERSION
-from zv_dask.ingest.bounds import POLICIES
+from zv_dask.format.metadata import ZV_VERSION
 from zv_dask.ingest.fused import pyramid_options
+from zv_dask.ingest.options import IngestOptions
 from zv_dask.ingest.plan import plan_ingest, preflight
 from zv_dask.ingest.report import _fmt_bytes as fmt
 from zv_dask.ingest.sources import input_files
-from zv_dask.pyramid.coarsen import METHODS
+from zv_dask.options import bounds_text, count, names, non_negative, numbers
+from zv_dask.pyramid.options import PyramidOptions
 from zv_dask.scheduling import describe_scheduler, local_cluster
 from zv_dask.stats import format_stats, store_stats
 from zv_dask.store.backends import local_path
@@ -72,89 +71,7 @@ def _bad_input_types() -> tuple[type, ...]:
     return (InputError, StoreError, MetadataError, OutOfBoundsError, BadArguments)
 
 
-# -- argument types ------------------------------------------------------------------------
-def _numbers(text: str, cast=float, what: str = "numbers") -> list:
-    s = text.strip()
-    if s.startswith("["):
-        try:
-            value = json.loads(s)
-        except json.JSONDecodeError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON {what}") from None
-        flat = []
-        stack = [value]
-        while stack:  # flatten nested lists in order
-            v = stack.pop(0)
-            if isinstance(v, list):
-                stack = list(v) + stack
-            else:
-                flat.append(v)
-        parts = flat
-    else:
-        parts = [p for p in s.replace(",", " ").split() if p]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    out = []
-    for p in parts:
-        try:
-            v = float(p)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"expected {what} separated by commas, got {text!r}") from None
-        if not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{what} must be finite, got {text!r}")
-        if cast is int:
-            if not v.is_integer():
-                raise argparse.ArgumentTypeError(f"expected integers, got {text!r}")
-            v = int(v)
-        out.append(v)
-    return out
-
-
-def _positive_floats(text: str) -> list[float]:
-    vals = _numbers(text, float, "numbers")
-    if any(v <= 0 for v in vals):
-        raise argparse.ArgumentTypeError(f"values must be > 0, got {text!r}")
-    return vals
-
-
-def _positive_ints(text: str) -> list[int]:
-    vals = _numbers(text, int, "integers")
-    if any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"values must be integers >= 1, got {text!r}")
-    return vals
-
-
-def _bounds(text: str):
-    vals = _numbers(text, float, "numbers")
-    if len(vals) % 2:
-        raise argparse.ArgumentTypeError(
-            f"bounds need the minimum and the maximum of every axis (xmin,ymin,zmin,xmax,ymax,zmax), got {text!r}")
-    half = len(vals) // 2
-    return [vals[:half], vals[half:]]
-
-
-def _names(text: str) -> list[str]:
-    out = [p.strip() for p in text.split(",") if p.strip()]
-    if not out:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return out
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return v
-    return parse
-
-
-_count = _int_at_least(1)
-_non_negative = _int_at_least(0)
-
-
+# -- argument types (the options' own are in zv_dask.options) -------------------------------
 def _memory(text: str) -> str:
     if text.lower() in ("auto", "0", "none"):
         return text.lower()
@@ -165,20 +82,6 @@ def _memory(text: str) -> str:
     except (ValueError, TypeError):
         raise argparse.ArgumentTypeError(f"expected a size like 4GiB or 2GB (or auto), got {text!r}") from None
     return text
-
-
-def _size(text: str) -> str:
-    try:
-        parse_size(text, "--memory-budget")
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e).replace("--memory-budget must be ", "expected ")) from None
-    return text
-
-
-def _add_budget(g) -> None:
-    g.add_argument("--memory-budget", type=_size, metavar="SIZE",
-                   help="memory the job may use per worker, e.g. 2GiB (default: half the workers' memory limit); "
-                        "tasks are sized to it, and a shuffle that would not fit waits on scratch storage")
 
 
 def _scalar(value: str):
@@ -218,10 +121,6 @@ def parse_storage_option(text: str) -> tuple[str, object]:
     return key, _scalar(value)
 
 
-def _ratio(values: list[int]):
-    return values[0] if len(values) == 1 else tuple(values)
-
-
 # -- the parser ------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit code 2)."""
@@ -258,10 +157,10 @@ def _add_cluster(p, default_workers: str = "one per CPU core") -> None:
     g.add_argument("--scheduler-file", metavar="FILE",
                    help="the JSON file a running scheduler wrote (dask scheduler --scheduler-file, dask-jobqueue, "
                         "dask-mpi)")
-    g.add_argument("--workers", type=_count, metavar="N",
+    g.add_argument("--workers", type=count, metavar="N",
                    help=f"worker processes of the LocalCluster (default: {default_workers}); giving it starts one "
                         "whatever the input's size")
-    g.add_argument("--threads-per-worker", type=_count, metavar="N",
+    g.add_argument("--threads-per-worker", type=count, metavar="N",
                    help="threads per LocalCluster worker (default: 1)")
     g.add_argument("--memory-limit", type=_memory, default="auto", metavar="SIZE",
                    help="memory limit per LocalCluster worker, e.g. 4GiB (default: auto, a share of the RAM)")
@@ -274,28 +173,7 @@ def _add_pyramid(p, include_flag: bool) -> None:
     if include_flag:
         g.add_argument("--pyramid", action=argparse.BooleanOptionalAction, default=True,
                        help="build the coarse levels in the same job (default: yes)")
-    g.add_argument("--levels", type=_non_negative, metavar="L",
-                   help="number of coarse levels (default: until a level is small or fits one chunk)")
-    g.add_argument("--bin-ratio", type=_positive_ints, default=[2], metavar="R",
-                   help="bin growth per level: one integer or one per axis, e.g. 2 or 2,2,1 (default: 2)")
-    g.add_argument("--chunk-scale", type=_positive_ints, default=[1], metavar="S",
-                   help="chunk growth per level, as --bin-ratio (default: 1)")
-    g.add_argument("--method", choices=METHODS, default="centroid",
-                   help="how a bin's points become its coarse points (default: centroid)")
-    g.add_argument("--sample-size", type=_count, default=8, metavar="N",
-                   help="points kept per bin by --method sample (default: 8)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of --method random/sample, reproducible whatever the workers (default: 0)")
-    g.add_argument("--min-points", type=_non_negative, default=1024, metavar="N",
-                   help="stop adding levels once a level holds at most N points (default: 1024)")
-    g.add_argument("--links", choices=LINK_STORAGE,
-                   help="cross-level links from each point to its coarse point: +1 and the -1 mirror (explicit), "
-                        "+1 only (implicit) or none (default: what the store declares; new stores: none)")
-    g.add_argument("--levels-per-task", type=_count, metavar="N",
-                   help="at most N levels per round of tasks (default: as many as a task's region holds; 1 makes "
-                        "every level durable on its own on a plain store)")
-    g.add_argument("--points-per-task", type=_count, metavar="N",
-                   help="fine points per pyramid task (default: what the memory budget allows)")
+    PyramidOptions.add_arguments(p, {"pyramid": g}, skip=() if not include_flag else ("memory_budget",))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,55 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: zv-dask ingest 'tiles/*.laz' city.zv --chunk-shape 100 --bin-shape 5")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help="input file(s) or glob(s)")
     p.add_argument("store", metavar="STORE", help="the store to write")
-    g = p.add_argument_group("geometry")
-    g.add_argument("--chunk-shape", type=_positive_floats, metavar="C",
-                   help="chunk edge in world units: one number or one per axis (required for a new store)")
-    g.add_argument("--bounds", type=_bounds, metavar="B",
-                   help="store bounds xmin,ymin,zmin,xmax,ymax,zmax (default: fit the data)")
-    g.add_argument("--bin-shape", type=_positive_floats, metavar="B",
-                   help="base bin edge (divides the chunk shape; default: one bin per chunk)")
-    g.add_argument("--out-of-bounds", choices=POLICIES, default="raise",
-                   help="points outside --bounds: refuse (default), drop and count, or grow the bounds")
-    g.add_argument("--dtype", choices=("float32", "float64"),
-                   help="stored position dtype (default: float32; float64 for LAS/LAZ)")
-    g.add_argument("--crs", metavar="CRS",
-                   help="the points' coordinate system, e.g. EPSG:32610 or WKT (default: what LAS/LAZ headers say; "
-                        "given, it overrides them, e.g. for files whose headers disagree)")
-    g.add_argument("--reproject", metavar="CRS",
-                   help="transform the positions to this CRS, e.g. EPSG:32610 (needs pyproj: "
-                        "pip install 'zv-dask[crs]'), from --crs or each file's own CRS")
-    g.add_argument("--shard-shape", type=_positive_ints, metavar="K",
-                   help="chunks per shard along each axis (zarr sharding)")
-    g.add_argument("--compression", choices=COMPRESSIONS,
-                   help="codec after vlen-bytes on every array (default: zstd)")
-    g.add_argument("--compression-level", type=int, metavar="N",
-                   help="level of --compression (default: zstd 3, blosc 5)")
-    g = p.add_argument_group("input")
-    g.add_argument("--columns", type=_names, metavar="X,Y,Z", help="coordinate columns (default: x,y,z)")
-    g.add_argument("--attributes", type=_names, metavar="A,B",
-                   help="attribute columns to keep (default: every other numeric column)")
-    g.add_argument("--object-ids", metavar="COLUMN", help="integer column of object ids (e.g. cell_id)")
-    g.add_argument("--partition-rows", type=_count, metavar="N", help="points per input partition (arrays, NPY, LAS)")
-    g.add_argument("--group-points", type=_count, metavar="N",
-                   help="points per level-0 write task (default: what the memory budget allows)")
-    g = p.add_argument_group("job")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace a store that already holds points (or discard an unfinished job in it)")
+    groups = {name: p.add_argument_group(name) for name in ("geometry", "input", "job")}
+    IngestOptions.add_arguments(p, groups)
+    g = groups["job"]
     g.add_argument("--append", action="store_true",
                    help="add the points to STORE, which holds points: its geometry applies, the points need its "
                         "attributes (and object ids); only the chunks they touch and the pyramid regions above "
                         "them are rewritten, with the options the pyramid was built with (pyramid options here "
                         "are ignored)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the unfinished job in STORE (killed or failed) with the same input and options: "
-                        "finished groups and pyramid tasks are not redone (a killed --append is undone and run again)")
     g.add_argument("--dry-run", action="store_true",
                    help="scan the input and print the plan (partitions, chunks, grid, bytes, memory); write nothing")
-    g.add_argument("--message", "-m", help="icechunk commit message")
-    _add_budget(g)
-    g.add_argument("--scratch", metavar="PATH_OR_URL",
-                   help="where a staged shuffle keeps its pieces: a path or URL every worker reaches "
-                        "(default: a .zv-scratch directory inside the store, beside an icechunk repository)")
     _add_pyramid(p, True)
     _add_storage(p)
     _add_cluster(p)
@@ -380,7 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished build in STORE (killed or failed) with the same options: "
                         "finished levels and tasks are not redone")
-    _add_budget(p)
     _add_pyramid(p, False)
     _add_storage(p)
     _add_cluster(p)
@@ -402,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the data, on threads in this process.")
     p.add_argument("store", metavar="STORE")
     p.add_argument("--stats", action="store_true", help="read the points: per-level statistics (zv_dask.store_stats)")
-    p.add_argument("--levels", type=lambda t: _numbers(t, int, "level numbers"), metavar="K,K",
+    p.add_argument("--levels", type=lambda t: numbers(t, int, "level numbers"), metavar="K,K",
                    help="with --stats: only these levels, e.g. 0,1 (default: all)")
     _add_storage(p, writes=False)
     _add_output(p)
@@ -429,10 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE", help="the store (path or URL)")
     p.add_argument("out", metavar="OUT", help="the file (or directory/) to write")
     g = p.add_argument_group("selection")
-    g.add_argument("--level", type=_non_negative, default=0, metavar="K", help="the level to export (default: 0)")
-    g.add_argument("--bbox", type=_bounds, metavar="B",
+    g.add_argument("--level", type=non_negative, default=0, metavar="K", help="the level to export (default: 0)")
+    g.add_argument("--bbox", type=bounds_text, metavar="B",
                    help="only the points in the closed box xmin,ymin,zmin,xmax,ymax,zmax")
-    g.add_argument("--attributes", type=_names, metavar="A,B", help="attributes to export (default: all)")
+    g.add_argument("--attributes", type=names, metavar="A,B", help="attributes to export (default: all)")
     g.add_argument("--format", choices=("las", "laz", "parquet"), help="the output format (default: from OUT's name)")
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     _add_storage(p, writes=False)
@@ -446,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", nargs="?", default=None, metavar="STORE",
                    help=f"where to write (default: ./{DEMO_STORE})")
     p.add_argument("--icechunk", action="store_true", help="write a local icechunk repository instead")
-    p.add_argument("--points", type=_count, default=DEMO_POINTS, metavar="N",
+    p.add_argument("--points", type=count, default=DEMO_POINTS, metavar="N",
                    help=f"number of points (default: {DEMO_POINTS:,})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     _add_cluster(p, default_workers=f"one per CPU core, at most {DEMO_MAX_WORKERS}")
@@ -645,17 +483,6 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
-def _pyramid_kwargs(args) -> dict:
-    return {"levels": args.levels, "bin_ratio": _ratio(args.bin_ratio), "chunk_scale": _ratio(args.chunk_scale),
-            "method": args.method, "sample_size": args.sample_size, "seed": args.seed,
-            "min_points": args.min_points, "links": args.links, "levels_per_task": args.levels_per_task,
-            "points_per_task": args.points_per_task}
-
-
-def _check_pyramid_steps(ndim: int, kw: dict) -> None:
-    pyramid_options(kw, ndim)
-
-
 def _sources(args):
     return args.sources[0] if len(args.sources) == 1 else list(args.sources)
 
@@ -663,35 +490,24 @@ def _sources(args):
 # -- commands --------------------------------------------------------------------------------
 def cmd_ingest(args, out) -> int:
     """``zv-dask ingest``: :func:`zv_dask.ingest` (or :func:`zv_dask.plan_ingest` with ``--dry-run``)."""
-    kw = dict(attributes=args.attributes, object_ids=args.object_ids, columns=args.columns,
-              chunk_shape=args.chunk_shape, bounds=args.bounds, base_bin_shape=args.bin_shape,
-              out_of_bounds=args.out_of_bounds, dtype=args.dtype, shard_shape=args.shard_shape, crs=args.crs,
-              reproject=args.reproject, backend=_backend(args), storage_options=_options(args),
-              overwrite=args.overwrite, partition_rows=args.partition_rows, branch=args.branch,
-              pyramid=_pyramid_kwargs(args) if args.pyramid else None)
-    job_kw = dict(group_points=args.group_points)
-    check_compression(args.compression, args.compression_level)  # before a cluster starts
+    # the store's pyramid is rebuilt in an append with the options it was built with
+    pyramid = PyramidOptions.from_args(args) if args.pyramid and not args.append else None
+    opts = IngestOptions.from_args(args, mode="append" if args.append else "write", pyramid=pyramid,
+                                   backend=_backend(args), storage_options=_options(args), branch=args.branch,
+                                   progress=not args.quiet)
     # Check the input, the store and the parameters before starting a cluster: bad input fails fast.
-    if args.append:  # the store's pyramid is rebuilt with the options it was built with
-        kw.update(mode="append", pyramid=None)
-    src, _, _, _ = preflight(_sources(args), args.store, resume=args.resume and not args.append,
-                             append=args.append, **{k: v for k, v in kw.items() if k not in ("pyramid", "mode")})
-    if kw["pyramid"]:
-        _check_pyramid_steps(src.ndim, kw["pyramid"])
+    src, _, _, _ = preflight(_sources(args), args.store, opts)
+    pyramid_options(pyramid, src.ndim)
     in_process = _in_process_reason(args, _estimated_points(src, _sources(args)))
     with _cluster(args, in_process) as client:
-        kw.update(memory_budget=args.memory_budget, scratch=args.scratch, **job_kw)
         if args.dry_run:
-            plan = _in_cli_spelling(plan_ingest(_sources(args), args.store, client=client,
-                                                progress=not args.quiet, **kw))
+            plan = _in_cli_spelling(plan_ingest(_sources(args), args.store, client=client, **opts.to_dict()))
             if args.json:
                 _print_json(plan.to_dict(), out)
             else:
                 print(repr(plan), file=out)
             return 0
-        report = zv_dask.ingest(_sources(args), args.store, client=client, progress=not args.quiet,
-                                message=args.message, resume=args.resume, compression=args.compression,
-                                compression_level=args.compression_level, **kw)
+        report = zv_dask.ingest(_sources(args), args.store, client=client, **opts.to_dict())
     if in_process:
         report.scheduler = in_process
     _in_cli_spelling(report)
@@ -717,8 +533,8 @@ def cmd_pyramid(args, out) -> int:
     """``zv-dask pyramid``: :func:`zv_dask.build_pyramid` on an existing store."""
     zs = zv_dask.open_store(args.store, "r+", backend=_backend(args, args.store), storage_options=_options(args),
                             branch=args.branch)
-    kw = _pyramid_kwargs(args)
-    _check_pyramid_steps(zs.metadata.ndim, kw)
+    opts = PyramidOptions.from_args(args)
+    pyramid_options(opts, zs.metadata.ndim)
     try:
         points = zv_dask.read_level_metadata(zs, 0).vertex_count
     except Exception:  # noqa: BLE001 - no readable level 0: build_pyramid says what is wrong
@@ -726,9 +542,8 @@ def cmd_pyramid(args, out) -> int:
     in_process = _in_process_reason(args, points)
     with _cluster(args, in_process) as client:
         where = describe_scheduler(client)
-        rep = zv_dask.build_pyramid(zs, client=client, progress=not args.quiet,
-                                    memory_budget=args.memory_budget, resume=args.resume,
-                                    message=args.message, **kw)
+        rep = zv_dask.build_pyramid(zs, client=client, progress=not args.quiet, resume=args.resume,
+                                    message=args.message, **opts.to_dict())
     rep.warnings = [cli_spelling(w) for w in rep.warnings]
     d = _pyramid_dict(args.store, rep)
     d["scheduler"] = in_process or where

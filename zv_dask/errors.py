@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from typing import Literal
 
 __all__ = [
     "ZVError",
@@ -89,8 +90,11 @@ class StoreError(ZVError):
     """The store cannot be created, opened or written as asked.
 
     Examples: creating over an existing store, opening something that is not a
-    ZV store, an unknown URL scheme or backend.
+    ZV store, an unknown URL scheme or backend. ``conflict`` is true for a commit
+    lost to a concurrent one (the job is over: nothing to resume).
     """
+
+    conflict: bool = False
 
 
 class StoreBusyError(StoreError):
@@ -165,7 +169,7 @@ class TaskStage:
     def __enter__(self) -> TaskStage:
         return self
 
-    def __exit__(self, typ, e, tb) -> bool:
+    def __exit__(self, typ, e, tb) -> Literal[False]:
         if e is None or isinstance(e, ZVError) or not isinstance(e, Exception):
             return False
         cause = f"{type(e).__name__}: {e}" if self.raw else cause_text(e, self.where)

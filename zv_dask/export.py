@@ -63,10 +63,11 @@ def output_format(out, format: str | None = None) -> tuple[str, bool]:
         if fmt not in FORMATS.values():
             raise InputError(f"format={format!r} is not one of {sorted(set(FORMATS.values()))}")
     else:
-        fmt = "parquet" if directory else FORMATS.get(Path(text.rstrip("/" + os.sep)).suffix.lower())
-        if fmt is None:
+        guessed = "parquet" if directory else FORMATS.get(Path(text.rstrip("/" + os.sep)).suffix.lower())
+        if guessed is None:
             raise InputError(f"cannot tell the format of {text!r} from its name: use a .las, .laz, .parquet or .pq "
                              "file, or a path ending in / for a directory of Parquet part files (or pass format=)")
+        fmt = guessed
     if directory and fmt != "parquet":
         raise InputError(f"{text!r} ends in '/', a directory of part files, which only the Parquet export writes")
     return fmt, directory

@@ -128,7 +128,7 @@ def absolute(target: Any) -> Any:
     return target
 
 
-def make_job(cls: type[PendingJob], fn: Callable, args: tuple, kwargs: dict, store: Any) -> PendingJob:
+def make_job[J: PendingJob](cls: type[J], fn: Callable, args: tuple, kwargs: dict, store: Any) -> J:
     """A pending job of ``fn(*args, **kwargs)``, refusing a store that cannot travel to the process that runs it."""
     try:
         pickle.dumps(store)

@@ -54,7 +54,11 @@ def task_bar(futures, label: str) -> Iterator[Callable[[], None]]:
     from tqdm import tqdm
 
     with tqdm(total=len(futures), desc=label, unit="task", file=sys.stderr, leave=True) as bar:
-        yield lambda: bar.update(1)
+
+        def tick() -> None:
+            bar.update(1)
+
+        yield tick
 
 
 def compute_with_progress(objs, label: str) -> list:

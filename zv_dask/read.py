@@ -36,6 +36,7 @@ from zv_dask.format.cells import decode_fragments
 from zv_dask.format.grid import Grid, parse_chunk_key
 from zv_dask.store.api import as_store, get_resolution_level
 from zv_dask.store.levels import LevelCells, level_cells, level_chunk_keys, level_grid, read_chunks
+from zv_dask.store.nodes import array_at, attrs_of, group_at
 from zv_dask.store.objects import chunks_in, object_entries, row_object_ids
 
 __all__ = ["read_points", "open_level", "read_plan", "parse_box", "require_finished"]
@@ -61,7 +62,7 @@ def parse_box(bbox, ndim: int):
 
 
 def _touched(root: zarr.Group, level: int, ndim: int, box) -> tuple[Grid, np.ndarray]:
-    g = root[str(level)]
+    g = group_at(root, str(level))
     grid = level_grid(root, level)
     keys = level_chunk_keys(g)
     chunks = np.array([parse_chunk_key(k) for k in keys], np.int64).reshape(-1, ndim)
@@ -120,9 +121,9 @@ def _rank_numbers(chunks: np.ndarray, every: np.ndarray) -> np.ndarray:
 
 def _chunk_numbers(level_group: zarr.Group, groups: list[np.ndarray], ndim: int) -> list[np.ndarray]:
     """Per partition, the chunk part of its point ids (see the module docstring)."""
-    vert = level_group["vertices"]
+    vert = array_at(level_group, "vertices")
     chunks = np.concatenate(groups)
-    numbers = _grid_numbers(chunks, vert.attrs.get("chunk_grid_origin", [0] * ndim), vert.shape)
+    numbers = _grid_numbers(chunks, attrs_of(vert).get("chunk_grid_origin", [0] * ndim), vert.shape)
     if numbers is None:
         every = np.array([parse_chunk_key(k) for k in level_chunk_keys(level_group)], np.int64).reshape(-1, ndim)
         numbers = _rank_numbers(chunks, every)
@@ -137,7 +138,7 @@ def _divisions(numbers: list[np.ndarray]) -> tuple[int, ...] | None:
     return tuple(int(n[0]) << ROW_BITS for n in numbers) + (((int(flat[-1]) + 1) << ROW_BITS) - 1,)
 
 
-def _point_ids(numbers: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def _point_ids(numbers: np.ndarray, counts: np.ndarray | list[int]) -> np.ndarray:
     """Ids of the rows of consecutive chunks: ``number << ROW_BITS | row within the chunk``."""
     counts = np.asarray(counts, np.int64)
     if len(counts) and int(counts.max()) >= 1 << ROW_BITS:
@@ -174,14 +175,14 @@ def _schema(zs, level: int, attributes) -> tuple[list[str], dict, bool, str]:
     """Axis names, ``{attribute: (dtype, channels)}``, whether object ids exist, vertex dtype."""
     g = get_resolution_level(zs, level)
     axes = zs.metadata.axis_names
-    arrays = dict(g["vertex_attributes"].arrays()) if "vertex_attributes" in g else {}
+    arrays = dict(group_at(g, "vertex_attributes").arrays()) if "vertex_attributes" in g else {}
     names = sorted(arrays) if attributes is None else list(attributes)
     missing = [n for n in names if n not in arrays]
     if missing:
         raise InputError(f"attributes {missing} are not in level {level}; it has {sorted(arrays)}")
     attrs = {}
     for n in names:
-        a = arrays[n].attrs
+        a = attrs_of(arrays[n])
         chans = a.get("channel_names")
         rs = a.get("row_shape") or []
         attrs[n] = (np.dtype(a["dtype"]), len(chans) if chans else (rs[0] if rs else None))
@@ -192,7 +193,7 @@ def _schema(zs, level: int, attributes) -> tuple[list[str], dict, bool, str]:
     dup = sorted({c for c in columns if columns.count(c) > 1})
     if dup:
         raise MetadataError(f"column names {dup} clash (axis vs attribute names); pass attributes= to leave some out")
-    return list(axes), attrs, has_obj, g["vertices"].attrs.get("dtype", "float32")
+    return list(axes), attrs, has_obj, attrs_of(array_at(g, "vertices")).get("dtype", "float32")
 
 
 def _attr_columns(name: str, channels: int | None) -> list[str]:
@@ -279,9 +280,9 @@ def read_points(store, *, level: int = 0, bbox=None, attributes=None, chunks_per
                            label=f"zv-read-level-{level}")
     entries = None
     if has_obj:
-        _, oid, och, ofr = object_entries(zs.root[str(level)], ndim)
+        _, oid, och, ofr = object_entries(group_at(zs.root, str(level)), ndim)
         entries = (oid, och, ofr)
-    numbers = _chunk_numbers(zs.root[str(level)], groups, ndim)
+    numbers = _chunk_numbers(group_at(zs.root, str(level)), groups, ndim)
     parts = [(c, _obj_subset(entries, c), n) for c, n in zip(groups, numbers)]
     cells = level_cells(zs.store, level, list(attrs))  # the level's metadata, opened here once for every task
     return dd.from_map(_PartitionReader(zs.store, level, ndim, axes, attrs, box, vdtype, cells), parts, meta=meta,
@@ -365,7 +366,7 @@ def open_level(store, level: int = 0, *, bbox=None, attributes=None, chunks_per_
     _, attrs, has_obj, _ = _schema(zs, level, attributes)
     entries = None
     if has_obj and groups:
-        _, oid, och, ofr = object_entries(zs.root[str(level)], ndim)
+        _, oid, och, ofr = object_entries(group_at(zs.root, str(level)), ndim)
         entries = (oid, och, ofr)
     lengths = _partition_lengths(zs, level, ndim, groups, parse_box(bbox, ndim), level_grid(zs.root, level),
                                  entries) if groups else [0]

@@ -20,6 +20,7 @@ from zv_dask.format.links import anchor, decode_link_rows, parse_offset_segment
 from zv_dask.pyramid.coarsen import bin_keys
 from zv_dask.store.api import as_store, get_resolution_level
 from zv_dask.store.levels import _read_cells, level_chunk_keys, level_grid
+from zv_dask.store.nodes import array_at, attrs_of, group_at
 
 __all__ = ["read_links", "parent_rows", "locate_chunks"]
 
@@ -44,19 +45,20 @@ def read_links(store, level: int, delta: int = 1, *, storage_options: dict | Non
     ndim = zs.metadata.ndim
     g = get_resolution_level(zs, level)
     name = f"{int(delta):+d}"
-    if "links" not in g or name not in g["links"]:
+    if "links" not in g or name not in group_at(g, "links"):
         raise MetadataError(f"level {level} has no links/{name} family (cross-level links: "
                             f"{zs.metadata.cross_level_storage})")
-    fam = g["links"][name]
+    fam = group_at(g, f"links/{name}")
     s_src, s_trg = _scale(zs, level), _scale(zs, level + int(delta))
-    parts = {k: [] for k in ("src_chunk", "src_vi", "dst_chunk", "dst_vi")}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("src_chunk", "src_vi", "dst_chunk", "dst_vi")}
     for seg, arr in sorted(fam.arrays()):
         offset = np.asarray(parse_offset_segment(seg), np.int64)
-        keys = sorted(arr.attrs.get("nonempty_chunks", []), key=lambda k: parse_chunk_key(k))
+        arr_attrs = attrs_of(arr)
+        keys = sorted(arr_attrs.get("nonempty_chunks", []), key=lambda k: parse_chunk_key(k))
         if not keys:
             continue
         chunks = np.array([parse_chunk_key(k) for k in keys], np.int64).reshape(-1, ndim)
-        origin = arr.attrs.get("chunk_grid_origin", [0] * ndim)
+        origin = arr_attrs.get("chunk_grid_origin", [0] * ndim)
         for c, payload in zip(chunks, _read_cells(zs.store, arr, chunks - np.asarray(origin, np.int64))):
             rows = decode_link_rows(payload)
             dst = anchor(c[None, :], s_src, s_trg)[0] + offset
@@ -78,8 +80,9 @@ def _row_offsets(zs, level: int) -> tuple[np.ndarray, np.ndarray]:
     chunks = np.array([parse_chunk_key(k) for k in level_chunk_keys(g)], np.int64).reshape(-1, ndim)
     if len(chunks):
         chunks = chunks[np.lexsort(chunks.T[::-1])]
-    origin = g["vertex_fragments"].attrs.get("chunk_grid_origin", [0] * ndim)
-    cells = _read_cells(zs.store, g["vertex_fragments"], chunks - np.asarray(origin, np.int64))
+    frags = array_at(g, "vertex_fragments")
+    origin = attrs_of(frags).get("chunk_grid_origin", [0] * ndim)
+    cells = _read_cells(zs.store, frags, chunks - np.asarray(origin, np.int64))
     counts = np.array([decode_fragments(p).vertex_extent for p in cells], np.int64)
     return chunks, np.r_[0, np.cumsum(counts)].astype(np.int64)
 

@@ -206,7 +206,7 @@ def level_bytes(zs, prefixes: list[str]) -> tuple[dict[str, int | None], str, st
         return {p: _dir_bytes(root / p if p else root) for p in prefixes}, "files", None
     if isinstance(store, (ObjectStore, MemoryStore)) or kind == "icechunk":
         try:
-            sizes = {p: int(sync(store.getsize_prefix(p))) for p in prefixes}
+            sizes: dict[str, int | None] = {p: int(sync(store.getsize_prefix(p))) for p in prefixes}
         except Exception as e:  # noqa: BLE001 - sizes are a courtesy; the statistics stand without them
             why = (str(e).strip().splitlines() or [""])[0]
             return dict.fromkeys(prefixes), "none", f"sizes not available: {type(e).__name__}: {why}"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import xarray as xr
@@ -34,6 +34,7 @@ from xarray.core import indexing
 from zv_dask.read import open_level
 from zv_dask.store.api import ZVStore, as_store, get_resolution_level
 from zv_dask.store.backends import local_path, url_scheme
+from zv_dask.store.nodes import attrs_of, group_at
 
 __all__ = ["ZVBackendEntrypoint", "ZVBackendArray"]
 
@@ -115,7 +116,7 @@ class ZVBackendEntrypoint(BackendEntrypoint):
         zs = as_store(filename_or_obj, storage_options=storage_options, backend=backend, branch=branch)
         drop = set(_names(drop_variables) or ())
         g = get_resolution_level(zs, level)
-        available = sorted(g["vertex_attributes"].array_keys()) if "vertex_attributes" in g else []
+        available = sorted(group_at(g, "vertex_attributes").array_keys()) if "vertex_attributes" in g else []
         wanted = [a for a in (available if attributes is None else _names(attributes)) if a not in drop]
         ds = open_level(zs, level, bbox=bbox, attributes=wanted, chunks_per_partition=chunks_per_partition)
         ds = ds.drop_vars(sorted(drop & set(ds.variables)))
@@ -148,6 +149,14 @@ class ZVBackendEntrypoint(BackendEntrypoint):
             return False
 
 
+@overload
+def _names(value: str | Iterable[str]) -> list[str]: ...
+
+
+@overload
+def _names(value: None) -> None: ...
+
+
 def _names(value: str | Iterable[str] | None) -> list[str] | None:
     if value is None:
         return None
@@ -171,10 +180,10 @@ def _units(zs: ZVStore, level: int, attributes: list[str], columns: list[str]) -
     out = {a["name"]: a["unit"] for a in meta.axes if a.get("unit")}
     if not attributes:
         return out
-    arrays = get_resolution_level(zs, level)["vertex_attributes"]
+    arrays = group_at(get_resolution_level(zs, level), "vertex_attributes")
     specs = (meta.attribute_specs or {}).get("vertex") or {}
     for name in attributes:
-        unit = arrays[name].attrs.get("unit") or (specs.get(name) or {}).get("unit")
+        unit = attrs_of(arrays[name]).get("unit") or (specs.get(name) or {}).get("unit")
         if not unit:
             continue
         own = [name] if name in columns else [

@@ -57,6 +57,7 @@ def compressors_for(compression, level=None) -> list | None:
         return None
     from zarr.codecs import BloscCodec, ZstdCodec
 
+    assert lvl is not None, "check_compression gives a level to every compression but none"
     if name == "zstd":
         return [ZstdCodec(level=lvl, checksum=False)]
     return [BloscCodec(cname="zstd", clevel=lvl, shuffle="noshuffle", typesize=1)]

@@ -201,9 +201,9 @@ class Grid:
         shape, origin, bpc = self.shape, self.origin, self.bins_per_chunk
         small = self._int32_bins()
         it = np.int32 if small else np.int64
-        cell = np.zeros(n, np.int32 if small and self.n_cells < 2**31 else np.int64)
-        frag = np.zeros(n, np.int32 if self.fragments_per_chunk < 2**31 else np.int64)
-        unit = None
+        cell: np.ndarray = np.zeros(n, np.int32 if small and self.n_cells < 2**31 else np.int64)
+        frag: np.ndarray = np.zeros(n, np.int32 if self.fragments_per_chunk < 2**31 else np.int64)
+        unit: np.ndarray | None = None
         if units is not None:
             unit = np.zeros(n, np.int32 if int(np.prod(units.shape)) < 2**31 and small else np.int64)
         cstride = fstride = ustride = 1
@@ -236,7 +236,7 @@ class Grid:
             fstride *= bpc[d]
         cell = cell.astype(np.int64, copy=False)
         frag = frag.astype(np.int64, copy=False)
-        return (cell, frag) if units is None else (cell, frag, unit.astype(np.int64, copy=False))
+        return (cell, frag) if unit is None else (cell, frag, unit.astype(np.int64, copy=False))
 
     def _int32_bins(self) -> bool:
         """Whether every base-bin index of the grid (and the products assign forms) fits in 32 bits."""

@@ -31,10 +31,14 @@ geographic); pass a WKT to be sure.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from zv_dask.errors import InputError
+
+if TYPE_CHECKING:
+    from laspy import LasHeader
 
 __all__ = ["LasLayout", "las_record", "plan_las", "choose_point_format", "grid_for", "to_integers"]
 
@@ -122,7 +126,7 @@ class _Field:
 class LasLayout:
     """A LAS header and how a frame of :func:`~zv_dask.read_points` fills its points."""
 
-    header: object  # laspy.LasHeader
+    header: LasHeader
     axes: list[str]
     fields: list[_Field]
     header_from: str
@@ -167,21 +171,22 @@ class LasLayout:
 
 def _fit(v: np.ndarray, f: _Field) -> np.ndarray:
     """``v`` in the dtype of standard dimension ``f.dim``; an error naming the attribute if it does not fit."""
-    if f.lo is None:  # a float dimension
+    lo, hi = f.lo, f.hi
+    if lo is None or hi is None:  # a float dimension
         return v.astype(f.dtype)
     where = f"attribute {f.attribute!r}" + (f" (column {f.columns[0]!r})" if f.columns[0] != f.attribute else "")
     if v.dtype.kind == "f":
         bad = ~np.isfinite(v) | (v != np.round(v))
         if bad.any():
             raise InputError(f"{where} holds {v[bad][0].item()!r}, not an integer: LAS dimension {f.dim!r} holds "
-                             f"integers {int(f.lo)}..{int(f.hi)}")
+                             f"integers {int(lo)}..{int(hi)}")
     elif v.dtype.kind not in "biu":
-        raise InputError(f"{where} is {v.dtype}: LAS dimension {f.dim!r} holds integers {int(f.lo)}..{int(f.hi)}")
+        raise InputError(f"{where} is {v.dtype}: LAS dimension {f.dim!r} holds integers {int(lo)}..{int(hi)}")
     if len(v):
-        lo, hi = v.min(), v.max()
-        if lo < f.lo or hi > f.hi:
-            bad = (lo if lo < f.lo else hi).item()
-            raise InputError(f"{where} holds {bad!r}, outside {int(f.lo)}..{int(f.hi)}, the range of LAS dimension "
+        v_lo, v_hi = v.min(), v.max()
+        if v_lo < lo or v_hi > hi:
+            bad = (v_lo if v_lo < lo else v_hi).item()
+            raise InputError(f"{where} holds {bad!r}, outside {int(lo)}..{int(hi)}, the range of LAS dimension "
                              f"{f.dim!r} in this point format" + (" (point formats 6-10 hold classifications up to "
                                                                   "255)" if f.dim == "classification" else ""))
     return v.astype(f.dtype)
@@ -336,7 +341,7 @@ def plan_las(axes: list[str], attrs: dict, has_obj: bool, record: dict | None, c
                          "region's minimum)")
         else:
             offsets = [float(o) for o in record["offsets"]]
-        if fmt != preferred:
+        if preferred is not None and fmt != preferred:
             notes.append(f"point format {preferred} of the store's LAS record cannot hold "
                          f"{sorted(needed - set(_dims(preferred)))}: point format {fmt} written")
         if record.get("uniform") is False:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -230,7 +231,7 @@ def _axis_offsets(src_edge: int, trg_edge: int, bin_edge: int, src_origin_mod: i
     Enumerates one period of the grids' alignment, which is exact.
     """
     period = int(np.lcm.reduce([src_edge, trg_edge, bin_edge]))
-    out = set()
+    out: set[int] = set()
     for c0 in range(0, period, src_edge):  # first endpoint's chunk starts at base bin c0
         a = (c0 // src_edge) * src_edge // trg_edge  # anchor: floor(c * s_src / s_trg), c0 >= 0 here
         first_bin = c0 // bin_edge
@@ -282,7 +283,7 @@ def link_family_attrs(delta: int, ndim: int, num_links: int) -> dict:
 
 def link_array_attrs(delta: int, offset, nonempty: list[str], origin) -> dict:
     """Attributes of one offsets array ``links/<delta>/<segment>``."""
-    out = {"nonempty_chunks": list(nonempty)}
+    out: dict[str, Any] = {"nonempty_chunks": list(nonempty)}
     if any(int(o) != 0 for o in origin):
         out["chunk_grid_origin"] = [int(o) for o in origin]
     out.update({"zv_array": "links", "dtype": "int64", "offsets": [[int(o) for o in offset]], "has_perm": False,

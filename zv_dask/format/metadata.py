@@ -271,7 +271,7 @@ def multiscales_block(axes: list[dict], base_bin: tuple[float, ...],
 
 def level_bins_from_multiscales(attrs: dict) -> dict[int, tuple[float, ...]]:
     """``{level: bin_shape}`` read back from the NGFF datasets (2 x translation)."""
-    out = {}
+    out: dict[int, tuple[float, ...]] = {}
     try:
         datasets = attrs["multiscales"][0]["datasets"]
     except (KeyError, IndexError, TypeError):

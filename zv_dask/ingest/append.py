@@ -36,13 +36,14 @@ from zv_dask.ingest.shuffle import plan_groups, unit_ids
 from zv_dask.ingest.staging import group_refs
 from zv_dask.ingest.tasks import append_group, split_task, stage_task
 from zv_dask.pyramid.builder import LevelSource, specs_of
-from zv_dask.pyramid.plan import options_from_record
+from zv_dask.pyramid.options import PyramidOptions
 from zv_dask.pyramid.update import update_pyramid
 from zv_dask.scheduling import describe_scheduler, run_tasks
 from zv_dask.store.api import ZVStore, list_resolution_levels, open_store, write_root_metadata
 from zv_dask.store.cellio import put_cells
 from zv_dask.store.journal import job_document, journal_for, unfinished_message
 from zv_dask.store.levels import AttributeSpec, ChunkSummary, finalize_level, level_chunk_keys, level_grid
+from zv_dask.store.nodes import attr_dict, group_at
 from zv_dask.store.objects import chunks_in, object_entries
 from zv_dask.store.preimage import metadata_docs, roll_back, snapshot_metadata
 from zv_dask.transaction import WriteJob
@@ -76,7 +77,7 @@ def check_compatible(src, zs: ZVStore) -> list[AttributeSpec]:
             problems.append(f"attribute {n!r} is {d1} here but {d0} in the store")
         if (c0 or None) != (c1 or None):
             problems.append(f"attribute {n!r} has {c1 or 1} channel(s) here but {c0 or 1} in the store")
-    stored_ids = "object_index" in zs.root["0"]
+    stored_ids = "object_index" in group_at(zs.root, "0")
     if stored_ids and not src.has_object_ids:
         problems.append("the store's points carry object ids and the new points do not (object_ids=...)")
     if src.has_object_ids and not stored_ids:
@@ -104,28 +105,25 @@ def _appended_las_record(zs: ZVStore, src) -> dict | None:
     return {**old, "files": files, "uniform": uniform}
 
 
-def recorded_pyramid(zs: ZVStore) -> dict | None:
-    """The options the store's pyramid was built with (``None``: it has no pyramid), as zv-dask recorded them."""
-    rec = zs.root.attrs.get("zv_dask", {}).get("pyramid") if isinstance(zs.root.attrs.get("zv_dask"), dict) else None
-    coarse = [k for k in list_resolution_levels(zs) if k > 0]
-    if rec is None:
-        if coarse:
-            return {}  # a pyramid whose options are unknown
-        return None
-    return options_from_record(rec)
+def recorded_pyramid(zs: ZVStore) -> tuple[bool, PyramidOptions | None]:
+    """Whether the store has a pyramid, and the options zv-dask recorded building it (``None``: unknown)."""
+    block = zs.root.attrs.get("zv_dask")
+    rec = block.get("pyramid") if isinstance(block, dict) else None
+    if rec is not None:
+        return True, PyramidOptions.from_record(rec)
+    return any(k > 0 for k in list_resolution_levels(zs)), None
 
 
 def _pyramid_builder(zs, job, client, progress, slots, budget, pyramid):
     """The builder that rebuilds the store's pyramid as it was built (``pyramid``, if given, must agree)."""
-    recorded = recorded_pyramid(zs)
-    if recorded is None and not pyramid:
+    has_pyramid, recorded = recorded_pyramid(zs)
+    if not has_pyramid and not pyramid:
         return None
-    if recorded == {} and not pyramid:
+    if recorded is None and not pyramid:
         raise InputError("the store has coarse levels but no record of the options they were built with (not "
                          "built by zv-dask); pass pyramid={...} (--pyramid-* options) as they were built")
     asked = pyramid_options(pyramid, zs.metadata.ndim) if pyramid else None
-    opts = dict(recorded) if recorded else {k: v for k, v in asked.items() if k != "points_per_task"}
-    if asked is not None and recorded:
+    if asked is not None and recorded is not None:
         given = pyramid_builder(zs, job, client, progress, asked, slots).record
         mine = pyramid_builder(zs, job, client, progress, recorded, slots).record
         diff = sorted(k for k in given if given[k] != mine.get(k))
@@ -133,9 +131,11 @@ def _pyramid_builder(zs, job, client, progress, slots, budget, pyramid):
             raise InputError(f"pyramid options {diff} differ from those the store's pyramid was built with "
                              f"({ {k: mine[k] for k in diff} }); an append rebuilds it the same way (leave "
                              "pyramid out)")
-    sizing = {"points_per_task": asked["points_per_task"]} if asked and "points_per_task" in asked else {}
-    return pyramid_builder(zs, job, client, progress, {**opts, **sizing, "levels_per_task": 1,
-                                                        "memory_budget": budget}, slots)
+    base = recorded if recorded is not None else asked
+    assert base is not None  # one of the two, checked above
+    return pyramid_builder(zs, job, client, progress, base.replace(
+        points_per_task=asked.points_per_task if asked is not None else None, levels_per_task=1,
+        memory_budget=budget), slots)
 
 
 def _grid_change(zs: ZVStore, new_bounds) -> tuple[bool, list[str]]:
@@ -196,7 +196,7 @@ def roll_back_append(store, *, storage_options=None) -> bool:
 
     journal = journal_for(zs.backend)
     doc = journal.job() if journal is not None else None
-    if doc is None or doc.get("kind") != "append":
+    if journal is None or doc is None or doc.get("kind") != "append":
         return False
     lock = journal.acquire("roll back an append")
     try:
@@ -232,7 +232,7 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
     seconds["scan"] = time.perf_counter() - t0
     grows, moved = _grid_change(zs, final_bounds)
     if moved:
-        n = len(level_chunk_keys(zs.root["0"]))
+        n = len(level_chunk_keys(group_at(zs.root, "0")))
         raise StoreError("the new points extend the bounds below the store's chunk grid on " + "; ".join(moved)
                          + f": every cell of every level would move ({n:,} level-0 chunks), which an append does "
                          "not do; ingest the old and new points together (or create the store with bounds that "
@@ -261,11 +261,12 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
     root = zs.root
     try:
         t1 = time.perf_counter()
-        old_count = int(root["0"].attrs.get("zarr_vectors_level", {}).get("vertex_count", 0))
-        old0 = np.array([parse_chunk_key(k) for k in level_chunk_keys(root["0"])], np.int64).reshape(-1, ndim)
+        level0 = group_at(root, "0")
+        old_count = int(attr_dict(level0, "zarr_vectors_level", {}).get("vertex_count", 0))
+        old0 = np.array([parse_chunk_key(k) for k in level_chunk_keys(level0)], np.int64).reshape(-1, ndim)
         objects = None
         if src.has_object_ids:
-            all_ids, oid, och, ofr = object_entries(root["0"], ndim)
+            all_ids, oid, och, ofr = object_entries(level0, ndim)
             objects = (all_ids, oid, och, ofr)
         las = _appended_las_record(zs, src)
         if (tuple(map(tuple, final_bounds)) != tuple(map(tuple, zs.metadata.bounds))) or las is not None:
@@ -283,7 +284,7 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
         seconds["prepare"] = time.perf_counter() - t1
 
         def group_args(g):
-            obj = None if objects is None else tuple(a[per_entry[g]] for a in objects[1:])
+            obj = None if objects is None or per_entry is None else tuple(a[per_entry[g]] for a in objects[1:])
             return old0[per_group[g]], obj
 
         t2 = time.perf_counter()
@@ -313,10 +314,12 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
         merged = ChunkSummary(present, np.ones(len(present), np.int64))
         entries = None
         if objects is not None:
+            new = summary.objects
+            assert new is not None, "the write tasks of points with object ids return object entries"
             keep = ~chunks_in(objects[2], touched)
-            entries = (np.concatenate([objects[1][keep], summary.object_ids]),
-                       np.concatenate([objects[2][keep], summary.object_chunks.reshape(-1, ndim)]),
-                       np.concatenate([objects[3][keep], summary.object_fragments]))
+            entries = (np.concatenate([objects[1][keep], new[0]]),
+                       np.concatenate([objects[2][keep], new[1].reshape(-1, ndim)]),
+                       np.concatenate([objects[3][keep], new[2]]))
             merged.object_ids, merged.object_chunks, merged.object_fragments = entries
         seconds["write"] = time.perf_counter() - t2
         t3 = time.perf_counter()
@@ -330,7 +333,7 @@ def append_points(src, plan, cl, slots, budget, t0, *, out_of_bounds, group_poin
         seconds["finalize"] = time.perf_counter() - t3
         if builder is not None:
             t4 = time.perf_counter()
-            ids = None if objects is None else np.unique(np.concatenate([objects[0], entries[0]]))
+            ids = None if objects is None or entries is None else np.unique(np.concatenate([objects[0], entries[0]]))
             src0 = LevelSource(0, grid, (1,) * ndim, present, None, count0, specs,
                                entries, ids)
             pr, updates = update_pyramid(builder, src0, touched, journal=journal)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,7 +160,7 @@ def csv_sample(files: list[str]):
     if sample is None:
         names = files[0] if len(files) == 1 else files
         raise InputError(f"{names!r} hold{'s' if len(files) == 1 else ''} no rows (a header only): no points "
-                         f"to ingest (the header: {','.join(map(str, columns))})")
+                         f"to ingest (the header: {','.join(map(str, columns or []))})")
     return sample
 
 
@@ -278,7 +279,8 @@ def parquet_parts(files: list[str], rows: int, footers: dict | None = None) -> l
     out = []
     for path in files:
         md = (footers or {}).get(path) or pq.read_metadata(path)
-        groups, first, n = [], 0, 0
+        groups: list[int] = []
+        first, n = 0, 0
         for g in range(md.num_row_groups):
             k = md.row_group(g).num_rows
             if groups and n + k > rows:
@@ -340,7 +342,9 @@ def read_part(part: Part, columns: list[str], attr_names: list[str], oid_col: st
     does not fit them is an error naming the line or row.
     """
     needed = list(dict.fromkeys([*columns, *attr_names] + ([oid_col] if oid_col else [])))
-    frame, locate, text_value = None, None, None
+    frame = None
+    locate: Callable[[int], str] | None = None
+    text_value: Callable | None = None
     if part.kind == "parquet":
         frame, (locate, text_value) = _read_parquet_part(part, needed)
     elif part.length:
@@ -351,6 +355,7 @@ def read_part(part: Part, columns: list[str], attr_names: list[str], oid_col: st
         pos = np.zeros((0, len(columns)), np.result_type(*[np.dtype(dtypes[c]) for c in columns]))
         return Batch(pos, {a: np.zeros(0, dtypes[a]) for a in attr_names},
                      np.zeros(0, np.int64) if oid_col else None)
+    assert locate is not None, "a block read comes with its locate()"
     where = f"{part.path!r}"
 
     def values(c: str, role: str) -> np.ndarray:

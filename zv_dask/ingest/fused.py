@@ -13,48 +13,31 @@ from __future__ import annotations
 
 import numpy as np
 
-from zv_dask.errors import InputError
 from zv_dask.ingest.shuffle import UnitGrid
-from zv_dask.pyramid import build_pyramid
 from zv_dask.pyramid.builder import LevelSource, PyramidBuilder, drop_coarse_levels
-from zv_dask.pyramid.plan import check_build_options, level_steps, region_loads, region_shape
+from zv_dask.pyramid.options import PyramidOptions
+from zv_dask.pyramid.plan import level_steps, region_loads, region_shape
 from zv_dask.store.levels import ChunkSummary
 
 __all__ = ["pyramid_options", "pyramid_builder", "fused_steps", "plan_fused_levels", "level0_source"]
 
 DEFAULT_GROUP_POINTS = 1 << 21
 
-_PYRAMID_KEYS = ("levels", "bin_ratio", "chunk_scale", "method", "attribute_reduction", "sample_size", "seed",
-                 "min_points", "links", "points_per_task", "levels_per_task", "memory_budget")
-
-
-def pyramid_options(pyramid, ndim: int, budget=None) -> dict | None:
-    """``ingest(pyramid=...)`` as :func:`~zv_dask.build_pyramid` keyword arguments, checked up front.
+def pyramid_options(pyramid, ndim: int, budget=None) -> PyramidOptions | None:
+    """``ingest(pyramid=...)`` as :class:`~zv_dask.pyramid.options.PyramidOptions`, checked up front.
 
     The pyramid's tasks plan within the job's memory ``budget``.
     """
-    if not pyramid:
+    opts = PyramidOptions.of_ingest(pyramid)
+    if opts is None:
         return None
-    opts = dict(pyramid) if isinstance(pyramid, dict) else {}
-    unknown = sorted(set(opts) - set(_PYRAMID_KEYS))
-    if unknown:
-        raise InputError(f"pyramid options {unknown} are not build_pyramid options; choose from {list(_PYRAMID_KEYS)}")
-
-    level_steps(ndim, opts.get("levels"), opts.get("bin_ratio", 2), opts.get("chunk_scale", 1))
-    check_build_options(**{k: opts[k] for k in ("method", "points_per_task", "levels_per_task", "links") if k in opts})
-    if budget is not None:
-        opts["memory_budget"] = budget
-    return opts
+    level_steps(ndim, opts.levels, opts.bin_ratio, opts.chunk_scale)
+    return opts.replace(memory_budget=budget) if budget is not None else opts
 
 
-def pyramid_builder(zs, job, client, progress, opts, slots, meta=None):
+def pyramid_builder(zs, job, client, progress, opts: PyramidOptions, slots, meta=None):
     """A :class:`~zv_dask.pyramid.builder.PyramidBuilder` for ``ingest(pyramid=opts)`` (``zs=None``: plan only)."""
-    import inspect
-
-    params = inspect.signature(build_pyramid).parameters
-    kw = {k: params[k].default for k in _PYRAMID_KEYS}  # build_pyramid's defaults, the single source
-    kw.update(opts)
-    return PyramidBuilder(zs, job, client=client, progress=progress, slots=slots, meta=meta, **kw)
+    return PyramidBuilder(zs, job, opts, client=client, progress=progress, slots=slots, meta=meta)
 
 
 def fused_steps(builder, grid, occ, shard_shape, fused_points: int = DEFAULT_GROUP_POINTS):
@@ -118,10 +101,8 @@ def plan_fused_levels(zs, job, client, progress, opts, grid, specs, occ, has_obj
 def level0_source(zs, grid, summary: ChunkSummary, vertex_count: int, specs):
     """The :class:`~zv_dask.pyramid.builder.LevelSource` of the level 0 just written."""
     nonempty = summary.rows > 0
-    objects = all_ids = None
-    if summary.object_ids is not None:
-        objects = (summary.object_ids, summary.object_chunks, summary.object_fragments)
-        all_ids = np.unique(summary.object_ids)
+    objects = summary.objects
+    all_ids = np.unique(objects[0]) if objects is not None else None
     return LevelSource(0, grid, (1,) * grid.ndim, summary.chunks[nonempty], summary.rows[nonempty], vertex_count,
                        specs, objects, all_ids)
 

@@ -29,7 +29,6 @@ from zv_dask.format.grid import Grid, parse_chunk_key
 from zv_dask.format.metadata import DEFAULT_AXES as DEFAULT_AXIS_NAMES
 from zv_dask.format.metadata import RootMetadata
 from zv_dask.ingest.append import _pyramid_builder, check_compatible
-from zv_dask.ingest.bounds import POLICIES
 from zv_dask.ingest.fused import fused_steps, pyramid_builder, pyramid_options
 from zv_dask.ingest.level0 import (
     auto_partition_rows,
@@ -38,10 +37,13 @@ from zv_dask.ingest.level0 import (
     row_bytes,
     scratch_for,
 )
+from zv_dask.ingest.options import IngestOptions
 from zv_dask.ingest.scan import choose_dtype, scan_pass, scan_warnings
 from zv_dask.ingest.shuffle import UnitGrid, plan_groups
 from zv_dask.ingest.sources import DEFAULT_PARTITION_ROWS, as_source
 from zv_dask.ingest.target import plan_target
+from zv_dask.options import takes_options
+from zv_dask.pyramid.options import PyramidOptions
 from zv_dask.pyramid.update import predict_rewrites
 from zv_dask.scheduling import resolve_client, task_slots
 from zv_dask.store.levels import level_chunk_keys
@@ -188,11 +190,7 @@ def _check_attribute_names(src, plan) -> None:
                          "object_id; rename the attribute(s)")
 
 
-def preflight(points, store, *, attributes=None, object_ids=None, columns=None, chunk_shape=None, bounds=None,
-              base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, backend=None,
-              storage_options=None, overwrite: bool = False, axes=None, partition_rows: int | None = None,
-              branch: str = "main", budget: MemoryBudget | None = None, slots: int = 1, resume: bool = False,
-              append: bool = False, crs=None, reproject=None):
+def preflight(points, store, opts: IngestOptions, *, budget: MemoryBudget | None = None, slots: int = 1):
     """The checks an ingest job makes before reading any point: input, target store and geometry.
 
     Cheap (file headers and store metadata only) and writes nothing. Raises the
@@ -200,9 +198,9 @@ def preflight(points, store, *, attributes=None, object_ids=None, columns=None, 
     ``(source, target_plan, dtype, dtype_reason)``. Unless ``partition_rows`` is
     given, partitions hold at most what the memory ``budget`` lets a task hold.
     """
-    if out_of_bounds not in POLICIES:
-        raise InputError(f"out_of_bounds={out_of_bounds!r} is not one of {POLICIES}")
-    kw = dict(attributes=attributes, object_ids=object_ids, columns=columns, crs=crs, reproject=reproject)
+    o = opts
+    append, dtype, partition_rows, shard_shape = o.appends, o.dtype, o.partition_rows, o.shard_shape
+    kw = dict(attributes=o.attributes, object_ids=o.object_ids, columns=o.columns, crs=o.crs, reproject=o.reproject)
     rows = auto_partition_rows(points, partition_rows, slots)
     src = as_source(points, partition_rows=rows, **kw)
     dt, dt_reason = choose_dtype(dtype, src)
@@ -210,10 +208,10 @@ def preflight(points, store, *, attributes=None, object_ids=None, columns=None, 
         cap = partition_cap(budget, src, dt)
         if cap < (rows or DEFAULT_PARTITION_ROWS):
             src = as_source(points, partition_rows=cap, **kw)
-    plan = plan_target(store, ndim=src.ndim, chunk_shape=chunk_shape, bounds=bounds, base_bin_shape=base_bin_shape,
-                       dtype=dt, axes=axes if axes is not None else src.axes, backend=backend,
-                       storage_options=storage_options, overwrite=overwrite, branch=branch, resume=resume,
-                       append=append)
+    plan = plan_target(store, ndim=src.ndim, chunk_shape=o.chunk_shape, bounds=o.bounds,
+                       base_bin_shape=o.base_bin_shape, dtype=dt, axes=o.axes if o.axes is not None else src.axes,
+                       backend=o.backend, storage_options=o.storage_options, overwrite=o.overwrite, branch=o.branch,
+                       resume=o.resume and not append, append=append)
     _check_attribute_names(src, plan)
     if append and dtype is not None and np.dtype(dt).name != plan.dtype:
         raise InputError(f"dtype {np.dtype(dt).name} differs from the store's position dtype {plan.dtype}: an append "
@@ -232,16 +230,11 @@ def preflight(points, store, *, attributes=None, object_ids=None, columns=None, 
     return src, plan, plan.dtype, dt_reason
 
 
-def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None, chunk_shape=None, bounds=None,
-                base_bin_shape=None, out_of_bounds: str = "raise", dtype=None, shard_shape=None, pyramid=None,
-                backend=None, storage_options=None, client=None, overwrite: bool = False, axes=None,
-                progress: bool = False, partition_rows: int | None = None, group_points: int | None = None,
-                branch: str = "main", memory_budget=None, scratch=None, mode: str = "write", crs=None,
-                reproject=None) -> IngestPlan:
+@takes_options(IngestOptions)
+def plan_ingest(points, store, *, client=None, **options) -> IngestPlan:
     """Plan an ingest job without writing: the scan pass runs, the store is only inspected.
 
-    Takes the arguments of :func:`zv_dask.ingest` (those that change what is
-    written) and raises the same errors it would raise before writing: bad
+    Takes the arguments of :func:`zv_dask.ingest` and raises the same errors it would raise before writing: bad
     input, a store that already holds points, points outside the bounds under
     ``out_of_bounds="raise"``, a memory budget too small for one chunk.
 
@@ -254,15 +247,12 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
     """
     cl = resolve_client(client)
     slots = task_slots(cl)
-    budget = resolve_budget(memory_budget, cl)
+    opts = IngestOptions.of(options).replace(resume=False)  # the plan of the job as it would start
+    budget = resolve_budget(opts.memory_budget, cl)
     t0 = time.perf_counter()
-    src, plan, dt, dt_reason = preflight(points, store, attributes=attributes, object_ids=object_ids,
-                                         columns=columns, chunk_shape=chunk_shape, bounds=bounds,
-                                         base_bin_shape=base_bin_shape, out_of_bounds=out_of_bounds, dtype=dtype,
-                                         shard_shape=shard_shape, backend=backend, storage_options=storage_options,
-                                         overwrite=overwrite, axes=axes, partition_rows=partition_rows,
-                                         branch=branch, budget=budget, slots=slots, append=mode == "append", crs=crs,
-                                         reproject=reproject)
+    src, plan, dt, dt_reason = preflight(points, store, opts, budget=budget, slots=slots)
+    mode, pyramid, out_of_bounds, progress = opts.mode, opts.pyramid, opts.out_of_bounds, opts.progress
+    group_points, shard_shape, scratch = opts.group_points, opts.shard_shape, opts.scratch
     append_builder = None
     if mode == "append":
         check_compatible(src, plan.existing)
@@ -313,10 +303,8 @@ def plan_ingest(points, store, *, attributes=None, object_ids=None, columns=None
         if append_builder is not None:
             rewrites += [{"level": u.level, "chunks": u.chunks, "regions": u.regions, "existing": u.chunks}
                          for u in predict_rewrites(append_builder, occ.chunks)]
-    pyr = None
-    if pyramid:
-        pyr = dict(pyramid) if isinstance(pyramid, dict) else {}
-        pyr = {k: v for k, v in pyr.items() if k not in ("client", "job", "progress")}
+    asked = PyramidOptions.of_ingest(pyramid)
+    pyr = {k: v for k, v in asked.changed().items() if k != "memory_budget"} if asked is not None else None
     return IngestPlan(
         source=src.description or src.kind, store=_describe_target(store), store_action=action, rewrites=rewrites,
         input_kind=src.kind, partitions=len(src.partitions), points=n_points, points_dropped=int(dropped),

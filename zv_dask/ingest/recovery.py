@@ -35,7 +35,8 @@ def stage_error(stage: str, e: Exception, tasks: dict | None = None) -> IngestEr
 def write_task_names(writes, splits, groups, grid, staged: bool = False) -> dict:
     """Task key -> (what, first chunk) for the write stage's tasks, to name a dead one."""
     verb = "staging" if staged else "splitting"
-    out = {s.key: (f"{verb} input partition {p}", None) for p, s in enumerate(splits)}
+    out: dict[str, tuple[str, str | None]] = {s.key: (f"{verb} input partition {p}", None)
+                                              for p, s in enumerate(splits)}
     for g, w in enumerate(writes or []):
         start = int(groups.starts[g])
         if groups.units is None:

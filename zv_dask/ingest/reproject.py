@@ -33,6 +33,8 @@ _local = threading.local()
 def check_reproject(target) -> dict:
     """The root ``crs`` of a ``reproject=`` target; an :class:`InputError` if pyproj is missing or does not know it."""
     crs = normalize_crs(target)
+    if crs is None:
+        raise InputError("reproject= needs the CRS to reproject to, got None")
     pyproj_crs(crs, "reproject")
     return crs
 

@@ -113,7 +113,7 @@ class JobRecorder:
 
     def recorded_scan(self):
         """The scan an interrupted job recorded, when its input are files that did not change (else ``None``)."""
-        if self.state is None or not self.fingerprint.get("files"):
+        if self.state is None or not self.fingerprint.get("files") or self.journal is None:
             return None
         return self.journal.load("plan", "scan")
 
@@ -137,9 +137,11 @@ class JobRecorder:
             return
         if not self.take(backend):
             return
-        self.journal.forget("level0")  # leftovers of a job discarded with overwrite
-        self.journal.record("plan", "scan", scan)
-        self.journal.write_json("job.json", job_document("ingest", self.options, self.fingerprint, scanned, plan))
+        journal = self.journal
+        assert journal is not None, "take() keeps the journal it leased"
+        journal.forget("level0")  # leftovers of a job discarded with overwrite
+        journal.record("plan", "scan", scan)
+        journal.write_json("job.json", job_document("ingest", self.options, self.fingerprint, scanned, plan))
 
     def on_group(self, i: int, result) -> None:
         """A write group finished (its record is in the journal already)."""

@@ -368,7 +368,7 @@ def _from_files(paths, columns, attributes, object_ids, partition_rows, crs=None
             df = dd.read_parquet(files if len(files) > 1 else files[0])
             return _from_frame(df, columns, attributes, object_ids, partition_rows, kind="parquet", description=desc)
         # files: read here, partition by partition, so that a corrupt one is named
-        dtypes = {}
+        dtypes: dict[str, np.dtype] = {}
         for f, (_, schema) in footers.items():
             try:
                 here = dict(schema.empty_table().to_pandas().dtypes)
@@ -452,7 +452,7 @@ def _from_npy(files, columns, partition_rows, desc) -> Source:
         for start in range(0, n, partition_rows):
             parts.append(delayed(_npy_slice, pure=True)(f, start, min(n, start + partition_rows), cols))
             where.append(Part(f, "npy", first_row=start))
-    if not total:
+    if not total or ndim is None:
         raise InputError(f"the input files {files} hold no points")
     return Source(parts, ndim, np.dtype(dtype), specs, False, axes=cols, kind="npy", n_rows=total, description=desc,
                   where=where)

@@ -134,6 +134,7 @@ class PieceLayout:
     def _arrays(self, b: Batch) -> list[np.ndarray]:
         out = []
         for name, dt, _ in self._columns():
+            a: np.ndarray | None
             if name == "positions":
                 a = b.positions
             elif name == "cells":
@@ -144,6 +145,7 @@ class PieceLayout:
                 a = b.object_ids
             else:
                 a = b.attributes[name[5:]]
+            assert a is not None, f"a batch is staged once binned and with its object ids; it has no {name}"
             out.append(np.asarray(a).astype(dt, copy=False))
         return out
 

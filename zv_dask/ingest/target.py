@@ -22,6 +22,7 @@ from zv_dask.ingest.resume import ResumeState
 from zv_dask.store.api import ZVStore, create_store, name_store, open_store, write_root_metadata
 from zv_dask.store.backends import check_creatable, local_path, url_scheme
 from zv_dask.store.journal import job_branch_name, journal_at, journal_for, unfinished_message
+from zv_dask.store.nodes import array_at, attrs_of, group_at
 
 __all__ = ["TargetPlan", "plan_target", "materialize_target"]
 
@@ -41,7 +42,7 @@ class TargetPlan:
     overwrite: bool
     branch: str = "main"
     resume_state: object = None  # the unfinished job a resuming ingest continues (ResumeState)
-    notes: list = None  # what the plan noticed (e.g. nothing to resume)
+    notes: list | None = None  # what the plan noticed (e.g. nothing to resume)
     build_at: str | None = None  # an overwrite builds the new store here (beside the old one) ...
     replaces: str | None = None  # ... and swaps it in here when the job is done (see zv_dask.ingest.replace)
 
@@ -129,20 +130,21 @@ def _still_empty(plan) -> None:
     be = plan.existing.backend
     root = zarr.open_group(be.store, mode="r", zarr_format=3)  # read afresh, not the plan's cached view
     where = plan.existing.url or plan.target
-    if "0" in root and "vertices" in root["0"] and root["0/vertices"].attrs.get("nonempty_chunks"):
+    if "0" in root and "vertices" in group_at(root, "0") and \
+            attrs_of(array_at(root, "0/vertices")).get("nonempty_chunks"):
         raise StoreError(f"the store at {where!r} already holds points (another job wrote them while this one "
                          "scanned its input); pass overwrite=True to replace it, or mode='append' to add the points "
                          "to it")
     journal = journal_for(be)
     doc = journal.read_json("job.json") if journal is not None else None
-    if doc is not None:
+    if journal is not None and doc is not None:
         raise StoreError(f"{where} has an {unfinished_message(doc, journal)}")
 
 
 def _has_points(zs: ZVStore) -> bool:
-    if "0" not in zs.root or "vertices" not in zs.root["0"]:
+    if "0" not in zs.root or "vertices" not in group_at(zs.root, "0"):
         return False
-    return bool(zs.root["0/vertices"].attrs.get("nonempty_chunks"))
+    return bool(attrs_of(array_at(zs.root, "0/vertices")).get("nonempty_chunks"))
 
 
 def _per_axis(name: str, value, ndim: int) -> tuple[float, ...]:
@@ -159,9 +161,11 @@ def _per_axis(name: str, value, ndim: int) -> tuple[float, ...]:
 
 def _unfinished(existing: ZVStore | None, resume: bool, overwrite: bool):
     """The unfinished job in ``existing`` to resume (``None``: none); refuses a plain job into an unfinished store."""
-    journal = journal_for(existing.backend) if existing is not None else None
+    if existing is None:
+        return None
+    journal = journal_for(existing.backend)
     doc = journal.job() if journal is not None else None
-    if doc is None or overwrite:
+    if journal is None or doc is None or overwrite:
         return None
     if not resume or doc.get("kind") == "append":
         where = existing.url or "the store"
@@ -231,7 +235,7 @@ def _plan_target(store, *, ndim, chunk_shape, bounds, base_bin_shape, dtype, axe
             build_at, replaces = str(replacement_path(here)), str(here)
     elif overwrite and existing is not None and existing.session is None and _has_points(existing) and \
             url_scheme(existing.url or "") in OBJECT_SCHEMES:
-        refuse_object_overwrite(existing.url)
+        refuse_object_overwrite(existing.url or "")
     if existing is not None:
         existing._require_writable()
     state = _unfinished(existing, resume, overwrite)

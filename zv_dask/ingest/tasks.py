@@ -126,7 +126,11 @@ def append_group(pieces, grid: Grid, target, attributes, group_index: int, old_c
     attr_names = [s.name for s in specs]
     zstore = worker_store(target)
     with TaskStage("write", f"appending group {group_index}", where=zstore) as st:
-        batch = load_group(scratch, layout, pieces) if scratch is not None else merge_pieces(list(pieces))
+        if scratch is not None:
+            assert layout is not None, "staged pieces come with their layout"
+            batch = load_group(scratch, layout, pieces)
+        else:
+            batch = merge_pieces(list(pieces))
         if batch is None:
             empty = ChunkSummary(np.zeros((0, ndim), np.int64), np.zeros(0, np.int64), extra={"old_rows": 0})
             return empty, returned_fork(target)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -33,10 +35,9 @@ from zv_dask.format.links import (
 )
 from zv_dask.format.metadata import LevelMetadata
 from zv_dask.pyramid.coarsen import CoarsenParams
+from zv_dask.pyramid.options import PyramidOptions
 from zv_dask.pyramid.plan import (
     LevelStep,
-    build_record,
-    check_build_options,
     level_steps,
     plan_tasks,
     region_loads,
@@ -65,6 +66,7 @@ from zv_dask.store.levels import (
     prepare_level,
     write_cells,
 )
+from zv_dask.store.nodes import array_at, attr_dict, group_at
 from zv_dask.store.objects import chunks_in, object_entries
 from zv_dask.transaction import WriteJob
 
@@ -169,10 +171,10 @@ def specs_of(group) -> list[AttributeSpec]:
 
 def source_from_store(zs: ZVStore, level: int) -> LevelSource:
     """The :class:`LevelSource` of a written level, from its metadata."""
-    g = zs.root[str(level)]
+    g = group_at(zs.root, str(level))
     ndim = zs.metadata.ndim
     chunks = np.array([parse_chunk_key(k) for k in level_chunk_keys(g)], np.int64).reshape(-1, ndim)
-    count = int(g.attrs.get("zarr_vectors_level", {}).get("vertex_count", 0))
+    count = int(attr_dict(g, "zarr_vectors_level", {}).get("vertex_count", 0))
     objects = all_ids = None
     if "object_index" in g:
         all_ids, oid, och, ofr = object_entries(g, ndim)
@@ -184,7 +186,7 @@ def source_from_store(zs: ZVStore, level: int) -> LevelSource:
 
 def _compressors(zs: ZVStore):
     try:
-        comp = tuple(zs.root["0/vertices"].compressors)
+        comp = tuple(array_at(zs.root, "0/vertices").compressors)
     except Exception:  # noqa: BLE001 - metadata we cannot introspect: write uncompressed
         return None
     return comp or None
@@ -199,7 +201,7 @@ def drop_coarse_levels(zs: ZVStore) -> None:
     for k in sorted(list_resolution_levels(zs), reverse=True):
         if k > 0:
             remove_resolution_level(zs, k)
-    g0 = zs.root["0"]
+    g0 = group_at(zs.root, "0")
     if "links" in g0:
         del g0["links"]
 
@@ -221,31 +223,30 @@ class PyramidBuilder:
     before :meth:`run` goes on.
     """
 
-    def __init__(self, zs: ZVStore, job: WriteJob, *, levels, bin_ratio, chunk_scale, method, attribute_reduction,
-                 sample_size, seed, min_points, client, points_per_task, levels_per_task, links, progress,
-                 slots: int | None = None, meta=None, memory_budget=None):
-        check_build_options(method=method, points_per_task=points_per_task, levels_per_task=levels_per_task,
-                            links=links)
-        budget = memory_budget if isinstance(memory_budget, MemoryBudget) else resolve_budget(memory_budget, client)
+    def __init__(self, zs: ZVStore, job: WriteJob, options: PyramidOptions, *, client, progress,
+                 slots: int | None = None, meta=None):
+        o = options
+        budget = o.memory_budget if isinstance(o.memory_budget, MemoryBudget) else resolve_budget(o.memory_budget,
+                                                                                                   client)
         self.zs, self.job = zs, job
+        self.options = o
         meta = meta if meta is not None else zs.metadata
         self.ndim = meta.ndim
-        self.levels = levels
-        self.min_points = min_points
-        self.opts = dict(method=method, attribute_reduction=attribute_reduction, sample_size=sample_size, seed=seed)
+        self.levels = o.levels
+        self.min_points = o.min_points
+        self.opts: dict[str, Any] = dict(method=o.method, attribute_reduction=o.attribute_reduction,
+                                         sample_size=o.sample_size, seed=o.seed)
         self.client = client
         self.budget = budget
-        self._asked_points = None if points_per_task is None else int(points_per_task)
+        self._asked_points = None if o.points_per_task is None else int(o.points_per_task)
         self.points_per_task = self._asked_points or DEFAULT_POINTS_PER_TASK
-        self.levels_per_task = None if levels_per_task is None else int(levels_per_task)
+        self.levels_per_task = None if o.levels_per_task is None else int(o.levels_per_task)
         self.progress = progress
         self.slots = slots if slots is not None else task_slots(client)
-        self.links, warns = resolve_links(links, meta)
+        self.links, warns = resolve_links(o.links, meta)
         self.report = PyramidReport(links=self.links, warnings=warns)
-        self._steps = level_steps(self.ndim, levels, bin_ratio, chunk_scale)  # checks every parameter
-        self.record = build_record(levels=levels, bin_ratio=bin_ratio, chunk_scale=chunk_scale, method=method,
-                                   attribute_reduction=attribute_reduction, sample_size=sample_size, seed=seed,
-                                   min_points=min_points, links=self.links)
+        self._steps = level_steps(self.ndim, o.levels, o.bin_ratio, o.chunk_scale)  # checks every parameter
+        self.record = o.record(self.links)
         self._pending: list[LevelStep] = []
         self._exhausted = False
         self.bpc = tuple(int(round(c / b)) for c, b in zip(meta.chunk_shape, meta.effective_bin_shape))
@@ -257,7 +258,8 @@ class PyramidBuilder:
         self.building: list[int] | None = None  # the levels of the batch under way (removed if it fails)
         self.journal = None  # the job's Journal: rounds and tasks are recorded there as they finish
         self.record_tasks = True  # tasks record themselves (plain stores); icechunk records whole rounds only
-        self.before_record = None  # called before a round is recorded (icechunk: the checkpoint)
+        # called before a round is recorded (icechunk: the checkpoint)
+        self.before_record: Callable[[], Any] | None = None
         self.tasks_done = 0  # pyramid tasks finished by this process
         self.tasks_reused = 0  # pyramid tasks an interrupted job had finished (not run again)
 
@@ -276,6 +278,12 @@ class PyramidBuilder:
             else:
                 self._pending.append(nxt)
         return self._pending[i] if i < len(self._pending) else None
+
+    def _step(self, i: int) -> LevelStep:
+        """The ``i``-th step still to build, where one is known to be there (a started round's)."""
+        step = self._peek(i)
+        assert step is not None, f"no step {i} still to build"
+        return step
 
     def peek_step(self, i: int = 0) -> LevelStep | None:
         """The step of the ``i``-th level still to build (``None`` past the last)."""
@@ -361,7 +369,9 @@ class PyramidBuilder:
         up front unless there are more than ``EAGER_LINK_ARRAYS`` of them (coarse bins many chunks wide),
         when only those used are made.
         """
-        axes, created, returned = {}, {}, []
+        axes: dict[int, tuple] = {}
+        created: dict[int, list[tuple[int, ...]]] = {}
+        returned: list[int] = []
         if self.links == "none":
             return axes, created, ()
         fine_c = tuple(b * s for b, s in zip(self.bpc, parent_scale))
@@ -387,7 +397,7 @@ class PyramidBuilder:
                 offsets = lv.link_created.get(delta)
                 owner = k - 1 if delta > 0 else k
                 grid = lv.geom.fine_grid if delta > 0 else lv.geom.grid
-                g = root[str(owner)]
+                g = group_at(root, str(owner))
                 links = g.require_group("links")
                 fam_name = f"{delta:+d}"
                 if fam_name in links:
@@ -453,16 +463,15 @@ class PyramidBuilder:
             if n and owner == k:
                 lm.arrays_present = list(lm.arrays_present) + ["links"]
             elif n:
-                mark_links_present(zs.root[str(owner)])
+                mark_links_present(group_at(zs.root, str(owner)))
         create_resolution_level(zs, k, lm)
         nonempty = summary.rows > 0
         self.report.levels.append(k)
         self.report.vertex_counts[k] = lm.vertex_count
         self.report.chunk_counts[k] = int(nonempty.sum())
         self.report.bin_shapes[k] = lv.bin_shape
-        objects = None
-        if src.objects is not None:
-            objects = (summary.object_ids, summary.object_chunks, summary.object_fragments)
+        # an object source's summary has entries (finish_batch gives it empty ones at the least)
+        objects = summary.objects if src.objects is not None else None
         return LevelSource(k, grid, lv.step.total_scale, summary.chunks[nonempty], summary.rows[nonempty],
                            lm.vertex_count, lv.specs, objects, src.all_ids)
 
@@ -475,10 +484,10 @@ class PyramidBuilder:
         (``StepGeometry.returned_links``), which are written after them.
         """
         root = self.zs.root
-        if "links" not in root[str(owner)] or f"{delta:+d}" not in root[f"{owner}/links"]:
+        if "links" not in group_at(root, str(owner)) or f"{delta:+d}" not in group_at(root, f"{owner}/links"):
             return 0  # an interrupted finish of this round removed it already: it had no records
-        links = root[f"{owner}/links"]
-        fam = links[f"{delta:+d}"]
+        links = group_at(root, f"{owner}/links")
+        fam = group_at(links, f"{delta:+d}")
         per_seg: dict[str, list] = {}
         returned = []
         for s in summaries:
@@ -516,7 +525,7 @@ class PyramidBuilder:
         else:
             del links[f"{delta:+d}"]
             if not list(links.keys()):
-                del root[str(owner)]["links"]
+                del group_at(root, str(owner))["links"]
         return total
 
     def _prune(self, levels: list[int], last: int) -> None:
@@ -537,7 +546,7 @@ class PyramidBuilder:
         fine_bpc = tuple(b * s for b, s in zip(self.bpc, src.scale))
         stage = _round_stage(batch)
         chunks_all, weights = src.chunks, src.weights()
-        earlier = []
+        earlier: list[tuple] = []
         if self.journal is not None:  # a resumed round: the tasks that finished are not run again
             for name in self.journal.finished(stage):
                 covered, res = self.journal.load(stage, name)
@@ -615,13 +624,13 @@ class PyramidBuilder:
                 reason = (f"{self.levels} levels built" if self.levels is not None
                           else "bin_ratio/chunk_scale lists exhausted")
                 break
-            first = self._peek(0).level
+            first = self._step(0).level
             replayed = self.replay_round(first)
             if replayed is not None:  # finished before the job was interrupted
                 src, reason = replayed
                 continue
             started = self.started_round(first)
-            steps = ([self._peek(i) for i in range(started)] if started is not None
+            steps = ([self._step(i) for i in range(started)] if started is not None
                      else self.choose_steps(src.chunks, src.weights(), src.scale))
             batch = self.plan_batch(src, steps)
             self.building = batch.numbers

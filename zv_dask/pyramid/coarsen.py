@@ -168,7 +168,7 @@ def coarsen_points(positions: np.ndarray, base_bins: np.ndarray | None, attribut
 
     totals = _count_totals(attributes, params, g, sorted_rows)
     hash_cols = [np.full(g.n, params.level, np.int64)]
-    if obj_u is not None:
+    if obj_u is not None and obj_rank is not None:
         hash_cols.append(obj_u[obj_rank[g.order[g.starts]]] if g.n else np.zeros(0, np.int64))
     hash_cols += [group_cb[:, d] for d in range(group_cb.shape[1])]
     group_oids = hash_cols[1] if obj_u is not None else None

@@ -32,14 +32,13 @@ fragment is shared between manifests, and no reader depends on the flag.
 
 from __future__ import annotations
 
-import functools
 import time
 
-from zv_dask.budget import MemoryBudget, parse_size
 from zv_dask.errors import IngestError, InputError, StoreError, ZVError, cause_text
 from zv_dask.faults import kill_point
 from zv_dask.format.codecs import check_compression, compressors_for
 from zv_dask.lazy import PendingPyramid, absolute, make_job
+from zv_dask.options import takes_options
 from zv_dask.pyramid.builder import (
     PyramidBuilder,
     PyramidReport,
@@ -47,7 +46,8 @@ from zv_dask.pyramid.builder import (
     drop_up_links,
     source_from_store,
 )
-from zv_dask.pyramid.plan import LINK_STORAGE, check_build_options
+from zv_dask.pyramid.options import PyramidOptions
+from zv_dask.pyramid.plan import LINK_STORAGE
 from zv_dask.pyramid.rebuild import can_build_beside, finish_rebuild, open_rebuild, swap
 from zv_dask.store.api import as_store, list_resolution_levels, read_level_metadata
 from zv_dask.store.cellio import sweep_partials
@@ -64,21 +64,18 @@ from zv_dask.transaction import WriteJob
 __all__ = ["build_pyramid", "PyramidReport", "PyramidBuilder", "LINK_STORAGE"]
 
 
-def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction, sample_size, seed, min_points,
-           client, job, points_per_task, levels_per_task, links, progress, memory_budget, resume,
-           message=None, compression=None, compression_level=None) -> PyramidReport:
+def _build(store, options: PyramidOptions, *, client, job, progress, resume, message=None, compression=None,
+           compression_level=None) -> PyramidReport:
     t0 = time.perf_counter()
     zs = job.store if job is not None else as_store(store, "r+")
     if zs.read_only:
         raise StoreError("build_pyramid needs a writable store; open it with mode='r+'")
     own = job is None
     job = job if job is not None else WriteJob(zs, message or "zv-dask build_pyramid")
-    options = {"levels": levels, "bin_ratio": bin_ratio, "chunk_scale": chunk_scale, "method": method,
-               "attribute_reduction": attribute_reduction, "sample_size": sample_size, "seed": seed,
-               "min_points": min_points, "links": links}
+    written = options.written()
     if compression is not None or compression_level is not None:
-        options["compression"] = list(check_compression(compression, compression_level))
-    journal, doc, lock = _pyramid_journal(zs, options, resume)
+        written["compression"] = list(check_compression(compression, compression_level))
+    journal, doc, lock = _pyramid_journal(zs, resume)
     builder = None
     store = zs  # the store the levels are for; ``zs`` is where they are built (beside it, on a local store)
     beside = own and can_build_beside(zs, journal)
@@ -89,11 +86,7 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
                 return _finished_report(store, t0)
             zs = open_rebuild(store, fresh=doc is None)
             job = WriteJob(zs, message or "zv-dask build_pyramid")
-        builder = PyramidBuilder(zs, job, levels=levels, bin_ratio=bin_ratio, chunk_scale=chunk_scale, method=method,
-                                 attribute_reduction=attribute_reduction, sample_size=sample_size, seed=seed,
-                                 min_points=min_points, client=client, points_per_task=points_per_task,
-                                 levels_per_task=levels_per_task, links=links, progress=progress,
-                                 memory_budget=memory_budget)
+        builder = PyramidBuilder(zs, job, options, client=client, progress=progress)
         if compression is not None or compression_level is not None:
             builder.use_compressors(compressors_for(compression, compression_level))
         src = source_from_store(zs, 0)
@@ -104,9 +97,9 @@ def _build(store, *, levels, bin_ratio, chunk_scale, method, attribute_reduction
                 if job.transactional and own:  # icechunk: rounds are committed to a job branch as they finish
                     job.on_job_branch()
                     job.checkpoint(force=True)
-                journal.write_json("job.json", pyramid_job(options, src, job.base))
+                journal.write_json("job.json", pyramid_job(written, src, job.base))
         else:
-            check_pyramid_resume(doc, options, src, journal)
+            check_pyramid_resume(doc, written, src, journal)
             if job.transactional and own:
                 job.on_job_branch(resume_from=doc["plan"]["base"])
                 src = source_from_store(zs, 0)
@@ -170,7 +163,7 @@ def _finished_report(zs, t0: float) -> PyramidReport:
     return report
 
 
-def _pyramid_journal(zs, options: dict, resume: bool):
+def _pyramid_journal(zs, resume: bool):
     """``(journal, unfinished job document or None, lease)`` of a standalone build on a plain store."""
     journal = journal_for(zs.backend)
     if zs.backend.transactional and zs.backend.repository is None:
@@ -209,47 +202,20 @@ def check_pyramid_resume(doc: dict, options: dict, src, journal) -> None:
                          "options, or run the build without resume to start again")
 
 
-def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=1, method: str = "centroid",
-                  attribute_reduction: dict | None = None, sample_size: int = 8, seed: int = 0,
-                  min_points: int = 1024, links=None, client=None, compute: bool = True, job: WriteJob | None = None,
-                  points_per_task: int | None = None, levels_per_task: int | None = None,
-                  progress: bool = False, memory_budget=None, resume: bool = False, message: str | None = None,
-                  compression: str | None = None, compression_level: int | None = None):
+@takes_options(PyramidOptions)
+def build_pyramid(store, *, client=None, compute: bool = True, job: WriteJob | None = None, progress: bool = False,
+                  resume: bool = False, message: str | None = None, compression: str | None = None,
+                  compression_level: int | None = None, **options) -> PyramidReport | PendingPyramid:
     """Build coarse levels 1..L of a store from its level 0.
 
     Parameters
     ----------
-    levels
-        Number of coarse levels; ``None`` goes on until a level holds at most
-        ``min_points`` points, fits in one chunk, or removes no point.
-    bin_ratio, chunk_scale
-        Integer steps >= 1 from one level to the next: a scalar, a tuple (one
-        per axis) or a list (one entry per level, scalar or tuple). Level k's
-        bin is the base bin times the product of the steps so far; likewise its
-        chunk (a ``chunk_scale`` other than 1 defeats the reference reader's
-        bbox reads of that level: ZV format section 14.2).
-    method
-        ``"centroid"`` (default), ``"first"``, ``"random"`` or ``"sample"``
-        (up to ``sample_size`` points per bin); see
-        :mod:`zv_dask.pyramid.coarsen`.
-    attribute_reduction
-        ``{name: reduction}`` with reductions from
-        :data:`~zv_dask.pyramid.reduce.REDUCTIONS` (``None`` drops the
-        attribute; ``"count"`` under a new name adds the number of level-0
-        points per metavertex). Defaults: ``mean`` for floats, ``mode`` for
-        integers and bools.
-    seed
-        Seeds ``random`` / ``sample`` together with the bin: reproducible
-        whatever the partitioning or the number of workers.
-    links
-        Cross-level links from every vertex to the metavertex it folds into
-        (ZV format section 9): ``"explicit"`` (``+1`` at the fine level and the
-        ``-1`` mirror at the coarse one, the reference's default),
-        ``"implicit"`` (``+1`` only), ``"none"``; ``True``/``False`` mean
-        ``"explicit"``/``"none"``. ``None`` follows the store's
-        ``cross_level_storage`` (zv-dask's own stores declare ``"none"``,
-        the reference's ``"explicit"``). Links add 16 bytes per fine vertex
-        and direction.
+    **options
+        The :class:`~zv_dask.pyramid.options.PyramidOptions` (what is built and
+        how the tasks are sized): ``levels``, ``bin_ratio``, ``chunk_scale``,
+        ``method``, ``attribute_reduction``, ``sample_size``, ``seed``,
+        ``min_points``, ``links``, ``points_per_task``, ``levels_per_task``,
+        ``memory_budget``.
     client
         A distributed ``Client``; ``None`` uses dask's current scheduler.
     compute
@@ -262,18 +228,8 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
     job
         The :class:`~zv_dask.transaction.WriteJob` of an enclosing job (ingest):
         the pyramid then joins that job's single commit instead of committing.
-    points_per_task
-        A task owns whole regions of about this many fine points (default: what
-        ``memory_budget`` lets a task hold, at most 2,000,000); a round of tasks
-        builds as many consecutive levels as such regions hold.
-    levels_per_task
-        At most this many levels per round of tasks (``None``: as many as fit).
-        ``1`` makes every level durable on its own on a plain store.
     progress
         Show a progress bar per round of tasks.
-    memory_budget
-        Bytes (or a size like ``"2GiB"``) the build may hold per worker; by
-        default half the workers' memory limit (see :func:`zv_dask.ingest`).
     message
         The icechunk commit message of the build's own job (default ``"zv-dask build_pyramid"``).
     resume
@@ -290,24 +246,17 @@ def build_pyramid(store, *, levels: int | None = None, bin_ratio=2, chunk_scale=
     failure an own icechunk job is discarded; on plain stores what the build
     finished stays, with its journal, for ``resume=True``.
     """
-    check_build_options(method=method, points_per_task=points_per_task, levels_per_task=levels_per_task,
-                        links=links)  # raises now even when compute=False
+    opts = PyramidOptions.of(options)  # raises now even when compute=False
     if compression is not None or compression_level is not None:
         check_compression(compression, compression_level)
-    if memory_budget is not None and not isinstance(memory_budget, MemoryBudget):
-        parse_size(memory_budget)
     if not compute:
         if job is not None:
             raise InputError("compute=False makes a job of its own: it cannot join another job's commit (job=...)")
-        options = {k: v for k, v in locals().items() if k not in ("store", "compute", "job", "client")}
         store = absolute(store)
         if isinstance(store, str):
             as_store(store)  # a store that is not there fails here, not when computed
-        return make_job(PendingPyramid, build_pyramid, (store,), options, store)
-    run = functools.partial(_build, store, levels=levels, bin_ratio=bin_ratio, chunk_scale=chunk_scale,
-                            method=method, attribute_reduction=attribute_reduction, sample_size=sample_size,
-                            seed=seed, min_points=min_points, client=client, job=job,
-                            points_per_task=points_per_task, levels_per_task=levels_per_task, links=links,
-                            progress=progress, memory_budget=memory_budget, resume=resume, message=message,
-                            compression=compression, compression_level=compression_level)
-    return run()
+        return make_job(PendingPyramid, build_pyramid, (store,), {
+            **opts.to_dict(), "progress": progress, "resume": resume, "message": message,
+            "compression": compression, "compression_level": compression_level}, store)
+    return _build(store, opts, client=client, job=job, progress=progress, resume=resume, message=message,
+                  compression=compression, compression_level=compression_level)

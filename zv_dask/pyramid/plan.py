@@ -23,13 +23,13 @@ import numpy as np
 
 from zv_dask.errors import InputError
 from zv_dask.format.metadata import LINK_STORAGE
-from zv_dask.pyramid.coarsen import METHODS, bin_keys
+from zv_dask.pyramid.coarsen import bin_keys
+from zv_dask.pyramid.options import check_links
 from zv_dask.pyramid.reduce import REDUCTIONS, default_reduction
 from zv_dask.store.levels import AttributeSpec
 
 __all__ = ["LevelStep", "level_steps", "region_shape", "region_loads", "plan_tasks", "resolve_attributes",
-           "resolve_links", "check_build_options", "LINK_STORAGE", "BUILD_OPTIONS", "build_record",
-           "options_from_record"]
+           "resolve_links", "LINK_STORAGE"]
 
 
 
@@ -188,19 +188,6 @@ def resolve_attributes(parent: list, attribute_reduction, method: str):
     return reductions, frozenset(explicit), specs
 
 
-def check_build_options(*, method: str = "centroid", points_per_task=1, levels_per_task=None, links=None) -> None:
-    """Raise :class:`InputError` for a pyramid option out of range (before anything is read or written)."""
-    if method not in METHODS:
-        raise InputError(f"method must be one of {METHODS}, got {method!r}")
-    if points_per_task is not None and (isinstance(points_per_task, bool) or int(points_per_task) < 1):
-        raise InputError(f"points_per_task must be >= 1, got {points_per_task!r}")
-    if levels_per_task is not None and (isinstance(levels_per_task, bool) or int(levels_per_task) < 1):
-        raise InputError(f"levels_per_task must be None or an integer >= 1, got {levels_per_task!r}")
-    if links is not None and not isinstance(links, bool) and links not in LINK_STORAGE:
-        raise InputError(f"links must be one of {LINK_STORAGE}, True, False or None (the store's declaration), "
-                         f"got {links!r}")
-
-
 def resolve_links(links, meta) -> tuple[str, list[str]]:
     """The link storage a build writes (``"none"``, ``"implicit"`` or ``"explicit"``) and any warnings.
 
@@ -208,7 +195,9 @@ def resolve_links(links, meta) -> tuple[str, list[str]]:
     when ``cross_level_depth`` is 0); ``True`` means ``"explicit"``, ``False``
     ``"none"``.
     """
-    check_build_options(links=links)
+    problem = check_links(links)
+    if problem:
+        raise InputError(f"links {problem}, got {links!r}")
     warnings = []
     if links is None:
         mode = meta.cross_level_storage if int(meta.cross_level_depth) != 0 else "none"
@@ -223,42 +212,3 @@ def resolve_links(links, meta) -> tuple[str, list[str]]:
     if links is False:
         return "none", warnings
     return links, warnings
-
-
-# -- the options a pyramid was built with, as the store records them -----------------------------
-BUILD_OPTIONS = ("levels", "bin_ratio", "chunk_scale", "method", "attribute_reduction", "sample_size", "seed",
-                 "min_points", "links")
-
-
-def _step_value(v):
-    """A ``bin_ratio`` / ``chunk_scale`` as JSON that keeps its form (a list is per level, a tuple per axis)."""
-    if isinstance(v, list):
-        return {"per_level": [_step_value(x) for x in v]}
-    if isinstance(v, (tuple, np.ndarray)):
-        return {"per_axis": [int(x) for x in np.asarray(v).reshape(-1).tolist()]}
-    return int(v)
-
-
-def _step_from(v):
-    if isinstance(v, dict) and "per_level" in v:
-        return [_step_from(x) for x in v["per_level"]]
-    if isinstance(v, dict) and "per_axis" in v:
-        return tuple(int(x) for x in v["per_axis"])
-    return int(v)
-
-
-def build_record(*, levels, bin_ratio, chunk_scale, method, attribute_reduction, sample_size, seed, min_points,
-                 links) -> dict:
-    """The ``zv_dask.pyramid`` root attribute: what an append needs to rebuild the pyramid the same way."""
-    return {"levels": None if levels is None else int(levels), "bin_ratio": _step_value(bin_ratio),
-            "chunk_scale": _step_value(chunk_scale), "method": str(method),
-            "attribute_reduction": None if attribute_reduction is None else dict(attribute_reduction),
-            "sample_size": int(sample_size), "seed": int(seed), "min_points": int(min_points), "links": str(links)}
-
-
-def options_from_record(record: dict) -> dict:
-    """The :func:`~zv_dask.build_pyramid` options of a :func:`build_record`."""
-    out = dict(record)
-    out["bin_ratio"] = _step_from(record["bin_ratio"])
-    out["chunk_scale"] = _step_from(record["chunk_scale"])
-    return {k: out[k] for k in BUILD_OPTIONS}

@@ -71,8 +71,8 @@ def finish_rebuild(zs: ZVStore, built: ZVStore) -> None:
     """Put the levels of ``built`` in the place of ``zs``'s coarse levels (see the module docstring)."""
     work = rebuild_path(zs)
     ome = zs.root.attrs.get("ome")
-    if isinstance(ome, dict):  # named after the store, not "rebuild"
-        name_store(built, ome.get("name"))
+    if isinstance(ome, dict) and isinstance(ome.get("name"), str):  # named after the store, not "rebuild"
+        name_store(built, ome["name"])
     levels = sorted((p.name for p in work.iterdir() if p.name.isdigit() and p.name != "0"), key=int)
     (work / _SWAP).write_text(json.dumps({"levels": levels, "links0": (work / "0" / "links").exists()}))
     swap(zs)

@@ -56,15 +56,19 @@ class LevelPoints:
     @property
     def chunk_index(self) -> np.ndarray:
         if self._chunk_index is None:
-            counts = np.diff(self.row_splits)
+            counts = np.diff(self._splits())
             self._chunk_index = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
         return self._chunk_index
 
     @property
     def vi(self) -> np.ndarray:
         if self._vi is None:
-            self._vi = np.arange(len(self), dtype=np.int64) - self.row_splits[:-1][self.chunk_index]
+            self._vi = np.arange(len(self), dtype=np.int64) - self._splits()[:-1][self.chunk_index]
         return self._vi
+
+    def _splits(self) -> np.ndarray:
+        assert self.row_splits is not None, "a level without row splits (a take) is made with its per-row maps"
+        return self.row_splits
 
     def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(chunk index, vi)`` of some rows, without the per-row maps when the rows are whole chunks."""
@@ -191,7 +195,7 @@ def stored_runs(data: list, chunks: np.ndarray, positions: np.ndarray, grid: Gri
     return runs
 
 
-def _coarse_runs(fine: LevelPoints, ratio) -> tuple | None:
+def _coarse_runs(fine: LevelPoints, ratio) -> tuple[np.ndarray, np.ndarray] | None:
     """``(splits, coarse bins)`` of the fine runs when each run lies in one coarse bin."""
     if fine.runs is None or fine.object_ids is not None:
         return None
@@ -232,6 +236,7 @@ def level_links(fine: LevelPoints, coarse: CoarseLevel,
         return None, None
     c = coarse.points
     if coarse.run_parent_rows is not None:  # one run of records per fine bin
+        assert fine.runs is not None, "a coarse level made from runs has a fine level with runs"
         splits = fine.runs[0]
         first = splits[:-1]
         lens = np.diff(splits)
@@ -244,8 +249,8 @@ def level_links(fine: LevelPoints, coarse: CoarseLevel,
         down = plan_link_runs(c.chunks, c_idx, c_vi, 0, fine.chunks, f_idx, f_vi, 1, lens, step.scale,
                               step.fine_scale)
         return up, down
-    s = coarse.parent_rows
-    c_idx, c_vi = c.locate(s)
+    assert coarse.parent_rows is not None, "a coarse level has parent rows where it has no run parent rows"
+    c_idx, c_vi = c.locate(coarse.parent_rows)
     up = plan_link_cells(fine.chunks, fine.chunk_index, fine.vi, c.chunks, c_idx, c_vi, step.fine_scale, step.scale)
     if step.links != "explicit":
         return up, None

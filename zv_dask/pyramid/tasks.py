@@ -40,7 +40,7 @@ class BatchResult:
     bytes_written: int = 0
 
 
-def link_targets(cells: LinkCells, owner: int, delta: int, grid, out: BatchResult) -> list:
+def link_targets(cells: LinkCells | None, owner: int, delta: int, grid, out: BatchResult) -> list:
     """``write_cells`` targets for a :class:`LinkCells` (one per offsets array), recording them in ``out``."""
     if cells is None or not len(cells):
         return []
@@ -53,7 +53,7 @@ def link_targets(cells: LinkCells, owner: int, delta: int, grid, out: BatchResul
             idx = np.arange(start, i)
             chunks = cells.chunks[idx]
             targets.append((f"{owner}/links/{delta:+d}/{segs[start]}", grid.cells(chunks),
-                            [cells.payload_parts(j) for j in idx]))
+                            [cells.payload_parts(j) for j in range(start, i)]))
             key = (owner, delta, segs[start])
             prev = out.links.get(key)
             c = counts[idx]
@@ -113,5 +113,6 @@ def batch_task(target, geoms: tuple[StepGeometry, ...], fine_level: int, read_na
                 fine = fine.take(np.flatnonzero(ok))
     out = build_levels(zstore, fine, geoms)
     if journal is not None:
+        assert record is not None, "a journalled batch task is told what to record"
         journal.record(record[0], record[1], (np.asarray(chunks), out))
     return out, returned_fork(target)

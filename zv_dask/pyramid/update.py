@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zv_dask.format.cells import decode_fragments
-from zv_dask.format.grid import chunk_keys, parse_chunk_key
+from zv_dask.format.grid import Grid, chunk_keys, parse_chunk_key
 from zv_dask.format.links import (
     decode_link_rows,
     link_array_attrs,
@@ -47,6 +47,7 @@ from zv_dask.store.api import (
 )
 from zv_dask.store.cellio import cell_keys, delete_cells
 from zv_dask.store.levels import ChunkSummary, finalize_level, level_chunk_keys, read_payloads, write_cells
+from zv_dask.store.nodes import array_at, attr_dict, attrs_of, group_at
 from zv_dask.store.objects import chunks_in, object_entries
 from zv_dask.store.preimage import save_cells
 
@@ -69,7 +70,7 @@ class _Family:
 
     owner: int
     delta: int
-    grid: object
+    grid: Grid
     old: dict = field(default_factory=dict)  # segment -> (chunks in the regions, records there)
 
 
@@ -117,6 +118,7 @@ class _Rebuild:
         self.zs = builder.zs
         self.ndim = builder.ndim
         step = builder.peek_step()
+        assert step is not None, "a rebuild is made for a level still to build"
         self.batch = builder.plan_batch(src, [step])
         self.lv = self.batch.levels[0]
         self.k = step.level
@@ -133,14 +135,14 @@ class _Rebuild:
     def run(self) -> tuple[LevelSource, np.ndarray, LevelUpdate]:
         zs, k, lv, ndim = self.zs, self.k, self.lv, self.ndim
         root = zs.root
-        g = root[str(k)]
+        g = group_at(root, str(k))
         grid = lv.geom.grid
         # what the regions hold now: the level's cells and both link families' cells
         old = _chunks_of(level_chunk_keys(g)).reshape(-1, ndim)
         inside = _in_regions(old, self.per_coarse, self.regions)
         old_in, old_out = old[inside], old[~inside]
         arrays = [f"{k}/vertices", f"{k}/vertex_fragments"] + [f"{k}/vertex_attributes/{s.name}" for s in lv.specs]
-        frag = read_payloads(zs.store, root[f"{k}/vertex_fragments"], old_in)
+        frag = read_payloads(zs.store, array_at(root, f"{k}/vertex_fragments"), old_in)
         old_rows = int(sum(int(decode_fragments(p).counts.sum()) for p in frag if p))
         families = {d: self._old_family(d) for d in lv.link_axes}
         keys = [key for path in arrays for key in keys_at(path, grid.origin, old_in)]
@@ -163,7 +165,7 @@ class _Rebuild:
         delete_cells(zs.store, [key for path in arrays for key in keys_at(path, grid.origin, stale)])
         # the level's metadata, merged
         present = np.concatenate([old_out, new_present]).reshape(-1, ndim)
-        count = int(g.attrs.get("zarr_vectors_level", {}).get("vertex_count", 0)) - old_rows + int(new.rows.sum())
+        count = int(attr_dict(g, "zarr_vectors_level", {}).get("vertex_count", 0)) - old_rows + int(new.rows.sum())
         summary = ChunkSummary(present, np.ones(len(present), np.int64))
         objects = None
         if fine.objects is not None:
@@ -177,7 +179,7 @@ class _Rebuild:
             if n and fam.owner == k:
                 lm.arrays_present = list(lm.arrays_present) + ["links"]
             elif n:
-                mark_links_present(root[str(fam.owner)])
+                mark_links_present(group_at(root, str(fam.owner)))
         create_resolution_level(zs, k, lm)
         rep = self.b.report
         rep.levels.append(k)
@@ -197,14 +199,14 @@ class _Rebuild:
         fam = _Family(owner, delta, grid)
         root = self.zs.root
         path = f"{owner}/links/{delta:+d}"
-        if "links" not in root[str(owner)] or f"{delta:+d}" not in root[f"{owner}/links"]:
+        if "links" not in group_at(root, str(owner)) or f"{delta:+d}" not in group_at(root, f"{owner}/links"):
             return fam
-        fam_g = root[path]
+        fam_g = group_at(root, path)
         for seg in self._segments(delta):
             if seg not in fam_g:
                 continue
-            arr = fam_g[seg]
-            chunks = _chunks_of(arr.attrs.get("nonempty_chunks", [])).reshape(-1, self.ndim)
+            arr = array_at(fam_g, seg)
+            chunks = _chunks_of(attrs_of(arr).get("nonempty_chunks", [])).reshape(-1, self.ndim)
             inside = chunks[_in_regions(chunks, self.per(owner), self.regions)]
             fam.old[seg] = (inside, _records(read_payloads(self.zs.store, arr, inside)))
         return fam
@@ -222,11 +224,11 @@ class _Rebuild:
             offsets = self.lv.link_created.get(delta)
             if offsets is None:
                 continue
-            links = root[str(fam.owner)].require_group("links")
+            links = group_at(root, str(fam.owner)).require_group("links")
             name = f"{delta:+d}"
             if name not in links:
                 links.create_group(name, attributes=link_family_attrs(delta, self.ndim, 0))
-            fam_g = links[name]
+            fam_g = group_at(links, name)
             missing = [o for o in offsets if offset_segment(o) not in fam_g]
             create_vlen_arrays(fam_g, fam.grid, [(offset_segment(o), link_array_attrs(delta, o, [], fam.grid.origin))
                                                  for o in missing], compressors=self.b.compressors)
@@ -245,12 +247,12 @@ class _Rebuild:
                 if lvl == owner and d == delta:
                     new.setdefault(seg, []).append((chunks, counts))
             returned += s.link_cells.get((owner, delta), [])
-        links = root[str(owner)].require_group("links")
+        links = group_at(root, str(owner)).require_group("links")
         name = f"{delta:+d}"
-        old_total = int(links[name].attrs.get("num_links", 0)) if name in links else 0
+        old_total = int(attrs_of(group_at(links, name)).get("num_links", 0)) if name in links else 0
         if name not in links:
             links.create_group(name, attributes=link_family_attrs(delta, self.ndim, 0))
-        fam_g = links[name]
+        fam_g = group_at(links, name)
         total = old_total - sum(n for _, n in fam.old.values())
         create, update, stale_keys = [], {}, []
         for seg in sorted(set(fam.old) | set(new) | {n for n in self._segments(delta) if n in fam_g}):
@@ -260,7 +262,7 @@ class _Rebuild:
             total += int(sum(int(np.sum(c)) for _, c in parts))
             stale = in_old[~chunks_in(in_old, chunks_new)] if len(in_old) else in_old
             stale_keys += keys_at(f"{owner}/links/{name}/{seg}", fam.grid.origin, stale)
-            listed = _chunks_of(fam_g[seg].attrs.get("nonempty_chunks", [])).reshape(-1, self.ndim) \
+            listed = _chunks_of(attrs_of(array_at(fam_g, seg)).get("nonempty_chunks", [])).reshape(-1, self.ndim) \
                 if seg in fam_g else np.zeros((0, self.ndim), np.int64)
             outside = listed[~_in_regions(listed, self.per(owner), self.regions)]
             keys = sorted(chunk_keys(np.concatenate([outside, chunks_new]).reshape(-1, self.ndim)))
@@ -281,7 +283,7 @@ class _Rebuild:
         else:
             del links[name]
             if not list(links.keys()):
-                del root[str(owner)]["links"]
+                del group_at(root, str(owner))["links"]
         return total
 
     def _merged_objects(self, g, new: ChunkSummary):
@@ -362,7 +364,7 @@ def predict_rewrites(builder: PyramidBuilder, changed: np.ndarray) -> list[Level
             break
         region = np.asarray(region_shape(step, builder.bpc), np.int64)
         regions = np.unique(np.floor_divide(changed, region // (bpc * scale)), axis=0) if len(changed) else changed
-        old = _chunks_of(level_chunk_keys(zs.root[str(k)])).reshape(-1, ndim)
+        old = _chunks_of(level_chunk_keys(group_at(zs.root, str(k)))).reshape(-1, ndim)
         inside = old[_in_regions(old, region // (bpc * np.asarray(step.total_scale, np.int64)), regions)]
         out.append(LevelUpdate(k, len(inside), len(regions)))
         changed, scale = inside, np.asarray(step.total_scale, np.int64)

@@ -30,7 +30,15 @@ from zv_dask.format.metadata import (
 )
 from zv_dask.store.backends import Backend, check_creatable, local_path, resolve_backend
 from zv_dask.store.journal import journal_for, unfinished_message
-from zv_dask.store.nodes import create_vlen_array, create_vlen_arrays, update_node_attrs  # noqa: F401 - part of the store API
+from zv_dask.store.nodes import (  # noqa: F401 - create_vlen_arrays, update_node_attrs: part of the store API
+    array_at,
+    attr_dict,
+    attrs_of,
+    create_vlen_array,
+    create_vlen_arrays,
+    group_at,
+    update_node_attrs,
+)
 
 __all__ = [
     "ZVStore",
@@ -115,9 +123,9 @@ class ZVStore:
         meta = self.metadata
         dtype = "float32"
         if level in self.levels and "vertices" in get_resolution_level(self, level):
-            dtype = self.root[f"{level}/vertices"].attrs.get("dtype", "float32")
+            dtype = attrs_of(array_at(self.root, f"{level}/vertices")).get("dtype", "float32")
         elif self.levels and "vertices" in get_resolution_level(self, 0):
-            dtype = self.root["0/vertices"].attrs.get("dtype", "float32")
+            dtype = attrs_of(array_at(self.root, "0/vertices")).get("dtype", "float32")
         return Grid(meta.bounds[0], meta.bounds[1], self.level_chunk_shape(level), meta.effective_bin_shape, dtype)
 
     def __repr__(self) -> str:
@@ -135,7 +143,7 @@ class ZVStore:
             journal = journal_for(self.backend)
             doc = journal.job() if journal is not None else None
             self._unfinished_doc = doc
-            self._unfinished = None if doc is None else unfinished_message(doc, journal)
+            self._unfinished = None if doc is None or journal is None else unfinished_message(doc, journal)
         return self._unfinished
 
     @property
@@ -160,15 +168,15 @@ class ZVStore:
         level = int(level)
         if str(level) not in self.root or not isinstance(self.root[str(level)], zarr.Group):
             return f"there is no level {level} (yet)"
-        attrs = self.root[str(level)].attrs.asdict()
-        if "zarr_vectors_level" not in attrs:
+        level_group = group_at(self.root, str(level))
+        if "zarr_vectors_level" not in level_group.attrs:
             return f"level {level} is not finished"
         if kind == "append":
             return "an append was part way through rewriting its chunks"
         if kind == "ingest" and level == 0 and isinstance(doc.get("scan"), dict):
             scan = doc["scan"]
             expected = int(scan.get("points", 0)) - int(scan.get("dropped", 0))
-            have = attrs["zarr_vectors_level"].get("vertex_count")
+            have = attr_dict(level_group, "zarr_vectors_level").get("vertex_count")
             if have != expected:
                 return (f"level 0 holds {int(have or 0):,} of the job's {expected:,} points (its metadata is "
                         "written when the last group is)")
@@ -459,7 +467,7 @@ def _unfinished_note(be) -> str:
         doc = journal.job() if journal is not None else None
     except Exception:  # noqa: BLE001 - only a hint
         return ""
-    return "" if doc is None else f" yet; it has an {unfinished_message(doc, journal)}"
+    return "" if doc is None or journal is None else f" yet; it has an {unfinished_message(doc, journal)}"
 
 
 def as_store(store, mode: str = "r", **kw) -> ZVStore:
@@ -480,7 +488,7 @@ def write_root_metadata(store: ZVStore, meta: RootMetadata, level_bins: dict[int
     ``extra`` are other root attributes to set at the same time (zv-dask's own
     ``zv_dask`` block: the options the pyramid was built with).
     """
-    attrs = store.root.attrs.asdict()
+    attrs = attrs_of(store.root)
     if level_bins is None:
         level_bins = level_bins_from_multiscales(attrs)
         level_bins[0] = meta.effective_bin_shape
@@ -621,7 +629,7 @@ def read_parametric_types(store: ZVStore) -> list[dict]:
     store = as_store(store)
     if PARAMETRIC not in store.root:
         return []
-    return list(store.root[PARAMETRIC].attrs.get("parametric_types", []))
+    return list(attrs_of(group_at(store.root, PARAMETRIC)).get("parametric_types", []))
 
 
 def store_info(store, *, storage_options: dict | None = None, backend: str | None = None,
@@ -638,6 +646,7 @@ def store_info(store, *, storage_options: dict | None = None, backend: str | Non
         not_yet = store.unfinished_level(k) if unfinished else None
         lm = read_level_metadata(store, k)
         g = get_resolution_level(store, k)
+        vertices = array_at(g, "vertices") if "vertices" in g else None
         entry: dict[str, Any] = {
             "level": k,
             "vertex_count": lm.vertex_count,
@@ -647,18 +656,19 @@ def store_info(store, *, storage_options: dict | None = None, backend: str | Non
             "coarsening_method": lm.coarsening_method,
             "object_sparsity": lm.object_sparsity,
             "arrays_present": lm.arrays_present,
-            "nonempty_chunks": len(g["vertices"].attrs.get("nonempty_chunks", [])) if "vertices" in g else 0,
-            "compression": compression_of(g["vertices"]) if "vertices" in g else None,
+            "nonempty_chunks": len(attrs_of(vertices).get("nonempty_chunks", [])) if vertices is not None else 0,
+            "compression": compression_of(vertices) if vertices is not None else None,
         }
         if "vertex_attributes" in g:
             entry["attributes"] = {
-                name: {"dtype": a.attrs.get("dtype"), "channels": (a.attrs.get("row_shape") or [1])[0]}
-                for name, a in g["vertex_attributes"].arrays()
+                name: {"dtype": attrs_of(a).get("dtype"), "channels": (attrs_of(a).get("row_shape") or [1])[0]}
+                for name, a in group_at(g, "vertex_attributes").arrays()
             }
         if "object_index" in g:
-            entry["num_objects"] = int(g["object_index"].attrs.get("num_objects", 0))
+            entry["num_objects"] = int(attrs_of(group_at(g, "object_index")).get("num_objects", 0))
         if "links" in g:
-            entry["links"] = {name: int(fam.attrs.get("num_links", 0)) for name, fam in sorted(g["links"].groups())}
+            entry["links"] = {name: int(attrs_of(fam).get("num_links", 0))
+                              for name, fam in sorted(group_at(g, "links").groups())}
         if not_yet:
             entry["unfinished"] = not_yet
         levels.append(entry)

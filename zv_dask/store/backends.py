@@ -21,12 +21,15 @@ import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from zv_dask.errors import StoreError
 from zv_dask.store.credentials import icechunk_credentials, redact
 from zv_dask.store.retry import RetryingObjectStore
+
+if TYPE_CHECKING:
+    from obstore.store import ObjectStore
 
 __all__ = ["Backend", "resolve_backend", "local_path", "url_scheme", "object_store", "check_creatable"]
 
@@ -134,10 +137,10 @@ def _max_retries(value) -> int:
 # request in 0.35**16 (~5e-8) fails for good, where with 10 retries one in ~1e-5 does (a job of a few
 # thousand requests in a few dozen); a dead endpoint is given up after ~3 s of backoff per request on
 # average. ``max_retries`` and ``retry_config`` (obstore's keys, merged over these) set them for both.
-RETRY_DEFAULTS = {"max_retries": 15,
-                  "backoff": {"init_backoff": timedelta(milliseconds=50), "max_backoff": timedelta(seconds=5),
-                              "base": 2},
-                  "retry_timeout": timedelta(minutes=3)}
+RETRY_DEFAULTS: dict[str, Any] = {"max_retries": 15,
+                                  "backoff": {"init_backoff": timedelta(milliseconds=50),
+                                              "max_backoff": timedelta(seconds=5), "base": 2},
+                                  "retry_timeout": timedelta(minutes=3)}
 
 
 def _obstore_kwargs(scheme: str, options: dict) -> dict:
@@ -185,6 +188,7 @@ def _obstore_store(url: str, scheme: str, options: dict, read_only: bool):
     except ImportError as e:  # pragma: no cover - obstore is a hard dependency
         raise StoreError(f"object storage needs obstore and zarr>=3.1: {e}") from e
     kw = _obstore_kwargs(scheme, options)
+    obs: ObjectStore
     try:
         if scheme in ("s3", "s3a"):
             bucket, prefix = _split_bucket(url)

@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from zv_dask.errors import StoreError
@@ -60,7 +61,7 @@ def _writable(zstore) -> None:
         raise StoreError(f"cannot write cells: the store{f' at {str(where)!r}' if where else ''} is open read-only")
 
 
-def _limited(zstore, fn, args: list) -> list:
+def _limited(zstore, fn, args: Sequence) -> list:
     """``[await fn(*a) for a in args]`` on zarr's event loop, as many at a time as the store's ``concurrency``
     storage option says (:data:`CONCURRENCY` by default)."""
     from zarr.core.sync import sync
@@ -115,7 +116,7 @@ def _write_all(fd: int, parts: tuple) -> None:
         rest = rest[os.write(fd, rest):]
 
 
-def _write_files(root: str, items: list, atomic: bool = True) -> None:
+def _write_files(root: str, items: Sequence, atomic: bool = True) -> None:
     """Write files under ``root`` straight from their buffers: atomically (temporary name, then rename), or in place.
 
     Directories are made when a write finds them missing. A failed write (a
@@ -196,7 +197,7 @@ def _threads(fn, args, n_items, n_threads: int = 2):
     return [r for part in parts for r in part]
 
 
-def put_cells(zstore, items: list[tuple[str, bytes]], *, atomic: bool = True) -> None:
+def put_cells(zstore, items: Sequence[tuple[str, bytes | tuple]], *, atomic: bool = True) -> None:
     """Store every ``(key, value)``; keys are store-relative (``"0/vertices/c/1/2/3"``).
 
     A value is bytes or a tuple of buffers (bytes, memoryviews) stored one after

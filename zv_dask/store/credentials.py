@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
+from typing import Any, overload
 
 from zv_dask.errors import StoreError
 
@@ -143,7 +143,7 @@ class _AsIcechunk:
 
         got = self.provider()
         if inspect.isawaitable(got):
-            got = asyncio.run(got)
+            got = asyncio.run(_awaited(got))
         exp = got.get("expires_at")
         return icechunk.S3StaticCredentials(access_key_id=got["access_key_id"],
                                             secret_access_key=got["secret_access_key"],
@@ -151,6 +151,14 @@ class _AsIcechunk:
 
     def __repr__(self) -> str:
         return f"<credential provider {type(self.provider).__name__}>"
+
+
+@overload
+def prepare_credentials(options: dict) -> dict: ...
+
+
+@overload
+def prepare_credentials(options: None) -> None: ...
 
 
 def prepare_credentials(options: dict | None) -> dict | None:
@@ -226,3 +234,8 @@ def redact(text: Any, options: dict | None) -> str:
         if len(s) >= 4:
             text = text.replace(s, "***")
     return text
+
+
+async def _awaited(awaitable):
+    """``asyncio.run`` takes a coroutine; a provider may return any awaitable."""
+    return await awaitable

@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,7 @@ def _decode(node, arrays):
     module, _, name = node["__c"].partition(":")
     if not module.startswith("zv_dask."):
         raise StoreError(f"a journal record names {node['__c']!r}, which is not a zv-dask type")
-    cls = importlib.import_module(module)
+    cls: Any = importlib.import_module(module)
     for part in name.split("."):
         cls = getattr(cls, part)
     return cls(**{k: _decode(v, arrays) for k, v in node["f"].items()})

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
+from zarr.core.metadata import ArrayV3Metadata
 
 from zv_dask.errors import FormatError, MetadataError
 from zv_dask.format.cells import (
@@ -34,7 +35,16 @@ from zv_dask.format.grid import Grid, chunk_keys, parse_chunk_key
 from zv_dask.format.layout import ChunkPayload, encode_plan, plan_chunks
 from zv_dask.format.metadata import LevelMetadata, attribute_attrs, fragments_attrs, vertices_attrs
 from zv_dask.store.cellio import cell_keys, get_cells, put_cells
-from zv_dask.store.nodes import create_vlen_arrays, update_node_attrs, vlen_bytes
+from zv_dask.store.nodes import (
+    array_at,
+    attr_dict,
+    attrs_of,
+    create_vlen_arrays,
+    group_at,
+    update_node_attrs,
+    v3_metadata,
+    vlen_bytes,
+)
 from zv_dask.store.objects import object_entries, row_object_ids
 
 if TYPE_CHECKING:
@@ -102,18 +112,26 @@ class ChunkSummary:
             out.object_fragments = np.arange(len(plan.fragment_counts)) - plan.frag_splits[frag_chunk]
         return out
 
+    @property
+    def objects(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The object entries ``(object ids, chunks, fragments)``, or ``None`` (a level without objects)."""
+        if self.object_ids is None or self.object_chunks is None or self.object_fragments is None:
+            return None
+        return self.object_ids, self.object_chunks, self.object_fragments
+
     @staticmethod
     def concat(parts: list[ChunkSummary], ndim: int) -> ChunkSummary:
         parts = [p for p in parts if p is not None]
         chunks = np.concatenate([p.chunks for p in parts]) if parts else np.zeros((0, ndim), np.int64)
         rows = np.concatenate([p.rows for p in parts]) if parts else np.zeros(0, np.int64)
         with_obj = [p for p in parts if p.object_ids is not None]
+        oid: np.ndarray | None = None
+        och: np.ndarray | None = None
+        ofr: np.ndarray | None = None
         if with_obj:
             oid = np.concatenate([p.object_ids for p in with_obj])
             och = np.concatenate([p.object_chunks for p in with_obj]).reshape(-1, ndim)
             ofr = np.concatenate([p.object_fragments for p in with_obj])
-        else:
-            oid = och = ofr = None
         return ChunkSummary(chunks.reshape(-1, ndim), rows, oid, och, ofr, sum(p.bytes_written for p in parts))
 
 
@@ -147,9 +165,11 @@ def _direct(arr: zarr.Array):
     ``("zstd", level, checksum)``), or ``None`` when zarr's codec pipeline must (sharding, blosc, another key
     encoding)."""
     md = arr.metadata
+    if not isinstance(md, ArrayV3Metadata):  # a zarr v2 array (no ZV store has one): zarr's pipeline
+        return None
     if tuple(arr.chunks) != (1,) * arr.ndim:  # one frame per object holds one cell only
         return None
-    enc = md.chunk_key_encoding.to_dict()
+    enc: dict[str, Any] = md.chunk_key_encoding.to_dict()
     if enc.get("name") != "default" or enc.get("configuration", {}).get("separator", "/") != "/":
         return None
     return direct_codec([c.to_dict() for c in md.codecs])
@@ -258,7 +278,7 @@ def write_cells(zstore, targets: list[tuple[str, np.ndarray, list[bytes]]], *, p
     it (its ``zarr.json`` may not exist yet). Returns the payload bytes written.
     """
     total = 0
-    direct = []
+    direct: list[tuple[str, tuple | bytes]] = []
     for path, cells, values in targets:
         if not len(values):
             continue
@@ -266,9 +286,10 @@ def write_cells(zstore, targets: list[tuple[str, np.ndarray, list[bytes]]], *, p
         total += sum(payload_size(v) for v in values)
         how = "plain" if arr is None else _direct(arr)
         if how is not None:
-            keys = cell_keys(path, cells, None if arr is None else arr.metadata.chunk_key_encoding)
+            keys = cell_keys(path, cells, None if arr is None else v3_metadata(arr).chunk_key_encoding)
             direct.extend((k, encode_frame(v, how)) for k, v in zip(keys, values))
         else:
+            assert arr is not None, "plain=True targets have their cells moved directly"
             joined = [b"".join(payload_parts(v)) for v in values]
             arr.set_coordinate_selection(tuple(np.asarray(cells).T), _object_array(joined))
     put_cells(zstore, direct)
@@ -290,7 +311,7 @@ def finalize_level(root: zarr.Group, level: int, grid: Grid, summary: ChunkSumma
     append, which knows the chunks it did not touch but not their rows).
     """
 
-    g = root[str(level)]
+    g = group_at(root, str(level))
     keys = _sorted_keys(summary.chunks[summary.rows > 0]) if len(summary.chunks) else []
     origin = grid.origin
     base = g.path
@@ -316,7 +337,7 @@ def finalize_level(root: zarr.Group, level: int, grid: Grid, summary: ChunkSumma
 def _level_compressors(g: zarr.Group):
     """The compressors of a level's ``vertices`` array (``None``: uncompressed, or no such array)."""
     try:
-        return tuple(g["vertices"].compressors) or None
+        return tuple(array_at(g, "vertices").compressors) or None
     except Exception:  # noqa: BLE001 - no vertices array (or one zarr cannot describe): the defaults
         return None
 
@@ -359,16 +380,16 @@ def write_object_index(g: zarr.Group, summary: ChunkSummary, ndim: int, all_ids:
 # -- reading --------------------------------------------------------------------------
 def level_grid(root: zarr.Group, level: int) -> Grid:
     """The :class:`Grid` of a level, from the root and level attributes alone."""
-    zv = root.attrs["zarr_vectors"]
-    lvl = root[str(level)].attrs.get("zarr_vectors_level", {})
+    zv = attr_dict(root, "zarr_vectors")
+    lvl = attr_dict(group_at(root, str(level)), "zarr_vectors_level", {})
     cs = tuple(lvl.get("chunk_shape") or zv["chunk_shape"])
     base = tuple(zv.get("base_bin_shape") or zv["chunk_shape"])
-    dtype = root[f"{level}/vertices"].attrs.get("dtype", "float32")
+    dtype = attrs_of(array_at(root, f"{level}/vertices")).get("dtype", "float32")
     return Grid(tuple(zv["bounds"][0]), tuple(zv["bounds"][1]), cs, base, dtype)
 
 
 def level_chunk_keys(level_group: zarr.Group) -> list[str]:
-    return list(level_group["vertices"].attrs.get("nonempty_chunks", []))
+    return list(attrs_of(array_at(level_group, "vertices")).get("nonempty_chunks", []))
 
 
 @dataclass
@@ -387,7 +408,7 @@ def _attr_arrays(g: zarr.Group, names) -> dict[str, zarr.Array]:
         if names:
             raise MetadataError(f"level has no vertex attributes; asked for {list(names)}")
         return {}
-    arrays = dict(g["vertex_attributes"].arrays())
+    arrays = dict(group_at(g, "vertex_attributes").arrays())
     if names is None:
         return arrays
     missing = [n for n in names if n not in arrays]
@@ -411,9 +432,9 @@ def _read_cells(zstore, arr: zarr.Array, cells: np.ndarray) -> list:
     itself (plain or zstd vlen arrays, see :func:`write_cells`), else through zarr."""
     how = _direct(arr)
     if how is not None:
-        keys = cell_keys(arr.path, cells, arr.metadata.chunk_key_encoding)
+        keys = cell_keys(arr.path, cells, v3_metadata(arr).chunk_key_encoding)
         return [decode_frame(f, how) for f in get_cells(zstore, keys)]
-    return list(arr.get_coordinate_selection(tuple(cells.T)))
+    return list(np.asarray(arr.get_coordinate_selection(tuple(cells.T))))
 
 
 def read_payloads(zstore, arr: zarr.Array, chunks: np.ndarray) -> list[bytes]:
@@ -421,7 +442,7 @@ def read_payloads(zstore, arr: zarr.Array, chunks: np.ndarray) -> list[bytes]:
     if not len(chunks):
         return []
     chunks = np.asarray(chunks, np.int64).reshape(len(chunks), -1)
-    origin = np.asarray(arr.attrs.get("chunk_grid_origin", [0] * chunks.shape[1]), np.int64)
+    origin = np.asarray(attrs_of(arr).get("chunk_grid_origin", [0] * chunks.shape[1]), np.int64)
     return [bytes(p) if p is not None else b"" for p in _read_cells(zstore, arr, chunks - origin)]
 
 
@@ -445,26 +466,30 @@ class LevelCells:
 def level_cells(zstore, level: int, attributes=None) -> LevelCells:
     """The :class:`LevelCells` of a level for reads of ``attributes`` (``None``: all of them)."""
     root = zarr.open_group(zstore, mode="r", zarr_format=3)
-    g = root[str(level)]
-    vert = g["vertices"]
+    g = group_at(root, str(level))
+    vert, frags = array_at(g, "vertices"), array_at(g, "vertex_fragments")
     arrays = {"vertices": (vert.path, _direct(vert), None, None),
-              "vertex_fragments": (g["vertex_fragments"].path, _direct(g["vertex_fragments"]), None, None)}
+              "vertex_fragments": (frags.path, _direct(frags), None, None)}
     for n, a in _attr_arrays(g, attributes).items():
-        rs = a.attrs.get("row_shape") or []
-        arrays[n] = (a.path, _direct(a), a.attrs["dtype"], rs[0] if rs else None)
-    origin = tuple(int(v) for v in vert.attrs.get("chunk_grid_origin", [0] * len(vert.shape)))
-    return LevelCells(level, vert.attrs.get("dtype", "float32"), origin, arrays)
+        a_attrs = attrs_of(a)
+        rs = a_attrs.get("row_shape") or []
+        arrays[n] = (a.path, _direct(a), a_attrs["dtype"], rs[0] if rs else None)
+    v_attrs = attrs_of(vert)
+    origin = tuple(int(v) for v in v_attrs.get("chunk_grid_origin", [0] * len(vert.shape)))
+    return LevelCells(level, v_attrs.get("dtype", "float32"), origin, arrays)
 
 
 def _payloads(zstore, cells: LevelCells, names: list[str], idx: np.ndarray) -> dict[str, list]:
     """The payloads of the grid cells ``idx`` of each named array: the direct ones in one batch of gets."""
-    keys, spans, out = [], {}, {}
+    keys: list[str] = []
+    spans: dict[str, tuple[int, tuple | str]] = {}
+    out: dict[str, list] = {}
     tails = ["/".join(map(str, c)) for c in idx.tolist()]
     for n in names:
         path, how = cells.arrays[n][:2]
         if how is None:
             arr = zarr.open_array(zstore, path=path, mode="r", zarr_format=3)
-            out[n] = list(arr.get_coordinate_selection(tuple(idx.T)))
+            out[n] = list(np.asarray(arr.get_coordinate_selection(tuple(idx.T))))
         else:
             spans[n] = (len(keys), how)
             keys.extend(f"{path}/c/{t}" for t in tails)
@@ -511,8 +536,8 @@ def read_level(zstore, level: int, *, bbox=None, attributes=None, ndim: int | No
     """Read a whole level (or the points inside the closed box ``bbox=(lo, hi)``) into numpy."""
     root = zarr.open_group(zstore, mode="r", zarr_format=3)
     if ndim is None:
-        ndim = len(root.attrs["zarr_vectors"]["chunk_shape"])
-    g = root[str(level)]
+        ndim = len(attr_dict(root, "zarr_vectors")["chunk_shape"])
+    g = group_at(root, str(level))
     keys = level_chunk_keys(g)
     chunks = np.array([parse_chunk_key(k) for k in keys], np.int64).reshape(-1, ndim)
     if bbox is not None:
@@ -526,15 +551,16 @@ def read_level(zstore, level: int, *, bbox=None, attributes=None, ndim: int | No
     if len(chunks):
         chunks = chunks[np.lexsort(chunks.T[::-1])]
     data = read_chunks(zstore, level, chunks, attributes, ndim=ndim)
-    dtype = g["vertices"].attrs.get("dtype", "float32")
+    dtype = attrs_of(array_at(g, "vertices")).get("dtype", "float32")
     attr_arrays = _attr_arrays(g, attributes)
     pos = np.concatenate([d.positions for d in data]) if data else np.zeros((0, ndim), dtype)
     attrs = {}
     for n, a in attr_arrays.items():
         parts = [d.attributes[n] for d in data]
-        rs = a.attrs.get("row_shape") or []
-        attrs[n] = np.concatenate(parts) if parts else np.zeros((0,) + tuple(rs), a.attrs["dtype"])
-    out = {"positions": pos, "attributes": attrs, "chunks": [d.chunk for d in data]}
+        a_attrs = attrs_of(a)
+        rs = a_attrs.get("row_shape") or []
+        attrs[n] = np.concatenate(parts) if parts else np.zeros((0,) + tuple(rs), a_attrs["dtype"])
+    out: dict[str, Any] = {"positions": pos, "attributes": attrs, "chunks": [d.chunk for d in data]}
     if with_object_ids and "object_index" in g:
         out["object_ids"] = _object_ids_of_rows(g, data, ndim)
     if bbox is not None:

@@ -1,20 +1,85 @@
-"""zarr nodes the way zv-dask makes them: vlen cell arrays over a grid, and attributes of many nodes at once."""
+"""zarr nodes the way zv-dask makes them: vlen cell arrays over a grid, and attributes of many nodes at once;
+and the nodes of a store by kind (an array where an array belongs, a group where a group does)."""
 
 from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import zarr
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.metadata import ArrayV3Metadata
 
-from zv_dask.errors import StoreError
+from zv_dask.errors import MetadataError, StoreError
 from zv_dask.format.grid import Grid
 from zv_dask.store.cellio import get_cells, put_cells
 
-__all__ = ["create_vlen_array", "create_vlen_arrays", "update_node_attrs", "vlen_bytes"]
+__all__ = [
+    "array_at",
+    "group_at",
+    "v3_metadata",
+    "attrs_of",
+    "attr_dict",
+    "create_vlen_array",
+    "create_vlen_arrays",
+    "update_node_attrs",
+    "vlen_bytes",
+]
+
+_MISSING: Any = object()
+
+
+def _node_path(group: zarr.Group, path: str) -> str:
+    return "/".join(p for p in (group.path.strip("/"), path.strip("/")) if p) or "/"
+
+
+def array_at(group: zarr.Group, path: str) -> zarr.Array:
+    """The array at ``path`` under ``group`` (a ``KeyError`` when there is nothing); a :class:`StoreError`
+    naming the path when a group is there instead."""
+    node = group[path]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"the store has a group at {_node_path(group, path)} where an array belongs")
+    return node
+
+
+def group_at(group: zarr.Group, path: str) -> zarr.Group:
+    """The group at ``path`` under ``group`` (a ``KeyError`` when there is nothing); a :class:`StoreError`
+    naming the path when an array is there instead."""
+    node = group[path]
+    if not isinstance(node, zarr.Group):
+        raise StoreError(f"the store has an array at {_node_path(group, path)} where a group belongs")
+    return node
+
+
+def v3_metadata(arr: zarr.Array) -> ArrayV3Metadata:
+    """An array's zarr v3 metadata; a :class:`StoreError` naming it when the array is zarr v2 (ZV is zarr v3)."""
+    md = arr.metadata
+    if not isinstance(md, ArrayV3Metadata):
+        raise StoreError(f"the array {arr.path or '/'} is a zarr v2 array; a ZV store's arrays are zarr v3")
+    return md
+
+
+def attrs_of(node: zarr.Array | zarr.Group) -> dict[str, Any]:
+    """A node's attributes as a plain dict of JSON values (a shallow copy, as ``node.attrs.asdict()``)."""
+    return node.attrs.asdict()
+
+
+def attr_dict(node: zarr.Array | zarr.Group, name: str, default: dict[str, Any] = _MISSING) -> dict[str, Any]:
+    """The JSON object attribute ``name`` of a node: ``default`` when it is absent (a ``KeyError`` without one),
+    a :class:`MetadataError` naming the node and attribute when it is not an object."""
+    attrs = node.attrs.asdict()
+    if name not in attrs:
+        if default is _MISSING:
+            raise KeyError(name)
+        return default
+    value = attrs[name]
+    if not isinstance(value, Mapping):
+        raise MetadataError(f"the attribute {name!r} of {node.path or '/'} is {type(value).__name__} "
+                            f"{value!r:.80}; expected a JSON object")
+    return value if isinstance(value, dict) else dict(value)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import numpy as np
 import zarr
 
 from zv_dask.format.cells import decode_manifest
+from zv_dask.store.nodes import array_at, group_at
 
 if TYPE_CHECKING:
     from zv_dask.store.levels import ChunkData
@@ -21,9 +22,9 @@ def object_entries(level_group: zarr.Group, ndim: int) -> tuple[np.ndarray, np.n
     Manifests made only of mode-0 blocks (what zv-dask and the reference write
     for points) are parsed in one vectorised pass; anything else block by block.
     """
-    oi = level_group["object_index"]
-    ids = np.asarray(oi["object_ids"][:], np.int64) if "object_ids" in oi else None
-    blobs = [bytes(b) for b in oi["manifests"][:]]
+    oi = group_at(level_group, "object_index")
+    ids = np.asarray(array_at(oi, "object_ids")[:], np.int64) if "object_ids" in oi else None
+    blobs = [bytes(b) for b in np.asarray(array_at(oi, "manifests")[:])]
     if ids is None:  # layout vlen_manifests_v1: row = id
         ids = np.arange(len(blobs), dtype=np.int64)
     block = 8 * ndim + 9

@@ -43,10 +43,10 @@ def metadata_docs(zs) -> dict[str, bytes]:
             elif e != "c" and not e.startswith(".zv-"):
                 await walk(f"{prefix}{e.rstrip('/')}/", keys)
 
-    async def collect():
+    async def collect() -> dict[str, bytes]:
         keys: list[str] = []
         await walk("", keys)
-        out = {}
+        out: dict[str, bytes] = {}
         for key in keys:
             buf = await zs.store.get(key, default_buffer_prototype())
             if buf is not None:
