@@ -208,7 +208,7 @@ def test_icechunk_on_s3_killed_mid_pyramid_resumes(survey, s3_server, s3_prefix,
 
 # -- two jobs started at once on one new target ---------------------------------------------------------
 LOSER = ("a store already exists at", "already holds points", "another process is running now",
-         "another job is writing this store", "already exists", "conflict")
+         "another job is writing this store", "another job is creating a store", "already exists", "conflict")
 
 
 def _race(args_a, args_b, delay: float):

@@ -328,3 +328,17 @@ def test_links_of_the_wrong_kind_are_an_error(linked):
     zarr.open_group(str(linked / "2"), mode="r+").create_array("links", shape=(1,), dtype="int8")
     assert has_error(validate_store(linked), "level 2: nodes of the wrong kind: the store has an array at 2/links "
                                              "where a group belongs")
+
+
+# -- values no check expected: reported, never raised ------------------------------------------------
+def test_counts_of_text_are_reported_not_raised(linked):
+    g = zarr.open_group(str(linked / "0" / "links" / "+1"), mode="r+")
+    g.attrs["num_links"] = "many"
+    rep = validate_store(linked)
+    assert not rep.ok and any("level 0 links +1: metadata the checks cannot read" in e for e in rep.errors), rep.errors
+
+
+def test_links_into_a_level_without_vertices_are_reported_not_raised(linked):
+    shutil.rmtree(linked / "1" / "vertices")
+    rep = validate_store(linked)
+    assert not rep.ok and any("level 1" in e for e in rep.errors), rep.errors

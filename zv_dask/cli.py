@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -134,7 +135,9 @@ def _add_output(p, json_output: bool = True) -> None:
     if json_output:
         g.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
-    g.add_argument("--debug", action="store_true", help="show a traceback when something fails")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   help="log what the job does on stderr: stages and their times, retries (the zv_dask logger)")
+    g.add_argument("--debug", action="store_true", help="show a traceback when something fails (and log all)")
 
 
 def _add_storage(p, writes: bool = True) -> None:
@@ -797,13 +800,19 @@ def cmd_demo(args, out) -> int:
 
 # -- entry point -------------------------------------------------------------------------------
 def _quiet_logs(args) -> None:
-    """Keep stderr for progress bars and errors: icechunk's and distributed's chatter off unless --debug."""
-    if getattr(args, "debug", False):
+    """Keep stderr for progress bars and errors: icechunk's and distributed's chatter off unless --debug;
+    zv-dask's own log on stderr with --verbose (INFO) or --debug (DEBUG)."""
+    debug, verbose = getattr(args, "debug", False), getattr(args, "verbose", False)
+    if debug or verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        zv_log = logging.getLogger("zv_dask")
+        zv_log.addHandler(handler)
+        zv_log.setLevel(logging.DEBUG if debug else logging.INFO)
+    if debug:
         return
     os.environ.setdefault("ICECHUNK_LOG", "error")
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
-    import logging
-
     for name in ("distributed", "tornado"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import warnings

@@ -44,6 +44,7 @@ import pandas as pd
 
 from zv_dask.errors import InputError, StoreError
 from zv_dask.format.las_layout import LasLayout, las_record, plan_las
+from zv_dask.progress import say
 from zv_dask.read import _schema, parse_box, read_points, require_finished
 from zv_dask.scheduling import resolve_client, run_tasks, task_slots
 from zv_dask.store.api import as_store, get_resolution_level
@@ -142,9 +143,9 @@ def _with_progress(frames, total: int, label: str, show: bool):
         return
     t = time.perf_counter()
     if not sys.stderr.isatty():  # a log: a line when it starts and one when it ends
-        print(f"{label}: {total} partitions", file=sys.stderr, flush=True)
+        say(f"{label}: {total} partitions")
         yield from frames
-        print(f"{label}: done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        say(f"{label}: done in {time.perf_counter() - t:.1f} s")
         return
     from tqdm import tqdm
 

@@ -1,13 +1,30 @@
-"""Progress display: Dask's own bar in notebooks, a terminal bar elsewhere."""
+"""Progress display: Dask's own bar in notebooks, a terminal bar elsewhere, lines in a log.
+
+In a log (stderr not a terminal) a stage says when it starts and when it is
+done: through the ``zv_dask`` logger when the application logs it at INFO
+(``logging.basicConfig(level="INFO")``, a cluster job's log), else on stderr.
+The jobs log their milestones to the same logger (:data:`log`).
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["task_bar", "compute_with_progress"]
+__all__ = ["task_bar", "compute_with_progress", "say", "log"]
+
+log = logging.getLogger("zv_dask")
+
+
+def say(text: str) -> None:
+    """A progress line for a log: to :data:`log` when it is shown at INFO, else on stderr."""
+    if log.isEnabledFor(logging.INFO) and log.hasHandlers():
+        log.info(text)
+    else:
+        print(text, file=sys.stderr, flush=True)
 
 
 def _in_notebook() -> bool:
@@ -47,9 +64,9 @@ def task_bar(futures, label: str) -> Iterator[Callable[[], None]]:
         return
     if not sys.stderr.isatty():
         t = time.perf_counter()
-        print(f"{label}: {len(futures)} tasks", file=sys.stderr, flush=True)
+        say(f"{label}: {len(futures)} tasks")
         yield lambda: None
-        print(f"{label}: done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        say(f"{label}: done in {time.perf_counter() - t:.1f} s")
         return
     from tqdm import tqdm
 
@@ -68,9 +85,9 @@ def compute_with_progress(objs, label: str) -> list:
 
     if not sys.stderr.isatty():
         t = time.perf_counter()
-        print(f"{label}: {len(objs)} tasks", file=sys.stderr, flush=True)
+        say(f"{label}: {len(objs)} tasks")
         out = list(dask.compute(*objs))
-        print(f"{label}: done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        say(f"{label}: done in {time.perf_counter() - t:.1f} s")
         return out
     from dask.diagnostics import ProgressBar
 

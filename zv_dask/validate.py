@@ -662,6 +662,10 @@ def _check_manifests(ids: np.ndarray, blobs: np.ndarray, ndim: int, chunks: _Chu
 
 
 # -- cross-level links -------------------------------------------------------------------
+# what a check raises on a value of the wrong type where the format wants a number, a dtype or a list
+_UNREADABLE = (TypeError, ValueError, KeyError, IndexError, OverflowError)
+
+
 def _check_links(zs: ZVStore, infos: dict[int, dict], found: _Found) -> None:
     """§9: every level's link families, and the families the root's ``cross_level_storage`` promises."""
     meta = zs.metadata
@@ -678,7 +682,10 @@ def _check_links(zs: ZVStore, infos: dict[int, dict], found: _Found) -> None:
             continue
         for name, fam in sorted(links.groups()):
             any_links = True
-            _check_link_family(zs, k, name, fam, infos, found)
+            try:
+                _check_link_family(zs, k, name, fam, infos, found)
+            except _UNREADABLE as e:
+                found.error(f"level {k} links {name}: metadata the checks cannot read", f"{type(e).__name__}: {e}")
     if any_links and meta.cross_level_storage == "none":
         found.warning("the root declares cross_level_storage 'none' but levels hold cross-level links")
 
@@ -737,6 +744,8 @@ def _check_link_records(rec: dict[str, np.ndarray], k: int, delta: int, infos: d
                         found: _Found) -> None:
     """§9: both ends of every record name a row of a listed chunk; a ``+1`` family gives each vertex one parent."""
     for side, level in (("src", k), ("dst", k + delta)):
+        if "_chunks" not in infos.get(level, {}):
+            continue  # a level without its vertex arrays (an error already): no rows to check against
         pos = locate_chunks(infos[level]["_chunks"], rec[f"{side}_chunk"])
         have = np.full(len(pos), -1, np.int64)  # rows of each record's chunk, -1: no such chunk
         have[pos >= 0] = infos[level]["_rows"][pos[pos >= 0]]
@@ -832,7 +841,11 @@ def validate_store(store, *, backend: str | None = None, storage_options: dict |
     try:
         prev = None
         for k in levels:
-            info = _check_level(zs, k, bins, found, bar)
+            try:
+                info = _check_level(zs, k, bins, found, bar)
+            except _UNREADABLE as e:  # a value no check expected (a dtype numpy cannot read, a count of text)
+                found.error(f"level {k}: metadata the checks cannot read", f"{type(e).__name__}: {e}")
+                continue
             if info is None:
                 continue
             infos[k] = info

@@ -12,6 +12,8 @@ and a job that finished nothing is undone.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,8 @@ from zv_dask.transaction import WriteJob
 __all__ = ["PreparedIngest", "prepare"]
 
 STAGES = ("write", "finalize", "pyramid", "commit")
+
+log = logging.getLogger(__name__)
 
 
 class PreparedIngest:
@@ -95,12 +99,17 @@ class PreparedIngest:
     def run(self) -> IngestReport:
         """Run the stages in order (:data:`STAGES`); a failure names its stage."""
         self._t_run = time.perf_counter()
+        where = self.report.store
         try:
             for stage in STAGES:
                 self.stage = stage
+                t = time.perf_counter()
                 getattr(self, f"_{stage}")()
+                log.info("ingest %s: %s done in %.2f s", where, stage, time.perf_counter() - t)
         except BaseException as e:
             named = self._failed(e)
+            log.info("ingest %s: failed in stage %s (%s); %s", where, self.stage, type(e).__name__,
+                     "its finished work is kept" if self.rec.progress() else "undone")
             if named is e:
                 raise
             raise named from e
@@ -260,6 +269,8 @@ def prepare(src, plan, opts: IngestOptions, pyramid_opts: PyramidOptions | None,
         dropped = int(state.doc["scan"]["dropped"])
     scanned = scan_fingerprint(stats, final_bounds, dropped)
     seconds["scan"] = time.perf_counter() - t0
+    log.info("ingest %s: scanned %d points in %d partitions in %.2f s%s", _where(plan),
+             int(stats.count), len(src.partitions), seconds["scan"], " (resumed)" if state is not None else "")
     kill_point("scan")
 
     # the shuffle's plan, and its scratch space, before anything is written ------------------
@@ -378,6 +389,12 @@ def _build_graph(p: PreparedIngest, src, plan, opts: IngestOptions, pyramid_opts
         p.writes = None  # made from where the pieces landed, once they are staged
     else:
         p.writes = []
+
+
+def _where(plan) -> str:
+    """The target of a plan, for a log line (a path or URL, or the kind of store object)."""
+    target = plan.replaces or plan.target
+    return os.fspath(target) if isinstance(target, (str, os.PathLike)) else type(target).__name__
 
 
 def _root_extra(src) -> dict | None:

@@ -12,6 +12,7 @@ level-0 write tasks build the first batch.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -73,6 +74,8 @@ from zv_dask.transaction import WriteJob
 __all__ = ["PyramidBuilder", "PyramidReport", "LevelSource", "Round", "source_from_store",
            "drop_coarse_levels", "drop_up_links", "specs_of", "small_enough", "mark_links_present",
            "DEFAULT_POINTS_PER_TASK"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_POINTS_PER_TASK = 2_000_000
 MAX_BATCH_LEVELS = 8
@@ -427,6 +430,8 @@ class PyramidBuilder:
             src = self._finish_level(lv, summary, summaries, src)
             self.report.tasks[k] = n_tasks
             self.report.level_seconds[k] = time.perf_counter() - t0
+            log.info("pyramid level %d: %d vertices in %d chunks (%d tasks, %.2f s)", k, src.vertex_count,
+                     len(src.chunks), n_tasks, self.report.level_seconds[k])
             if self.levels is None:
                 prev = self.report.vertex_counts.get(k - 1, None)
                 reason = small_enough(src.vertex_count, len(src.chunks), self.min_points)

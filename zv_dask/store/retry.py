@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 from zarr.storage import ObjectStore
 
 __all__ = ["is_dropped", "retry_dropped", "retry_dropped_async", "delete_prefix", "RetryingObjectStore",
            "DROPPED_ATTEMPTS"]
+
+log = logging.getLogger(__name__)
 
 DROPPED_ATTEMPTS = 6  # tries of a request whose connection dropped (backoff 0.05 s, doubling)
 _WORDS = ("error sending request", "connection reset", "connection closed", "broken pipe", "incomplete message",
@@ -47,6 +50,8 @@ def retry_dropped(call, attempts: int = DROPPED_ATTEMPTS):
         except Exception as e:
             if i == attempts - 1 or not is_dropped(e):
                 raise
+            log.info("a request's connection dropped (%s); trying again (%d of %d)", type(e).__name__, i + 2,
+                     attempts)
             time.sleep(0.05 * 2 ** i)
 
 
@@ -58,6 +63,8 @@ async def retry_dropped_async(call, attempts: int = DROPPED_ATTEMPTS):
         except Exception as e:
             if i == attempts - 1 or not is_dropped(e):
                 raise
+            log.info("a request's connection dropped (%s); trying again (%d of %d)", type(e).__name__, i + 2,
+                     attempts)
             await asyncio.sleep(0.05 * 2 ** i)
 
 
