@@ -40,7 +40,6 @@ from collections import deque
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from zv_dask.errors import InputError, StoreError
 from zv_dask.format.las_layout import LasLayout, las_record, plan_las
@@ -280,6 +279,8 @@ def export(store, out, *, level: int = 0, bbox=None, attributes=None, format: st
                     summary["notes"].append(f"{moved:,} positions were not on the LAS integer grid (scales "
                                             f"{layout.scales}) and were rounded to it")
             else:
+                import pandas as pd  # (not at import: see zv_dask.read)
+
                 empty = pd.DataFrame({c: np.zeros(0, dt) for c, dt in ddf.dtypes.items()})
                 summary["points"] = _write_parquet_file(frames, tmp, empty, kv)
         _replace(tmp, path, overwrite)

@@ -26,9 +26,9 @@ are read: :func:`read_plan` returns them, one group of chunks per partition.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import zarr
 
 from zv_dask.errors import FormatError, InputError, MetadataError, UnfinishedJobError
@@ -38,6 +38,9 @@ from zv_dask.store.api import as_store, get_resolution_level
 from zv_dask.store.levels import LevelCells, level_cells, level_chunk_keys, level_grid, read_chunks
 from zv_dask.store.nodes import array_at, attrs_of, group_at
 from zv_dask.store.objects import chunks_in, object_entries, row_object_ids
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["read_points", "open_level", "read_plan", "parse_box", "require_finished"]
 
@@ -207,6 +210,8 @@ def _meta(axes, attrs, has_obj, vdtype) -> pd.DataFrame:
             cols[c] = np.zeros(0, dt)
     if has_obj:
         cols["object_id"] = np.zeros(0, np.int64)
+    import pandas as pd  # here, not at import: pandas is half of the CLI's start-up, and most jobs never need it
+
     return pd.DataFrame(cols, index=pd.Index(np.zeros(0, np.int64), name="point"))
 
 
@@ -214,6 +219,8 @@ def _meta(axes, attrs, has_obj, vdtype) -> pd.DataFrame:
 def _read_partition(chunks, zstore, level, ndim, axes, attrs, obj, box, vdtype, numbers=None,
                     cells: LevelCells | None = None) -> pd.DataFrame:
     """The rows of ``chunks``; indexed by point id given the chunks' ``numbers``, else by a fresh RangeIndex."""
+    import pandas as pd
+
     data = read_chunks(zstore, level, chunks, list(attrs), ndim=ndim, cells=cells)
     pos = np.concatenate([d.positions for d in data]) if data else np.zeros((0, ndim), vdtype)
     cols = {a: pos[:, i] for i, a in enumerate(axes)}

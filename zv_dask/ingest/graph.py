@@ -35,13 +35,13 @@ from zv_dask.ingest.job import PreparedIngest, prepare
 from zv_dask.ingest.options import MODES, IngestOptions
 from zv_dask.ingest.plan import preflight
 from zv_dask.ingest.report import IngestReport
-from zv_dask.ingest.resume import JobRecorder, input_fingerprint, job_options
+from zv_dask.ingest.resume import JobRecorder, check_resume, input_fingerprint, job_options
 from zv_dask.lazy import PendingIngest, absolute, make_job
 from zv_dask.options import takes_options
 from zv_dask.pyramid.options import PyramidOptions
 from zv_dask.scheduling import resolve_client, task_slots
 
-__all__ = ["ingest", "prepare_ingest", "PreparedIngest", "IngestOptions", "MODES"]
+__all__ = ["ingest", "prepare_ingest", "check_resumable", "PreparedIngest", "IngestOptions", "MODES"]
 
 _PREPARE = object()  # ingest(compute=_PREPARE): what prepare_ingest asks for
 
@@ -181,6 +181,14 @@ def prepare_ingest(points, store, *, client=None, **options) -> PreparedIngest:
     return ingest(points, store, client=client, compute=_PREPARE, **options)
 
 
+def check_resumable(points, src, plan, opts: IngestOptions) -> None:
+    """Refuse now a resume whose options or input differ from the unfinished job's (as :func:`ingest` would,
+    but before a cluster is started for it)."""
+    if plan.resume_state is not None and not opts.appends:
+        check_resume(plan.resume_state, _journal_options(opts, src, pyramid_options(opts.pyramid, src.ndim)),
+                     input_fingerprint(points, src))
+
+
 def _journal_options(opts: IngestOptions, src, pyramid_opts: PyramidOptions | None) -> dict:
     """What the job's journal records of its options: a resumed job must give the same."""
     written = opts.written()
@@ -197,9 +205,11 @@ def _pending(points, store, opts: IngestOptions, client) -> PendingIngest:
         isinstance(p, (str, os.PathLike)) for p in points) else absolute(points)
     store = absolute(store)
     cl = resolve_client(client)
-    src, _, _, _ = preflight(points, store, opts, budget=resolve_budget(opts.memory_budget, cl), slots=task_slots(cl))
+    src, plan, _, _ = preflight(points, store, opts, budget=resolve_budget(opts.memory_budget, cl),
+                                slots=task_slots(cl))
     if not opts.appends:
         pyramid_options(opts.pyramid, src.ndim)
+        check_resumable(points, src, plan, opts)
     if opts.scratch is not None:
         opts = opts.replace(scratch=absolute(opts.scratch))
     return make_job(PendingIngest, ingest, (points, store), opts.to_dict(), store)
