@@ -49,7 +49,7 @@ from zv_dask.format.links import parse_offset_segment
 from zv_dask.format.metadata import ZV_VERSION, LevelMetadata, RootMetadata, level_bins_from_multiscales
 from zv_dask.read_links import locate_chunks, read_links
 from zv_dask.store.api import ZVStore, as_store, list_resolution_levels
-from zv_dask.store.nodes import array_at, attrs_of, group_at
+from zv_dask.store.nodes import attrs_of, node_at
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -230,22 +230,23 @@ def _check_attribute_specs(specs: dict, level0: zarr.Group, found: _Found) -> No
 
 
 # -- nodes ---------------------------------------------------------------------------------
-def _array_at(group: zarr.Group, path: str, where: str, found: _Found) -> zarr.Array | None:
-    """:func:`array_at`, with a group at ``path`` an error of ``where`` (and ``None``) instead of an exception."""
+def _node_at[N: (zarr.Array, zarr.Group)](group: zarr.Group, path: str, kind: type[N], where: str,
+                                          found: _Found) -> N | None:
+    """:func:`node_at`, with the other kind at ``path`` an error of ``where`` (and ``None``) instead of an
+    exception."""
     try:
-        return array_at(group, path)
+        return node_at(group, path, kind)
     except StoreError as e:
         found.error(f"{where}: nodes of the wrong kind", str(e))
         return None
+
+
+def _array_at(group: zarr.Group, path: str, where: str, found: _Found) -> zarr.Array | None:
+    return _node_at(group, path, zarr.Array, where, found)
 
 
 def _group_at(group: zarr.Group, path: str, where: str, found: _Found) -> zarr.Group | None:
-    """:func:`group_at`, with an array at ``path`` an error of ``where`` (and ``None``) instead of an exception."""
-    try:
-        return group_at(group, path)
-    except StoreError as e:
-        found.error(f"{where}: nodes of the wrong kind", str(e))
-        return None
+    return _node_at(group, path, zarr.Group, where, found)
 
 
 def _attribute_arrays(level: zarr.Group) -> dict[str, zarr.Array]:

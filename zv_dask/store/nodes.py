@@ -18,6 +18,7 @@ from zv_dask.format.grid import Grid
 from zv_dask.store.cellio import get_cells, put_cells
 
 __all__ = [
+    "node_at",
     "array_at",
     "group_at",
     "v3_metadata",
@@ -36,22 +37,24 @@ def _node_path(group: zarr.Group, path: str) -> str:
     return "/".join(p for p in (group.path.strip("/"), path.strip("/")) if p) or "/"
 
 
-def array_at(group: zarr.Group, path: str) -> zarr.Array:
-    """The array at ``path`` under ``group`` (a ``KeyError`` when there is nothing); a :class:`StoreError`
-    naming the path when a group is there instead."""
+def node_at[N: (zarr.Array, zarr.Group)](group: zarr.Group, path: str, kind: type[N]) -> N:
+    """The ``kind`` node at ``path`` under ``group`` (a ``KeyError`` when there is nothing); a
+    :class:`StoreError` naming the path when the other kind is there instead."""
     node = group[path]
-    if not isinstance(node, zarr.Array):
-        raise StoreError(f"the store has a group at {_node_path(group, path)} where an array belongs")
+    if not isinstance(node, kind):
+        found, wanted = ("a group", "an array") if kind is zarr.Array else ("an array", "a group")
+        raise StoreError(f"the store has {found} at {_node_path(group, path)} where {wanted} belongs")
     return node
+
+
+def array_at(group: zarr.Group, path: str) -> zarr.Array:
+    """The array at ``path`` under ``group`` (see :func:`node_at`)."""
+    return node_at(group, path, zarr.Array)
 
 
 def group_at(group: zarr.Group, path: str) -> zarr.Group:
-    """The group at ``path`` under ``group`` (a ``KeyError`` when there is nothing); a :class:`StoreError`
-    naming the path when an array is there instead."""
-    node = group[path]
-    if not isinstance(node, zarr.Group):
-        raise StoreError(f"the store has an array at {_node_path(group, path)} where a group belongs")
-    return node
+    """The group at ``path`` under ``group`` (see :func:`node_at`)."""
+    return node_at(group, path, zarr.Group)
 
 
 def v3_metadata(arr: zarr.Array) -> ArrayV3Metadata:
