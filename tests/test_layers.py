@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "zv_dask"
 
 # module (or package) -> layer; a module not named here takes its package's layer
 LAYERS = {
-    "errors": 0, "faults": 0, "format": 0, "options": 0,
+    "errors": 0, "faults": 0, "format": 0, "options": 0, "types": 0,
     "store": 1,
     "transaction": 2, "budget": 2, "progress": 2, "scheduling": 2,   # job machinery
     "lazy": 3, "read": 3,

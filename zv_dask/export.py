@@ -37,6 +37,7 @@ import sys
 import time
 import uuid
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ from zv_dask.progress import say
 from zv_dask.read import _schema, parse_box, read_points, require_finished
 from zv_dask.scheduling import resolve_client, run_tasks, task_slots
 from zv_dask.store.api import as_store, get_resolution_level
+from zv_dask.types import BoxLike, ClientLike, PathLike, StoreLike
 
 __all__ = ["export", "output_format"]
 
@@ -217,9 +219,10 @@ def _bbox_list(bbox, ndim: int):
     return None if box is None else [box[0].tolist(), box[1].tolist()]
 
 
-def export(store, out, *, level: int = 0, bbox=None, attributes=None, format: str | None = None,
-           storage_options: dict | None = None, backend: str | None = None, branch: str = "main", client=None,
-           overwrite: bool = False, progress: bool = False) -> dict:
+def export(store: StoreLike, out: PathLike, *, level: int = 0, bbox: BoxLike | None = None,
+           attributes: Sequence[str] | None = None, format: str | None = None, storage_options: dict | None = None,
+           backend: str | None = None, branch: str = "main", client: ClientLike = None, overwrite: bool = False,
+           progress: bool = False) -> dict:
     """Write a level of a store (or the points of a closed box of it) to a LAS/LAZ or Parquet file.
 
     ``out``'s suffix picks the format (``.las``, ``.laz``, ``.parquet``/``.pq``;

@@ -38,9 +38,14 @@ from zv_dask.store.api import as_store, get_resolution_level
 from zv_dask.store.levels import LevelCells, level_cells, level_chunk_keys, level_grid, read_chunks
 from zv_dask.store.nodes import array_at, attrs_of, group_at
 from zv_dask.store.objects import chunks_in, object_entries, row_object_ids
+from zv_dask.types import BoxLike, StoreLike
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import dask.dataframe as dd
     import pandas as pd
+    import xarray as xr
 
 __all__ = ["read_points", "open_level", "read_plan", "parse_box", "require_finished"]
 
@@ -255,8 +260,10 @@ def _obj_subset(entries, chunks):
     return oid[m], och[m], ofr[m]
 
 
-def read_points(store, *, level: int = 0, bbox=None, attributes=None, chunks_per_partition: int | None = None,
-                storage_options: dict | None = None, backend: str | None = None, branch: str = "main"):
+def read_points(store: StoreLike, *, level: int = 0, bbox: BoxLike | None = None,
+                attributes: Sequence[str] | None = None, chunks_per_partition: int | None = None,
+                storage_options: dict | None = None, backend: str | None = None,
+                branch: str = "main") -> dd.DataFrame:
     """A level as a lazy dask DataFrame: one partition per chunk (or small group of chunks) read.
 
     The index ``point`` (int64) is a unique id per point, ``chunk_number *
@@ -355,8 +362,10 @@ def _column(df: pd.DataFrame, name: str) -> np.ndarray:
     return df[name].to_numpy()
 
 
-def open_level(store, level: int = 0, *, bbox=None, attributes=None, chunks_per_partition: int | None = None,
-               storage_options: dict | None = None, backend: str | None = None, branch: str = "main"):
+def open_level(store: StoreLike, level: int = 0, *, bbox: BoxLike | None = None,
+               attributes: Sequence[str] | None = None, chunks_per_partition: int | None = None,
+               storage_options: dict | None = None, backend: str | None = None,
+               branch: str = "main") -> xr.Dataset:
     """A level as a lazy xarray Dataset along dimension ``points``, variables named as in :func:`read_points`.
 
     xarray needs the length of ``points``, so building the Dataset reads the

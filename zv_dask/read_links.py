@@ -21,6 +21,7 @@ from zv_dask.pyramid.coarsen import bin_keys
 from zv_dask.store.api import as_store, get_resolution_level
 from zv_dask.store.levels import _read_cells, level_chunk_keys, level_grid
 from zv_dask.store.nodes import array_at, attrs_of, group_at
+from zv_dask.types import StoreLike
 
 __all__ = ["read_links", "parent_rows", "locate_chunks"]
 
@@ -30,7 +31,7 @@ def _scale(zs, level: int) -> np.ndarray:
     return np.rint(cs / np.asarray(zs.metadata.chunk_shape, np.float64)).astype(np.int64)
 
 
-def read_links(store, level: int, delta: int = 1, *, storage_options: dict | None = None,
+def read_links(store: StoreLike, level: int, delta: int = 1, *, storage_options: dict | None = None,
                backend: str | None = None, branch: str = "main") -> dict[str, np.ndarray]:
     """The records of ``<level>/links/<delta>``: ``src_chunk (M, D)``, ``src_vi (M,)``, ``dst_chunk``, ``dst_vi``.
 
@@ -108,7 +109,7 @@ def _rows(chunks: np.ndarray, first: np.ndarray, which: np.ndarray, vi: np.ndarr
     return first[pos] + vi
 
 
-def parent_rows(store, level: int, *, storage_options: dict | None = None, backend: str | None = None,
+def parent_rows(store: StoreLike, level: int, *, storage_options: dict | None = None, backend: str | None = None,
                 branch: str = "main") -> np.ndarray:
     """For every row of ``level`` (in :func:`~zv_dask.read_points` order), the row of its parent in level ``level + 1``.
 

@@ -17,6 +17,7 @@ records), not from the data.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from zv_dask.read import read_points
 from zv_dask.scheduling import resolve_client, run_tasks
 from zv_dask.store.api import as_store, list_resolution_levels
 from zv_dask.store.backends import local_path
+from zv_dask.types import ClientLike, StoreLike
 
 __all__ = ["store_stats", "format_stats", "level_bytes", "MAX_VALUES", "COUNTED"]
 
@@ -232,8 +234,9 @@ def _levels(zs, levels) -> list[int]:
     return sorted(set(int(k) for k in wanted))
 
 
-def store_stats(store, *, levels=None, storage_options: dict | None = None, backend: str | None = None,
-                branch: str = "main", client=None, progress: bool = False) -> dict[str, Any]:
+def store_stats(store: StoreLike, *, levels: Sequence[int] | None = None, storage_options: dict | None = None,
+                backend: str | None = None, branch: str = "main", client: ClientLike = None,
+                progress: bool = False) -> dict[str, Any]:
     """Per-level statistics of a store's points, JSON-ready, in one pass over the data.
 
     ``levels`` (an int or a list; default all) picks levels. Each level entry

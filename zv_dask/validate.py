@@ -50,6 +50,7 @@ from zv_dask.format.metadata import ZV_VERSION, LevelMetadata, RootMetadata, lev
 from zv_dask.read_links import locate_chunks, read_links
 from zv_dask.store.api import ZVStore, as_store, list_resolution_levels
 from zv_dask.store.nodes import attrs_of, node_at
+from zv_dask.types import StoreLike
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -792,7 +793,7 @@ def _label(store, zs: ZVStore | None) -> str:
     return type(store).__name__
 
 
-def validate_store(store, *, backend: str | None = None, storage_options: dict | None = None,
+def validate_store(store: StoreLike, *, backend: str | None = None, storage_options: dict | None = None,
                    branch: str = "main", progress: bool = False) -> ValidationReport:
     """Check a ZV store's structure and consistency; never raises on what it finds.
 

@@ -120,8 +120,8 @@ class ZVBackendEntrypoint(BackendEntrypoint):
         wanted = [a for a in (available if attributes is None else _names(attributes)) if a not in drop]
         ds = open_level(zs, level, bbox=bbox, attributes=wanted, chunks_per_partition=chunks_per_partition)
         ds = ds.drop_vars(sorted(drop & set(ds.variables)))
-        units = _units(zs, level, wanted, list(ds.variables))
-        variables = {name: _lazy(var, units.get(name)) for name, var in ds.variables.items()}
+        units = _units(zs, level, wanted, [str(v) for v in ds.variables])
+        variables = {name: _lazy(var, units.get(str(name))) for name, var in ds.variables.items()}
         out = xr.Dataset(variables, attrs=_dataset_attrs(zs, level, ds.attrs))
         return out.set_coords([a for a in zs.metadata.axis_names if a in out.variables])
 

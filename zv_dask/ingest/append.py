@@ -47,6 +47,7 @@ from zv_dask.store.nodes import attr_dict, group_at
 from zv_dask.store.objects import chunks_in, object_entries
 from zv_dask.store.preimage import metadata_docs, roll_back, snapshot_metadata
 from zv_dask.transaction import WriteJob
+from zv_dask.types import StoreLike
 
 __all__ = ["append_points", "check_compatible", "recorded_pyramid", "roll_back_append"]
 
@@ -185,7 +186,7 @@ def _by_group(chunks: np.ndarray, grid: Grid, starts: np.ndarray, units) -> list
     return [order[bounds[i]:bounds[i + 1]] for i in range(len(starts))]
 
 
-def roll_back_append(store, *, storage_options=None) -> bool:
+def roll_back_append(store: StoreLike, *, storage_options: dict | None = None) -> bool:
     """Undo the unfinished (killed) append of a plain store: it is then byte for byte what it was before.
 
     ``store`` is a path, URL or :class:`~zv_dask.ZVStore`. Returns ``False`` if

@@ -40,6 +40,7 @@ from zv_dask.lazy import PendingIngest, absolute, make_job
 from zv_dask.options import takes_options
 from zv_dask.pyramid.options import PyramidOptions
 from zv_dask.scheduling import resolve_client, task_slots
+from zv_dask.types import ClientLike, PointsLike, StoreLike
 
 __all__ = ["ingest", "prepare_ingest", "check_resumable", "PreparedIngest", "IngestOptions", "MODES"]
 
@@ -47,7 +48,7 @@ _PREPARE = object()  # ingest(compute=_PREPARE): what prepare_ingest asks for
 
 
 @takes_options(IngestOptions)
-def ingest(points, store, *, client=None, compute: bool = True,
+def ingest(points: PointsLike, store: StoreLike, *, client: ClientLike = None, compute: bool = True,
            **options) -> IngestReport | PendingIngest | PreparedIngest:
     """Ingest a point cloud into level 0 of a ZV store, in parallel, and optionally build its pyramid.
 
@@ -168,7 +169,7 @@ def ingest(points, store, *, client=None, compute: bool = True,
 
 
 @takes_options(IngestOptions)
-def prepare_ingest(points, store, *, client=None, **options) -> PreparedIngest:
+def prepare_ingest(points: PointsLike, store: StoreLike, *, client: ClientLike = None, **options) -> PreparedIngest:
     """:func:`ingest` up to its first task: the input scanned, the bounds settled, the store made
     and the write graph built; :meth:`PreparedIngest.run` runs the rest.
 

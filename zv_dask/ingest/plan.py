@@ -48,6 +48,7 @@ from zv_dask.pyramid.update import predict_rewrites
 from zv_dask.scheduling import resolve_client, task_slots
 from zv_dask.store.levels import level_chunk_keys
 from zv_dask.store.objects import chunks_in
+from zv_dask.types import ClientLike, PointsLike, StoreLike
 
 __all__ = ["IngestPlan", "plan_ingest", "preflight", "grid_warnings"]
 _FRAGMENT_HEADER = 16 + 4  # fragment index v1 header and the empty CSR offsets
@@ -231,7 +232,7 @@ def preflight(points, store, opts: IngestOptions, *, budget: MemoryBudget | None
 
 
 @takes_options(IngestOptions)
-def plan_ingest(points, store, *, client=None, **options) -> IngestPlan:
+def plan_ingest(points: PointsLike, store: StoreLike, *, client: ClientLike = None, **options) -> IngestPlan:
     """Plan an ingest job without writing: the scan pass runs, the store is only inspected.
 
     Takes the arguments of :func:`zv_dask.ingest` and raises the same errors it would raise before writing: bad

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ __all__ = ["TargetPlan", "plan_target", "materialize_target"]
 
 @dataclass
 class TargetPlan:
-    target: object
+    target: Any  # what the user gave: a path, URL or store object
     existing: ZVStore | None
     ndim: int
     chunk_shape: tuple
@@ -329,6 +330,7 @@ def materialize_target(plan: TargetPlan, final_bounds, attribute_specs: dict | N
 
         be = target.backend
         src = be.session if be.session is not None else (be.url if be.kind == "local" else be.store)
+        assert src is not None, "a local backend has a URL"
         zs = create_store(src, bounds=final_bounds, chunk_shape=plan.chunk_shape,
                           base_bin_shape=plan.base_bin_shape, vertex_dtype=plan.dtype, axes=plan.axes,
                           attribute_specs=attribute_specs, crs=crs, overwrite=True)

@@ -60,6 +60,7 @@ from zv_dask.store.journal import (
     with_resume_hint,
 )
 from zv_dask.transaction import WriteJob
+from zv_dask.types import ClientLike, StoreLike
 
 __all__ = ["build_pyramid", "PyramidReport", "PyramidBuilder", "LINK_STORAGE"]
 
@@ -203,9 +204,10 @@ def check_pyramid_resume(doc: dict, options: dict, src, journal) -> None:
 
 
 @takes_options(PyramidOptions)
-def build_pyramid(store, *, client=None, compute: bool = True, job: WriteJob | None = None, progress: bool = False,
-                  resume: bool = False, message: str | None = None, compression: str | None = None,
-                  compression_level: int | None = None, **options) -> PyramidReport | PendingPyramid:
+def build_pyramid(store: StoreLike, *, client: ClientLike = None, compute: bool = True, job: WriteJob | None = None,
+                  progress: bool = False, resume: bool = False, message: str | None = None,
+                  compression: str | None = None, compression_level: int | None = None,
+                  **options) -> PyramidReport | PendingPyramid:
     """Build coarse levels 1..L of a store from its level 0.
 
     Parameters

@@ -9,7 +9,8 @@ function of the seed API takes a ``ZVStore``.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -39,6 +40,10 @@ from zv_dask.store.nodes import (  # noqa: F401 - create_vlen_arrays, update_nod
     group_at,
     update_node_attrs,
 )
+from zv_dask.types import BoxLike, StoreLike
+
+if TYPE_CHECKING:
+    import icechunk
 
 __all__ = [
     "ZVStore",
@@ -272,15 +277,15 @@ def _claim(backend: Backend, exists_message: str) -> None:
 
 
 def create_store(
-    path,
+    path: StoreLike,
     *,
-    bounds=None,
-    chunk_shape=None,
-    axes=None,
+    bounds: BoxLike | None = None,
+    chunk_shape: float | Sequence[float] | None = None,
+    axes: Sequence[str] | None = None,
     ndim: int | None = None,
-    base_bin_shape=None,
+    base_bin_shape: float | Sequence[float] | None = None,
     vertex_dtype: str = "float32",
-    geometry_types=None,
+    geometry_types: Sequence[str] | None = None,
     crs: dict | None = None,
     attribute_specs: dict | None = None,
     cross_level_depth: int = 0,
@@ -306,9 +311,9 @@ def create_store(
     d = _resolve_ndim(ndim, axes, None if "chunk_shape" in scalars else chunk_shape, bounds,
                       None if "base_bin_shape" in scalars else base_bin_shape)
     if "chunk_shape" in scalars:  # one edge length for every axis
-        chunk_shape = (float(chunk_shape),) * d
+        chunk_shape = (float(np.asarray(scalars["chunk_shape"])),) * d
     if "base_bin_shape" in scalars:
-        base_bin_shape = (float(base_bin_shape),) * d
+        base_bin_shape = (float(np.asarray(scalars["base_bin_shape"])),) * d
     if bounds is None:
         bounds = ([0.0] * d, [DEFAULT_BOUNDS_SIDE] * d)
     lo = tuple(float(v) for v in bounds[0])
@@ -324,10 +329,11 @@ def create_store(
         raise MetadataError(f"cross_level_depth={cross_level_depth} contradicts cross_level_storage="
                             f"{cross_level_storage!r}: use depth 0 with 'none', depth 1 otherwise")
     meta = RootMetadata(
-        chunk_shape=tuple(float(c) for c in chunk_shape),
+        chunk_shape=tuple(float(c) for c in np.asarray(chunk_shape, float).reshape(-1)),
         bounds=(lo, hi),
         axes=_normalise_axes(axes, d),
-        base_bin_shape=tuple(float(b) for b in base_bin_shape) if base_bin_shape is not None else None,
+        base_bin_shape=(tuple(float(b) for b in np.asarray(base_bin_shape, float).reshape(-1))
+                        if base_bin_shape is not None else None),
         geometry_types=list(geometry_types) if geometry_types is not None else ["point_cloud"],
         crs=crs,
         attribute_specs=attribute_specs,
@@ -422,7 +428,7 @@ def _create_arguments(chunk_shape, base_bin_shape, bounds, ndim, axes, vertex_dt
     return chunk_shape, base_bin_shape, bounds, ndim, axes, vdt
 
 
-def open_store(path, mode: str = "r", *, backend: str | None = None, storage_options: dict | None = None,
+def open_store(path: StoreLike, mode: str = "r", *, backend: str | None = None, storage_options: dict | None = None,
                branch: str = "main") -> ZVStore:
     """Open an existing ZV store; ``mode`` is ``"r"`` or ``"r+"``."""
     if mode not in ("r", "r+"):
@@ -574,8 +580,9 @@ def create_resolution_level(store: ZVStore, level: int, level_metadata: LevelMet
     return g
 
 
-def add_resolution_level(store: ZVStore, level_index: int, bin_ratio, *, object_sparsity: float = 1.0,
-                         coarsening_method: str = "manual", parent_level: int | None = None) -> zarr.Group:
+def add_resolution_level(store: ZVStore, level_index: int, bin_ratio: int | Sequence[int], *,
+                         object_sparsity: float = 1.0, coarsening_method: str = "manual",
+                         parent_level: int | None = None) -> zarr.Group:
     """Add an empty level whose bins are ``bin_ratio`` times the base bin."""
     store._require_writable()
     if str(level_index) in store.root:
@@ -632,7 +639,7 @@ def read_parametric_types(store: ZVStore) -> list[dict]:
     return list(attrs_of(group_at(store.root, PARAMETRIC)).get("parametric_types", []))
 
 
-def store_info(store, *, storage_options: dict | None = None, backend: str | None = None,
+def store_info(store: StoreLike, *, storage_options: dict | None = None, backend: str | None = None,
                branch: str = "main") -> dict[str, Any]:
     """A JSON-ready summary: format, geometry, and per level counts, bins, chunks, attributes and compression
     (the codec after ``vlen-bytes`` of the level's ``vertices`` array: ``{"name", "level"}``)."""
@@ -699,7 +706,7 @@ def _las_summary(block) -> dict | None:
 
 
 # -- transactions ---------------------------------------------------------------------
-def session_for(store: ZVStore):
+def session_for(store: ZVStore) -> icechunk.Session | None:
     """The writable icechunk session behind the store, or ``None``."""
     return as_store(store).session
 

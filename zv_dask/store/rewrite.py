@@ -12,11 +12,12 @@ import numpy as np
 from zv_dask.errors import MetadataError
 from zv_dask.store.api import ZVStore, list_resolution_levels, read_level_metadata, write_root_metadata
 from zv_dask.store.levels import read_level, write_level_points
+from zv_dask.types import BoxLike
 
 __all__ = ["set_bounds", "regrid_store"]
 
 
-def set_bounds(store: ZVStore, bounds, *, force: bool = False) -> ZVStore:
+def set_bounds(store: ZVStore, bounds: BoxLike, *, force: bool = False) -> ZVStore:
     """Change the store bounds.
 
     Growing is always allowed; cells are moved when the grid origin moves.
