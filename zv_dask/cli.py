@@ -39,7 +39,6 @@ from zv_dask.export import export
 from zv_dask.format.crs import crs_label
 from zv_dask.format.metadata import ZV_VERSION
 from zv_dask.ingest.fused import pyramid_options
-from zv_dask.ingest.graph import check_resumable
 from zv_dask.ingest.options import IngestOptions
 from zv_dask.ingest.plan import plan_ingest, preflight
 from zv_dask.ingest.report import _fmt_bytes as fmt
@@ -500,9 +499,8 @@ def cmd_ingest(args, out) -> int:
                                    backend=_backend(args), storage_options=_options(args), branch=args.branch,
                                    progress=not args.quiet)
     # Check the input, the store and the parameters before starting a cluster: bad input fails fast.
-    src, plan, _, _ = preflight(_sources(args), args.store, opts)
+    src, _, _, _ = preflight(_sources(args), args.store, opts)  # (a resume with other options is refused here)
     pyramid_options(pyramid, src.ndim)
-    check_resumable(_sources(args), src, plan, opts)  # a resume with other options: refused before a cluster starts
     in_process = _in_process_reason(args, _estimated_points(src, _sources(args)))
     with _cluster(args, in_process) as client:
         if args.dry_run:

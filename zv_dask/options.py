@@ -185,7 +185,6 @@ def bounded(minimum: int, none_ok: bool = False) -> Callable[[Any], str | None]:
     return check
 
 
-
 # -- text parsers (the CLI's argument types) ------------------------------------------------
 def numbers(text: str, cast: type = float, what: str = "numbers") -> list:
     """``"1,2,3"``, ``"1 2 3"`` or a JSON list (nested lists flattened in order) -> a list of finite numbers."""

@@ -28,21 +28,19 @@ import time
 
 from zv_dask.budget import resolve_budget
 from zv_dask.errors import InputError
-from zv_dask.format.codecs import check_compression
 from zv_dask.ingest.append import append_points
 from zv_dask.ingest.fused import pyramid_options
 from zv_dask.ingest.job import PreparedIngest, prepare
 from zv_dask.ingest.options import MODES, IngestOptions
 from zv_dask.ingest.plan import preflight
 from zv_dask.ingest.report import IngestReport
-from zv_dask.ingest.resume import JobRecorder, check_resume, input_fingerprint, job_options
+from zv_dask.ingest.resume import JobRecorder, input_fingerprint, job_options
 from zv_dask.lazy import PendingIngest, absolute, make_job
 from zv_dask.options import takes_options
-from zv_dask.pyramid.options import PyramidOptions
 from zv_dask.scheduling import resolve_client, task_slots
 from zv_dask.types import ClientLike, PointsLike, StoreLike
 
-__all__ = ["ingest", "prepare_ingest", "check_resumable", "PreparedIngest", "IngestOptions", "MODES"]
+__all__ = ["ingest", "prepare_ingest", "PreparedIngest", "IngestOptions", "MODES"]
 
 _PREPARE = object()  # ingest(compute=_PREPARE): what prepare_ingest asks for
 
@@ -158,8 +156,7 @@ def ingest(points: PointsLike, store: StoreLike, *, client: ClientLike = None, c
                                                  **({"reproject": opts.reproject} if opts.reproject is not None
                                                     else {})))
     pyramid_opts = pyramid_options(opts.pyramid, src.ndim, budget)  # checked before anything is read or written
-    rec = JobRecorder(plan.resume_state, _journal_options(opts, src, pyramid_opts), input_fingerprint(points, src),
-                      enabled=opts.durable)
+    rec = JobRecorder(plan.resume_state, opts.record(src), input_fingerprint(points, src), enabled=opts.durable)
     try:
         prepared = prepare(src, plan, opts, pyramid_opts, rec, cl, slots, budget, t0, plan.dtype, dt_reason)
         return prepared if compute is _PREPARE else prepared.run()
@@ -182,35 +179,15 @@ def prepare_ingest(points: PointsLike, store: StoreLike, *, client: ClientLike =
     return ingest(points, store, client=client, compute=_PREPARE, **options)
 
 
-def check_resumable(points, src, plan, opts: IngestOptions) -> None:
-    """Refuse now a resume whose options or input differ from the unfinished job's (as :func:`ingest` would,
-    but before a cluster is started for it)."""
-    if plan.resume_state is not None and not opts.appends:
-        check_resume(plan.resume_state, _journal_options(opts, src, pyramid_options(opts.pyramid, src.ndim)),
-                     input_fingerprint(points, src))
-
-
-def _journal_options(opts: IngestOptions, src, pyramid_opts: PyramidOptions | None) -> dict:
-    """What the job's journal records of its options: a resumed job must give the same."""
-    written = opts.written()
-    written.update(attributes=sorted(src.attributes), object_ids=src.has_object_ids,
-                   pyramid=pyramid_opts.written() if pyramid_opts is not None else None,
-                   compression=list(check_compression(opts.compression, opts.compression_level)))
-    del written["compression_level"]
-    return job_options(**written)
-
-
 def _pending(points, store, opts: IngestOptions, client) -> PendingIngest:
     """``ingest(compute=False)``: check what can be checked without writing, then a job that runs the rest."""
     points = [absolute(p) for p in points] if isinstance(points, (list, tuple)) and points and all(
         isinstance(p, (str, os.PathLike)) for p in points) else absolute(points)
     store = absolute(store)
     cl = resolve_client(client)
-    src, plan, _, _ = preflight(points, store, opts, budget=resolve_budget(opts.memory_budget, cl),
-                                slots=task_slots(cl))
+    src, _, _, _ = preflight(points, store, opts, budget=resolve_budget(opts.memory_budget, cl), slots=task_slots(cl))
     if not opts.appends:
         pyramid_options(opts.pyramid, src.ndim)
-        check_resumable(points, src, plan, opts)
     if opts.scratch is not None:
         opts = opts.replace(scratch=absolute(opts.scratch))
     return make_job(PendingIngest, ingest, (points, store), opts.to_dict(), store)

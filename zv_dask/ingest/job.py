@@ -107,9 +107,9 @@ class PreparedIngest:
                 getattr(self, f"_{stage}")()
                 log.info("ingest %s: %s done in %.2f s", where, stage, time.perf_counter() - t)
         except BaseException as e:
-            named = self._failed(e)
+            named, kept = self._failed(e)
             log.info("ingest %s: failed in stage %s (%s); %s", where, self.stage, type(e).__name__,
-                     "its finished work is kept" if self.rec.progress() else "undone")
+                     "its finished work is kept" if kept else "undone")
             if named is e:
                 raise
             raise named from e
@@ -209,15 +209,16 @@ class PreparedIngest:
             if left:
                 self.report.warnings.append(left)
 
-    def _failed(self, e: BaseException) -> BaseException:
-        """Keep what finished (a resumable job) or undo the job; the error to raise, named by its stage."""
+    def _failed(self, e: BaseException) -> tuple[BaseException, bool]:
+        """Keep what finished (a resumable job) or undo the job; the error to raise, named by its stage, and
+        whether the job's work was kept."""
         job, rec = self.job, self.rec
         if self.staging is not None:
             self.staging.remove()
         if getattr(e, "conflict", False):  # lost to a concurrent commit: the job is over
             job.abort()
             rec.discard()
-            return e
+            return e, False
         kept = rec.progress()  # finished work stays: the job resumes from it
         if kept:
             job.abort()
@@ -228,10 +229,10 @@ class PreparedIngest:
             rec.abandon()
         if isinstance(e, Exception) and not isinstance(e, ZVError):
             err = stage_error(self._stage_name(), e, self._task_names())
-            return with_resume_hint(err) if kept else err
+            return (with_resume_hint(err) if kept else err), kept
         if kept and isinstance(e, ZVError):
-            return with_resume_hint(e)  # e itself, with the hint: its own cause stands
-        return e
+            return with_resume_hint(e), kept  # e itself, with the hint: its own cause stands
+        return e, kept
 
     def _stage_name(self) -> str:
         if self.stage == "pyramid" and self.builder is not None and self.builder.building:

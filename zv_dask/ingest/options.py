@@ -17,15 +17,11 @@ from zv_dask.format.codecs import COMPRESSIONS, check_compression, compressors_f
 from zv_dask.ingest.bounds import POLICIES
 from zv_dask.options import Flag, Options, bounded, bounds_text, count, names, option, positive_floats, positive_ints
 from zv_dask.pyramid.options import PyramidOptions, memory_budget_problem, memory_budget_text
+from zv_dask.store.journal import job_options
 
 __all__ = ["IngestOptions", "MODES"]
 
 MODES = ("write", "append")
-
-
-def _compression_problem(value) -> str | None:
-    check_compression(value)  # raises the codec's own error
-    return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,7 +53,7 @@ class IngestOptions(Options):
         "--crs or each file's own CRS", metavar="CRS", group="geometry"))
     shard_shape: Any = option(None, cli=Flag(
         "chunks per shard along each axis (zarr sharding)", metavar="K", parse=positive_ints, group="geometry"))
-    compression: str | None = option(None, check=_compression_problem, cli=Flag(
+    compression: str | None = option(None, cli=Flag(
         "codec after vlen-bytes on every array (default: zstd)", group="geometry", choices=COMPRESSIONS))
     compression_level: int | None = option(None, cli=Flag(
         "level of --compression (default: zstd 3, blosc 5)", metavar="N", parse=int, group="geometry"))
@@ -101,8 +97,7 @@ class IngestOptions(Options):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.compression_level is not None:
-            check_compression(self.compression, self.compression_level)
+        check_compression(self.compression, self.compression_level)  # the name and the level together
         if self.resume and not self.durable:
             raise InputError("resume needs the job's journal: resume=True and durable=False contradict each other")
         if self.appends:
@@ -117,10 +112,17 @@ class IngestOptions(Options):
     def appends(self) -> bool:
         return self.mode == "append"
 
+    def record(self, src) -> dict:
+        """What the job's journal records of these options for input ``src`` (a resumed job must give the same):
+        the written options, the attributes and object ids as found, the pyramid's written options."""
+        pyramid = None if self.appends else PyramidOptions.of_ingest(self.pyramid)
+        written = self.written()
+        written.update(attributes=sorted(src.attributes), object_ids=src.has_object_ids,
+                       pyramid=pyramid.written() if pyramid is not None else None,
+                       compression=list(check_compression(self.compression, self.compression_level)))
+        del written["compression_level"]
+        return job_options(**written)
+
     def compressors(self) -> list | None:
         """The zarr codecs after ``vlen-bytes`` (``None``: plain ``vlen-bytes``)."""
         return compressors_for(self.compression, self.compression_level)
-
-    def pyramid_options(self) -> PyramidOptions | None:
-        """``pyramid`` as :class:`PyramidOptions` (``None``: no pyramid in this job)."""
-        return PyramidOptions.of_ingest(self.pyramid)

@@ -38,6 +38,7 @@ from zv_dask.ingest.level0 import (
     scratch_for,
 )
 from zv_dask.ingest.options import IngestOptions
+from zv_dask.ingest.resume import check_resume, input_fingerprint
 from zv_dask.ingest.scan import choose_dtype, scan_pass, scan_warnings
 from zv_dask.ingest.shuffle import UnitGrid, plan_groups
 from zv_dask.ingest.sources import DEFAULT_PARTITION_ROWS, as_source
@@ -214,6 +215,8 @@ def preflight(points, store, opts: IngestOptions, *, budget: MemoryBudget | None
                        backend=o.backend, storage_options=o.storage_options, overwrite=o.overwrite, branch=o.branch,
                        resume=o.resume and not append, append=append)
     _check_attribute_names(src, plan)
+    if plan.resume_state is not None:  # another job's options or input: refused before a cluster is started for it
+        check_resume(plan.resume_state, o.record(src), input_fingerprint(points, src))
     if append and dtype is not None and np.dtype(dt).name != plan.dtype:
         raise InputError(f"dtype {np.dtype(dt).name} differs from the store's position dtype {plan.dtype}: an append "
                          "keeps the store's (leave dtype out)")

@@ -92,14 +92,12 @@ class JobRecorder:
     """
 
     def __init__(self, state: ResumeState | None, options: dict, fingerprint: dict, enabled: bool = True):
-        if state is not None and not enabled:
-            raise InputError("resume needs the job's journal: resume=True and durable=False contradict each other")
+        """``state``: the unfinished job to resume, whose options and input ``preflight`` has compared with
+        these (:func:`check_resume`); ``enabled=False``: no journal (``durable=False``, never with a resume)."""
         self.enabled = enabled
         self.state = state
         self.options, self.fingerprint = options, fingerprint
         self.journal: Journal | None = state.journal if state is not None else None
-        if state is not None:
-            check_resume(state, options, fingerprint)  # refused before the store is even leased
         self.lock = state.journal.acquire("zv-dask ingest (resuming)") if state is not None else None
         self.done: set[int] = state.finished_groups() if state is not None else set()
         self.written = 0  # groups finished by this run

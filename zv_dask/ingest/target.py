@@ -42,7 +42,7 @@ class TargetPlan:
     storage_options: dict | None
     overwrite: bool
     branch: str = "main"
-    resume_state: object = None  # the unfinished job a resuming ingest continues (ResumeState)
+    resume_state: ResumeState | None = None  # the unfinished job a resuming ingest continues
     notes: list | None = None  # what the plan noticed (e.g. nothing to resume)
     build_at: str | None = None  # an overwrite builds the new store here (beside the old one) ...
     replaces: str | None = None  # ... and swaps it in here when the job is done (see zv_dask.ingest.replace)

@@ -237,8 +237,6 @@ class PyramidBuilder:
         self.ndim = meta.ndim
         self.levels = o.levels
         self.min_points = o.min_points
-        self.opts: dict[str, Any] = dict(method=o.method, attribute_reduction=o.attribute_reduction,
-                                         sample_size=o.sample_size, seed=o.seed)
         self.client = client
         self.budget = budget
         self._asked_points = None if o.points_per_task is None else int(o.points_per_task)
@@ -303,7 +301,7 @@ class PyramidBuilder:
         Also sizes the tasks: unless ``points_per_task`` was given, as many points
         as the memory budget lets a task hold (at most ``DEFAULT_POINTS_PER_TASK``).
         """
-        resolve_attributes(specs, self.opts["attribute_reduction"], self.opts["method"])
+        resolve_attributes(specs, self.options.attribute_reduction, self.options.method)
         if self._asked_points is None:
             row = self.ndim * np.dtype(dtype).itemsize + sum(np.dtype(s.dtype).itemsize * (s.channels or 1)
                                                               for s in specs)
@@ -346,14 +344,14 @@ class PyramidBuilder:
         parent_specs, parent_grid, parent_scale = src.specs, src.grid, src.scale
         read_names = None
         for step in steps:
-            reductions, explicit, specs = resolve_attributes(parent_specs, self.opts["attribute_reduction"],
-                                                              self.opts["method"])
+            reductions, explicit, specs = resolve_attributes(parent_specs, self.options.attribute_reduction,
+                                                              self.options.method)
             if read_names is None:
                 read_names = tuple(s.name for s in parent_specs if s.name in reductions)
             cs = tuple(float(c) * s for c, s in zip(meta.chunk_shape, step.total_scale))
             grid = Grid(meta.bounds[0], meta.bounds[1], cs, meta.effective_bin_shape, src.grid.dtype)
-            params = CoarsenParams(step.total_ratio, self.opts["method"], reductions, explicit,
-                                   self.opts["sample_size"], self.opts["seed"], step.level)
+            params = CoarsenParams(step.total_ratio, self.options.method, reductions, explicit,
+                                   self.options.sample_size, self.options.seed, step.level)
             axes, created, returned = self._plan_links(parent_scale, step)
             geom = StepGeometry(step.level, parent_grid, grid, self.bpc, tuple(parent_scale), step.total_scale,
                                 params, self.links, tuple(specs), self.plain, returned)

@@ -24,7 +24,6 @@ import numpy as np
 from zv_dask.errors import InputError
 from zv_dask.format.metadata import LINK_STORAGE
 from zv_dask.pyramid.coarsen import bin_keys
-from zv_dask.pyramid.options import check_links
 from zv_dask.pyramid.reduce import REDUCTIONS, default_reduction
 from zv_dask.store.levels import AttributeSpec
 
@@ -191,13 +190,11 @@ def resolve_attributes(parent: list, attribute_reduction, method: str):
 def resolve_links(links, meta) -> tuple[str, list[str]]:
     """The link storage a build writes (``"none"``, ``"implicit"`` or ``"explicit"``) and any warnings.
 
-    ``links=None`` follows the store's declaration (``cross_level_storage``, off
+    ``links`` is a checked :attr:`PyramidOptions.links <zv_dask.pyramid.options.PyramidOptions>`;
+    ``None`` follows the store's declaration (``cross_level_storage``, off
     when ``cross_level_depth`` is 0); ``True`` means ``"explicit"``, ``False``
     ``"none"``.
     """
-    problem = check_links(links)
-    if problem:
-        raise InputError(f"links {problem}, got {links!r}")
     warnings = []
     if links is None:
         mode = meta.cross_level_storage if int(meta.cross_level_depth) != 0 else "none"
