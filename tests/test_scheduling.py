@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 
 import pytest
 from dask import delayed
@@ -42,8 +43,11 @@ def test_each_result_is_handed_on_while_the_others_still_run(dask_client, tmp_pa
         if result == 0:
             open(marker, "w").close()
 
-    objs = [delayed(_waits_for_the_first_result)(marker, dask_key_name="slow"),
-            delayed(_quick)(0, dask_key_name="quick")]
+    # Keys unique to this run: with fixed names the scheduler may still hold the other parametrisation's
+    # "slow" result when this one is submitted, and hands it back at once (seen in CI: the flake this was).
+    run = uuid.uuid4().hex
+    objs = [delayed(_waits_for_the_first_result)(marker, dask_key_name=f"slow-{run}"),
+            delayed(_quick)(0, dask_key_name=f"quick-{run}")]
     out = run_tasks(objs, dask_client, progress=progress, label="probe", on_result=on_result)
     assert out == ["saw the first result", 0]
     assert seen == [0, "saw the first result"]
