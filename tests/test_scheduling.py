@@ -54,3 +54,26 @@ def test_each_result_is_handed_on_while_the_others_still_run(dask_client, tmp_pa
     if progress:
         err = capsys.readouterr().err
         assert "probe" in err  # the bar (a terminal) or the two log lines (pytest's captured stderr)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_in_process_results_are_handed_on_as_each_task_ends(tmp_path, progress):
+    """Threads in this process (no client): the same probe, so a job run without a cluster checkpoints each
+    finished group and pyramid task as it ends, not after the whole stage."""
+    import dask
+
+    marker = str(tmp_path / "first-result")
+    seen = []
+
+    def on_result(i, result):
+        seen.append((i, result))
+        if result == 0:
+            open(marker, "w").close()
+
+    run = uuid.uuid4().hex
+    objs = [delayed(_waits_for_the_first_result)(marker, dask_key_name=f"slow-{run}"),
+            delayed(_quick)(0, dask_key_name=f"quick-{run}")]
+    with dask.config.set(scheduler="threads", num_workers=2):
+        out = run_tasks(objs, None, progress=progress, label="probe", on_result=on_result)
+    assert out == ["saw the first result", 0]
+    assert seen == [(1, 0), (0, "saw the first result")]

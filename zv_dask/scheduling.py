@@ -84,25 +84,50 @@ def run_tasks(objs, client, progress: bool = False, label: str = "", on_result=N
                     on_result(i, result)
 
             return gather_or_stop(client, futures, on_result=each)
-    results = _run_local(objs, progress, label)
-    for i, r in enumerate(results):
-        if on_result is not None:
-            on_result(i, r)
-    return results
+    on_worker = _worker_client()
+    if on_worker is not None:
+        with on_worker as c:
+            results = c.gather(c.compute(objs))
+        for i, r in enumerate(results):
+            if on_result is not None:
+                on_result(i, r)
+        return results
+    if on_result is None:
+        return _run_local(objs, progress, label)
+    from dask.callbacks import Callback
+
+    index = {o.key: i for i, o in enumerate(objs)}
+
+    def posttask(key, result, dsk, state, worker_id):  # in this thread, as each task ends: checkpoints
+        i = index.get(key)
+        if i is not None:
+            on_result(i, result)
+
+    with Callback(posttask=posttask):
+        return _run_local(objs, progress, label)
+
+
+def _worker_client():
+    """A ``worker_client()`` context when this runs inside a task on a distributed worker, else ``None``.
+
+    ``distributed`` is only looked at when something imported it: a job in this process never needs it.
+    """
+    import sys
+
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import get_worker, worker_client
+
+    try:
+        get_worker()
+    except ValueError:
+        return None
+    return worker_client()
 
 
 def _run_local(objs, progress: bool, label: str) -> list:
     import dask
 
-    try:
-        from distributed import get_worker, worker_client
-
-        get_worker()
-    except (ImportError, ValueError):
-        pass
-    else:
-        with worker_client() as c:
-            return c.gather(c.compute(objs))
     if progress:
         return compute_with_progress(objs, label)
     return list(dask.compute(*objs))

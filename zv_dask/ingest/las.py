@@ -226,12 +226,19 @@ def las_slice(path: str, start: int, count: int, specs: dict):
                          f"{type(e).__name__}: {e}") from None
     if len(pts) < count:
         raise InputError(f"{path!r} ends after {start + len(pts):,} points; its header declares more (truncated?)")
-    pos = np.column_stack([np.asarray(pts.x, np.float64), np.asarray(pts.y, np.float64),
-                           np.asarray(pts.z, np.float64)])
+    # X * scale + offset (laspy's own arithmetic, so the same float64 values) written straight into
+    # the (N, 3) array: no scaled copies stacked afterwards
+    raw, scales, offsets = pts.array, pts.scales, pts.offsets
+    pos = np.empty((len(raw), 3), np.float64)
+    for k, c in enumerate("XYZ"):
+        np.multiply(raw[c], float(scales[k]), out=pos[:, k])
+        pos[:, k] += float(offsets[k])
     attrs = {}
     for name, (dtype, channels) in specs.items():
         if name == "rgb":
-            v = np.column_stack([np.asarray(pts[c]) for c in _COLOUR])
+            v = np.empty((len(raw), 3), np.uint16)
+            for k, c in enumerate(_COLOUR):
+                v[:, k] = raw[c]
         else:
             v = np.asarray(pts[name])
             if channels is not None:

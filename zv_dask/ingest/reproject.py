@@ -109,6 +109,7 @@ def reproject_source(src, target: dict, partition_crs: list | None = None, paths
         where = f" of {paths[i]}" if paths else ""
         parts.append(part if same else delayed(_reproject_batch, pure=True)(part, key, dst, where))
     src.partitions = parts
+    src.scan_parts = None  # the scan reads what the job reads: reprojected positions
     src.position_dtype = np.dtype(np.float64)
     labels = sorted({crs_label(c) for c in crss})
     if src.las is not None:

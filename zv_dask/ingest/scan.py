@@ -34,7 +34,7 @@ def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False, sam
     probe = Grid(tuple(map(float, probe_bounds[0])), tuple(map(float, probe_bounds[1])), plan.chunk_shape,
                  plan.base_bin_shape or plan.chunk_shape, plan.dtype)
     drop = out_of_bounds == "ignore" and plan.bounds is not None
-    scans = [delayed(scan_task)(p, probe, plan.bounds, drop, 0, sample) for p in (local or src.partitions)]
+    scans = [delayed(scan_task)(p, probe, plan.bounds, drop, 0, sample) for p in (local or src.scan_partitions)]
     try:
         if local is not None:
             import dask

@@ -52,6 +52,12 @@ class Source:
     las: dict | None = None  # the LAS header record (``zv_dask`` -> ``las`` in the root attributes)
     reprojected_from: list | None = None  # labels of the CRSs the positions were transformed from
     where: list | None = None  # per partition, the file and place it reads (files.Part), to name a row
+    scan_parts: list | None = None  # the partitions as the scan needs them (positions, float attributes), if cheaper
+
+    @property
+    def scan_partitions(self) -> list:
+        """What pass 1 reads: :attr:`scan_parts` when the source has them, else :attr:`partitions`."""
+        return self.partitions if self.scan_parts is None else self.scan_parts
 
     def describe_row(self, row: int, counts: list[int]) -> str:
         """``row N`` of the whole input, or where it is in a file (``counts``: rows per partition)."""
@@ -471,10 +477,15 @@ def _from_las(files, attributes, partition_rows, desc, crs=None, target=None) ->
     spans = [(h, start) for h in headers for start in range(0, h.points, partition_rows)]
     parts = [delayed(_las_batch, pure=True)(h.path, start, min(partition_rows, h.points - start), specs)
              for h, start in spans]
+    # The scan needs the positions and the float attributes (their NaN are counted): not decoding the
+    # other dimensions made the scan of a 1e7-point file about a third faster here.
+    floats = {k: v for k, v in specs.items() if np.dtype(v[0]).kind == "f"}
+    scan_parts = [delayed(_las_batch, pure=True)(h.path, start, min(partition_rows, h.points - start), floats)
+                  for h, start in spans]
 
     src = Source(parts, 3, np.dtype("float64"), dict(specs), False, axes=["x", "y", "z"], kind="las",
                  n_rows=total, description=desc, crs=job_crs, las=las_record(headers, specs),
-                 where=[Part(h.path, "las", first_row=start) for h, start in spans])
+                 where=[Part(h.path, "las", first_row=start) for h, start in spans], scan_parts=scan_parts)
     if target is not None:
         src = reproject_source(src, target, [job_crs or h.crs for h, _ in spans],
                                [os.path.basename(h.path) for h, _ in spans], [h.scales[0] for h, _ in spans])
