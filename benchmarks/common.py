@@ -81,18 +81,32 @@ def disk_of(path: str) -> str:
 
 
 
-def find_potree(path: str | None = None) -> str | None:
-    """PotreeConverter 2's executable: ``path``, else ``$POTREE_CONVERTER``, else ``PotreeConverter`` on PATH.
+POTREE_BUILD = os.path.join(HERE, ".peers", "potree", "build", "PotreeConverter")  # benchmarks/build_potree.sh
 
-    It is not part of the project: build it from its public repository (potree/PotreeConverter)
-    and point to it. ``None`` when there is none (the benchmarks then leave its rows out).
+
+def find_potree(path: str | None = None) -> str | None:
+    """PotreeConverter 2's executable: ``path``, else ``$POTREE_CONVERTER``, else ``PotreeConverter`` on PATH,
+    else the one ``benchmarks/build_potree.sh`` built.
+
+    It is not part of the project: ``benchmarks/build_potree.sh`` builds it from its public
+    repository (potree/PotreeConverter). ``None`` when there is none (the benchmarks then leave
+    its rows out).
     """
-    for cand in (path, os.environ.get("POTREE_CONVERTER"), shutil.which("PotreeConverter")):
+    for cand in (path, os.environ.get("POTREE_CONVERTER"), shutil.which("PotreeConverter"), POTREE_BUILD):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return os.path.abspath(cand)
     if path:
         raise SystemExit(f"--potree {path!r} is not an executable file")
     return None
+
+
+def potree_version(exe: str) -> str | None:
+    """The commit ``build_potree.sh`` recorded beside a build (PotreeConverter prints no version)."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.dirname(exe)), "VERSION")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def tree_size(path: str) -> tuple[int, int]:

@@ -14,8 +14,8 @@ each run:
 
 * zv-dask: ``zv-dask ingest IN OUT --chunk-shape 125 --bin-shape 12.5 -q``, the
   pyramid (centroids, every attribute kept) built in the same job; its default
-  scheduler (threads in the process up to 1e6 points, a LocalCluster above),
-  and again with ``--workers 2`` (a LocalCluster whatever the size);
+  scheduler (threads in the process, one per core, whatever the size),
+  and again with ``--workers 2`` (a LocalCluster of worker processes);
 * PotreeConverter 2 (``--potree``, ``$POTREE_CONVERTER`` or PATH; rows left out
   without one): ``-m random`` and its default, poisson-disk sampling;
 * py3dtiles 12.1 (importable here, or ``--py3dtiles``/``$PY3DTILES``/PATH):
@@ -60,7 +60,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from benchmarks.common import HERE, disk_of, find_potree, machine, tree_size
+from benchmarks.common import HERE, disk_of, find_potree, machine, potree_version, tree_size
 
 ROOT = os.path.dirname(HERE)
 REAL = os.path.join(ROOT, "tests", "data", "autzen_trim.laz")
@@ -225,7 +225,7 @@ def make_tools(a: argparse.Namespace) -> tuple[list[Tool], list[str]]:
                               f"Potree 2 octree, {'random' if method == 'random' else 'poisson-disk'} subsampling, "
                               "every LAS attribute, uncompressed",
                               lambda i, o, x=extra: [potree, i, "-o", o, *x], "PotreeConverter 2",
-                              a.potree_version or "unknown"))
+                              a.potree_version or potree_version(potree) or "unknown"))
         elif key == "py3dtiles":
             if py3d is None:
                 skipped.append(f"py3dtiles: {py3d_version}")
@@ -241,9 +241,9 @@ def notes(tools: list[Tool]) -> list[str]:
     fams = {t.family for t in tools}
     out = []
     if "zv-dask" in fams:
-        out.append("zv-dask's default scheduler is threads in its process for inputs of at most 1,000,000 points "
-                   "and a LocalCluster (one worker per core) above; the --workers row starts one whatever the size, "
-                   "which costs a few seconds of start-up and shutdown on small inputs.")
+        out.append("zv-dask's default scheduler is threads in its process (one per core) whatever the input's "
+                   "size; the --workers row starts a LocalCluster of worker processes, which costs a few seconds "
+                   "of start-up and shutdown and pickles the shuffle's pieces between the workers.")
     if "PotreeConverter 2" in fams:
         out.append("PotreeConverter's progress monitor sleeps a whole second between prints and is joined at the "
                    "end, so its wall time is its work rounded up to about the next second (its floor is 1 s).")

@@ -42,7 +42,6 @@ from zv_dask.ingest.fused import pyramid_options
 from zv_dask.ingest.options import IngestOptions
 from zv_dask.ingest.plan import plan_ingest, preflight
 from zv_dask.ingest.report import _fmt_bytes as fmt
-from zv_dask.ingest.sources import input_files
 from zv_dask.options import bounds_text, count, names, non_negative, numbers
 from zv_dask.pyramid.options import PyramidOptions
 from zv_dask.scheduling import describe_scheduler, local_cluster
@@ -55,9 +54,10 @@ __all__ = ["main", "build_parser", "parse_storage_option", "demo_points"]
 
 PROG = "zv-dask"
 IN_PROCESS_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading")
-# Inputs of at most this many points run on threads in this process when no cluster is asked for: a
-# LocalCluster's start-up (~2 s of worker processes) costs more than it saves below it.
-IN_PROCESS_POINTS = 1_000_000
+# A job that asks for no cluster runs on threads in this process, whatever its size: the numpy work
+# releases the GIL, and worker processes cost their start-up (~2 s) and every piece of the shuffle
+# pickled between them. Measured on one 2-core machine, tmpfs, whole CLI processes: 7.4 s against
+# 8.5-9.9 s at 1e7 LAS points, 67.6 s against 93.4 s at 1e8 (benchmarks/results/peers*.md).
 DEMO_STORE = "zv-demo.zv"
 DEMO_POINTS = 300_000
 DEMO_MAX_WORKERS = 4
@@ -155,14 +155,14 @@ def _add_cluster(p, default_workers: str = "one per CPU core") -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--scheduler", metavar="ADDRESS",
                    help="a running Dask scheduler (tcp://host:8786), or 'synchronous' / 'threads' to run in this "
-                        f"process; default: threads in this process for inputs of at most {IN_PROCESS_POINTS:,} "
-                        "points, else a LocalCluster")
+                        "process; default: threads in this process (one per core), unless --workers or another "
+                        "LocalCluster option asks for worker processes")
     g.add_argument("--scheduler-file", metavar="FILE",
                    help="the JSON file a running scheduler wrote (dask scheduler --scheduler-file, dask-jobqueue, "
                         "dask-mpi)")
     g.add_argument("--workers", type=count, metavar="N",
-                   help=f"worker processes of the LocalCluster (default: {default_workers}); giving it starts one "
-                        "whatever the input's size")
+                   help=f"start a LocalCluster of N worker processes (default when one is started: "
+                        f"{default_workers})")
     g.add_argument("--threads-per-worker", type=count, metavar="N",
                    help="threads per LocalCluster worker (default: 1)")
     g.add_argument("--memory-limit", type=_memory, default="auto", metavar="SIZE",
@@ -358,23 +358,14 @@ def _fmt_bytes(n) -> str:
     return fmt(int(n))
 
 
-def _in_process_reason(args, points: int | None) -> str | None:
-    """Why a job of ``points`` runs on threads in this process, or ``None`` when it starts a LocalCluster."""
+def _in_process_reason(args) -> str | None:
+    """Why a job runs on threads in this process (no cluster asked for), or ``None`` when it has a cluster."""
     asked = (args.scheduler or args.scheduler_file or args.workers or args.dashboard
              or args.memory_limit != "auto" or args.threads_per_worker is not None)
-    if asked or points is None or points > IN_PROCESS_POINTS:
+    if asked:
         return None
-    return (f"{points:,} points <= {IN_PROCESS_POINTS:,}: threads in this process "
-            "(--workers N or --scheduler ADDRESS for a cluster)")
-
-
-def _estimated_points(src, sources) -> int | None:
-    """The input's points: known for arrays, NPY, LAS and Parquet; CSV guessed from its bytes (16 per row)."""
-    if src.n_rows is not None:
-        return int(src.n_rows)
-    if src.kind == "csv":
-        return sum(os.path.getsize(f) for f in input_files(sources) if os.path.isfile(f)) // 16
-    return None
+    return (f"threads in this process ({os.cpu_count() or 1} threads; --workers N or --scheduler ADDRESS for a "
+            "cluster)")
 
 
 @contextlib.contextmanager
@@ -501,7 +492,7 @@ def cmd_ingest(args, out) -> int:
     # Check the input, the store and the parameters before starting a cluster: bad input fails fast.
     src, _, _, _ = preflight(_sources(args), args.store, opts)  # (a resume with other options is refused here)
     pyramid_options(pyramid, src.ndim)
-    in_process = _in_process_reason(args, _estimated_points(src, _sources(args)))
+    in_process = _in_process_reason(args)
     with _cluster(args, in_process) as client:
         if args.dry_run:
             plan = _in_cli_spelling(plan_ingest(_sources(args), args.store, client=client, **opts.to_dict()))
@@ -538,11 +529,7 @@ def cmd_pyramid(args, out) -> int:
                             branch=args.branch)
     opts = PyramidOptions.from_args(args)
     pyramid_options(opts, zs.metadata.ndim)
-    try:
-        points = zv_dask.read_level_metadata(zs, 0).vertex_count
-    except Exception:  # noqa: BLE001 - no readable level 0: build_pyramid says what is wrong
-        points = None
-    in_process = _in_process_reason(args, points)
+    in_process = _in_process_reason(args)
     with _cluster(args, in_process) as client:
         where = describe_scheduler(client)
         rep = zv_dask.build_pyramid(zs, client=client, progress=not args.quiet, resume=args.resume,
