@@ -23,6 +23,7 @@ Timings are wall-clock on this machine; nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -88,17 +89,30 @@ def _one_zv(client, source, attrs, bin_, mode, out) -> dict:
     return r
 
 
-def run_zv(source, attrs, bin_, workers, work, modes, repeat) -> list[dict]:
-    """Each mode ``repeat`` times on one LocalCluster; returns one row per mode (median and spread)."""
+@contextlib.contextmanager
+def _scheduler(workers: int, threads: bool, work: str):
+    """``(client, worker pids)``: a LocalCluster of ``workers`` processes, or (``threads``) Dask's threads in
+    this process, one per core, as the CLI runs a job that asks for no cluster."""
+    if threads:
+        import dask
+
+        with dask.config.set(scheduler="threads", num_workers=workers):
+            yield None, {os.getpid()}
+        return
     from distributed import Client
 
     from zv_dask.scheduling import local_cluster
 
-    rows = []
     with local_cluster(workers, memory_limit="2.8GiB", local_directory=os.path.join(work, "dask")) as cluster, \
             Client(cluster) as client:
         client.run(lambda: __import__("zv_dask"))  # imports are not what we measure
-        worker_pids = set(client.run(os.getpid).values())
+        yield client, set(client.run(os.getpid).values())
+
+
+def run_zv(source, attrs, bin_, workers, work, modes, repeat, threads: bool = False) -> list[dict]:
+    """Each mode ``repeat`` times on one LocalCluster (or threads); returns one row per mode (median and spread)."""
+    rows = []
+    with _scheduler(workers, threads, work) as (client, worker_pids):
         warm = np.random.default_rng(0).uniform(0, 1000, (20_000, 3)).astype("f4")
         _one_zv(client, warm, {"a": warm[:, 0]}, bin_, "links", os.path.join(work, "warm.zv"))  # first-call costs
         for mode in modes:
@@ -129,6 +143,9 @@ def main(argv=None):
     ap.add_argument("--kinds", nargs="+", default=["uniform", "clustered"])
     ap.add_argument("--bins", nargs="+", default=list(BINS), choices=list(BINS))
     ap.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--threads", action="store_true",
+                    help="run zv-dask on that many threads in this process (the CLI's default) instead of a "
+                         "LocalCluster of worker processes")
     ap.add_argument("--repeat", type=int, default=3, help="zv-dask runs per configuration (median reported)")
     ap.add_argument("--reference-max", type=float, default=1e7, help="largest N run through the reference")
     ap.add_argument("--floor-max", type=float, default=1e7, help="largest N for the in-memory floor")
@@ -168,10 +185,13 @@ def main(argv=None):
                 for w in args.workers:
                     modes = MODES if (w == max(args.workers) and not parquet and not args.smoke) else ("links",)
                     repeat = 1 if parquet else args.repeat
-                    for r in run_zv(source, attrs if not parquet else None, bin_, w, args.work, modes, repeat):
+                    for r in run_zv(source, attrs if not parquet else None, bin_, w, args.work, modes, repeat,
+                                    args.threads):
                         rows.append({**base, "system": f"zv-dask ({r['mode']})", "workers": w,
+                                     "scheduler": "threads" if args.threads else "processes",
                                      "input": "parquet" if parquet else "numpy", **r})
-                        print(f"zv-dask/{w} {r['mode']:9s} {kind:9s} {bins:13s} N={n:.0e}  total {r['total_s']:.2f}s "
+                        who = f"{w}{'t' if args.threads else ''}"
+                        print(f"zv-dask/{who} {r['mode']:9s} {kind:9s} {bins:13s} N={n:.0e}  total {r['total_s']:.2f}s "
                               f"(runs {', '.join(f'{t:.2f}' for t in r['runs'])}) worker RSS "
                               f"{r['peak_worker_rss'] / 2**30:.2f} GiB", flush=True)
                 if n <= args.reference_max:

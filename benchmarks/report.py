@@ -24,6 +24,11 @@ def _find(rows, n, kind, bins, system, workers=None):
     return None
 
 
+def _who(r) -> str:
+    """The workers column: ``2`` (worker processes) or ``2 threads`` (in the benchmark's process)."""
+    return f"{r['workers']} threads" if r.get("scheduler") == "threads" else str(r["workers"])
+
+
 def _total(r):
     return r["total_s"]
 
@@ -46,7 +51,7 @@ def headline(rows) -> list[str]:
             z = max(zs, key=lambda x: x["workers"])
             ref = _find(rows, *key, REFERENCE_OF[zsys])
             ratio = f"**{ref['total_s'] / z['total_s']:.1f}x**" if ref else "—"
-            out.append(f"| {r['n']:.0e} | {r['kind']} | {r['bins']} | {label} | {z['total_s']:.2f} ({z['workers']}) | "
+            out.append(f"| {r['n']:.0e} | {r['kind']} | {r['bins']} | {label} | {z['total_s']:.2f} ({_who(z)}) | "
                        f"{_fmt_s(ref['total_s']) if ref else '—'} | {ratio} |")
     return out
 
@@ -61,7 +66,9 @@ def write_report(result: dict, out: str, name: str) -> str:
              "",
              "3-D float32 points in [0, 1000)^3 plus two float32 attributes (in memory up to 1e7, Parquet files "
              "at 1e8); chunk 125 (512 chunks); a pyramid of 3 levels (bin ratio 2). zv-dask runs on "
-             "`zv_dask.scheduling.local_cluster` (worker processes, 1 thread each), "
+             + ("Dask's threads in the benchmark's process (`--threads`, as the CLI runs a job that asks for no "
+                "cluster; workers = threads), " if any(r.get("scheduler") == "threads" for r in rows) else
+                "`zv_dask.scheduling.local_cluster` (worker processes, 1 thread each), ") +
              f"{result.get('repeat', 1)} runs per row, the median shown (all runs in the JSON). The reference is "
              "zarr-vectors 0.9.2 `write_points` + `build_pyramid` in one process, run once. *links* rows write the "
              "reference's default arrays: cross-level links +1 and their -1 mirror at every level pair. Both "
@@ -99,7 +106,7 @@ def write_report(result: dict, out: str, name: str) -> str:
             fl = _find(rows, n, kind, bins, "floor")
             if fl:
                 vs_floor = f"{total * r['workers'] / fl['total_s']:.2f}x"
-        lines.append(f"| {n:.0e} | {kind} | {bins} | {sys_} | {r['workers']} | {_fmt_s(ingest)} | {_fmt_s(pyr)} | "
+        lines.append(f"| {n:.0e} | {kind} | {bins} | {sys_} | {_who(r)} | {_fmt_s(ingest)} | {_fmt_s(pyr)} | "
                      f"{_fmt_s(total)}{runs} | {n / total / 1e6:.2f} | {_gib(rss)} | {vs_ref} | {vs_floor} |")
     lines += ["", "*ingest s* for zv-dask is the whole `ingest` call (with `pyramid=`, the pyramid is built in the "
               "same job, its first levels inside the level-0 write tasks); *pyramid s* is a separate "

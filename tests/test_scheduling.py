@@ -77,3 +77,22 @@ def test_in_process_results_are_handed_on_as_each_task_ends(tmp_path, progress):
         out = run_tasks(objs, None, progress=progress, label="probe", on_result=on_result)
     assert out == ["saw the first result", 0]
     assert seen == [(1, 0), (0, "saw the first result")]
+
+
+def test_a_job_in_this_process_never_imports_distributed(tmp_path):
+    """Threads in this process (the CLI's default) keep ``distributed`` unimported: Dask imports it (about
+    0.15 s of a small job's start-up) whenever a scheduler is set by name, so the CLI sets the function."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, zv_dask\n"
+        "from zv_dask.scheduling import local_scheduler\n"
+        "pts = np.random.default_rng(0).uniform(0, 100, (5000, 3))\n"
+        "with local_scheduler('threads'):\n"
+        f"    zv_dask.ingest(pts, {str(tmp_path / 's.zv')!r}, chunk_shape=25, pyramid=True)\n"
+        f"assert zv_dask.open_store({str(tmp_path / 's.zv')!r}).levels[:2] == [0, 1]\n"
+        "print('distributed' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

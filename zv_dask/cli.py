@@ -44,7 +44,7 @@ from zv_dask.ingest.plan import plan_ingest, preflight
 from zv_dask.ingest.report import _fmt_bytes as fmt
 from zv_dask.options import bounds_text, count, names, non_negative, numbers
 from zv_dask.pyramid.options import PyramidOptions
-from zv_dask.scheduling import describe_scheduler, local_cluster
+from zv_dask.scheduling import describe_scheduler, local_cluster, local_scheduler
 from zv_dask.stats import format_stats, store_stats
 from zv_dask.store.backends import local_path
 from zv_dask.store.credentials import SECRET_OPTIONS, prepare_credentials, redact
@@ -56,8 +56,8 @@ PROG = "zv-dask"
 IN_PROCESS_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading")
 # A job that asks for no cluster runs on threads in this process, whatever its size: the numpy work
 # releases the GIL, and worker processes cost their start-up (~2 s) and every piece of the shuffle
-# pickled between them. Measured on one 2-core machine, tmpfs, whole CLI processes: 7.4 s against
-# 8.5-9.9 s at 1e7 LAS points, 67.6 s against 93.4 s at 1e8 (benchmarks/results/peers*.md).
+# pickled between them. Measured on one 2-core machine, tmpfs, whole CLI processes: 8.2 s against
+# 10.1 s at 1e7 LAS points, 56.8 s against 63.0 s at 1e8 (benchmarks/results/peers*.md).
 DEMO_STORE = "zv-demo.zv"
 DEMO_POINTS = 300_000
 DEMO_MAX_WORKERS = 4
@@ -374,16 +374,14 @@ def _cluster(args, in_process: str | None = None):
 
     ``in_process`` (a reason) runs a job that asked for no cluster on threads in this process.
     """
-    import dask
 
     address = getattr(args, "scheduler", None)
     if in_process:
-        with dask.config.set(scheduler="threads"):
+        with local_scheduler("threads"):
             yield None
         return
     if address and address.lower() in IN_PROCESS_SCHEDULERS:
-        name = "threads" if address.lower() in ("threads", "threading") else "synchronous"
-        with dask.config.set(scheduler=name):
+        with local_scheduler(address):
             yield None
         return
     from distributed import Client
@@ -675,9 +673,7 @@ def cmd_info(args, out) -> int:
         raise BadArguments("--levels selects the levels of --stats; add --stats")
     stats = None
     if args.stats:
-        import dask
-
-        with dask.config.set(scheduler="threads"):  # dask tasks read the data, in this process
+        with local_scheduler("threads"):  # dask tasks read the data, in this process
             stats = store_stats(zs, levels=args.levels, progress=not args.quiet)
     if args.json:
         _print_json(info if stats is None else {**info, "stats": stats}, out)
@@ -701,9 +697,7 @@ def cmd_validate(args, out) -> int:
 
 def cmd_export(args, out) -> int:
     """``zv-dask export``: :func:`zv_dask.export`, on threads in this process."""
-    import dask
-
-    with dask.config.set(scheduler="threads"):
+    with local_scheduler("threads"):
         d = export(args.store, args.out, level=args.level, bbox=args.bbox, attributes=args.attributes,
                    format=args.format, storage_options=_options(args), backend=_backend(args, args.store),
                    branch=args.branch, overwrite=args.overwrite, progress=not args.quiet)

@@ -6,7 +6,7 @@ from zv_dask.errors import InputError
 from zv_dask.progress import compute_with_progress, task_bar
 from zv_dask.transaction import gather_or_stop
 
-__all__ = ["resolve_client", "run_tasks", "task_slots", "local_cluster", "describe_scheduler"]
+__all__ = ["resolve_client", "run_tasks", "task_slots", "local_cluster", "local_scheduler", "describe_scheduler"]
 
 
 def resolve_client(client):
@@ -17,10 +17,13 @@ def resolve_client(client):
     """
     if client is not None:
         return client
+    import sys
+
     import dask
 
-    if dask.config.get("scheduler", None) in ("sync", "synchronous", "single-threaded", "threads", "threading",
-                                              "processes", "multiprocessing"):
+    if _local_name(dask.config.get("scheduler", None)) is not None:
+        return None
+    if "distributed" not in sys.modules:  # nothing made a client: no need to import it to ask
         return None
     try:
         from distributed import default_client
@@ -30,14 +33,47 @@ def resolve_client(client):
         return None
 
 
+_LOCAL_NAMES = {"sync": "synchronous", "synchronous": "synchronous", "single-threaded": "synchronous",
+                "threads": "threads", "threading": "threads", "processes": "processes",
+                "multiprocessing": "processes"}
+
+
+def _local_name(scheduler) -> str | None:
+    """``"threads"``, ``"synchronous"`` or ``"processes"`` for one of Dask's local schedulers (a name or its
+    ``get``), else ``None``."""
+    if isinstance(scheduler, str):
+        return _LOCAL_NAMES.get(scheduler.lower())
+    if callable(scheduler):
+        import dask.local
+        import dask.threaded
+
+        if scheduler is dask.threaded.get:
+            return "threads"
+        if scheduler is dask.local.get_sync:
+            return "synchronous"
+    return None
+
+
+def local_scheduler(name: str):
+    """``dask.config.set`` of Dask's threaded (``"threads"``) or synchronous scheduler as its function.
+
+    Dask imports ``distributed`` (about 0.15 s) to look for a client whenever the scheduler is
+    set by name; given the function, a job in this process never imports it.
+    """
+    import dask
+    import dask.local
+    import dask.threaded
+
+    return dask.config.set(scheduler=dask.threaded.get if _local_name(name) == "threads" else dask.local.get_sync)
+
+
 def describe_scheduler(client) -> str:
     """Where a job's tasks run, in words: a cluster's address and workers, or this process's scheduler."""
     if client is None:
         import dask
 
-        name = dask.config.get("scheduler", None) or "threads"
-        name = {"sync": "synchronous", "single-threaded": "synchronous", "threading": "threads",
-                "multiprocessing": "processes"}.get(name, name)
+        current = dask.config.get("scheduler", None)
+        name = _local_name(current) or (current if isinstance(current, str) else "threads")
         return f"{name} in this process" + (f" ({task_slots(None)} threads)" if name == "threads" else "")
     try:
         info = client.scheduler_info()

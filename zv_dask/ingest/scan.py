@@ -38,8 +38,9 @@ def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False, sam
     try:
         if local is not None:
             import dask
+            import dask.local
 
-            scanned = list(dask.compute(*scans, scheduler="sync"))
+            scanned = list(dask.compute(*scans, scheduler=dask.local.get_sync))  # (by name, dask imports distributed)
         else:
             scanned = run_tasks(scans, client, progress, "scan: statistics and chunk counts")
     except Exception as e:
