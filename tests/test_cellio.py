@@ -170,3 +170,30 @@ def test_chunks_of_more_than_one_cell_go_through_zarr(tmp_path):
     assert read_payloads(g.store, many, cells) == payloads
     frames = get_cells(g.store, cell_keys("many", [[0, 0, 0], [1, 1, 1]]))
     assert frames[0] is not None and frames[1] is not None  # chunk (1,1,1) holds cell (3,3,3)
+
+
+def test_the_write_path_read_from_zarr_json_is_zarrs_and_follows_the_document(tmp_path):
+    """write_cells decides how to write a local array from its zarr.json bytes, without opening it: the same
+    decision as from the opened array for plain, zstd, blosc and sharded arrays, and an array made again at the
+    same path with other codecs is written by its new document (zarr reads back what was written each time)."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    from zv_dask.store.levels import _direct, _how_to_write
+
+    grid = Grid((0.0, 0.0, 0.0), (4.0, 4.0, 4.0), (1.0,) * 3, (1.0,) * 3, "float32")
+    g = zarr.open_group(str(tmp_path / "s"), mode="w", zarr_format=3)
+    cells = np.array([[0, 0, 0], [1, 2, 3], [3, 3, 3]])
+    kinds = [("plain", {}), ("zstd", {"compressors": [ZstdCodec(level=3)]}),
+             ("blosc", {"compressors": [BloscCodec()]}), ("sharded", {"shards": (2, 2, 2)})]
+    for round_ in range(2):
+        for i, (name, kw) in enumerate(kinds):
+            # round 1 makes every array again with the next kind's codecs: same path, other document
+            made, kw = kinds[(i + round_) % len(kinds)]
+            arr = create_vlen_array(g, name, grid, {}, **kw)
+            how, _, opened = _how_to_write(g.store, name)
+            assert how == _direct(arr), (name, made)
+            assert (opened is None) == (how is not None), (name, made)
+            payloads = [f"{name}-{made}-{k}".encode() for k in range(len(cells))]
+            write_cells(g.store, [(name, cells, payloads)])
+            back = zarr.open_array(g.store, path=name, mode="r")
+            assert [bytes(v) for v in back.get_coordinate_selection(tuple(cells.T))] == payloads, (name, made)
