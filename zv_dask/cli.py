@@ -56,8 +56,8 @@ PROG = "zv-dask"
 IN_PROCESS_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading")
 # A job that asks for no cluster runs on threads in this process, whatever its size: the numpy work
 # releases the GIL, and worker processes cost their start-up (~2 s) and every piece of the shuffle
-# pickled between them. Measured on one 2-core machine, tmpfs, whole CLI processes: 8.2 s against
-# 10.1 s at 1e7 LAS points, 56.8 s against 63.0 s at 1e8 (benchmarks/results/peers*.md).
+# pickled between them. Measured on one 2-core machine, tmpfs, whole CLI processes: 6.2 s against
+# 6.9 s at 1e7 LAS points, 54.3 s against 69.2 s at 1e8 (benchmarks/results/peers*.md).
 DEMO_STORE = "zv-demo.zv"
 DEMO_POINTS = 300_000
 DEMO_MAX_WORKERS = 4
