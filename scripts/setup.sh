@@ -17,7 +17,7 @@ echo "using $PY ($("$PY" --version))"
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
 # An editable install has no bytecode, and with PYTHONDONTWRITEBYTECODE set (as on this project's
-# machines) every command would compile the package again: about 0.3 s of each CLI start-up. pip
+# machines) every command would compile the package again: about 0.25 s of each CLI start-up. pip
 # compiles what it installs; this does the same for the package (a stale file is recompiled in memory).
 .venv/bin/python -m compileall -q zv_dask
 .venv/bin/python -c "import zv_dask, zarr_vectors; print('zv-dask', zv_dask.__version__, 'ready')"
