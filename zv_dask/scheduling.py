@@ -132,15 +132,22 @@ def run_tasks(objs, client, progress: bool = False, label: str = "", on_result=N
         return _run_local(objs, progress, label)
     from dask.callbacks import Callback
 
-    index = {o.key: i for i, o in enumerate(objs)}
+    index = {getattr(o, "key", None): i for i, o in enumerate(objs)}
+    index.pop(None, None)
+    handed: set[int] = set()
 
     def posttask(key, result, dsk, state, worker_id):  # in this thread, as each task ends: checkpoints
         i = index.get(key)
-        if i is not None:
+        if i is not None and i not in handed:
+            handed.add(i)
             on_result(i, result)
 
     with Callback(posttask=posttask):
-        return _run_local(objs, progress, label)
+        results = _run_local(objs, progress, label)
+    for i, r in enumerate(results):  # an object whose key the scheduler did not report (not a Delayed)
+        if i not in handed:
+            on_result(i, r)
+    return results
 
 
 def _worker_client():
