@@ -96,3 +96,25 @@ def test_a_job_in_this_process_never_imports_distributed(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def _blocks(path: str) -> str:
+    return "released" if _wait_for(path, 120) else "timed out"
+
+
+def test_a_failed_tasks_error_that_never_comes_is_waited_for_a_bounded_time(dask_client, tmp_path, monkeypatch):
+    """gather_or_stop fetches a failed task's error with a bound: a future whose result never comes (as after
+    a killed worker, dask/distributed#7331) raises a RuntimeError naming it instead of hanging the job."""
+    from zv_dask import transaction
+
+    monkeypatch.setattr(transaction, "_ERROR_WAIT", 1.0)
+    release = str(tmp_path / "release")
+    fut = dask_client.submit(_blocks, release, key=f"never-{uuid.uuid4().hex}")
+    try:
+        t = time.monotonic()
+        with pytest.raises(RuntimeError, match="did not hand back its error in 1 s"):
+            transaction._raise_failed(fut)
+        assert time.monotonic() - t < 30
+    finally:
+        open(release, "w").close()
+    assert fut.result(timeout=60) == "released"

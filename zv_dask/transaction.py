@@ -369,6 +369,23 @@ def _conflict_message(branch: str, message: str, err) -> str:
 
 
 # -- stopping a failed stage ---------------------------------------------------------------
+_ERROR_WAIT = 30.0  # seconds to fetch a failed task's error from the scheduler
+
+
+def _raise_failed(f) -> None:
+    """Raise a failed future's error (KilledWorker, the task's own) or CancelledError.
+
+    Bounded: fetching the error of a task whose worker was killed can wait for ever
+    (seen once in CI on a killed S3 writer, in ``Future.result``; dask/distributed#7331
+    and #6074 are the same family), and the stage must still stop and clean up.
+    """
+    try:
+        f.result(timeout=_ERROR_WAIT)
+    except TimeoutError:
+        raise RuntimeError(f"task {f.key!r} failed ({f.status}) and the cluster did not hand back its error in "
+                           f"{_ERROR_WAIT:.0f} s (its worker died?)") from None
+
+
 def gather_or_stop(client, futures, grace: float = 60.0, on_result=None) -> list:
     """``client.gather(futures)``; on the first failure, stop the stage before raising.
 
@@ -395,7 +412,7 @@ def gather_or_stop(client, futures, grace: float = 60.0, on_result=None) -> list
             batch = [fut, *done.next_batch(block=False)]
             for f in batch:
                 if f.status in ("error", "cancelled"):
-                    f.result()  # raises the task's error (KilledWorker, the write's own) or CancelledError
+                    _raise_failed(f)
             for f, res in zip(batch, client.gather(batch)):
                 i = index[f.key]
                 results[i] = res
