@@ -188,3 +188,19 @@ def test_cut_files_are_input_errors_that_name_them(tmp_path, rng):
     with pytest.raises(InputError, match=r"cannot read points 0 to 110,000 of '.*cut\.laz' \(corrupt or truncated\?\)"):
         zv_dask.ingest(str(tmp_path / "cut.laz"), tmp_path / "b.zv", chunk_shape=500)
     assert not (tmp_path / "a.zv").exists() and not (tmp_path / "b.zv").exists()
+
+
+def test_nan_in_a_float_dimension_is_counted_by_the_scan(tmp_path, rng):
+    """The scan decodes only the positions and the float dimensions: a NaN in an extra-bytes float (and none in
+    gps_time) is still counted and reported, and the values are stored as they are."""
+    path = write_las(tmp_path / "n.las", 3, rng)
+    las = laspy.read(str(path))
+    height = np.asarray(las["height"]).copy()
+    height[[3, 70, 700]] = np.nan
+    las["height"] = height
+    las.write(str(path))
+    rep = zv_dask.ingest(str(path), tmp_path / "n.zv", chunk_shape=300)
+    nan_lines = [w for w in rep.warnings if "NaN" in w]
+    assert len(nan_lines) == 1 and "'height' holds 3 NaN" in nan_lines[0], rep.warnings
+    got = zv_dask.read_points(tmp_path / "n.zv", attributes=["height"]).compute()
+    assert int(got["height"].isna().sum()) == 3

@@ -44,7 +44,7 @@ from zv_dask.ingest.plan import plan_ingest, preflight
 from zv_dask.ingest.report import _fmt_bytes as fmt
 from zv_dask.options import bounds_text, count, names, non_negative, numbers
 from zv_dask.pyramid.options import PyramidOptions
-from zv_dask.scheduling import describe_scheduler, local_cluster, local_scheduler
+from zv_dask.scheduling import IN_PROCESS_SCHEDULERS, describe_scheduler, local_cluster, local_scheduler, task_slots
 from zv_dask.stats import format_stats, store_stats
 from zv_dask.store.backends import local_path
 from zv_dask.store.credentials import SECRET_OPTIONS, prepare_credentials, redact
@@ -53,7 +53,6 @@ from zv_dask.validate import validate_store
 __all__ = ["main", "build_parser", "parse_storage_option", "demo_points"]
 
 PROG = "zv-dask"
-IN_PROCESS_SCHEDULERS = ("synchronous", "sync", "single-threaded", "threads", "threading")
 # A job that asks for no cluster runs on threads in this process, whatever its size: the numpy work
 # releases the GIL, and worker processes cost their start-up (~2 s) and every piece of the shuffle
 # pickled between them. Measured on one 2-core machine, tmpfs, whole CLI processes: 6.2 s against
@@ -364,7 +363,7 @@ def _in_process_reason(args) -> str | None:
              or args.memory_limit != "auto" or args.threads_per_worker is not None)
     if asked:
         return None
-    return (f"threads in this process ({os.cpu_count() or 1} threads; --workers N or --scheduler ADDRESS for a "
+    return (f"threads in this process ({task_slots(None)} threads; --workers N or --scheduler ADDRESS for a "
             "cluster)")
 
 
@@ -374,7 +373,6 @@ def _cluster(args, in_process: str | None = None):
 
     ``in_process`` (a reason) runs a job that asked for no cluster on threads in this process.
     """
-
     address = getattr(args, "scheduler", None)
     if in_process:
         with local_scheduler("threads"):

@@ -6,7 +6,8 @@ from zv_dask.errors import InputError
 from zv_dask.progress import compute_with_progress, task_bar
 from zv_dask.transaction import gather_or_stop
 
-__all__ = ["resolve_client", "run_tasks", "task_slots", "local_cluster", "local_scheduler", "describe_scheduler"]
+__all__ = ["resolve_client", "run_tasks", "task_slots", "local_cluster", "local_scheduler", "describe_scheduler",
+           "IN_PROCESS_SCHEDULERS"]
 
 
 def resolve_client(client):
@@ -36,6 +37,8 @@ def resolve_client(client):
 _LOCAL_NAMES = {"sync": "synchronous", "synchronous": "synchronous", "single-threaded": "synchronous",
                 "threads": "threads", "threading": "threads", "processes": "processes",
                 "multiprocessing": "processes"}
+#: Names of Dask's schedulers that run a job's tasks in this process (for :func:`local_scheduler`).
+IN_PROCESS_SCHEDULERS = tuple(k for k, v in _LOCAL_NAMES.items() if v != "processes")
 
 
 def _local_name(scheduler) -> str | None:
@@ -55,7 +58,8 @@ def _local_name(scheduler) -> str | None:
 
 
 def local_scheduler(name: str):
-    """``dask.config.set`` of Dask's threaded (``"threads"``) or synchronous scheduler as its function.
+    """``dask.config.set`` of Dask's threaded or synchronous scheduler (one of :data:`IN_PROCESS_SCHEDULERS`)
+    as its function.
 
     Dask imports ``distributed`` (about 0.15 s) to look for a client whenever the scheduler is
     set by name; given the function, a job in this process never imports it.
@@ -64,7 +68,10 @@ def local_scheduler(name: str):
     import dask.local
     import dask.threaded
 
-    return dask.config.set(scheduler=dask.threaded.get if _local_name(name) == "threads" else dask.local.get_sync)
+    kind = _local_name(name)
+    if kind not in ("threads", "synchronous"):
+        raise InputError(f"{name!r} is not a scheduler in this process; choose one of {IN_PROCESS_SCHEDULERS}")
+    return dask.config.set(scheduler=dask.threaded.get if kind == "threads" else dask.local.get_sync)
 
 
 def describe_scheduler(client) -> str:

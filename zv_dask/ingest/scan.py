@@ -37,7 +37,6 @@ def scan_pass(src, plan, out_of_bounds: str, client, progress: bool = False, sam
     scans = [delayed(scan_task)(p, probe, plan.bounds, drop, 0, sample) for p in (local or src.scan_partitions)]
     try:
         if local is not None:
-            import dask
             import dask.local
 
             scanned = list(dask.compute(*scans, scheduler=dask.local.get_sync))  # (by name, dask imports distributed)

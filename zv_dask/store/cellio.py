@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from zv_dask.errors import StoreError
 
-__all__ = ["put_cells", "get_cells", "delete_cells", "sweep_partials", "cell_keys", "local_bytes", "CONCURRENCY"]
+__all__ = ["put_cells", "get_cells", "delete_cells", "sweep_partials", "cell_keys", "CONCURRENCY"]
 
 CONCURRENCY = 64  # requests in flight per call on object storage: the ``concurrency`` storage option
 
@@ -82,14 +82,6 @@ def _local_root(zstore):
     from zarr.storage import LocalStore
 
     return str(zstore.root) if isinstance(zstore, LocalStore) else None
-
-
-def local_bytes(zstore, key: str) -> bytes | None:
-    """The bytes of ``key`` when ``zstore`` is a local directory and the file exists, else ``None``."""
-    root = _local_root(zstore)
-    if root is None:
-        return None
-    return _read_file(os.path.join(root, key))
 
 
 def _obstore_of(zstore):
